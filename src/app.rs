@@ -1,0 +1,35 @@
+//! What every verb shares: the validated config, the targets' clients, the metrics.
+//!
+//! Built once per process from a [`Config`]; cheap to clone (everything inside is shared).
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::target::{Target, TargetError};
+
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub targets: Arc<Vec<Target>>,
+    pub metrics: Metrics,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<App, TargetError> {
+        let targets = config
+            .targets
+            .iter()
+            .map(Target::from_config)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(App {
+            config: Arc::new(config),
+            targets: Arc::new(targets),
+            metrics: Metrics::new(),
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}

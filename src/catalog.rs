@@ -1,0 +1,335 @@
+//! The catalog: which snapshots exist, read from the manifests on every target.
+//!
+//! A snapshot exists on a target iff its manifest does. The catalog lists each target,
+//! reads the manifests (bounded concurrency), merges them by (source, database, snapshot id)
+//! and notes on which targets each one is. Unreadable manifests are skipped with a warning
+//! naming the key; an unreachable target is reported, not fatal. Dump objects that have no
+//! manifest are reported as orphans for retention to clean. This module never writes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+
+/// Manifests fetched at once per target.
+const FETCH_CONCURRENCY: usize = 16;
+
+/// Which snapshots to look at.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub source: Option<String>,
+    /// Empty = every database.
+    pub databases: Vec<String>,
+    pub target: Option<String>,
+}
+
+/// The gist of a restore-verify report, as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifySummary {
+    pub result: String,
+    pub finished_at: DateTime<Utc>,
+    #[serde(default)]
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotEntry {
+    pub manifest: Manifest,
+    /// Targets holding a readable manifest of this snapshot, in config order.
+    pub targets: Vec<String>,
+    /// The newest verify report found on any target.
+    pub verify: Option<VerifySummary>,
+}
+
+impl SnapshotEntry {
+    pub fn id(&self) -> &str {
+        &self.manifest.snapshot_id
+    }
+}
+
+/// A dump object without a manifest: an upload in flight, or a leftover of a crash.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub target: String,
+    pub key: object_store::path::Path,
+    pub last_modified: DateTime<Utc>,
+    pub size: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Newest first.
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Manifests that could not be read, with why.
+    pub warnings: Vec<String>,
+    /// Targets that could not be listed, with the error.
+    pub unreachable: Vec<(String, String)>,
+    pub orphans: Vec<Orphan>,
+}
+
+impl Catalog {
+    /// Snapshots of one database, newest first.
+    pub fn of<'a>(
+        &'a self,
+        source: &'a str,
+        database: &'a str,
+    ) -> impl Iterator<Item = &'a SnapshotEntry> + 'a {
+        self.snapshots
+            .iter()
+            .filter(move |s| s.manifest.source == source && s.manifest.database == database)
+    }
+}
+
+/// Reads the catalog from `targets` (those the filter selects).
+pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
+    let mut catalog = Catalog::default();
+    let mut merged: BTreeMap<(String, String, String), SnapshotEntry> = BTreeMap::new();
+    let selected: Vec<&Target> = targets
+        .iter()
+        .filter(|t| filter.target.as_deref().is_none_or(|n| n == t.name))
+        .collect();
+    let listings = futures::future::join_all(selected.iter().map(|t| load_target(t, filter))).await;
+    for (t, listing) in selected.iter().zip(listings) {
+        let listing = match listing {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %e);
+                catalog.unreachable.push((t.name.clone(), e.to_string()));
+                continue;
+            }
+        };
+        catalog.warnings.extend(listing.warnings);
+        catalog.orphans.extend(listing.orphans);
+        for (manifest, verify) in listing.manifests {
+            let key = (
+                manifest.source.clone(),
+                manifest.database.clone(),
+                manifest.snapshot_id.clone(),
+            );
+            let entry = merged.entry(key).or_insert_with(|| SnapshotEntry {
+                manifest,
+                targets: Vec::new(),
+                verify: None,
+            });
+            entry.targets.push(t.name.clone());
+            if let Some(v) = verify {
+                if entry
+                    .verify
+                    .as_ref()
+                    .is_none_or(|old| old.finished_at < v.finished_at)
+                {
+                    entry.verify = Some(v);
+                }
+            }
+        }
+    }
+    catalog.snapshots = merged.into_values().collect();
+    catalog.snapshots.sort_by(|a, b| {
+        b.manifest
+            .snapshot_id
+            .cmp(&a.manifest.snapshot_id)
+            .then_with(|| a.manifest.source.cmp(&b.manifest.source))
+            .then_with(|| a.manifest.database.cmp(&b.manifest.database))
+    });
+    catalog
+}
+
+struct Listing {
+    manifests: Vec<(Manifest, Option<VerifySummary>)>,
+    warnings: Vec<String>,
+    orphans: Vec<Orphan>,
+}
+
+async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_store::Error> {
+    let folders = if filter.databases.is_empty() {
+        vec![t.folder(filter.source.as_deref(), None)]
+    } else if let Some(source) = &filter.source {
+        filter
+            .databases
+            .iter()
+            .map(|d| t.folder(Some(source), Some(d)))
+            .collect()
+    } else {
+        // Databases without a source: list everything, filter by the manifests' fields.
+        vec![t.folder(None, None)]
+    };
+    let mut objects = Vec::new();
+    for folder in folders {
+        let mut listed: Vec<object_store::ObjectMeta> =
+            t.store.list(Some(&folder)).try_collect().await?;
+        objects.append(&mut listed);
+    }
+    let names: HashSet<String> = objects.iter().map(|o| o.location.to_string()).collect();
+    let mut orphans = Vec::new();
+    let mut manifest_keys = Vec::new();
+    for o in &objects {
+        let key = o.location.to_string();
+        if let Some(stem) = key.strip_suffix(MANIFEST_SUFFIX) {
+            manifest_keys.push((o.location.clone(), format!("{stem}{VERIFY_SUFFIX}")));
+        } else if let Some(stem) = key.strip_suffix(DUMP_SUFFIX) {
+            if !names.contains(&format!("{stem}{MANIFEST_SUFFIX}")) {
+                orphans.push(Orphan {
+                    target: t.name.clone(),
+                    key: o.location.clone(),
+                    last_modified: o.last_modified,
+                    size: o.size,
+                });
+            }
+        }
+    }
+    let results: Vec<_> =
+        futures::stream::iter(manifest_keys.into_iter().map(|(key, verify_key)| {
+            let has_verify = names.contains(&verify_key);
+            async move {
+                let manifest = read_manifest(t, &key).await;
+                let verify = if has_verify && manifest.is_ok() {
+                    read_verify(t, &object_store::path::Path::from(verify_key)).await
+                } else {
+                    None
+                };
+                (key, manifest, verify)
+            }
+        }))
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+    let mut manifests = Vec::new();
+    let mut warnings = Vec::new();
+    for (key, manifest, verify) in results {
+        match manifest {
+            Ok(m) => {
+                let wanted = filter.source.as_deref().is_none_or(|s| s == m.source)
+                    && (filter.databases.is_empty() || filter.databases.contains(&m.database));
+                if wanted {
+                    manifests.push((m, verify));
+                }
+            }
+            Err(e) => {
+                let w = format!("target {}: skipping {key}: {e}", t.name);
+                tracing::warn!(message = "Skipping an unreadable manifest.", target = %t.name, key = %key, error = %e);
+                warnings.push(w);
+            }
+        }
+    }
+    Ok(Listing {
+        manifests,
+        warnings,
+        orphans,
+    })
+}
+
+/// Reads and parses one manifest.
+pub async fn read_manifest(
+    t: &Target,
+    key: &object_store::path::Path,
+) -> Result<Manifest, Box<dyn std::error::Error + Send + Sync>> {
+    let bytes = t.store.get(key).await?.bytes().await?;
+    Ok(Manifest::from_json(key.as_ref(), &bytes)?)
+}
+
+async fn read_verify(t: &Target, key: &object_store::path::Path) -> Option<VerifySummary> {
+    let bytes = t.store.get(key).await.ok()?.bytes().await.ok()?;
+    match serde_json::from_slice::<VerifySummary>(&bytes) {
+        Ok(mut v) => {
+            v.target = t.name.clone();
+            Some(v)
+        }
+        Err(error) => {
+            tracing::warn!(message = "Skipping an unreadable verify report.", target = %t.name, key = %key, error = %error);
+            None
+        }
+    }
+}
+
+/// Groups snapshots by (source, database), each group newest first.
+pub fn by_database(snapshots: &[SnapshotEntry]) -> HashMap<(String, String), Vec<&SnapshotEntry>> {
+    let mut map: HashMap<(String, String), Vec<&SnapshotEntry>> = HashMap::new();
+    for s in snapshots {
+        map.entry((s.manifest.source.clone(), s.manifest.database.clone()))
+            .or_default()
+            .push(s);
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+    use object_store::memory::InMemory;
+    use object_store::{ObjectStore, PutPayload};
+    use std::sync::Arc;
+
+    async fn put(t: &Target, m: &Manifest) {
+        let key = t.key(&m.source, &m.database, &m.snapshot_id, MANIFEST_SUFFIX);
+        t.store
+            .put(&key, PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+        let dump = t.key(&m.source, &m.database, &m.snapshot_id, DUMP_SUFFIX);
+        t.store
+            .put(&dump, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn merges_targets_newest_first_and_skips_bad_manifests() {
+        let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
+        let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
+        let m1 = sample();
+        let mut m2 = sample();
+        m2.snapshot_id = "20261127T150000Z".into();
+        put(&a, &m1).await;
+        put(&a, &m2).await;
+        put(&b, &m1).await;
+        // A truncated manifest and an orphan dump on b.
+        let bad = b.key("prod", "acme", "20261127T160000Z", MANIFEST_SUFFIX);
+        b.store
+            .put(&bad, PutPayload::from_static(b"{\"format_version\": 2, "))
+            .await
+            .unwrap();
+        let orphan = b.key("prod", "acme", "20261127T170000Z", DUMP_SUFFIX);
+        b.store
+            .put(&orphan, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+
+        let c = load(&[a.clone(), b.clone()], &Filter::default()).await;
+        let ids: Vec<_> = c
+            .snapshots
+            .iter()
+            .map(|s| (s.id(), s.targets.clone()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("20261127T150000Z", vec!["a".to_string()]),
+                ("20261127T140000Z", vec!["a".to_string(), "b".to_string()]),
+            ]
+        );
+        assert_eq!(c.warnings.len(), 1);
+        assert!(
+            c.warnings[0].contains("20261127T160000Z.manifest.json"),
+            "{:?}",
+            c.warnings
+        );
+        assert_eq!(c.orphans.len(), 1);
+        assert_eq!(c.orphans[0].key, orphan);
+
+        let only_b = load(
+            &[a, b],
+            &Filter {
+                source: Some("prod".into()),
+                databases: vec!["acme".into()],
+                target: Some("b".into()),
+            },
+        )
+        .await;
+        assert_eq!(only_b.snapshots.len(), 1);
+    }
+}

@@ -1,0 +1,1168 @@
+//! The configuration file: TOML → validated, typed values.
+//!
+//! Parsing happens in two steps (as garage's `util/config.rs` and ripgrep's low/high args do):
+//! serde structs that mirror the file exactly (`deny_unknown_fields`, defaults in functions,
+//! `${VAR}` expanded while deserializing so errors keep their line), then [`Config::validate`]
+//! turns them into typed values (durations, cron schedules, globs, parsed URLs) and checks
+//! what spans several entries (unique names, `min_targets`).
+//!
+//! This module owns secrets' redaction: [`Secret`] never prints its value, and
+//! [`Config::redacted_toml`] is what `pgferry config check` shows. It does no I/O beyond
+//! reading the file and the environment; connecting to anything is left to `source`/`target`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::schedule::Schedule;
+
+/// Where the config is read from when neither `--config` nor `PGFERRY_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgferry/pgferry.toml";
+
+/// The S3 minimum for every part but the last; also our floor for the part size.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass --config PATH or set PGFERRY_CONFIG")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// A string that must never be printed: passwords, S3 secret keys, tokens.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value, for handing to a client library. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// A string value from the file with `${VAR}` expanded from the environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok())
+            .map(Text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Expands `${NAME}` from `lookup`; `$$` is a literal `$`. A missing variable is an error.
+pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in {raw:?}"))?;
+            let name = &body[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            let value = lookup(name).ok_or_else(|| {
+                format!("environment variable {name} is not set; set it or remove ${{{name}}}")
+            })?;
+            out.push_str(&value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    pipeline: RawPipeline,
+    #[serde(default)]
+    source: Vec<RawSource>,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+    #[serde(default)]
+    restore_target: Vec<RawRestoreTarget>,
+    #[serde(default)]
+    restore: RawRestore,
+    #[serde(default)]
+    verify: RawVerify,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    /// Address of the HTTP server (metrics, health, API).
+    #[serde(default = "default_listen")]
+    listen: Text,
+    /// File holding the bearer token for mutating API calls; missing file = those are disabled.
+    #[serde(default = "default_token_file")]
+    api_token_file: Text,
+    /// Backups running at once across all sources (each is one pg_dump + one compression).
+    #[serde(default = "default_max_concurrent")]
+    max_concurrent_backups: usize,
+    /// How long running backups may go on after SIGTERM before they are cancelled.
+    #[serde(default = "default_grace")]
+    shutdown_grace: Text,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            listen: default_listen(),
+            api_token_file: default_token_file(),
+            max_concurrent_backups: default_max_concurrent(),
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+fn default_listen() -> Text {
+    Text("0.0.0.0:9187".into())
+}
+fn default_token_file() -> Text {
+    Text("/var/run/secrets/pgferry/api-token".into())
+}
+fn default_max_concurrent() -> usize {
+    2
+}
+fn default_grace() -> Text {
+    Text("60s".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    /// zstd level (1–19).
+    #[serde(default = "default_zstd_level")]
+    zstd_level: i32,
+    /// zstd worker threads; 0 = one per core, at most 4.
+    #[serde(default)]
+    zstd_workers: u32,
+    /// A snapshot counts once committed on this many targets.
+    #[serde(default = "default_min_targets")]
+    min_targets: usize,
+    /// A target that accepts no part for this long is dropped, so it cannot stall the others.
+    #[serde(default = "default_stall_timeout")]
+    stall_timeout: Text,
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        RawPipeline {
+            zstd_level: default_zstd_level(),
+            zstd_workers: 0,
+            min_targets: default_min_targets(),
+            stall_timeout: default_stall_timeout(),
+        }
+    }
+}
+
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_min_targets() -> usize {
+    1
+}
+fn default_stall_timeout() -> Text {
+    Text("300s".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Text,
+    url: Text,
+    #[serde(default = "default_databases")]
+    databases: Vec<Text>,
+    #[serde(default = "default_exclude")]
+    exclude: Vec<Text>,
+    #[serde(default = "default_schedule")]
+    schedule: Text,
+    #[serde(default)]
+    retention: RetentionPolicy,
+    /// Directory holding pg_dump; default `/usr/lib/postgresql/<server major>/bin`.
+    #[serde(default)]
+    pg_bin_dir: Option<Text>,
+}
+
+fn default_databases() -> Vec<Text> {
+    vec![Text("*".into())]
+}
+fn default_exclude() -> Vec<Text> {
+    vec![Text("postgres".into()), Text("template*".into())]
+}
+fn default_schedule() -> Text {
+    Text("0 * * * *".into())
+}
+
+/// Grandfather-father-son retention, per source, database and target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionPolicy {
+    /// The N newest snapshots, whatever their age.
+    pub keep_last: u32,
+    /// The newest snapshot of each of the N newest hours that have one.
+    pub hourly: u32,
+    /// Likewise per UTC day.
+    pub daily: u32,
+    /// Likewise per ISO week.
+    pub weekly: u32,
+    /// Likewise per calendar month.
+    pub monthly: u32,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            keep_last: 3,
+            hourly: 48,
+            daily: 14,
+            weekly: 8,
+            monthly: 12,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Text,
+    url: Text,
+    #[serde(default)]
+    endpoint: Option<Text>,
+    #[serde(default)]
+    region: Option<Text>,
+    #[serde(default)]
+    access_key_id: Option<Text>,
+    #[serde(default)]
+    secret_access_key: Option<Text>,
+    #[serde(default = "default_max_parts")]
+    max_parts: u32,
+}
+
+fn default_max_parts() -> u32 {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestoreTarget {
+    namespace: Text,
+    url: Text,
+    #[serde(default = "default_owner")]
+    owner: Text,
+    #[serde(default)]
+    hooks: Vec<Text>,
+    #[serde(default)]
+    pg_bin_dir: Option<Text>,
+}
+
+fn default_owner() -> Text {
+    Text("odoo".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestore {
+    /// Where `restore --jobs N` spools the verified dump before `pg_restore -j N`.
+    #[serde(default = "default_spool_dir")]
+    spool_dir: Text,
+}
+
+impl Default for RawRestore {
+    fn default() -> Self {
+        RawRestore {
+            spool_dir: default_spool_dir(),
+        }
+    }
+}
+
+fn default_spool_dir() -> Text {
+    Text("/var/tmp/pgferry".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default = "default_verify_url")]
+    url: Text,
+    #[serde(default)]
+    checks: Vec<Text>,
+    /// When the daemon runs verify by itself; unset = only the CronJob does.
+    #[serde(default)]
+    schedule: Option<Text>,
+    #[serde(default)]
+    pg_bin_dir: Option<Text>,
+}
+
+impl Default for RawVerify {
+    fn default() -> Self {
+        RawVerify {
+            url: default_verify_url(),
+            checks: Vec::new(),
+            schedule: None,
+            pg_bin_dir: None,
+        }
+    }
+}
+
+fn default_verify_url() -> Text {
+    Text("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated values.
+// ---------------------------------------------------------------------------------------------
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub pipeline: PipelineConfig,
+    pub sources: Vec<SourceConfig>,
+    pub targets: Vec<TargetConfig>,
+    pub restore_targets: Vec<RestoreTargetConfig>,
+    pub restore: RestoreConfig,
+    pub verify: VerifyConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub listen: SocketAddr,
+    pub api_token_file: PathBuf,
+    pub max_concurrent_backups: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+    pub min_targets: usize,
+    pub stall_timeout: Duration,
+}
+
+/// A PostgreSQL connection string, parsed, whose Display never shows the password.
+#[derive(Clone)]
+pub struct PgUrl {
+    raw: Secret,
+    pub parsed: tokio_postgres::Config,
+}
+
+impl PgUrl {
+    pub fn parse(raw: &str) -> Result<PgUrl, String> {
+        let parsed = tokio_postgres::Config::from_str(raw)
+            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
+        if parsed.get_hosts().is_empty() {
+            return Err("the URL names no host".into());
+        }
+        Ok(PgUrl {
+            raw: Secret::new(raw),
+            parsed,
+        })
+    }
+
+    /// The URL as written, for handing to a client; never log it.
+    pub fn expose(&self) -> &str {
+        self.raw.expose()
+    }
+
+    /// The URL with any password replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        redact_url(self.raw.expose())
+    }
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL, and any `password=` key of a
+/// key/value connection string, with `<redacted>`.
+pub fn redact_url(raw: &str) -> String {
+    if let Ok(mut url) = url::Url::parse(raw) {
+        if url.password().is_some() {
+            let _ = url.set_password(Some("<redacted>"));
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            if pairs.iter().any(|(k, _)| k == "password") {
+                redact_query(&mut url, &pairs);
+            }
+            return url.to_string();
+        }
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if pairs.iter().any(|(k, _)| k == "password") {
+            redact_query(&mut url, &pairs);
+            return url.to_string();
+        }
+        return raw.to_string();
+    }
+    raw.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some(("password", _)) => "password=<redacted>".to_string(),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn redact_query(url: &mut url::Url, pairs: &[(String, String)]) {
+    let mut q = url.query_pairs_mut();
+    q.clear();
+    for (k, v) in pairs {
+        if k == "password" {
+            q.append_pair(k, "<redacted>");
+        } else {
+            q.append_pair(k, v);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub url: PgUrl,
+    pub databases: Vec<glob::Pattern>,
+    pub exclude: Vec<glob::Pattern>,
+    pub schedule: Schedule,
+    pub retention: RetentionPolicy,
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl SourceConfig {
+    /// Whether a database name is selected by `databases` and not by `exclude`.
+    pub fn selects(&self, database: &str) -> bool {
+        self.databases.iter().any(|p| p.matches(database))
+            && !self.exclude.iter().any(|p| p.matches(database))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    S3 {
+        bucket: String,
+        endpoint: Option<String>,
+        region: String,
+        access_key_id: Option<Secret>,
+        secret_access_key: Option<Secret>,
+    },
+    File {
+        root: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    pub url: String,
+    pub kind: TargetKind,
+    /// Key prefix inside the bucket or directory (no leading or trailing `/`).
+    pub prefix: String,
+    pub max_parts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreTargetConfig {
+    pub namespace: String,
+    pub namespace_glob: glob::Pattern,
+    /// URL template; `{namespace}` is replaced by the namespace given with `--to`.
+    pub url: Secret,
+    pub owner: String,
+    pub hooks: Vec<PathBuf>,
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl RestoreTargetConfig {
+    /// The connection URL for one namespace this entry serves.
+    pub fn url_for(&self, namespace: &str) -> Result<PgUrl, String> {
+        PgUrl::parse(&self.url.expose().replace("{namespace}", namespace))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    pub spool_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub url: PgUrl,
+    pub checks: Vec<String>,
+    pub schedule: Option<Schedule>,
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_str_at(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path` (relative paths resolve against its
+    /// directory).
+    pub fn from_str_at(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: scrub_toml_message(e.message()),
+            }
+        })?;
+        validate(raw, path)
+    }
+
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The effective configuration as TOML, every secret replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let list = |v: &[String]| {
+            toml::Value::Array(v.iter().map(|x| toml::Value::String(x.clone())).collect())
+                .to_string()
+        };
+        let d = &self.daemon;
+        let _ = writeln!(s, "# effective configuration of {}", self.path.display());
+        let _ = writeln!(s, "[daemon]");
+        let _ = writeln!(s, "listen = {}", q(&d.listen.to_string()));
+        let _ = writeln!(
+            s,
+            "api_token_file = {}",
+            q(&d.api_token_file.display().to_string())
+        );
+        let _ = writeln!(s, "max_concurrent_backups = {}", d.max_concurrent_backups);
+        let _ = writeln!(
+            s,
+            "shutdown_grace = {}",
+            q(&format!("{}s", d.shutdown_grace.as_secs_f64()))
+        );
+        let p = &self.pipeline;
+        let _ = writeln!(s, "\n[pipeline]");
+        let _ = writeln!(s, "zstd_level = {}", p.zstd_level);
+        let _ = writeln!(s, "zstd_workers = {}", p.zstd_workers);
+        let _ = writeln!(s, "min_targets = {}", p.min_targets);
+        let _ = writeln!(
+            s,
+            "stall_timeout = {}",
+            q(&format!("{}s", p.stall_timeout.as_secs_f64()))
+        );
+        for src in &self.sources {
+            let pats = |v: &[glob::Pattern]| {
+                list(&v.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>())
+            };
+            let r = &src.retention;
+            let _ = writeln!(s, "\n[[source]]");
+            let _ = writeln!(s, "name = {}", q(&src.name));
+            let _ = writeln!(s, "url = {}", q(&src.url.redacted()));
+            let _ = writeln!(s, "databases = {}", pats(&src.databases));
+            let _ = writeln!(s, "exclude = {}", pats(&src.exclude));
+            let _ = writeln!(s, "schedule = {}", q(src.schedule.expr()));
+            let _ = writeln!(
+                s,
+                "retention = {{ keep_last = {}, hourly = {}, daily = {}, weekly = {}, monthly = {} }}",
+                r.keep_last, r.hourly, r.daily, r.weekly, r.monthly
+            );
+            if let Some(dir) = &src.pg_bin_dir {
+                let _ = writeln!(s, "pg_bin_dir = {}", q(&dir.display().to_string()));
+            }
+        }
+        for t in &self.targets {
+            let _ = writeln!(s, "\n[[target]]");
+            let _ = writeln!(s, "name = {}", q(&t.name));
+            let _ = writeln!(s, "url = {}", q(&t.url));
+            if let TargetKind::S3 {
+                endpoint,
+                region,
+                access_key_id,
+                secret_access_key,
+                ..
+            } = &t.kind
+            {
+                if let Some(e) = endpoint {
+                    let _ = writeln!(s, "endpoint = {}", q(e));
+                }
+                let _ = writeln!(s, "region = {}", q(region));
+                if access_key_id.is_some() {
+                    let _ = writeln!(s, "access_key_id = \"<redacted>\"");
+                }
+                if secret_access_key.is_some() {
+                    let _ = writeln!(s, "secret_access_key = \"<redacted>\"");
+                }
+            }
+            let _ = writeln!(s, "max_parts = {}", t.max_parts);
+        }
+        for r in &self.restore_targets {
+            let _ = writeln!(s, "\n[[restore_target]]");
+            let _ = writeln!(s, "namespace = {}", q(&r.namespace));
+            let _ = writeln!(s, "url = {}", q(&redact_url(r.url.expose())));
+            let _ = writeln!(s, "owner = {}", q(&r.owner));
+            let hooks: Vec<String> = r.hooks.iter().map(|h| h.display().to_string()).collect();
+            let _ = writeln!(s, "hooks = {}", list(&hooks));
+        }
+        let _ = writeln!(s, "\n[restore]");
+        let _ = writeln!(
+            s,
+            "spool_dir = {}",
+            q(&self.restore.spool_dir.display().to_string())
+        );
+        let v = &self.verify;
+        let _ = writeln!(s, "\n[verify]");
+        let _ = writeln!(s, "url = {}", q(&v.url.redacted()));
+        let _ = writeln!(s, "checks = {}", list(&v.checks));
+        if let Some(sched) = &v.schedule {
+            let _ = writeln!(s, "schedule = {}", q(sched.expr()));
+        }
+        s
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// toml's messages may quote the offending value ("invalid type: string \"…\""): a value may
+/// be a secret written in the wrong place, so quoted strings are dropped.
+fn scrub_toml_message(message: &str) -> String {
+    let mut out = String::new();
+    let mut in_quote = false;
+    for c in message.chars() {
+        match (c, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// Parses `90s`, `5m`, `1h`, `250ms` (humantime syntax).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration like \"60s\" or \"5m\" ({e})"))
+}
+
+fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |key: String, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        message,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &str| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base.join(p)
+        }
+    };
+
+    let daemon = DaemonConfig {
+        listen: raw.daemon.listen.0.parse().map_err(|_| {
+            invalid(
+                "daemon.listen".into(),
+                format!(
+                    "{:?} is not an address like \"0.0.0.0:9187\"",
+                    raw.daemon.listen.0
+                ),
+            )
+        })?,
+        api_token_file: resolve(&raw.daemon.api_token_file.0),
+        max_concurrent_backups: match raw.daemon.max_concurrent_backups {
+            0 => {
+                return Err(invalid(
+                    "daemon.max_concurrent_backups".into(),
+                    "must be at least 1".into(),
+                ))
+            }
+            n => n,
+        },
+        shutdown_grace: parse_duration(&raw.daemon.shutdown_grace.0)
+            .map_err(|m| invalid("daemon.shutdown_grace".into(), m))?,
+    };
+
+    if !(1..=22).contains(&raw.pipeline.zstd_level) {
+        return Err(invalid(
+            "pipeline.zstd_level".into(),
+            format!("{} is outside 1..=22", raw.pipeline.zstd_level),
+        ));
+    }
+    let pipeline = PipelineConfig {
+        zstd_level: raw.pipeline.zstd_level,
+        zstd_workers: raw.pipeline.zstd_workers,
+        min_targets: raw.pipeline.min_targets,
+        stall_timeout: parse_duration(&raw.pipeline.stall_timeout.0)
+            .map_err(|m| invalid("pipeline.stall_timeout".into(), m))?,
+    };
+
+    if raw.source.is_empty() {
+        return Err(invalid(
+            "source".into(),
+            "at least one [[source]] is required".into(),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut sources = Vec::new();
+    for (i, s) in raw.source.into_iter().enumerate() {
+        let key = |k: &str| format!("source[{i}].{k}");
+        check_name(&s.name.0).map_err(|m| invalid(key("name"), m))?;
+        if !names.insert(s.name.0.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("duplicate source name {:?}", s.name.0),
+            ));
+        }
+        let url = PgUrl::parse(&s.url.0).map_err(|m| invalid(key("url"), m))?;
+        let globs = |v: &[Text], k: &str| -> Result<Vec<glob::Pattern>, ConfigError> {
+            v.iter()
+                .map(|p| {
+                    glob::Pattern::new(&p.0).map_err(|e| {
+                        invalid(key(k), format!("{:?} is not a valid glob ({e})", p.0))
+                    })
+                })
+                .collect()
+        };
+        let schedule =
+            Schedule::parse(&s.schedule.0).map_err(|e| invalid(key("schedule"), e.to_string()))?;
+        sources.push(SourceConfig {
+            databases: globs(&s.databases, "databases")?,
+            exclude: globs(&s.exclude, "exclude")?,
+            name: s.name.0,
+            url,
+            schedule,
+            retention: s.retention,
+            pg_bin_dir: s.pg_bin_dir.map(|d| resolve(&d.0)),
+        });
+    }
+
+    if raw.target.is_empty() {
+        return Err(invalid(
+            "target".into(),
+            "at least one [[target]] is required".into(),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut targets = Vec::new();
+    for (i, t) in raw.target.into_iter().enumerate() {
+        let key = |k: &str| format!("target[{i}].{k}");
+        check_name(&t.name.0).map_err(|m| invalid(key("name"), m))?;
+        if !names.insert(t.name.0.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("duplicate target name {:?}", t.name.0),
+            ));
+        }
+        let url = url::Url::parse(&t.url.0).map_err(|e| {
+            invalid(
+                key("url"),
+                format!(
+                    "{:?} is not a URL like s3://bucket/prefix or file:///dir ({e})",
+                    t.url.0
+                ),
+            )
+        })?;
+        if !(1..=10_000).contains(&t.max_parts) {
+            return Err(invalid(
+                key("max_parts"),
+                format!("{} is outside 1..=10000", t.max_parts),
+            ));
+        }
+        let (kind, prefix) = match url.scheme() {
+            "s3" => {
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| {
+                        invalid(key("url"), "names no bucket: s3://bucket/prefix".into())
+                    })?
+                    .to_string();
+                let endpoint = match t.endpoint {
+                    Some(e) => {
+                        let parsed = url::Url::parse(&e.0).map_err(|err| {
+                            invalid(key("endpoint"), format!("{:?} is not a URL ({err})", e.0))
+                        })?;
+                        if !matches!(parsed.scheme(), "http" | "https") {
+                            return Err(invalid(
+                                key("endpoint"),
+                                "must start with http:// or https://".into(),
+                            ));
+                        }
+                        Some(e.0)
+                    }
+                    None => None,
+                };
+                if t.access_key_id.is_some() != t.secret_access_key.is_some() {
+                    return Err(invalid(
+                        key("secret_access_key"),
+                        "access_key_id and secret_access_key go together".into(),
+                    ));
+                }
+                (
+                    TargetKind::S3 {
+                        bucket,
+                        endpoint,
+                        region: t.region.map_or_else(|| "us-east-1".to_string(), |r| r.0),
+                        access_key_id: t.access_key_id.map(|v| Secret(v.0)),
+                        secret_access_key: t.secret_access_key.map(|v| Secret(v.0)),
+                    },
+                    url.path().trim_matches('/').to_string(),
+                )
+            }
+            "file" => {
+                for (present, k) in [
+                    (t.endpoint.is_some(), "endpoint"),
+                    (t.region.is_some(), "region"),
+                    (t.access_key_id.is_some(), "access_key_id"),
+                    (t.secret_access_key.is_some(), "secret_access_key"),
+                ] {
+                    if present {
+                        return Err(invalid(key(k), "only applies to s3:// targets".into()));
+                    }
+                }
+                let root = url.to_file_path().map_err(|_| {
+                    invalid(key("url"), "file:// URLs need an absolute path".into())
+                })?;
+                (TargetKind::File { root }, String::new())
+            }
+            other => {
+                return Err(invalid(
+                    key("url"),
+                    format!("scheme {other:?} is not supported; use s3:// or file://"),
+                ))
+            }
+        };
+        targets.push(TargetConfig {
+            name: t.name.0,
+            url: t.url.0,
+            kind,
+            prefix,
+            max_parts: t.max_parts,
+        });
+    }
+    if pipeline.min_targets == 0 || pipeline.min_targets > targets.len() {
+        return Err(invalid(
+            "pipeline.min_targets".into(),
+            format!(
+                "{} must be between 1 and the number of targets ({})",
+                pipeline.min_targets,
+                targets.len()
+            ),
+        ));
+    }
+
+    let mut restore_targets = Vec::new();
+    let mut namespaces = HashSet::new();
+    for (i, r) in raw.restore_target.into_iter().enumerate() {
+        let key = |k: &str| format!("restore_target[{i}].{k}");
+        if !namespaces.insert(r.namespace.0.clone()) {
+            return Err(invalid(
+                key("namespace"),
+                format!("duplicate namespace {:?}", r.namespace.0),
+            ));
+        }
+        let namespace_glob = glob::Pattern::new(&r.namespace.0)
+            .map_err(|e| invalid(key("namespace"), format!("not a valid glob ({e})")))?;
+        PgUrl::parse(&r.url.0.replace("{namespace}", "example"))
+            .map_err(|m| invalid(key("url"), m))?;
+        if r.owner.0.is_empty() {
+            return Err(invalid(key("owner"), "must name a role".into()));
+        }
+        restore_targets.push(RestoreTargetConfig {
+            namespace: r.namespace.0,
+            namespace_glob,
+            url: Secret(r.url.0),
+            owner: r.owner.0,
+            hooks: r.hooks.iter().map(|h| resolve(&h.0)).collect(),
+            pg_bin_dir: r.pg_bin_dir.map(|d| resolve(&d.0)),
+        });
+    }
+
+    let verify = VerifyConfig {
+        url: PgUrl::parse(&raw.verify.url.0).map_err(|m| invalid("verify.url".into(), m))?,
+        checks: raw.verify.checks.into_iter().map(|c| c.0).collect(),
+        schedule: raw
+            .verify
+            .schedule
+            .map(|s| Schedule::parse(&s.0))
+            .transpose()
+            .map_err(|e| invalid("verify.schedule".into(), e.to_string()))?,
+        pg_bin_dir: raw.verify.pg_bin_dir.map(|d| resolve(&d.0)),
+    };
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        daemon,
+        pipeline,
+        sources,
+        targets,
+        restore_targets,
+        restore: RestoreConfig {
+            spool_dir: resolve(&raw.restore.spool_dir.0),
+        },
+        verify,
+    })
+}
+
+/// Source and target names become object-key segments and metric labels: keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || name.starts_with('.')
+    {
+        return Err(format!(
+            "{name:?} must be 1–64 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry:s3cret@127.0.0.1:5432/postgres"
+
+[[target]]
+name = "local"
+url = "file:///var/lib/pgferry"
+"#;
+
+    /// 1-based line of the first occurrence of `needle`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text[..text.find(needle).unwrap()].matches('\n').count() + 1
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_at(text, Path::new("/etc/pgferry/pgferry.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.daemon.listen.to_string(), "0.0.0.0:9187");
+        assert_eq!(c.daemon.max_concurrent_backups, 2);
+        assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(60));
+        assert_eq!(c.pipeline.zstd_level, 3);
+        assert_eq!(c.pipeline.min_targets, 1);
+        let s = &c.sources[0];
+        assert!(s.selects("acme"));
+        assert!(!s.selects("postgres"));
+        assert!(!s.selects("template1"));
+        assert_eq!(s.schedule.expr(), "0 * * * *");
+        assert_eq!(s.retention, RetentionPolicy::default());
+        assert!(matches!(c.targets[0].kind, TargetKind::File { .. }));
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgferry.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let vars = [
+            ("OVH_ACCESS_KEY_ID", "example-key"),
+            ("OVH_SECRET_ACCESS_KEY", "example-secret"),
+            ("SCW_ACCESS_KEY_ID", "example-key"),
+            ("SCW_SECRET_ACCESS_KEY", "example-secret"),
+        ];
+        let mut expanded = text.clone();
+        for (k, v) in vars {
+            expanded = expanded.replace(&format!("${{{k}}}"), v);
+        }
+        let c = Config::from_str_at(&expanded, &path).unwrap();
+        assert!(c.targets.len() >= 2);
+        assert!(!c.restore_targets.is_empty());
+        assert!(c.restore_targets[0].hooks[0].exists(), "hook file missing");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = format!("{MINIMAL}\n[pipeline]\nzstd_levle = 3\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("zstd_levle"), "{err}");
+        assert!(
+            err.contains(&format!(":{}:", line_of(&text, "zstd_levle"))),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_env_var_is_an_error_naming_it() {
+        let text = MINIMAL.replace("s3cret", "${PGFERRY_TEST_SURELY_UNSET}");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("PGFERRY_TEST_SURELY_UNSET"), "{err}");
+        assert!(
+            err.contains(&format!(":{}:", line_of(&text, "PGFERRY_TEST"))),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_expansion() {
+        let get = |n: &str| (n == "A").then(|| "x\"y".to_string());
+        assert_eq!(expand_env("a${A}b", get).unwrap(), "ax\"yb");
+        assert_eq!(expand_env("$$A $B", get).unwrap(), "$A $B");
+        assert!(expand_env("${B}", get).is_err());
+        assert!(expand_env("${A", get).is_err());
+    }
+
+    #[test]
+    fn bad_cron_duplicate_target_and_min_targets_are_rejected() {
+        let bad_cron = MINIMAL.replace(
+            "url = \"postgres",
+            "schedule = \"61 * * * *\"\nurl = \"postgres",
+        );
+        let err = parse(&bad_cron).unwrap_err().to_string();
+        assert!(err.contains("source[0].schedule"), "{err}");
+
+        let dup = format!("{MINIMAL}\n[[target]]\nname = \"local\"\nurl = \"file:///tmp/x\"\n");
+        let err = parse(&dup).unwrap_err().to_string();
+        assert!(err.contains("duplicate target name"), "{err}");
+
+        let min = format!("{MINIMAL}\n[pipeline]\nmin_targets = 2\n");
+        let err = parse(&min).unwrap_err().to_string();
+        assert!(err.contains("min_targets"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let text = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry:s3cret@127.0.0.1:5432/postgres"
+[[target]]
+name = "s3"
+url = "s3://bucket/pg"
+endpoint = "http://127.0.0.1:3900"
+access_key_id = "GKabc"
+secret_access_key = "topsecretkey"
+[[restore_target]]
+namespace = "staging-*"
+url = "postgres://odoo:hunter2@pg.{namespace}.svc/postgres"
+"#;
+        let c = parse(text).unwrap();
+        let shown = c.redacted_toml();
+        for secret in ["s3cret", "GKabc", "topsecretkey", "hunter2"] {
+            assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+            assert!(
+                !format!("{c:?}").contains(secret),
+                "{secret} leaked in Debug"
+            );
+        }
+        assert!(shown.contains("<redacted>"));
+        // The redacted output is itself a valid config (with placeholders).
+        toml::from_str::<toml::Value>(&shown).unwrap();
+        assert_eq!(
+            redact_url("host=a password=x user=b"),
+            "host=a password=<redacted> user=b"
+        );
+    }
+
+    #[test]
+    fn wrong_type_does_not_echo_the_value() {
+        let text = MINIMAL.replace(
+            "name = \"local\"",
+            "name = \"local\"\nmax_parts = \"hunter2\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains(&format!(":{}:", line_of(&text, "max_parts"))),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! pgferry: PostgreSQL backup and restore for Kubernetes.
+//!
+//! The modules follow the data: `config` → `source` (pg_dump) → `pipeline` (zstd, sha256,
+//! fan-out) → `target` (object stores) → `manifest` (the commit) → `catalog` (what exists).
+//! `backup` runs one database through all of them; `cli` maps verbs onto them.
+pub mod app;
+pub mod backup;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod dumpstats;
+pub mod manifest;
+pub mod metrics;
+pub mod pipeline;
+pub mod retention;
+pub mod schedule;
+pub mod source;
+pub mod target;

@@ -1,0 +1,199 @@
+//! The manifest: the JSON document whose presence commits a snapshot on a target.
+//!
+//! It is written last, after the dump object's upload completed, and says everything needed
+//! to restore by hand (`sha256sum`, `zstd -d`, `pg_restore`). Parsing is strict about the
+//! version: a manifest from a newer pgferry is refused with a clear error rather than
+//! misread. This module does no I/O.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The format written by this build. Version 2 adds `tables` and `large_objects`.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Manifests larger than this are refused unread (a real one is a few KiB per 100 tables).
+pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest {key} is not valid JSON or misses fields ({source}); it was probably truncated or written by something else")]
+    Invalid {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("manifest {key} has format_version {version}, newer than this pgferry understands ({FORMAT_VERSION}); upgrade pgferry")]
+    FutureVersion { key: String, version: u32 },
+    #[error("manifest {key} is {size} bytes, more than {MAX_MANIFEST_BYTES}; refusing to read it")]
+    TooLarge { key: String, size: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Compression {
+    pub algorithm: String,
+    pub level: i32,
+}
+
+/// Rows and bytes of one table, read from the dump stream itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    pub schema: String,
+    pub name: String,
+    pub rows: u64,
+    pub raw_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub snapshot_id: String,
+    pub source: String,
+    pub database: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub server_version: String,
+    pub pg_dump_version: String,
+    pub compression: Compression,
+    /// Key of the dump object, relative to the target's prefix.
+    pub object_key: String,
+    /// Bytes of the stored (compressed) object.
+    pub stored_size: u64,
+    /// Bytes of the uncompressed pg_dump custom-format archive.
+    pub raw_size: u64,
+    /// sha256 of the stored object, lowercase hex: `sha256sum` of the downloaded file.
+    pub sha256: String,
+    pub part_size: u64,
+    /// Targets the snapshot was committed on, as known when this manifest was written.
+    pub targets: Vec<String>,
+    /// Per-table statistics (format 2 on); absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<TableEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects: Option<u64>,
+    /// Version of pgferry that wrote it.
+    #[serde(default)]
+    pub pgferry_version: String,
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses a manifest read from `key` (the key is only used in error messages).
+    pub fn from_json(key: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge {
+                key: key.into(),
+                size: bytes.len(),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|source| ManifestError::Invalid {
+                key: key.into(),
+                source,
+            })?;
+        if version.format_version > FORMAT_VERSION {
+            return Err(ManifestError::FutureVersion {
+                key: key.into(),
+                version: version.format_version,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|source| ManifestError::Invalid {
+            key: key.into(),
+            source,
+        })
+    }
+
+    /// Compression ratio, raw / stored.
+    pub fn ratio(&self) -> f64 {
+        if self.stored_size == 0 {
+            0.0
+        } else {
+            self.raw_size as f64 / self.stored_size as f64
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let t = DateTime::parse_from_rfc3339("2026-11-27T14:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        Manifest {
+            format_version: FORMAT_VERSION,
+            snapshot_id: "20261127T140000Z".into(),
+            source: "prod".into(),
+            database: "acme".into(),
+            started_at: t,
+            finished_at: t,
+            server_version: "15.18".into(),
+            pg_dump_version: "15.18".into(),
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: 3,
+            },
+            object_key: "prod/acme/20261127T140000Z.dump.zst".into(),
+            stored_size: 10,
+            raw_size: 30,
+            sha256: "00".repeat(32),
+            part_size: 10 << 20,
+            targets: vec!["a".into(), "b".into()],
+            tables: Some(vec![TableEntry {
+                schema: "public".into(),
+                name: "t".into(),
+                rows: 3,
+                raw_bytes: 12,
+            }]),
+            large_objects: Some(0),
+            pgferry_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
+        assert_eq!(m.ratio(), 3.0);
+    }
+
+    #[test]
+    fn version_1_without_tables_still_reads() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format_version"] = 1.into();
+        v.as_object_mut().unwrap().remove("tables");
+        v.as_object_mut().unwrap().remove("large_objects");
+        let m = Manifest::from_json("k", v.to_string().as_bytes()).unwrap();
+        assert_eq!(m.tables, None);
+    }
+
+    #[test]
+    fn bad_manifests_are_clear_errors() {
+        let json = sample().to_json();
+        let truncated = &json[..json.len() / 2];
+        assert!(matches!(
+            Manifest::from_json("k", truncated),
+            Err(ManifestError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Manifest::from_json("k", b"not json"),
+            Err(ManifestError::Invalid { .. })
+        ));
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["format_version"] = 99.into();
+        let err = Manifest::from_json("k", v.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(
+            err,
+            ManifestError::FutureVersion { version: 99, .. }
+        ));
+        assert!(err.to_string().contains("upgrade pgferry"));
+    }
+}

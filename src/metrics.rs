@@ -1,0 +1,220 @@
+//! Every Prometheus metric pgferry exports, declared in one place.
+//!
+//! Names carry the `pgferry_` prefix and unit suffixes (`_seconds`, `_bytes`, `_total`), as
+//! DESIGN.md lists them; label values come from enums ([`Outcome`]) or from configured names
+//! (source, database, target), never from error text. This module only counts: it does not
+//! serve HTTP (see `http`) or push (see `verify`).
+
+use prometheus::{
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Result label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// Not run because the previous run of the same database was still going.
+    Skipped,
+    /// Stopped by shutdown; not a failure.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Skipped => "skipped",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The metrics of one process (a registry of its own, so tests can run several).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub backup_last_success: GaugeVec,
+    pub backups_total: IntCounterVec,
+    pub backup_duration: HistogramVec,
+    pub backup_stored_bytes: IntGaugeVec,
+    pub backup_raw_bytes: IntGaugeVec,
+    pub target_uploads_total: IntCounterVec,
+    pub target_uploaded_bytes_total: IntCounterVec,
+    pub target_last_success: GaugeVec,
+    pub restores_total: IntCounterVec,
+    pub verify_last_success: GaugeVec,
+    pub verifies_total: IntCounterVec,
+    pub retention_deleted_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let sd = &["source", "database"];
+        let m = Metrics {
+            backup_last_success: GaugeVec::new(
+                Opts::new(
+                    "pgferry_backup_last_success_timestamp_seconds",
+                    "Unix time of the last committed backup of a database.",
+                ),
+                sd,
+            )
+            .unwrap(),
+            backups_total: IntCounterVec::new(
+                Opts::new("pgferry_backups_total", "Backup runs by result."),
+                &["source", "database", "result"],
+            )
+            .unwrap(),
+            backup_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "pgferry_backup_duration_seconds",
+                    "Wall time of backup runs, committed or not.",
+                )
+                .buckets(exponential_buckets(1.0, 2.0, 16).unwrap()),
+                sd,
+            )
+            .unwrap(),
+            backup_stored_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backup_stored_bytes",
+                    "Compressed size of the last committed snapshot.",
+                ),
+                sd,
+            )
+            .unwrap(),
+            backup_raw_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backup_raw_bytes",
+                    "Uncompressed pg_dump size of the last committed snapshot.",
+                ),
+                sd,
+            )
+            .unwrap(),
+            target_uploads_total: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_target_uploads_total",
+                    "Snapshot uploads per target by result.",
+                ),
+                &["target", "result"],
+            )
+            .unwrap(),
+            target_uploaded_bytes_total: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_target_uploaded_bytes_total",
+                    "Bytes of committed dump objects written to a target.",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            target_last_success: GaugeVec::new(
+                Opts::new(
+                    "pgferry_target_last_success_timestamp_seconds",
+                    "Unix time of the last snapshot committed on a target.",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            restores_total: IntCounterVec::new(
+                Opts::new("pgferry_restores_total", "Restore runs by result."),
+                &["result"],
+            )
+            .unwrap(),
+            verify_last_success: GaugeVec::new(
+                Opts::new(
+                    "pgferry_verify_last_success_timestamp_seconds",
+                    "Unix time of the last successful restore-verify of a database.",
+                ),
+                sd,
+            )
+            .unwrap(),
+            verifies_total: IntCounterVec::new(
+                Opts::new("pgferry_verifies_total", "Restore-verify runs by result."),
+                &["result"],
+            )
+            .unwrap(),
+            retention_deleted_total: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_retention_deleted_total",
+                    "Snapshots deleted by retention per target.",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            build_info: IntGaugeVec::new(
+                Opts::new("pgferry_build_info", "Always 1; the version is a label."),
+                &["version"],
+            )
+            .unwrap(),
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+            Box::new(m.backup_last_success.clone()),
+            Box::new(m.backups_total.clone()),
+            Box::new(m.backup_duration.clone()),
+            Box::new(m.backup_stored_bytes.clone()),
+            Box::new(m.backup_raw_bytes.clone()),
+            Box::new(m.target_uploads_total.clone()),
+            Box::new(m.target_uploaded_bytes_total.clone()),
+            Box::new(m.target_last_success.clone()),
+            Box::new(m.restores_total.clone()),
+            Box::new(m.verify_last_success.clone()),
+            Box::new(m.verifies_total.clone()),
+            Box::new(m.retention_deleted_total.clone()),
+            Box::new(m.build_info.clone()),
+        ];
+        for c in collectors {
+            m.registry
+                .register(c)
+                .expect("metric names are unique constants");
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Seconds since the Unix epoch, for `_timestamp_seconds` gauges.
+pub fn now_seconds() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names() {
+        let m = Metrics::new();
+        m.backups_total
+            .with_label_values(&["prod", "acme", Outcome::Success.as_str()])
+            .inc();
+        let text = m.render();
+        assert!(text.contains(
+            "pgferry_backups_total{database=\"acme\",result=\"success\",source=\"prod\"} 1"
+        ));
+        assert!(text.contains("pgferry_build_info{version="));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("pgferry_"), "{line}");
+        }
+    }
+}

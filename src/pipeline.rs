@@ -1,0 +1,682 @@
+//! The backup pipeline: one read of the dump, one compression, one hash, many uploads.
+//!
+//! ```text
+//! reader task ──raw buffers──▶ compressor thread ──parts (Bytes)──▶ fan-out task ─┬▶ upload task (target A)
+//!   (pg_dump stdout)   ▲        tap + zstd + sha256 + part cutting                 └▶ upload task (target B)
+//!                      └──────── empty buffers come back (a fixed pool) ◀──────┘
+//! ```
+//! Every channel is bounded, so memory is bounded by configuration (pool size × read chunk +
+//! channel capacities × part size), never by the database, and the slowest target paces
+//! pg_dump through backpressure. A target that fails, or accepts nothing for
+//! `stall_timeout`, is aborted and dropped; the others go on.
+//!
+//! This module never completes an upload: it hands the still-open uploads back, and the
+//! caller (`backup`) decides to complete or abort them once pg_dump's exit status is known.
+//! The stream ending is not success.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{MultipartUpload, PutPayload};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::target::Target;
+
+/// Bytes read from pg_dump per buffer: big enough that the per-buffer overhead (a channel
+/// hop, a zstd call) is negligible, small enough to keep the pool cheap.
+pub const READ_CHUNK: usize = 1024 * 1024;
+
+/// Raw buffers in the pool: the reader can be this far ahead of the compressor.
+const RAW_BUFFERS: usize = 4;
+
+/// Finished parts waiting between the compressor and the fan-out.
+const PART_CHANNEL_CAP: usize = 1;
+
+/// Parts queued for each target, beyond the ones being uploaded.
+const TARGET_CHANNEL_CAP: usize = 1;
+
+/// Part uploads in flight per target: two keep a link busy while the next part is sent.
+pub const PARTS_IN_FLIGHT: usize = 2;
+
+/// How long an abort of a failed upload may take before we give up on cleaning it ourselves
+/// (retention removes leftovers later).
+const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The zstd workers when `pipeline.zstd_workers` is 0: one per core, at most this.
+const MAX_AUTO_ZSTD_WORKERS: u32 = 4;
+
+/// Settings of one pipeline run.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub zstd_level: i32,
+    /// 0 = one per core (at most 4).
+    pub zstd_workers: u32,
+    pub part_size: usize,
+    pub stall_timeout: Duration,
+}
+
+impl PipelineSettings {
+    fn workers(&self) -> u32 {
+        if self.zstd_workers > 0 {
+            return self.zstd_workers;
+        }
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get() as u32)
+            .min(MAX_AUTO_ZSTD_WORKERS)
+    }
+}
+
+/// Something that looks at the raw (uncompressed) stream as it passes, such as the per-table
+/// statistics parser. It runs on the compressor thread, so it must be cheap.
+pub trait RawTap: Send + 'static {
+    fn feed(&mut self, bytes: &[u8]);
+}
+
+/// A tap that looks at nothing.
+impl RawTap for () {
+    fn feed(&mut self, _: &[u8]) {}
+}
+
+/// Live byte counters, for progress lines and metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub raw_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+}
+
+/// Why one target's upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("cannot start the multipart upload of {key}: {source}")]
+    Start {
+        key: String,
+        source: object_store::Error,
+    },
+    #[error("upload of part {part} of {key} failed: {source}")]
+    Part {
+        key: String,
+        part: u64,
+        source: object_store::Error,
+    },
+    #[error("accepted no data for {after:?} (pipeline.stall_timeout); dropped so it cannot stall the other targets")]
+    Stalled { after: Duration },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// One target whose upload failed; it was aborted.
+#[derive(Debug)]
+pub struct TargetFailure {
+    pub target: String,
+    pub error: UploadError,
+}
+
+/// One target whose parts were all uploaded; the upload is still open.
+pub struct OpenUpload {
+    pub target: Target,
+    pub key: Path,
+    pub upload: Box<dyn MultipartUpload>,
+    pub bytes: u64,
+}
+
+impl std::fmt::Debug for OpenUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenUpload")
+            .field("target", &self.target.name)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl OpenUpload {
+    /// Aborts the upload (best effort, bounded in time).
+    pub async fn abort(mut self) {
+        abort_quietly(&self.target.name, &self.key, &mut *self.upload).await;
+    }
+}
+
+async fn abort_quietly(target: &str, key: &Path, upload: &mut dyn MultipartUpload) {
+    match tokio::time::timeout(ABORT_TIMEOUT, upload.abort()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(
+            message = "Could not abort a multipart upload; retention will clean it.",
+            target = %target, key = %key, error = %error
+        ),
+        Err(_) => tracing::warn!(
+            message = "Abort of a multipart upload timed out; retention will clean it.",
+            target = %target, key = %key
+        ),
+    }
+}
+
+/// What a successful pipeline run produced.
+#[derive(Debug)]
+pub struct PipelineOutput<T> {
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// sha256 of the stored bytes, lowercase hex.
+    pub sha256: String,
+    pub parts: u64,
+    pub tap: T,
+    pub uploads: Vec<OpenUpload>,
+    pub failures: Vec<TargetFailure>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading the dump stream failed: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("compression failed: {0}")]
+    Compress(#[source] std::io::Error),
+    #[error("every target failed: {}", describe(.0))]
+    NoTargetLeft(Vec<TargetFailure>),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("internal error: a pipeline task panicked: {0}")]
+    Panicked(String),
+}
+
+fn describe(failures: &[TargetFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| format!("{}: {}", f.target, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One destination of the stream.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub target: Target,
+    pub key: Path,
+}
+
+/// Runs the pipeline over `reader` until it ends, fails, or `cancel` fires. On error every
+/// upload has been aborted. On success the uploads are open; see the module doc.
+pub async fn run<R, T>(
+    reader: R,
+    settings: &PipelineSettings,
+    sinks: Vec<Sink>,
+    tap: T,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<PipelineOutput<T>, PipelineError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    T: RawTap,
+{
+    let (full_tx, full_rx) = mpsc::channel::<Vec<u8>>(RAW_BUFFERS);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>(RAW_BUFFERS);
+    for _ in 0..RAW_BUFFERS {
+        free_tx
+            .try_send(Vec::with_capacity(READ_CHUNK))
+            .expect("the pool channel holds every buffer");
+    }
+    let (part_tx, part_rx) = mpsc::channel::<Bytes>(PART_CHANNEL_CAP);
+
+    // Per-target upload tasks.
+    let uploads_cancel = cancel.child_token();
+    let mut senders = Vec::new();
+    let mut upload_tasks = Vec::new();
+    for sink in sinks {
+        let (tx, rx) = mpsc::channel::<Bytes>(TARGET_CHANNEL_CAP);
+        let token = uploads_cancel.child_token();
+        senders.push(TargetSender {
+            name: sink.target.name.clone(),
+            tx: Some(tx),
+            token: token.clone(),
+            stalled: false,
+        });
+        let span = tracing::info_span!("upload", target = %sink.target.name);
+        upload_tasks.push(tokio::spawn(
+            upload_target(sink, rx, token).instrument(span),
+        ));
+    }
+
+    let reader_task =
+        tokio::spawn(read_stream(reader, full_tx, free_rx, cancel.clone()).in_current_span());
+    let compressor = {
+        let settings = settings.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            compress(&settings, full_rx, free_tx, part_tx, tap, &progress)
+        })
+    };
+    let fanout_task =
+        tokio::spawn(fan_out(part_rx, senders, settings.stall_timeout).in_current_span());
+
+    let read_result = reader_task.await;
+    let compress_result = compressor.await;
+    let fanout_result = fanout_task.await;
+    let mut uploads = Vec::new();
+    let mut failures = Vec::new();
+    let mut panicked = None;
+    for task in upload_tasks {
+        match task.await {
+            Ok(Ok(u)) => uploads.push(u),
+            Ok(Err(f)) => failures.push(f),
+            Err(e) => panicked = Some(e.to_string()),
+        }
+    }
+    let stalled = match fanout_result {
+        Ok(stalled) => stalled,
+        Err(e) => {
+            panicked = Some(e.to_string());
+            Vec::new()
+        }
+    };
+    for failure in &mut failures {
+        if stalled.contains(&failure.target) {
+            failure.error = UploadError::Stalled {
+                after: settings.stall_timeout,
+            };
+        }
+    }
+
+    // Decide the outcome; the root cause wins over its downstream echoes.
+    let outcome = (|| {
+        if let Some(p) = panicked {
+            return Err(PipelineError::Panicked(p));
+        }
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let read = read_result.map_err(|e| PipelineError::Panicked(e.to_string()))?;
+        let compressed = compress_result.map_err(|e| PipelineError::Panicked(e.to_string()))?;
+        if uploads.is_empty() {
+            return Err(PipelineError::NoTargetLeft(std::mem::take(&mut failures)));
+        }
+        read.map_err(PipelineError::Read)?;
+        let c = compressed.map_err(PipelineError::Compress)?;
+        Ok(c)
+    })();
+    match outcome {
+        Ok(c) => Ok(PipelineOutput {
+            raw_bytes: c.raw_bytes,
+            stored_bytes: c.stored_bytes,
+            sha256: c.sha256,
+            parts: c.parts,
+            tap: c.tap,
+            uploads,
+            failures,
+        }),
+        Err(e) => {
+            for u in uploads {
+                u.abort().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Reads `reader` to EOF into pooled buffers. Ok only at EOF; cancellation is an error.
+async fn read_stream<R: AsyncRead + Unpin>(
+    mut reader: R,
+    full_tx: mpsc::Sender<Vec<u8>>,
+    mut free_rx: mpsc::Receiver<Vec<u8>>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipeline closed");
+    loop {
+        let mut buf = tokio::select! {
+            _ = cancel.cancelled() => return Err(std::io::Error::other("cancelled")),
+            b = free_rx.recv() => b.ok_or_else(closed)?,
+        };
+        buf.clear();
+        let mut eof = false;
+        while buf.len() < READ_CHUNK {
+            // `read_buf` on a Vec fills its spare capacity: no zeroing, and no reallocation
+            // because the loop stops once the buffer holds READ_CHUNK bytes.
+            let n = tokio::select! {
+                _ = cancel.cancelled() => return Err(std::io::Error::other("cancelled")),
+                n = reader.read_buf(&mut buf) => n?,
+            };
+            if n == 0 {
+                eof = true;
+                break;
+            }
+        }
+        if !buf.is_empty() {
+            full_tx.send(buf).await.map_err(|_| closed())?;
+        }
+        if eof {
+            return Ok(());
+        }
+    }
+}
+
+struct Compressed<T> {
+    raw_bytes: u64,
+    stored_bytes: u64,
+    sha256: String,
+    parts: u64,
+    tap: T,
+}
+
+/// The compressor thread: tap, zstd, and (through [`PartWriter`]) hashing and part cutting.
+fn compress<T: RawTap>(
+    settings: &PipelineSettings,
+    mut full_rx: mpsc::Receiver<Vec<u8>>,
+    free_tx: mpsc::Sender<Vec<u8>>,
+    part_tx: mpsc::Sender<Bytes>,
+    mut tap: T,
+    progress: &Progress,
+) -> std::io::Result<Compressed<T>> {
+    let writer = PartWriter {
+        part_size: settings.part_size,
+        current: BytesMut::with_capacity(settings.part_size),
+        hasher: Sha256::new(),
+        stored_bytes: 0,
+        parts: 0,
+        part_tx,
+        progress,
+    };
+    let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)?;
+    encoder.include_checksum(true)?;
+    let workers = settings.workers();
+    if workers > 1 {
+        encoder.multithread(workers)?;
+    }
+    let mut raw_bytes = 0u64;
+    while let Some(buf) = full_rx.blocking_recv() {
+        tap.feed(&buf);
+        encoder.write_all(&buf)?;
+        raw_bytes += buf.len() as u64;
+        progress
+            .raw_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        // The reader may have stopped (EOF or error); then the buffer is simply dropped.
+        let _ = free_tx.try_send(buf);
+    }
+    let mut writer = encoder.finish()?;
+    writer.send_current()?;
+    Ok(Compressed {
+        raw_bytes,
+        stored_bytes: writer.stored_bytes,
+        sha256: hex::encode(writer.hasher.finalize()),
+        parts: writer.parts,
+        tap,
+    })
+}
+
+/// Receives zstd's output: hashes it, counts it, and cuts it into parts of `part_size`.
+struct PartWriter<'a> {
+    part_size: usize,
+    current: BytesMut,
+    hasher: Sha256,
+    stored_bytes: u64,
+    parts: u64,
+    part_tx: mpsc::Sender<Bytes>,
+    progress: &'a Progress,
+}
+
+impl PartWriter<'_> {
+    fn send_current(&mut self) -> std::io::Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let part = std::mem::replace(&mut self.current, BytesMut::with_capacity(self.part_size));
+        self.parts += 1;
+        self.part_tx
+            .blocking_send(part.freeze())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "no target is left"))
+    }
+}
+
+impl Write for PartWriter<'_> {
+    fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len();
+        self.hasher.update(buf);
+        self.stored_bytes += n as u64;
+        self.progress
+            .stored_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        while !buf.is_empty() {
+            let room = self.part_size - self.current.len();
+            let take = room.min(buf.len());
+            self.current.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.current.len() == self.part_size {
+                self.send_current()?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct TargetSender {
+    name: String,
+    tx: Option<mpsc::Sender<Bytes>>,
+    token: CancellationToken,
+    stalled: bool,
+}
+
+/// Sends every part to every live target; returns the names of targets dropped for stalling.
+async fn fan_out(
+    mut part_rx: mpsc::Receiver<Bytes>,
+    mut targets: Vec<TargetSender>,
+    stall_timeout: Duration,
+) -> Vec<String> {
+    while let Some(part) = part_rx.recv().await {
+        for t in targets.iter_mut() {
+            let Some(tx) = &t.tx else { continue };
+            // A clone of `Bytes` is a reference count, not a copy.
+            match tokio::time::timeout(stall_timeout, tx.send(part.clone())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => t.tx = None, // the upload task failed and said why
+                Err(_) => {
+                    tracing::warn!(message = "Target stalled; dropping it.", target = %t.name, after = ?stall_timeout);
+                    t.stalled = true;
+                    t.tx = None;
+                    t.token.cancel();
+                }
+            }
+        }
+        if targets.iter().all(|t| t.tx.is_none()) {
+            break; // dropping part_rx stops the compressor
+        }
+    }
+    targets
+        .into_iter()
+        .filter(|t| t.stalled)
+        .map(|t| t.name)
+        .collect()
+}
+
+/// Uploads the parts it receives as one multipart upload; on any failure aborts it.
+async fn upload_target(
+    sink: Sink,
+    mut rx: mpsc::Receiver<Bytes>,
+    cancel: CancellationToken,
+) -> Result<OpenUpload, TargetFailure> {
+    let Sink { target, key } = sink;
+    let fail = |error| TargetFailure {
+        target: target.name.clone(),
+        error,
+    };
+    let mut upload = tokio::select! {
+        _ = cancel.cancelled() => return Err(fail(UploadError::Cancelled)),
+        u = target.store.put_multipart(&key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    let mut bytes = 0u64;
+    let mut closed = false;
+    let result: Result<(), UploadError> = loop {
+        if closed && in_flight.is_empty() {
+            break Ok(());
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Err(UploadError::Cancelled),
+            Some((part, res)) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(source) = res {
+                    break Err(UploadError::Part { key: key.to_string(), part, source });
+                }
+            }
+            part = rx.recv(), if !closed && in_flight.len() < PARTS_IN_FLIGHT => match part {
+                Some(p) => {
+                    sent += 1;
+                    bytes += p.len() as u64;
+                    let fut = upload.put_part(PutPayload::from_bytes(p));
+                    let n = sent;
+                    in_flight.push(async move { (n, fut.await) });
+                }
+                None => closed = true,
+            }
+        }
+    };
+    match result {
+        Ok(()) => Ok(OpenUpload {
+            target,
+            key,
+            upload,
+            bytes,
+        }),
+        Err(error) => {
+            drop(rx); // the fan-out sees the closed channel and stops sending here
+            drop(in_flight);
+            if !matches!(error, UploadError::Cancelled) {
+                tracing::warn!(message = "Upload failed; target dropped from this snapshot.", target = %target.name, error = %error);
+            }
+            abort_quietly(&target.name, &key, &mut *upload).await;
+            Err(fail(error))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    fn settings(part_size: usize) -> PipelineSettings {
+        PipelineSettings {
+            zstd_level: 3,
+            zstd_workers: 2,
+            part_size,
+            stall_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        // Compressible but not trivially: a counter in text.
+        let mut v = Vec::with_capacity(len);
+        let mut i = 0u64;
+        while v.len() < len {
+            v.extend_from_slice(format!("row {i}\t{}\n", i * 7919 % 104_729).as_bytes());
+            i += 1;
+        }
+        v.truncate(len);
+        v
+    }
+
+    struct CountLines(u64);
+    impl RawTap for CountLines {
+        fn feed(&mut self, b: &[u8]) {
+            self.0 += b.iter().filter(|&&c| c == b'\n').count() as u64;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fans_out_identical_objects_with_matching_hash() {
+        let input = data(12 * 1024 * 1024 + 17);
+        let stores: Vec<Arc<InMemory>> = (0..3).map(|_| Arc::new(InMemory::new())).collect();
+        let sinks = stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let target = Target::new(&format!("t{i}"), s.clone(), "p", 10_000);
+                Sink {
+                    key: target.key("src", "db", "id", crate::target::DUMP_SUFFIX),
+                    target,
+                }
+            })
+            .collect();
+        let out = run(
+            std::io::Cursor::new(input.clone()),
+            &settings(5 * 1024 * 1024),
+            sinks,
+            CountLines(0),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.raw_bytes, input.len() as u64);
+        assert_eq!(
+            out.tap.0,
+            input.iter().filter(|&&c| c == b'\n').count() as u64
+        );
+        assert_eq!(out.uploads.len(), 3);
+        assert!(out.failures.is_empty());
+        for mut u in out.uploads {
+            u.upload.complete().await.unwrap();
+        }
+        for s in &stores {
+            let stored = s
+                .get(&Path::from("p/src/db/id.dump.zst"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(stored.len() as u64, out.stored_bytes);
+            assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
+            assert_eq!(zstd::decode_all(&stored[..]).unwrap(), input);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_reader_is_an_error_and_aborts_uploads() {
+        struct Failing(usize);
+        impl AsyncRead for Failing {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                if self.0 == 0 {
+                    return std::task::Poll::Ready(Err(std::io::Error::other("boom")));
+                }
+                self.0 -= 1;
+                buf.put_slice(&[b'x'; 1000]);
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let store = Arc::new(InMemory::new());
+        let target = Target::new("t", store.clone(), "", 10_000);
+        let sink = Sink {
+            key: target.key("s", "d", "i", ".dump.zst"),
+            target,
+        };
+        let err = run(
+            Failing(100),
+            &settings(5 << 20),
+            vec![sink],
+            (),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, PipelineError::Read(_)), "{err}");
+        let listed: Vec<_> = store.list(None).collect().await;
+        assert!(listed.is_empty());
+    }
+}

@@ -1,0 +1,437 @@
+//! Sources: PostgreSQL connections, database discovery, and the PostgreSQL client tools.
+//!
+//! This module knows how to reach a server (tokio-postgres, with the password from the URL,
+//! `PGPASSWORD` or a passfile), which databases a source selects, which `pg_dump`/`pg_restore`
+//! matches a server, and how to start them so that no password ever appears in their argv.
+//! It does not read the dump stream: that is `pipeline`'s job.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncReadExt;
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{PgUrl, SourceConfig};
+
+/// How much of a child's stderr is kept for the error message (its tail).
+const STDERR_TAIL_BYTES: usize = 8 * 1024;
+
+/// Where Debian (and our image) install each major's client tools.
+pub const PG_LIB_DIR: &str = "/usr/lib/postgresql";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("query on {url} failed: {source}")]
+    Query {
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("{tool} not found at {path}; install the PostgreSQL {major} client tools (Debian: postgresql-client-{major}) or set pg_bin_dir")]
+    ToolMissing {
+        tool: &'static str,
+        path: PathBuf,
+        major: u32,
+    },
+    #[error("cannot run {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{tool} at {path} is version {tool_version}, older than the server ({server_version}); it cannot dump a newer server: install postgresql-client-{server_major} or point pg_bin_dir at it")]
+    ToolTooOld {
+        tool: &'static str,
+        path: PathBuf,
+        tool_version: String,
+        server_version: String,
+        server_major: u32,
+    },
+    #[error("cannot read the version of {path}: it printed {printed:?}")]
+    ToolVersion { path: PathBuf, printed: String },
+}
+
+impl SourceError {
+    /// Whether trying again later may succeed (network, server restart), as opposed to a
+    /// configuration problem a human must fix.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Connect { source, .. } | SourceError::Query { source, .. } => {
+                source.code().is_none()
+                    || source
+                        .code()
+                        .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57"))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A PostgreSQL server version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersion {
+    /// `server_version_num`, e.g. 150018.
+    pub num: u32,
+    /// `server_version`, e.g. "15.18 (Debian 15.18-0+deb12u1)"; only the first word is kept.
+    pub text: String,
+}
+
+impl ServerVersion {
+    pub fn major(&self) -> u32 {
+        self.num / 10_000
+    }
+}
+
+/// The password for a connection: the URL's own, else `PGPASSWORD`, else the passfile
+/// (`PGPASSFILE` or `~/.pgpass`), as libpq does.
+pub fn resolve_password(cfg: &tokio_postgres::Config) -> Option<Vec<u8>> {
+    if let Some(p) = cfg.get_password() {
+        return Some(p.to_vec());
+    }
+    if let Ok(p) = std::env::var("PGPASSWORD") {
+        return Some(p.into_bytes());
+    }
+    let file = std::env::var_os("PGPASSFILE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let host = match cfg.get_hosts().first()? {
+        Host::Tcp(h) => h.clone(),
+        Host::Unix(p) => p.display().to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let db = cfg.get_dbname().unwrap_or("postgres");
+    let user = cfg.get_user().unwrap_or("postgres");
+    passfile_lookup(&text, &host, &port, db, user).map(String::into_bytes)
+}
+
+/// One lookup in a `.pgpass` text: `host:port:db:user:password`, `*` matches anything,
+/// `\:` and `\\` escape.
+fn passfile_lookup(text: &str, host: &str, port: &str, db: &str, user: &str) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let ok = |f: &str, v: &str| f == "*" || f == v;
+        if ok(&fields[0], host)
+            && ok(&fields[1], port)
+            && ok(&fields[2], db)
+            && ok(&fields[3], user)
+        {
+            return fields.pop();
+        }
+    }
+    None
+}
+
+/// A copy of `url` connecting to `database` instead.
+pub fn with_database(url: &PgUrl, database: &str) -> tokio_postgres::Config {
+    let mut cfg = url.parsed.clone();
+    cfg.dbname(database);
+    cfg
+}
+
+/// Connects to `database` on the server of `url` (its own database when None).
+pub async fn connect(url: &PgUrl, database: Option<&str>) -> Result<Client, SourceError> {
+    let mut cfg = match database {
+        Some(db) => with_database(url, db),
+        None => url.parsed.clone(),
+    };
+    if cfg.get_password().is_none() {
+        if let Some(p) = resolve_password(&cfg) {
+            cfg.password(p);
+        }
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("pgferry");
+    }
+    cfg.connect_timeout(std::time::Duration::from_secs(15));
+    let (client, connection) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|source| SourceError::Connect {
+            url: url.redacted(),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(message = "PostgreSQL connection ended.", error = %error);
+        }
+    });
+    Ok(client)
+}
+
+/// The server's version.
+pub async fn server_version(client: &Client, url: &PgUrl) -> Result<ServerVersion, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            url: url.redacted(),
+            source,
+        })?;
+    let num: i32 = row.get(0);
+    let text: String = row.get(1);
+    Ok(ServerVersion {
+        num: num as u32,
+        text: text.split_whitespace().next().unwrap_or("").to_string(),
+    })
+}
+
+/// The databases of a source that its `databases`/`exclude` globs select, sorted.
+pub async fn discover(client: &Client, source: &SourceConfig) -> Result<Vec<String>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname",
+            &[],
+        )
+        .await
+        .map_err(|source_err| SourceError::Query {
+            url: source.url.redacted(),
+            source: source_err,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|d| source.selects(d))
+        .collect())
+}
+
+/// On-disk size of a database, to size upload parts.
+pub async fn database_size(
+    client: &Client,
+    url: &PgUrl,
+    database: &str,
+) -> Result<u64, SourceError> {
+    let row = client
+        .query_one("SELECT pg_database_size($1)", &[&database])
+        .await
+        .map_err(|source| SourceError::Query {
+            url: url.redacted(),
+            source,
+        })?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
+}
+
+/// A PostgreSQL client tool of a known version.
+#[derive(Debug, Clone)]
+pub struct PgTool {
+    pub path: PathBuf,
+    /// e.g. "15.18"
+    pub version: String,
+    pub major: u32,
+}
+
+/// Finds `tool` (pg_dump, pg_restore) for a server: in `bin_dir` when configured, else
+/// `/usr/lib/postgresql/<server major>/bin`. A tool older than the server is refused.
+pub async fn find_tool(
+    tool: &'static str,
+    bin_dir: Option<&Path>,
+    server: &ServerVersion,
+) -> Result<PgTool, SourceError> {
+    let dir = bin_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        Path::new(PG_LIB_DIR)
+            .join(server.major().to_string())
+            .join("bin")
+    });
+    let path = dir.join(tool);
+    if !path.exists() {
+        return Err(SourceError::ToolMissing {
+            tool,
+            path,
+            major: server.major(),
+        });
+    }
+    let out = tokio::process::Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| SourceError::Spawn {
+            path: path.clone(),
+            source,
+        })?;
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (version, major) =
+        parse_tool_version(&printed).ok_or_else(|| SourceError::ToolVersion {
+            path: path.clone(),
+            printed: printed.clone(),
+        })?;
+    if major < server.major() {
+        return Err(SourceError::ToolTooOld {
+            tool,
+            path,
+            tool_version: version,
+            server_version: server.text.clone(),
+            server_major: server.major(),
+        });
+    }
+    Ok(PgTool {
+        path,
+        version,
+        major,
+    })
+}
+
+/// "pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)" → ("15.18", 15).
+fn parse_tool_version(printed: &str) -> Option<(String, u32)> {
+    let word = printed
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let major = word
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((word.to_string(), major))
+}
+
+/// libpq environment for a child tool connecting to `cfg`: host, port, user, database and
+/// password travel in the environment, never in argv (where `ps` would show them).
+pub fn libpq_env(cfg: &tokio_postgres::Config) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if let Some(host) = cfg.get_hosts().first() {
+        env.push((
+            "PGHOST",
+            match host {
+                Host::Tcp(h) => h.clone(),
+                Host::Unix(p) => p.display().to_string(),
+            },
+        ));
+    }
+    if let Some(port) = cfg.get_ports().first() {
+        env.push(("PGPORT", port.to_string()));
+    }
+    if let Some(user) = cfg.get_user() {
+        env.push(("PGUSER", user.to_string()));
+    }
+    if let Some(db) = cfg.get_dbname() {
+        env.push(("PGDATABASE", db.to_string()));
+    }
+    if let Some(p) = resolve_password(cfg) {
+        env.push(("PGPASSWORD", String::from_utf8_lossy(&p).into_owned()));
+    }
+    let sslmode = match cfg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Require => "require",
+        _ => "prefer",
+    };
+    env.push(("PGSSLMODE", sslmode.to_string()));
+    env.push(("PGAPPNAME", "pgferry".to_string()));
+    env.push(("PGCONNECT_TIMEOUT", "15".to_string()));
+    env
+}
+
+/// Starts `pg_dump -Fc -Z0` of `database`; stdout is the archive, stderr is captured.
+pub fn spawn_pg_dump(
+    tool: &PgTool,
+    url: &PgUrl,
+    database: &str,
+) -> Result<tokio::process::Child, SourceError> {
+    let cfg = with_database(url, database);
+    let mut cmd = tokio::process::Command::new(&tool.path);
+    cmd.args(["--format=custom", "--compress=0", "--no-password"])
+        .env_clear()
+        .envs(libpq_env(&cfg))
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn().map_err(|source| SourceError::Spawn {
+        path: tool.path.clone(),
+        source,
+    })
+}
+
+/// Reads a child's stderr to the end, keeping the last `STDERR_TAIL_BYTES`, with the
+/// connection's password scrubbed in case a tool ever echoes it.
+pub async fn read_stderr_tail(
+    mut stderr: tokio::process::ChildStderr,
+    password: Option<Vec<u8>>,
+) -> String {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL_BYTES {
+                    tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+                }
+            }
+        }
+    }
+    if tail.len() > STDERR_TAIL_BYTES {
+        tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+    }
+    let mut text = String::from_utf8_lossy(&tail).trim().to_string();
+    if let Some(p) = password.filter(|p| !p.is_empty()) {
+        text = text.replace(&*String::from_utf8_lossy(&p), "<redacted>");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_versions() {
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(("15.18".into(), 15))
+        );
+        assert_eq!(
+            parse_tool_version("pg_restore (PostgreSQL) 17beta1"),
+            Some(("17beta1".into(), 17))
+        );
+        assert_eq!(parse_tool_version("garbage"), None);
+    }
+
+    #[test]
+    fn passfile() {
+        let text = "# comment\nother:5432:*:u:no\n127.0.0.1:*:*:u:pa\\:ss\n";
+        assert_eq!(
+            passfile_lookup(text, "127.0.0.1", "5433", "db", "u").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(passfile_lookup(text, "x", "5432", "db", "v"), None);
+    }
+
+    #[test]
+    fn env_carries_the_password_not_argv() {
+        let url = PgUrl::parse("postgres://u:p%40ss@127.0.0.1:5433/postgres").unwrap();
+        let env = libpq_env(&with_database(&url, "acme"));
+        let get = |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PGPASSWORD"), Some("p@ss"));
+        assert_eq!(get("PGDATABASE"), Some("acme"));
+        assert_eq!(get("PGPORT"), Some("5433"));
+    }
+}
