@@ -24,6 +24,8 @@ fn main() -> ExitCode {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
+            .with_target(false)
             .init();
     } else {
         builder.with_target(false).init();
