@@ -12,6 +12,7 @@ pub mod dumpstats;
 pub mod manifest;
 pub mod metrics;
 pub mod pipeline;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod source;
