@@ -37,7 +37,7 @@ const FORCE_DROP_MIN_VERSION: u32 = 130_000;
 pub enum SwapError {
     #[error(transparent)]
     Connect(#[from] SourceError),
-    #[error("{what} on {url} failed: {source}")]
+    #[error("{what} on {url} failed: {}", pg_text(.source))]
     Sql {
         what: String,
         url: String,
@@ -50,13 +50,27 @@ pub enum SwapError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("hook {path} failed in the temporary database, so nothing was swapped in: {source}")]
+    #[error("hook {path} failed in the temporary database, so nothing was swapped in (fix the hook or the database): {}", pg_text(.source))]
     Hook {
         path: PathBuf,
         source: tokio_postgres::Error,
     },
     #[error("sessions of {database:?} did not end within {DRAIN_TIMEOUT:?} after pg_terminate_backend; the old database is untouched")]
     Busy { database: String },
+}
+
+/// A PostgreSQL error with the server's message and SQLSTATE (tokio-postgres' own Display
+/// says only "db error").
+pub fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => e.to_string(),
+    }
 }
 
 impl SwapError {
