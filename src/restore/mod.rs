@@ -317,7 +317,7 @@ async fn run(
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        let existed = server_has(&server, &dest.database).await?;
+        let existed = server.exists(&dest.database).await?;
         let comment = format!(
             "restored by pgferry from {}/{} snapshot {} (target {}) at {}",
             req.source,
@@ -357,19 +357,6 @@ async fn run(
         cleaned_leftovers: cleaned,
         duration: started.elapsed(),
     })
-}
-
-async fn server_has(server: &Server, database: &str) -> Result<bool, SwapError> {
-    Ok(server
-        .client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
-        .await
-        .map_err(|source| SwapError::Sql {
-            what: "looking up the destination".into(),
-            url: server.url.redacted(),
-            source,
-        })?
-        .is_some())
 }
 
 /// Drops the temporary database after a failure; a failure to drop is logged (the next run

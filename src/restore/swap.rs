@@ -132,7 +132,7 @@ impl Server {
             .map_err(self.sql_err(what))
     }
 
-    async fn exists(&self, database: &str) -> Result<bool, SwapError> {
+    pub async fn exists(&self, database: &str) -> Result<bool, SwapError> {
         Ok(self
             .client
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
@@ -141,8 +141,11 @@ impl Server {
             .is_some())
     }
 
-    /// Drops a database of ours, ending any session still in it.
+    /// Drops a database of ours if it exists, ending any session still in it.
     pub async fn drop_database(&self, database: &str) -> Result<(), SwapError> {
+        if !self.exists(database).await? {
+            return Ok(());
+        }
         let q = quote_ident(database);
         if self.version_num >= FORCE_DROP_MIN_VERSION {
             self.exec(
