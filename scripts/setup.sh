@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(postgresql postgresql-client zstd prometheus prometheus-pushgateway ca-certificates)
+packages=(postgresql postgresql-client zstd prometheus prometheus-pushgateway ca-certificates python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
