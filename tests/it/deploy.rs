@@ -6,10 +6,6 @@
 
 mod manifests;
 mod promql;
-// Until tests/it/support/mod.rs exists on main: then `pub mod prometheus;` there, and
-// `use crate::support::prometheus` in scrape.rs.
-#[path = "support/prometheus.rs"]
-mod prometheus;
 mod scrape;
 mod tools;
 

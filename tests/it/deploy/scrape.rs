@@ -12,8 +12,8 @@ use std::time::Duration;
 use pgferry::metrics::{now_seconds, Metrics, Outcome};
 use serde_json::Value;
 
-use super::prometheus::Prometheus;
 use super::tools::{repo, yaml_doc};
+use crate::support::prometheus::Prometheus;
 
 /// Serves `metrics.render()` over HTTP on a loopback port until dropped.
 struct MetricsServer {

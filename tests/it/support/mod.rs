@@ -13,6 +13,7 @@
 pub mod env;
 pub mod garage;
 pub mod postgres;
+pub mod prometheus;
 
 use std::collections::HashSet;
 use std::io::Read;
