@@ -3,5 +3,6 @@
 
 mod backup;
 mod cli;
+mod deploy;
 mod restore;
 mod support;
