@@ -6,3 +6,4 @@ mod cli;
 mod deploy;
 mod restore;
 mod support;
+mod verify;
