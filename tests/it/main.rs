@@ -1,1 +1,6 @@
-//! Integration tests: one binary, a module per user flow.
+//! Integration tests: one binary, a module per user flow, against real PostgreSQL and Garage
+//! servers started by `support` on loopback ports.
+
+mod backup;
+mod cli;
+mod support;

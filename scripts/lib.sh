@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Shared by scripts/demo.sh and benches/backup.sh: start a throwaway PostgreSQL cluster and a
+# single-node Garage S3 server under a directory, on loopback, and stop them again.
+# Source it after setting: WORK_DIR, PG_PORT, S3_PORT, PGFERRY_TOOLS.
+
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+GARAGE="$PGFERRY_TOOLS/bin/garage"
+
+as_postgres() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+randhex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+
+# Stops what a previous start_servers under WORK_DIR left running.
+stop_servers() {
+    if [ -f "$WORK_DIR/garage.pid" ]; then
+        kill "$(cat "$WORK_DIR/garage.pid")" 2>/dev/null || true
+        rm -f "$WORK_DIR/garage.pid"
+    fi
+    if [ -f "$WORK_DIR/pg/postmaster.pid" ]; then
+        as_postgres "$PG_BIN/pg_ctl" -D "$WORK_DIR/pg" -m fast stop >/dev/null 2>&1 || true
+    fi
+}
+
+# Starts PostgreSQL (superuser postgres, password in PG_PASSWORD) and Garage (key in
+# S3_KEY_ID / S3_SECRET, buckets named in $@) under a fresh WORK_DIR.
+start_servers() {
+    stop_servers
+    rm -rf "$WORK_DIR"
+    mkdir -p "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/garage"
+    chmod 755 "$WORK_DIR"
+
+    PG_PASSWORD="$(randhex 16)"
+    printf '%s\n' "$PG_PASSWORD" > "$WORK_DIR/pgpw"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw"; fi
+    as_postgres "$PG_BIN/initdb" -D "$WORK_DIR/pg" -U postgres -A scram-sha-256 \
+        --pwfile="$WORK_DIR/pgpw" -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$WORK_DIR/pgpw"
+    as_postgres "$PG_BIN/pg_ctl" -D "$WORK_DIR/pg" -l "$WORK_DIR/pg.log" -w \
+        -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK_DIR/pgsock -c shared_buffers=512MB" \
+        start >/dev/null
+
+    S3_KEY_ID="GK$(randhex 12)"
+    S3_SECRET="$(randhex 32)"
+    cat > "$WORK_DIR/garage/garage.toml" <<TOML
+metadata_dir = "$WORK_DIR/garage/meta"
+data_dir = "$WORK_DIR/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((S3_PORT + 1))"
+rpc_public_addr = "127.0.0.1:$((S3_PORT + 1))"
+rpc_secret = "$(randhex 32)"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$((S3_PORT + 3))"
+TOML
+    GARAGE_DEFAULT_ACCESS_KEY="$S3_KEY_ID" GARAGE_DEFAULT_SECRET_KEY="$S3_SECRET" RUST_LOG=warn \
+        "$GARAGE" -c "$WORK_DIR/garage/garage.toml" server --single-node --default-access-key \
+        >"$WORK_DIR/garage.log" 2>&1 &
+    echo $! > "$WORK_DIR/garage.pid"
+    local ok=""
+    for _ in $(seq 1 150); do
+        if garage_ status >/dev/null 2>&1; then ok=1; break; fi
+        sleep 0.2
+    done
+    [ -n "$ok" ] || { echo "Garage did not start; see $WORK_DIR/garage.log" >&2; return 1; }
+    local b
+    for b in "$@"; do
+        for _ in $(seq 1 50); do garage_ bucket create "$b" >/dev/null 2>&1 && break; sleep 0.2; done
+        garage_ bucket allow --read --write --owner "$b" --key "$S3_KEY_ID" >/dev/null
+    done
+}
+
+garage_() { "$GARAGE" -c "$WORK_DIR/garage/garage.toml" "$@"; }
+
+psql_() {
+    PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"
+}
+
+# Writes an S3 [[target]] for bucket $2 named $1 (credentials from ${S3_KEY_VAR}/${S3_SECRET_VAR}).
+s3_target_toml() {
+    cat <<TOML
+[[target]]
+name = "$1"
+url = "s3://$2/pg"
+endpoint = "http://127.0.0.1:$S3_PORT"
+region = "garage"
+access_key_id = "\${PGFERRY_S3_KEY_ID}"
+secret_access_key = "\${PGFERRY_S3_SECRET}"
+TOML
+}

@@ -1,0 +1,344 @@
+//! `pgferry backup` and `pgferry list` end to end: real PostgreSQL, real Garage, real files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::env::{self, file_store, get, keys, TestEnv};
+use crate::support::garage::Garage;
+use crate::support::postgres::PgCluster;
+
+/// Text with newlines, tabs and backslashes, jsonb, bytea, numeric, a large object, a view,
+/// a materialized view, and a table whose quoted name has spaces, quotes and non-ASCII.
+pub const TRICKY_SQL: &str = r#"
+CREATE TABLE mixed (
+    id int PRIMARY KEY,
+    body text,
+    doc jsonb,
+    bin bytea,
+    amount numeric(30, 9)
+);
+INSERT INTO mixed
+SELECT g,
+       repeat('line ' || g || E'\n\\back\\slash\ttab ', g % 40),
+       jsonb_build_object('k', g, 'arr', jsonb_build_array(g, 'x', null), 'nested', jsonb_build_object('é', 'ü')),
+       decode(md5(g::text) || md5((g * 7)::text), 'hex'),
+       g * 1234.000000001
+FROM generate_series(1, 3000) g;
+INSERT INTO mixed VALUES (0, E'\\.\n\\.', '{}', '\x00ff', NULL);
+CREATE TABLE "odd ""quoted"" name é 表" (id serial PRIMARY KEY, v text);
+INSERT INTO "odd ""quoted"" name é 表" (v) SELECT 'v' || g FROM generate_series(1, 250) g;
+CREATE TABLE empty_one (id int);
+CREATE VIEW mixed_view AS SELECT id, body FROM mixed WHERE id < 10;
+CREATE MATERIALIZED VIEW mixed_mv AS SELECT id % 10 AS k, count(*) AS n FROM mixed GROUP BY 1;
+SELECT lo_from_bytea(0, convert_to(repeat('large object payload ', 1000), 'UTF8'));
+"#;
+
+/// Restores a downloaded `.dump.zst` by hand, the way DESIGN promises a user can:
+/// `zstd -d | pg_restore`, into a new database of `pg`.
+async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
+    pg.create_database(into).await.unwrap();
+    let script = format!(
+        "zstd -q -d -c '{}' | '{}' --no-owner --exit-on-error -h 127.0.0.1 -p {} -U postgres -d '{}'",
+        dump_zst.display(),
+        pg.bin_dir().join("pg_restore").display(),
+        pg.port(),
+        into
+    );
+    let out = tokio::process::Command::new("bash")
+        .args(["-o", "pipefail", "-c", &script])
+        .env("PGPASSWORD", pg.superuser_password())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "manual restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn manifest_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).expect("manifest is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("shop").await.unwrap();
+    env.pg.execute("shop", TRICKY_SQL).await.unwrap();
+    let (s3a, store_a) = env.s3_target("s3a").await;
+    let s3b_garage = Garage::start().await.expect("second Garage");
+    let (s3b, store_b) = env::s3_target(&s3b_garage, "s3b").await;
+    let (file, file_dir) = env.file_target_toml("local");
+    let config = env.write_config(&format!(
+        "{}databases = [\"shop\"]\n{s3a}{s3b}{file}",
+        env.source_toml("prod")
+    ));
+
+    let run = env.pgferry(&config, &["backup"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains("prod/shop"), "{}", run.stdout);
+    assert!(run.stdout.contains("committed"), "{}", run.stdout);
+
+    let stores = [store_a, store_b, file_store(&file_dir)];
+    let mut ids = Vec::new();
+    for store in &stores {
+        let k = keys(store).await;
+        assert_eq!(k.len(), 2, "{k:?}");
+        let id = k[0]
+            .strip_prefix("prod/shop/")
+            .and_then(|r| r.strip_suffix(".dump.zst"))
+            .unwrap_or_else(|| panic!("unexpected key layout: {k:?}"))
+            .to_string();
+        assert_eq!(k[1], format!("prod/shop/{id}.manifest.json"));
+        let manifest = manifest_of(&get(store, &k[1]).await);
+        let dump = get(store, &k[0]).await;
+        assert_eq!(manifest["sha256"], hex::encode(Sha256::digest(&dump)));
+        assert_eq!(manifest["stored_size"], dump.len() as u64);
+        assert_eq!(manifest["object_key"], k[0]);
+        assert_eq!(manifest["snapshot_id"], id);
+        assert_eq!(manifest["compression"]["algorithm"], "zstd");
+        assert_eq!(
+            manifest["targets"],
+            serde_json::json!(["s3a", "s3b", "local"])
+        );
+        assert!(manifest["raw_size"].as_u64().unwrap() > dump.len() as u64);
+        ids.push(id);
+    }
+    assert!(ids.iter().all(|i| *i == ids[0]));
+
+    // Restore by hand from the S3 copy: exactly the source's rows, table by table.
+    let dump = get(&stores[0], &format!("prod/shop/{}.dump.zst", ids[0])).await;
+    let path = env.dir.path().join("shop.dump.zst");
+    std::fs::write(&path, &dump).unwrap();
+    restore_by_hand(&env.pg, &path, "shop_restored").await;
+    let source = env.pg.table_fingerprints("shop").await.unwrap();
+    let restored = env.pg.table_fingerprints("shop_restored").await.unwrap();
+    assert!(source.len() >= 5, "{source:?}");
+    assert_eq!(source, restored);
+
+    // The manifest's table statistics match count(*) in the source.
+    let manifest = manifest_of(&get(&stores[0], &format!("prod/shop/{}.manifest.json", ids[0])).await);
+    let stats: BTreeMap<String, u64> = manifest["tables"]
+        .as_array()
+        .expect("tables in manifest")
+        .iter()
+        .map(|t| {
+            (
+                format!("{}.{}", t["schema"].as_str().unwrap(), t["name"].as_str().unwrap()),
+                t["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for (table, rows) in &stats {
+        let (count, _) = source
+            .get(table)
+            .unwrap_or_else(|| panic!("{table} not in source: {source:?}"));
+        assert_eq!(*count as u64, *rows, "{table}");
+    }
+    assert_eq!(stats["public.odd \"quoted\" name é 表"], 250);
+    assert_eq!(manifest["large_objects"], 1);
+
+    // list merges the three targets into one snapshot.
+    let run = env.pgferry(&config, &["list", "--json"]).await;
+    run.assert_code(0);
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let snaps = listed["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{listed}");
+    assert_eq!(snaps[0]["targets"], serde_json::json!(["s3a", "s3b", "local"]));
+    let run = env.pgferry(&config, &["list"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains(&ids[0]) && run.stdout.contains("shop"), "{}", run.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_s3_server_is_dropped_and_min_targets_is_enforced() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("acme").await.unwrap();
+    env.pg
+        .execute("acme", "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;")
+        .await
+        .unwrap();
+    let (alive, alive_store) = env.s3_target("alive").await;
+    let mut dead_garage = Garage::start().await.expect("second Garage");
+    let (dead, dead_store) = env::s3_target(&dead_garage, "dead").await;
+    let (file, file_dir) = env.file_target_toml("local");
+    dead_garage.stop().await.unwrap();
+    let base = format!(
+        "{}databases = [\"acme\"]\n{alive}{dead}{file}",
+        env.source_toml("prod")
+    );
+
+    // min_targets = 3 cannot be met: exit 1, nothing anywhere.
+    let strict = env.write_config(&format!("[pipeline]\nmin_targets = 3\n{base}"));
+    let run = env.pgferry(&strict, &["backup"]).await;
+    run.assert_code(1);
+    assert!(run.output().contains("dead"), "{}", run.output());
+    assert!(run.output().contains("min_targets"), "{}", run.output());
+    let file_store = file_store(&file_dir);
+    assert_eq!(keys(&alive_store).await, Vec::<String>::new());
+    assert_eq!(keys(&file_store).await, Vec::<String>::new());
+
+    // Default min_targets = 1: commits on the two live targets; manifests don't name the dead one.
+    let lenient = env.write_config(&base);
+    let run = env.pgferry(&lenient, &["backup"]).await;
+    run.assert_code(0);
+    for store in [&alive_store, &file_store] {
+        let k = keys(store).await;
+        assert_eq!(k.len(), 2, "{k:?}");
+        let manifest = manifest_of(&get(store, &k[1]).await);
+        assert_eq!(manifest["targets"], serde_json::json!(["alive", "local"]));
+    }
+    dead_garage.start_again().await.unwrap();
+    assert_eq!(keys(&dead_store).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_server_killed_during_the_upload_is_dropped() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    // ~150 MB of hex text: ~75 MB stored, several 10 MiB parts, long enough to kill mid-way.
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE t AS SELECT g AS id, (SELECT string_agg(md5(random()::text || g || s), '') FROM generate_series(1, 16) s) AS v FROM generate_series(1, 280000) g;",
+        )
+        .await
+        .unwrap();
+    let (alive, alive_store) = env.s3_target("alive").await;
+    let mut doomed = Garage::start().await.expect("second Garage");
+    let (dying, _) = env::s3_target(&doomed, "dying").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"big\"]\n{alive}{dying}",
+        env.source_toml("prod")
+    ));
+    let mut child = env.command(&config, &["backup"]).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("Backup started.") {
+            break;
+        }
+    }
+    assert!(seen.contains("Backup started."), "{seen}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    doomed.stop().await.unwrap();
+    let rest = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("backup finished")
+        .unwrap();
+    let stderr = seen + &rest.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    env::assert_no_secret(&(stdout.clone() + &stderr), &env.secrets());
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("not on: dying"), "{stdout}");
+    let k = keys(&alive_store).await;
+    assert_eq!(k.len(), 2, "{k:?}");
+    let manifest = manifest_of(&get(&alive_store, &k[1]).await);
+    assert_eq!(manifest["targets"], serde_json::json!(["alive"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_commits_nothing_and_says_why() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("acme").await.unwrap();
+    let (file, dir) = env.file_target_toml("local");
+    let config = env.write_config(&format!(
+        "[[source]]\nname = \"prod\"\nurl = \"postgres://postgres:wrong-password-123@127.0.0.1:{}/postgres\"\n{file}",
+        env.pg.port()
+    ));
+    let run = env.pgferry(&config, &["backup"]).await;
+    run.assert_code(1);
+    assert!(run.output().contains("password authentication failed"), "{}", run.output());
+    assert!(!run.output().contains("wrong-password-123"), "{}", run.output());
+    assert_eq!(keys(&file_store(&dir)).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_dump_connection_commits_nothing() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE t AS SELECT g AS id, repeat(md5(g::text), 20) AS v FROM generate_series(1, 400000) g;",
+        )
+        .await
+        .unwrap();
+    let (s3, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"big\"]\n{s3}",
+        env.source_toml("prod")
+    ));
+    let child = env.command(&config, &["backup"]).spawn().unwrap();
+    // Wait for pg_dump's COPY, then terminate its backend.
+    let client = env.pg.client("postgres").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut terminated = false;
+    while tokio::time::Instant::now() < deadline && !terminated {
+        let rows = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'big' AND application_name = 'pgferry' AND query ILIKE 'COPY%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        terminated = !rows.is_empty();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(terminated, "never saw pg_dump's COPY");
+    let out = child.wait_with_output().await.unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env::assert_no_secret(&output, &env.secrets());
+    assert_eq!(out.status.code(), Some(1), "{output}");
+    assert!(output.contains("pg_dump of big failed"), "{output}");
+    assert!(output.contains("terminat"), "{output}");
+    assert_eq!(keys(&store).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_pg_dump_than_the_server_is_refused() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("acme").await.unwrap();
+    let bin = env.dir.path().join("old-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("pg_dump");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'pg_dump (PostgreSQL) 12.22'; exit 0; fi\necho 'should not run' >&2; exit 3\n",
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&fake).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&fake, perm).unwrap();
+    let (file, dir) = env.file_target_toml("local");
+    let config = env.write_config(&format!(
+        "{}pg_bin_dir = \"{}\"\n{file}",
+        env.source_toml("prod"),
+        bin.display()
+    ));
+    let run = env.pgferry(&config, &["backup", "--database", "acme"]).await;
+    run.assert_code(1);
+    let out = run.output();
+    assert!(out.contains("12.22") && out.contains("older than the server"), "{out}");
+    assert!(!out.contains("should not run"), "{out}");
+    assert_eq!(keys(&file_store(&dir)).await, Vec::<String>::new());
+}

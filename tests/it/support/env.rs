@@ -1,0 +1,237 @@
+//! A test environment: one PostgreSQL cluster, one Garage S3 server, a temp dir, and a way to
+//! run the `pgferry` binary against a config written for them.
+//!
+//! Secrets (the PostgreSQL password, the S3 secret key) reach pgferry only through `${VAR}`
+//! expansion from its environment, and every run's output is checked for them: no test can
+//! leak a secret without failing.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use object_store::ObjectStore;
+use tokio::process::Command;
+
+use super::garage::Garage;
+use super::postgres::PgCluster;
+
+/// Environment variable names the configs use for secrets.
+pub const PG_PASSWORD_VAR: &str = "PGFERRY_TEST_PG_PASSWORD";
+pub const S3_KEY_VAR: &str = "PGFERRY_TEST_S3_KEY_ID";
+pub const S3_SECRET_VAR: &str = "PGFERRY_TEST_S3_SECRET";
+
+pub struct TestEnv {
+    pub pg: PgCluster,
+    pub s3: Garage,
+    pub dir: tempfile::TempDir,
+}
+
+/// What one pgferry run printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn output(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        let pg = PgCluster::start().await.expect("start PostgreSQL");
+        let s3 = Garage::start().await.expect("start Garage");
+        TestEnv {
+            pg,
+            s3,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Every secret of this environment: none may appear in any output.
+    pub fn secrets(&self) -> Vec<String> {
+        vec![
+            self.pg.superuser_password().to_string(),
+            self.s3.secret_access_key().to_string(),
+        ]
+    }
+
+    /// A `[[source]]` for this cluster, password from the environment.
+    pub fn source_toml(&self, name: &str) -> String {
+        source_toml(&self.pg, name)
+    }
+
+    /// A `[[target]]` on a fresh bucket of this environment's Garage, and a client for
+    /// that bucket rooted at the target's prefix.
+    pub async fn s3_target(&self, name: &str) -> (String, Arc<dyn ObjectStore>) {
+        s3_target(&self.s3, name).await
+    }
+
+    /// A `[[target]]` in a fresh directory; returns the TOML and the directory.
+    pub fn file_target_toml(&self, name: &str) -> (String, PathBuf) {
+        let dir = self.dir.path().join(format!("target-{name}"));
+        (
+            format!("[[target]]\nname = \"{name}\"\nurl = \"file://{}\"\n", dir.display()),
+            dir,
+        )
+    }
+
+    /// Writes a config file and returns its path.
+    pub fn write_config(&self, body: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("pgferry-{}.toml", super::unique_name("cfg")));
+        std::fs::write(&path, body).expect("write config");
+        path
+    }
+
+    /// Runs pgferry with `config` and `args`; fails the test if any secret shows in the output.
+    pub async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
+        let run = pgferry_with_env(config, args, &self.env_vars()).await;
+        assert_no_secret(&run.output(), &self.secrets());
+        run
+    }
+
+    /// The environment that `${VAR}` in configs expands from.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                PG_PASSWORD_VAR.into(),
+                self.pg.superuser_password().to_string(),
+            ),
+            (S3_KEY_VAR.into(), self.s3.access_key_id().to_string()),
+            (S3_SECRET_VAR.into(), self.s3.secret_access_key().to_string()),
+        ]
+    }
+
+    /// A `pgferry` command set up with this environment's variables, for tests that need
+    /// to drive the process themselves (signals, reading output as it comes).
+    pub fn command(&self, config: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
+        cmd.arg("--config")
+            .arg(config)
+            .args(args)
+            .envs(self.env_vars())
+            .env("PGFERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+pub fn source_toml(pg: &PgCluster, name: &str) -> String {
+    format!(
+        "[[source]]\nname = \"{name}\"\nurl = \"postgres://{}:${{{PG_PASSWORD_VAR}}}@127.0.0.1:{}/postgres\"\n",
+        PgCluster::SUPERUSER,
+        pg.port()
+    )
+}
+
+/// Key prefix of every S3 target the tests configure.
+pub const S3_PREFIX: &str = "backups";
+
+pub async fn s3_target(s3: &Garage, name: &str) -> (String, Arc<dyn ObjectStore>) {
+    let bucket = s3
+        .unique_bucket(&format!("pgferry-{name}"))
+        .await
+        .expect("create bucket");
+    let toml = format!(
+        "[[target]]\nname = \"{name}\"\nurl = \"s3://{bucket}/backups\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"${{{S3_KEY_VAR}}}\"\nsecret_access_key = \"${{{S3_SECRET_VAR}}}\"\n",
+        s3.endpoint(),
+        s3.region()
+    );
+    (toml, s3_store(s3, &bucket))
+}
+
+/// A client for one bucket of `s3`, rooted at [`S3_PREFIX`].
+pub fn s3_store(s3: &Garage, bucket: &str) -> Arc<dyn ObjectStore> {
+    let store = AmazonS3Builder::new()
+        .with_endpoint(s3.endpoint())
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_region(s3.region())
+        .with_bucket_name(bucket)
+        .with_access_key_id(s3.access_key_id())
+        .with_secret_access_key(s3.secret_access_key())
+        .build()
+        .expect("S3 client");
+    Arc::new(PrefixStore::new(store, S3_PREFIX))
+}
+
+/// A client for a file target's directory.
+pub fn file_store(dir: &Path) -> Arc<dyn ObjectStore> {
+    std::fs::create_dir_all(dir).expect("create target dir");
+    Arc::new(LocalFileSystem::new_with_prefix(dir).expect("file store"))
+}
+
+/// Every key in a store, sorted.
+pub async fn keys(store: &Arc<dyn ObjectStore>) -> Vec<String> {
+    let mut keys: Vec<String> = store
+        .list(None)
+        .map(|m| m.expect("list").location.to_string())
+        .collect()
+        .await;
+    keys.sort();
+    keys
+}
+
+/// One object's bytes.
+pub async fn get(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
+    store
+        .get(&object_store::path::Path::from(key))
+        .await
+        .unwrap_or_else(|e| panic!("get {key}: {e}"))
+        .bytes()
+        .await
+        .expect("read object")
+}
+
+/// Runs the binary to completion (at most 10 minutes).
+pub async fn pgferry_with_env(config: &Path, args: &[&str], env: &[(String, String)]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), out)
+        .await
+        .expect("pgferry ran for more than 10 minutes")
+        .expect("run pgferry");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[track_caller]
+pub fn assert_no_secret(output: &str, secrets: &[String]) {
+    for s in secrets {
+        assert!(
+            s.len() < 6 || !output.contains(s.as_str()),
+            "a secret appeared in pgferry's output:\n{output}"
+        );
+    }
+}
