@@ -3,4 +3,6 @@
 
 mod backup;
 mod cli;
+mod daemon;
+mod retention;
 mod support;
