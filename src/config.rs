@@ -451,7 +451,7 @@ pub fn redact_url(raw: &str) -> String {
             if pairs.iter().any(|(k, _)| k == "password") {
                 redact_query(&mut url, &pairs);
             }
-            return url.to_string();
+            return url.to_string().replacen("%3Credacted%3E", "<redacted>", 1);
         }
         let pairs: Vec<(String, String)> = url
             .query_pairs()

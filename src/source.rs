@@ -22,12 +22,12 @@ pub const PG_LIB_DIR: &str = "/usr/lib/postgresql";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", pg_message(source))]
     Connect {
         url: String,
         source: tokio_postgres::Error,
     },
-    #[error("query on {url} failed: {source}")]
+    #[error("query on {url} failed: {}", pg_message(source))]
     Query {
         url: String,
         source: tokio_postgres::Error,
@@ -69,6 +69,26 @@ impl SourceError {
             _ => false,
         }
     }
+}
+
+/// The useful text of a tokio-postgres error: the server's message for database errors
+/// (tokio-postgres displays only "db error"), else the error with its causes.
+pub fn pg_message(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// A PostgreSQL server version.

@@ -72,7 +72,7 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
     env.pg.execute("shop", TRICKY_SQL).await.unwrap();
     let (s3a, store_a) = env.s3_target("s3a").await;
     let s3b_garage = Garage::start().await.expect("second Garage");
-    let (s3b, store_b) = env::s3_target(&s3b_garage, "s3b").await;
+    let (s3b, store_b) = env.s3_target_on(&s3b_garage, "s3b").await;
     let (file, file_dir) = env.file_target_toml("local");
     let config = env.write_config(&format!(
         "{}databases = [\"shop\"]\n{s3a}{s3b}{file}",
@@ -122,14 +122,19 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
     assert_eq!(source, restored);
 
     // The manifest's table statistics match count(*) in the source.
-    let manifest = manifest_of(&get(&stores[0], &format!("prod/shop/{}.manifest.json", ids[0])).await);
+    let manifest =
+        manifest_of(&get(&stores[0], &format!("prod/shop/{}.manifest.json", ids[0])).await);
     let stats: BTreeMap<String, u64> = manifest["tables"]
         .as_array()
         .expect("tables in manifest")
         .iter()
         .map(|t| {
             (
-                format!("{}.{}", t["schema"].as_str().unwrap(), t["name"].as_str().unwrap()),
+                format!(
+                    "{}.{}",
+                    t["schema"].as_str().unwrap(),
+                    t["name"].as_str().unwrap()
+                ),
                 t["rows"].as_u64().unwrap(),
             )
         })
@@ -149,10 +154,17 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
     let listed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     let snaps = listed["snapshots"].as_array().unwrap();
     assert_eq!(snaps.len(), 1, "{listed}");
-    assert_eq!(snaps[0]["targets"], serde_json::json!(["s3a", "s3b", "local"]));
+    assert_eq!(
+        snaps[0]["targets"],
+        serde_json::json!(["s3a", "s3b", "local"])
+    );
     let run = env.pgferry(&config, &["list"]).await;
     run.assert_code(0);
-    assert!(run.stdout.contains(&ids[0]) && run.stdout.contains("shop"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(&ids[0]) && run.stdout.contains("shop"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,12 +172,15 @@ async fn a_stopped_s3_server_is_dropped_and_min_targets_is_enforced() {
     let env = TestEnv::start().await;
     env.pg.create_database("acme").await.unwrap();
     env.pg
-        .execute("acme", "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;")
+        .execute(
+            "acme",
+            "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
+        )
         .await
         .unwrap();
     let (alive, alive_store) = env.s3_target("alive").await;
     let mut dead_garage = Garage::start().await.expect("second Garage");
-    let (dead, dead_store) = env::s3_target(&dead_garage, "dead").await;
+    let (dead, dead_store) = env.s3_target_on(&dead_garage, "dead").await;
     let (file, file_dir) = env.file_target_toml("local");
     dead_garage.stop().await.unwrap();
     let base = format!(
@@ -211,7 +226,7 @@ async fn an_s3_server_killed_during_the_upload_is_dropped() {
         .unwrap();
     let (alive, alive_store) = env.s3_target("alive").await;
     let mut doomed = Garage::start().await.expect("second Garage");
-    let (dying, _) = env::s3_target(&doomed, "dying").await;
+    let (dying, _) = env.s3_target_on(&doomed, "dying").await;
     let config = env.write_config(&format!(
         "{}databases = [\"big\"]\n{alive}{dying}",
         env.source_toml("prod")
@@ -263,8 +278,16 @@ async fn a_wrong_password_commits_nothing_and_says_why() {
     ));
     let run = env.pgferry(&config, &["backup"]).await;
     run.assert_code(1);
-    assert!(run.output().contains("password authentication failed"), "{}", run.output());
-    assert!(!run.output().contains("wrong-password-123"), "{}", run.output());
+    assert!(
+        run.output().contains("password authentication failed"),
+        "{}",
+        run.output()
+    );
+    assert!(
+        !run.output().contains("wrong-password-123"),
+        "{}",
+        run.output()
+    );
     assert_eq!(keys(&file_store(&dir)).await, Vec::<String>::new());
 }
 
@@ -335,10 +358,15 @@ async fn an_older_pg_dump_than_the_server_is_refused() {
         env.source_toml("prod"),
         bin.display()
     ));
-    let run = env.pgferry(&config, &["backup", "--database", "acme"]).await;
+    let run = env
+        .pgferry(&config, &["backup", "--database", "acme"])
+        .await;
     run.assert_code(1);
     let out = run.output();
-    assert!(out.contains("12.22") && out.contains("older than the server"), "{out}");
+    assert!(
+        out.contains("12.22") && out.contains("older than the server"),
+        "{out}"
+    );
     assert!(!out.contains("should not run"), "{out}");
     assert_eq!(keys(&file_store(&dir)).await, Vec::<String>::new());
 }

@@ -27,7 +27,10 @@ async fn run(body: &str, args: &[&str]) -> Run {
     std::fs::write(&path, body).unwrap();
     let env = vec![
         ("PGFERRY_CLI_TEST_PW".to_string(), SECRETS[0].to_string()),
-        ("PGFERRY_CLI_TEST_SECRET".to_string(), SECRETS[1].to_string()),
+        (
+            "PGFERRY_CLI_TEST_SECRET".to_string(),
+            SECRETS[1].to_string(),
+        ),
     ];
     let run = pgferry_with_env(&path, args, &env).await;
     assert_no_secret(
@@ -46,8 +49,16 @@ async fn config_check_prints_the_effective_config_redacted() {
     let r = run(GOOD, &["config", "check"]).await;
     r.assert_code(0);
     assert!(r.stdout.contains("<redacted>"), "{}", r.stdout);
-    assert!(r.stdout.contains("max_concurrent_backups = 2"), "{}", r.stdout);
-    assert!(r.stdout.contains("schedule = \"0 * * * *\""), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("max_concurrent_backups = 2"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("schedule = \"0 * * * *\""),
+        "{}",
+        r.stdout
+    );
     assert!(!r.stdout.contains("GK0123456789abcdef"), "{}", r.stdout);
 }
 
@@ -57,19 +68,32 @@ async fn config_errors_exit_2_naming_key_and_line() {
     let r = run(&unknown, &["config", "check"]).await;
     r.assert_code(2);
     assert!(r.stderr.contains("buckett"), "{}", r.stderr);
-    assert!(r.stderr.contains(&format!(":{}:", line_of(&unknown, "buckett"))), "{}", r.stderr);
-
-    let missing_var = GOOD.replace("${PGFERRY_CLI_TEST_SECRET}", "${PGFERRY_NOT_SET_ANYWHERE}");
-    let r = run(&missing_var, &["backup"]).await;
-    r.assert_code(2);
-    assert!(r.stderr.contains("PGFERRY_NOT_SET_ANYWHERE"), "{}", r.stderr);
     assert!(
-        r.stderr.contains(&format!(":{}:", line_of(&missing_var, "PGFERRY_NOT_SET"))),
+        r.stderr
+            .contains(&format!(":{}:", line_of(&unknown, "buckett"))),
         "{}",
         r.stderr
     );
 
-    let bad_cron = GOOD.replace("name = \"prod\"", "name = \"prod\"\nschedule = \"0 25 * * *\"");
+    let missing_var = GOOD.replace("${PGFERRY_CLI_TEST_SECRET}", "${PGFERRY_NOT_SET_ANYWHERE}");
+    let r = run(&missing_var, &["backup"]).await;
+    r.assert_code(2);
+    assert!(
+        r.stderr.contains("PGFERRY_NOT_SET_ANYWHERE"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains(&format!(":{}:", line_of(&missing_var, "PGFERRY_NOT_SET"))),
+        "{}",
+        r.stderr
+    );
+
+    let bad_cron = GOOD.replace(
+        "name = \"prod\"",
+        "name = \"prod\"\nschedule = \"0 25 * * *\"",
+    );
     let r = run(&bad_cron, &["list"]).await;
     r.assert_code(2);
     assert!(r.stderr.contains("source[0].schedule"), "{}", r.stderr);
@@ -78,7 +102,11 @@ async fn config_errors_exit_2_naming_key_and_line() {
     let duplicate = format!("{GOOD}\n[[target]]\nname = \"s3\"\nurl = \"file:///tmp/x\"\n");
     let r = run(&duplicate, &["config", "check"]).await;
     r.assert_code(2);
-    assert!(r.stderr.contains("duplicate target name \"s3\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("duplicate target name \"s3\""),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("target[1].name"), "{}", r.stderr);
 }
 
@@ -88,7 +116,11 @@ async fn usage_errors_exit_2() {
     r.assert_code(2);
     let r = run(GOOD, &["list", "--target", "nope"]).await;
     r.assert_code(2);
-    assert!(r.stderr.contains("no target named \"nope\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no target named \"nope\""),
+        "{}",
+        r.stderr
+    );
     let r = run(GOOD, &["backup", "--source", "nope"]).await;
     r.assert_code(2);
     assert!(r.stderr.contains("configured: prod"), "{}", r.stderr);

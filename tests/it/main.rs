@@ -4,5 +4,6 @@
 mod backup;
 mod cli;
 mod daemon;
+mod deploy;
 mod retention;
 mod support;

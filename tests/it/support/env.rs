@@ -30,6 +30,8 @@ pub struct TestEnv {
     pub pg: PgCluster,
     pub s3: Garage,
     pub dir: tempfile::TempDir,
+    /// Credentials of further Garage servers a test configured targets on.
+    extra_vars: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// What one pgferry run printed and how it ended.
@@ -64,15 +66,25 @@ impl TestEnv {
             pg,
             s3,
             dir: tempfile::tempdir().expect("temp dir"),
+            extra_vars: Default::default(),
         }
     }
 
     /// Every secret of this environment: none may appear in any output.
     pub fn secrets(&self) -> Vec<String> {
-        vec![
+        let mut secrets = vec![
             self.pg.superuser_password().to_string(),
             self.s3.secret_access_key().to_string(),
-        ]
+        ];
+        secrets.extend(
+            self.extra_vars
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(S3_SECRET_VAR))
+                .map(|(_, v)| v.clone()),
+        );
+        secrets
     }
 
     /// A `[[source]]` for this cluster, password from the environment.
@@ -83,21 +95,44 @@ impl TestEnv {
     /// A `[[target]]` on a fresh bucket of this environment's Garage, and a client for
     /// that bucket rooted at the target's prefix.
     pub async fn s3_target(&self, name: &str) -> (String, Arc<dyn ObjectStore>) {
-        s3_target(&self.s3, name).await
+        s3_target(&self.s3, name, "").await
+    }
+
+    /// Like [`s3_target`](Self::s3_target), on another Garage server; its credentials are
+    /// added to this environment's variables and secrets.
+    pub async fn s3_target_on(&self, s3: &Garage, name: &str) -> (String, Arc<dyn ObjectStore>) {
+        let suffix = format!("_{}", s3.access_key_id());
+        self.extra_vars.lock().unwrap().extend([
+            (
+                format!("{S3_KEY_VAR}{suffix}"),
+                s3.access_key_id().to_string(),
+            ),
+            (
+                format!("{S3_SECRET_VAR}{suffix}"),
+                s3.secret_access_key().to_string(),
+            ),
+        ]);
+        s3_target(s3, name, &suffix).await
     }
 
     /// A `[[target]]` in a fresh directory; returns the TOML and the directory.
     pub fn file_target_toml(&self, name: &str) -> (String, PathBuf) {
         let dir = self.dir.path().join(format!("target-{name}"));
         (
-            format!("[[target]]\nname = \"{name}\"\nurl = \"file://{}\"\n", dir.display()),
+            format!(
+                "[[target]]\nname = \"{name}\"\nurl = \"file://{}\"\n",
+                dir.display()
+            ),
             dir,
         )
     }
 
     /// Writes a config file and returns its path.
     pub fn write_config(&self, body: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("pgferry-{}.toml", super::unique_name("cfg")));
+        let path = self
+            .dir
+            .path()
+            .join(format!("pgferry-{}.toml", super::unique_name("cfg")));
         std::fs::write(&path, body).expect("write config");
         path
     }
@@ -117,8 +152,14 @@ impl TestEnv {
                 self.pg.superuser_password().to_string(),
             ),
             (S3_KEY_VAR.into(), self.s3.access_key_id().to_string()),
-            (S3_SECRET_VAR.into(), self.s3.secret_access_key().to_string()),
+            (
+                S3_SECRET_VAR.into(),
+                self.s3.secret_access_key().to_string(),
+            ),
         ]
+        .into_iter()
+        .chain(self.extra_vars.lock().unwrap().iter().cloned())
+        .collect()
     }
 
     /// A `pgferry` command set up with this environment's variables, for tests that need
@@ -149,13 +190,19 @@ pub fn source_toml(pg: &PgCluster, name: &str) -> String {
 /// Key prefix of every S3 target the tests configure.
 pub const S3_PREFIX: &str = "backups";
 
-pub async fn s3_target(s3: &Garage, name: &str) -> (String, Arc<dyn ObjectStore>) {
+/// A `[[target]]` on a fresh bucket of `s3` whose credentials come from the variables
+/// `S3_KEY_VAR + var_suffix` and `S3_SECRET_VAR + var_suffix`.
+pub async fn s3_target(
+    s3: &Garage,
+    name: &str,
+    var_suffix: &str,
+) -> (String, Arc<dyn ObjectStore>) {
     let bucket = s3
         .unique_bucket(&format!("pgferry-{name}"))
         .await
         .expect("create bucket");
     let toml = format!(
-        "[[target]]\nname = \"{name}\"\nurl = \"s3://{bucket}/backups\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"${{{S3_KEY_VAR}}}\"\nsecret_access_key = \"${{{S3_SECRET_VAR}}}\"\n",
+        "[[target]]\nname = \"{name}\"\nurl = \"s3://{bucket}/backups\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"${{{S3_KEY_VAR}{var_suffix}}}\"\nsecret_access_key = \"${{{S3_SECRET_VAR}{var_suffix}}}\"\n",
         s3.endpoint(),
         s3.region()
     );
