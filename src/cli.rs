@@ -19,7 +19,11 @@ use crate::backup::{self, BackupReport};
 use crate::catalog::{self, Filter};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::pipeline::Progress;
+use crate::restore;
 use crate::source;
+
+/// How often a long backup or restore prints its progress on a terminal.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +58,8 @@ pub enum Command {
     Daemon,
     /// Apply retention on every target and print the plan.
     Prune(PruneArgs),
+    /// Load a snapshot into a configured staging target, verified, hooks applied, swapped in.
+    Restore(RestoreArgs),
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -94,6 +100,37 @@ pub struct PruneArgs {
     /// Only this database.
     #[arg(long)]
     pub database: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The source the snapshot was taken from.
+    #[arg(long)]
+    pub source: String,
+    /// The database the snapshot is of.
+    #[arg(long)]
+    pub database: String,
+    /// The namespace to restore into; must match a [[restore_target]].
+    #[arg(long = "to")]
+    pub to: String,
+    /// `latest` or a snapshot id (see `pgferry list`).
+    #[arg(long, conflicts_with = "at")]
+    pub snapshot: Option<String>,
+    /// The newest snapshot at or before this time: RFC 3339, or UTC "2026-11-27 09:00".
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Name of the restored database; default: the source database's name.
+    #[arg(long = "as")]
+    pub as_database: Option<String>,
+    /// Parallel pg_restore jobs; above 1 the archive is spooled to [restore] spool_dir first.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+    /// Keep the replaced database under a dated name instead of dropping it.
+    #[arg(long)]
+    pub keep_old: bool,
+    /// Print a JSON summary instead of the summary line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +177,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::List(args) => {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
             list_cmd(&app, args).await
+        }
+        Command::Restore(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            restore_cmd(&app, args).await
         }
         Command::Daemon => {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -197,6 +238,138 @@ async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {
             report.errors.len()
         )))
     }
+}
+
+async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliError> {
+    let snapshot =
+        restore::choose::SnapshotChoice::from_flags(args.snapshot.as_deref(), args.at.as_deref())
+            .map_err(CliError::Usage)?;
+    let req = restore::RestoreRequest {
+        source: args.source,
+        database: args.database,
+        namespace: args.to,
+        snapshot,
+        as_database: args.as_database,
+        jobs: args.jobs,
+        keep_old: args.keep_old,
+    };
+    let cancel = CancellationToken::new();
+    spawn_signal_cancel(cancel.clone());
+    let progress = Arc::new(restore::load::LoadProgress::default());
+    let ticker = spawn_restore_progress(
+        format!("{}/{} → {}", req.source, req.database, req.namespace),
+        progress.clone(),
+    );
+    let r = restore::restore(app, &req, progress, cancel).await;
+    ticker.cancel();
+    match r {
+        Ok(report) => {
+            if args.json {
+                let out = serde_json::json!({"result": "success", "restore": report});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
+                );
+            } else {
+                println!("{}", restore_line(&report));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                let out = serde_json::json!({"result": if e.is_cancelled() { "cancelled" } else { "failure" }, "error": e.to_string()});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
+                );
+            }
+            if e.is_usage() {
+                Err(CliError::Usage(e.to_string()))
+            } else {
+                Err(CliError::Failed(e.to_string()))
+            }
+        }
+    }
+}
+
+/// One line: snapshot, target used, sizes, duration, tables; and the copies that failed.
+fn restore_line(r: &restore::RestoreReport) -> String {
+    let mut line = format!(
+        "{}/{} {} restored into {} ({}) from target {}: stored {} raw {} tables {} in {:.1}s",
+        r.source,
+        r.database,
+        r.snapshot_id,
+        r.destination,
+        r.namespace,
+        r.target,
+        human_bytes(r.stored_bytes),
+        human_bytes(r.raw_bytes),
+        r.tables,
+        r.duration.as_secs_f64()
+    );
+    if let Some(k) = &r.kept_old {
+        line.push_str(&format!("; previous database kept as {k}"));
+    }
+    if !r.failed_targets.is_empty() {
+        line.push_str(&format!(
+            " (failed first: {})",
+            r.failed_targets
+                .iter()
+                .map(|f| format!("{}: {}", f.target, f.error))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    line
+}
+
+/// Cancels `token` on SIGINT or SIGTERM (a Kubernetes Job being deleted).
+fn spawn_signal_cancel(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term => {},
+        }
+        eprintln!("interrupted: cancelling; the destination stays untouched");
+        token.cancel();
+    });
+}
+
+/// Bytes read and their rate, every few seconds on a TTY.
+fn spawn_restore_progress(
+    label: String,
+    progress: Arc<restore::load::LoadProgress>,
+) -> CancellationToken {
+    let token = CancellationToken::new();
+    if !std::io::stderr().is_terminal() {
+        return token;
+    }
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
+                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                    let rate = stored as f64 / start.elapsed().as_secs_f64().max(0.001);
+                    eprintln!("{label}: {} read, {} restored, {}/s", human_bytes(stored), human_bytes(raw), human_bytes(rate as u64));
+                }
+            }
+        }
+    });
+    token
 }
 
 async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {

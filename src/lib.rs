@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod pipeline;
 pub mod prune;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod source;

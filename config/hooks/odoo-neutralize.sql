@@ -14,8 +14,12 @@ BEGIN
         UPDATE ir_cron SET active = false;
     END IF;
     IF to_regclass('public.ir_config_parameter') IS NOT NULL THEN
-        DELETE FROM ir_config_parameter WHERE key IN ('database.enterprise_code', 'pgferry.neutralized');
-        INSERT INTO ir_config_parameter (key, value) VALUES ('pgferry.neutralized', now()::text);
+        -- No enterprise code (the copy must not register as production) and the markers
+        -- Odoo 16+ (`database.is_neutralized`) and operators (`pgferry.neutralized`) look for.
+        DELETE FROM ir_config_parameter
+         WHERE key IN ('database.enterprise_code', 'database.is_neutralized', 'pgferry.neutralized');
+        INSERT INTO ir_config_parameter (key, value)
+        VALUES ('database.is_neutralized', 'True'), ('pgferry.neutralized', now()::text);
     END IF;
 END
 $$;

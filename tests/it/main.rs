@@ -6,4 +6,5 @@ mod cli;
 mod daemon;
 mod deploy;
 mod retention;
+mod restore;
 mod support;

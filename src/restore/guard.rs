@@ -1,0 +1,439 @@
+//! The destination guard and the names restore gives to databases.
+//!
+//! Owns the rule that restore can never write to production: `--to` must match a
+//! `[[restore_target]]`, and a destination on the same server as a configured `[[source]]`
+//! is refused when that source selects (backs up) the destination database's name. "Same
+//! server" compares resolved addresses (so `localhost` equals `127.0.0.1`) and ports (5432
+//! when omitted). A destination on a source's server whose name the source does not back up
+//! is allowed: that database is not production as far as pgferry knows it.
+//!
+//! Also owns identifier quoting and the temporary / set-aside database names (≤ 63 bytes,
+//! recognizable by their prefix so a later run can clean them). It connects to nothing.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::config::Host;
+
+use crate::config::{Config, PgUrl, RestoreTargetConfig, SourceConfig};
+
+/// PostgreSQL's default port, used when a URL names none.
+const DEFAULT_PORT: u16 = 5432;
+
+/// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes; longer names would silently
+/// collide, so every name we build fits.
+pub const MAX_IDENT_BYTES: usize = 63;
+
+/// Prefix of temporary databases: `pgferry_tmp_<dest hash>_<snapshot id>`.
+pub const TMP_PREFIX: &str = "pgferry_tmp_";
+
+/// Prefix of an old destination set aside during the swap, dropped right after.
+pub const OLD_PREFIX: &str = "pgferry_old_";
+
+/// Hex digits of the destination-name hash in generated names: enough to keep destinations
+/// apart on one server, short enough to leave room for the snapshot id.
+const HASH_HEX: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("--to {namespace:?} matches no [[restore_target]]; configured namespaces: {configured}. Restore only writes to configured staging targets")]
+    UnknownNamespace {
+        namespace: String,
+        configured: String,
+    },
+    #[error(
+        "restore target {pattern:?} gives an invalid URL for namespace {namespace:?}: {reason}"
+    )]
+    BadUrl {
+        pattern: String,
+        namespace: String,
+        reason: String,
+    },
+    #[error("refusing to restore into {database:?} on {host}:{port}: that server is source {source_name:?}, which backs up a database of that name. Restore never writes to production; point the [[restore_target]] at a staging server")]
+    IsProduction {
+        source_name: String,
+        host: String,
+        port: u16,
+        database: String,
+    },
+    #[error("cannot resolve host {host:?} of {what}: {source}")]
+    Resolve {
+        what: String,
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("database name {name:?} is not usable: {reason}")]
+    BadName { name: String, reason: String },
+}
+
+/// Where a restore writes: a configured target, its server, and the database name.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub namespace: String,
+    pub target: RestoreTargetConfig,
+    /// Connects to the maintenance database of the destination server.
+    pub url: PgUrl,
+    /// The database that ends up holding the snapshot.
+    pub database: String,
+}
+
+/// Resolves `--to` and `--as` into a [`Destination`] (no network access).
+pub fn resolve(
+    config: &Config,
+    namespace: &str,
+    database: &str,
+) -> Result<Destination, GuardError> {
+    let target = config
+        .restore_targets
+        .iter()
+        .find(|r| r.namespace == namespace)
+        .or_else(|| {
+            config
+                .restore_targets
+                .iter()
+                .find(|r| r.namespace_glob.matches(namespace))
+        })
+        .ok_or_else(|| GuardError::UnknownNamespace {
+            namespace: namespace.into(),
+            configured: if config.restore_targets.is_empty() {
+                "(none)".into()
+            } else {
+                config
+                    .restore_targets
+                    .iter()
+                    .map(|r| r.namespace.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })?;
+    let url = target
+        .url_for(namespace)
+        .map_err(|reason| GuardError::BadUrl {
+            pattern: target.namespace.clone(),
+            namespace: namespace.into(),
+            reason,
+        })?;
+    check_name(database)?;
+    Ok(Destination {
+        namespace: namespace.into(),
+        target: target.clone(),
+        url,
+        database: database.into(),
+    })
+}
+
+/// Refuses names PostgreSQL would truncate or reject, and our own reserved prefixes.
+fn check_name(name: &str) -> Result<(), GuardError> {
+    let bad = |reason: &str| {
+        Err(GuardError::BadName {
+            name: name.into(),
+            reason: reason.into(),
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_IDENT_BYTES {
+        return bad("longer than 63 bytes");
+    }
+    if name.contains('\0') {
+        return bad("contains a NUL byte");
+    }
+    if name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX) {
+        return bad("pgferry_tmp_ and pgferry_old_ are reserved for restore's own databases");
+    }
+    Ok(())
+}
+
+/// A server endpoint: the addresses a host resolves to (or a socket directory) and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub addrs: HashSet<IpAddr>,
+    /// Unix socket directory, when the URL names one.
+    pub socket_dir: Option<String>,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Whether two endpoints reach the same server (a shared address, or the same socket).
+    pub fn same_server(&self, other: &Endpoint) -> bool {
+        if self.port != other.port {
+            return false;
+        }
+        match (&self.socket_dir, &other.socket_dir) {
+            (Some(a), Some(b)) => a.trim_end_matches('/') == b.trim_end_matches('/'),
+            // A local socket and a loopback address are the same server when the ports agree.
+            (Some(_), None) => other.addrs.iter().any(IpAddr::is_loopback),
+            (None, Some(_)) => self.addrs.iter().any(IpAddr::is_loopback),
+            (None, None) => !self.addrs.is_disjoint(&other.addrs),
+        }
+    }
+}
+
+/// Resolves the first host of `url` (names through DNS, as libpq would).
+pub async fn endpoint(url: &PgUrl, what: &str) -> Result<Endpoint, GuardError> {
+    let cfg = &url.parsed;
+    let port = cfg.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
+    let Some(host) = cfg.get_hosts().first() else {
+        return Ok(Endpoint {
+            host: "localhost".into(),
+            addrs: HashSet::new(),
+            socket_dir: Some("/var/run/postgresql".into()),
+            port,
+        });
+    };
+    match host {
+        Host::Unix(p) => Ok(Endpoint {
+            host: p.display().to_string(),
+            addrs: HashSet::new(),
+            socket_dir: Some(p.display().to_string()),
+            port,
+        }),
+        Host::Tcp(h) => {
+            let bare = h.trim_start_matches('[').trim_end_matches(']');
+            let addrs: HashSet<IpAddr> = match bare.parse::<IpAddr>() {
+                Ok(ip) => [ip].into(),
+                Err(_) => tokio::net::lookup_host((bare, port))
+                    .await
+                    .map_err(|source| GuardError::Resolve {
+                        what: what.into(),
+                        host: h.clone(),
+                        source,
+                    })?
+                    .map(|a| a.ip())
+                    .collect(),
+            };
+            Ok(Endpoint {
+                host: h.clone(),
+                addrs,
+                socket_dir: None,
+                port,
+            })
+        }
+    }
+}
+
+/// The pure part of the guard: refuses `dest` when a source with the same server selects
+/// the destination database. `sources` pairs each source with its resolved endpoint.
+pub fn check_not_production(
+    dest: &Endpoint,
+    database: &str,
+    sources: &[(&SourceConfig, Endpoint)],
+) -> Result<(), GuardError> {
+    for (source, ep) in sources {
+        let source_own_db = source.url.parsed.get_dbname().unwrap_or("postgres");
+        if dest.same_server(ep) && (source.selects(database) || database == source_own_db) {
+            return Err(GuardError::IsProduction {
+                source_name: source.name.clone(),
+                host: dest.host.clone(),
+                port: dest.port,
+                database: database.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Resolves every source and the destination, then applies [`check_not_production`].
+pub async fn check_destination(config: &Config, dest: &Destination) -> Result<(), GuardError> {
+    let dest_ep = endpoint(&dest.url, &format!("restore target {:?}", dest.namespace)).await?;
+    let mut sources = Vec::new();
+    for s in &config.sources {
+        sources.push((s, endpoint(&s.url, &format!("source {:?}", s.name)).await?));
+    }
+    check_not_production(&dest_ep, &dest.database, &sources)
+}
+
+/// `"name"` with embedded quotes doubled: safe for any name, spaces and non-ASCII included.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A SQL string literal; backslashes are escaped with the `E''` form so the result means
+/// the same whatever `standard_conforming_strings` says.
+pub fn quote_literal(text: &str) -> String {
+    let doubled = text.replace('\'', "''");
+    if doubled.contains('\\') {
+        format!("E'{}'", doubled.replace('\\', "\\\\"))
+    } else {
+        format!("'{doubled}'")
+    }
+}
+
+/// Short hex hash of a destination name: names never carry the destination's own bytes.
+pub fn dest_hash(database: &str) -> String {
+    let digest = Sha256::digest(database.as_bytes());
+    hex::encode(digest)[..HASH_HEX].to_string()
+}
+
+/// The temporary database a restore of `snapshot_id` into `database` loads into.
+pub fn tmp_name(database: &str, snapshot_id: &str) -> String {
+    let id: String = snapshot_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    truncate(format!("{TMP_PREFIX}{}_{id}", dest_hash(database)))
+}
+
+/// The `LIKE` pattern matching every temporary database of `database`.
+pub fn tmp_like(database: &str) -> String {
+    format!(
+        "{}\\_%",
+        like_escape(&format!("{TMP_PREFIX}{}", dest_hash(database)))
+    )
+}
+
+/// The `LIKE` pattern matching every set-aside old copy of `database`.
+pub fn old_like(database: &str) -> String {
+    format!(
+        "{}\\_%",
+        like_escape(&format!("{OLD_PREFIX}{}", dest_hash(database)))
+    )
+}
+
+/// The name the old destination gets during the swap (dropped right after).
+pub fn old_name(database: &str, stamp: &str) -> String {
+    truncate(format!("{OLD_PREFIX}{}_{stamp}", dest_hash(database)))
+}
+
+/// The dated name `--keep-old` keeps the previous destination under: `<name>_pre_<stamp>`,
+/// the name shortened (on a character boundary) so the whole fits in 63 bytes.
+pub fn kept_name(database: &str, stamp: &str) -> String {
+    let suffix = format!("_pre_{stamp}");
+    let room = MAX_IDENT_BYTES.saturating_sub(suffix.len());
+    let mut head = String::new();
+    for c in database.chars() {
+        if head.len() + c.len_utf8() > room {
+            break;
+        }
+        head.push(c);
+    }
+    format!("{head}{suffix}")
+}
+
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+fn truncate(mut s: String) -> String {
+    // Generated names are ASCII, so any byte index is a character boundary.
+    s.truncate(MAX_IDENT_BYTES);
+    s
+}
+
+/// The advisory-lock key of a destination (with a fixed class id, see `swap`).
+pub fn lock_key(database: &str) -> i32 {
+    let d = Sha256::digest(database.as_bytes());
+    i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(host: &str, ips: &[&str], port: u16) -> Endpoint {
+        Endpoint {
+            host: host.into(),
+            addrs: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            socket_dir: None,
+            port,
+        }
+    }
+
+    fn source(url: &str, dbs: &[&str], exclude: &[&str]) -> SourceConfig {
+        let toml = format!(
+            "[[source]]\nname = \"prod\"\nurl = \"{url}\"\ndatabases = {dbs:?}\nexclude = {exclude:?}\n[[target]]\nname = \"t\"\nurl = \"file:///tmp/pgferry-guard-test\"\n"
+        );
+        let c = Config::from_str_at(&toml, std::path::Path::new("/tmp/x.toml")).unwrap();
+        c.sources[0].clone()
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("acme"), "\"acme\"");
+        assert_eq!(quote_ident("a \"b\" é"), "\"a \"\"b\"\" é\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b'"), "E'a\\\\b'''");
+    }
+
+    #[test]
+    fn names_fit_and_are_recognizable() {
+        let long = "é".repeat(40); // 80 bytes
+        let tmp = tmp_name(&long, "20261127T090000Z");
+        assert!(tmp.len() <= MAX_IDENT_BYTES);
+        assert!(tmp.starts_with(TMP_PREFIX));
+        assert_eq!(tmp, tmp_name(&long, "20261127T090000Z"));
+        assert_ne!(tmp_name("a", "x"), tmp_name("b", "x"));
+        assert!(tmp.ends_with("_20261127t090000z"), "{tmp}");
+        let kept = kept_name(&long, "20261127T093000Z");
+        assert!(kept.len() <= MAX_IDENT_BYTES, "{}", kept.len());
+        assert!(kept.ends_with("_pre_20261127T093000Z"));
+        assert!(kept.starts_with('é'));
+        assert_eq!(kept_name("acme", "S"), "acme_pre_S");
+        assert!(old_name("acme", "20261127T093000Z").starts_with(OLD_PREFIX));
+        // The LIKE pattern escapes the underscores of the prefix.
+        assert!(tmp_like("acme").starts_with("pgferry\\_tmp\\_"));
+        assert!(tmp_like("acme").ends_with("\\_%"));
+    }
+
+    #[test]
+    fn reserved_and_oversized_names_are_refused() {
+        assert!(check_name("acme").is_ok());
+        assert!(check_name("a b \"c\" é").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name(&"x".repeat(64)).is_err());
+        assert!(check_name("pgferry_tmp_x").is_err());
+    }
+
+    #[test]
+    fn same_server_rules() {
+        let a = ep("localhost", &["127.0.0.1", "::1"], 5432);
+        assert!(a.same_server(&ep("127.0.0.1", &["127.0.0.1"], 5432)));
+        assert!(!a.same_server(&ep("127.0.0.1", &["127.0.0.1"], 5433)));
+        assert!(!a.same_server(&ep("staging", &["10.0.0.7"], 5432)));
+        let sock = Endpoint {
+            host: "/run/postgresql".into(),
+            addrs: HashSet::new(),
+            socket_dir: Some("/run/postgresql/".into()),
+            port: 5432,
+        };
+        assert!(sock.same_server(&a));
+    }
+
+    #[test]
+    fn production_is_refused_only_for_databases_the_source_backs_up() {
+        let s = source(
+            "postgres://pgferry@127.0.0.1:5432/postgres",
+            &["*"],
+            &["staging_*", "template*"],
+        );
+        let prod = ep("127.0.0.1", &["127.0.0.1"], 5432);
+        let srcs = vec![(&s, prod.clone())];
+        let dest = ep("localhost", &["127.0.0.1", "::1"], 5432);
+        let err = check_not_production(&dest, "acme", &srcs).unwrap_err();
+        assert!(matches!(err, GuardError::IsProduction { .. }));
+        assert!(err.to_string().contains("never writes to production"));
+        // The source's own maintenance database is production too.
+        assert!(check_not_production(&dest, "postgres", &srcs).is_err());
+        // Excluded by the source: not production.
+        assert!(check_not_production(&dest, "staging_acme", &srcs).is_ok());
+        // Another server: fine whatever the name.
+        let other = ep("staging", &["10.1.2.3"], 5432);
+        assert!(check_not_production(&other, "acme", &srcs).is_ok());
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_to_loopback() {
+        let url = PgUrl::parse("postgres://u@localhost/postgres").unwrap();
+        let e = endpoint(&url, "test").await.unwrap();
+        assert_eq!(e.port, DEFAULT_PORT);
+        assert!(e.addrs.iter().any(IpAddr::is_loopback), "{e:?}");
+        let ip = PgUrl::parse("postgres://u@127.0.0.1:5432/postgres").unwrap();
+        assert!(e.same_server(&endpoint(&ip, "test").await.unwrap()));
+    }
+}

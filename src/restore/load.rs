@@ -1,0 +1,503 @@
+//! Loading one copy of a snapshot into the temporary database: download, sha256, zstd -d,
+//! pg_restore — streamed, or through a spool file for `pg_restore -j N`.
+//!
+//! One attempt reads one target's object. Success needs all three: the stored bytes' sha256
+//! equals the manifest's, their count equals `stored_size`, and pg_restore exited 0. The
+//! object is always read to its end (also after pg_restore gave up) so a corrupt copy is
+//! told apart from a destination problem: only the former is worth trying another target.
+//! Memory stays bounded by [`COPY_BUFFER_BYTES`] plus object_store's chunks. This module
+//! never creates or drops databases (see `swap`); the caller drops the temporary database
+//! after a failed attempt.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_compression::tokio::bufread::ZstdDecoder;
+use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PgUrl;
+use crate::manifest::Manifest;
+use crate::source::{self, PgTool};
+use crate::target::{Target, DUMP_SUFFIX};
+
+/// Decompressed bytes moved per read/write: large enough for few syscalls, small enough
+/// that memory never depends on the database size.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Free space required on the spool filesystem beyond the archive itself, so a spool never
+/// fills a disk to the last byte.
+const SPOOL_HEADROOM_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Bytes counted while a restore runs, for the progress line.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    /// Stored (compressed) bytes read from the target.
+    pub stored_bytes: AtomicU64,
+    /// Decompressed bytes handed to pg_restore or the spool.
+    pub raw_bytes: AtomicU64,
+}
+
+/// Why one attempt failed. [`LoadError::is_bad_copy`] says whether another target may do better.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {key}: {source}")]
+    Download {
+        key: String,
+        source: object_store::Error,
+    },
+    #[error("checksum mismatch: the object's sha256 is {actual}, the manifest says {expected}; this copy is corrupt")]
+    Checksum { expected: String, actual: String },
+    #[error("the object is {actual} bytes, the manifest says {expected}; this copy is truncated or altered")]
+    Size { expected: u64, actual: u64 },
+    #[error("cannot decompress the object ({source}); this copy is corrupt")]
+    Decompress { source: std::io::Error },
+    #[error("pg_restore failed ({status}): {stderr}")]
+    PgRestore { status: String, stderr: String },
+    #[error(transparent)]
+    Tool(#[from] source::SourceError),
+    #[error("spool {path}: {source}")]
+    Spool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool directory {dir} has {available} bytes free, the archive needs {needed} (plus headroom); free space or set [restore] spool_dir")]
+    SpoolSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl LoadError {
+    /// A problem of this copy (or of reaching its target): the next target may have a good one.
+    pub fn is_bad_copy(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Download { .. }
+                | LoadError::Checksum { .. }
+                | LoadError::Size { .. }
+                | LoadError::Decompress { .. }
+        )
+    }
+
+    /// Whether the same attempt may succeed later (a target or the network was down).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LoadError::Download { .. })
+    }
+}
+
+/// What a finished attempt read.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+}
+
+/// Everything pg_restore needs to write into the temporary database.
+pub struct RestoreInto<'a> {
+    pub tool: &'a PgTool,
+    /// The destination server's URL (credentials travel through the environment).
+    pub url: &'a PgUrl,
+    pub tmp_database: &'a str,
+    pub owner: &'a str,
+}
+
+/// sha256 and byte count of the stored bytes, updated as the stream passes by.
+#[derive(Default)]
+struct Tap {
+    hasher: Sha256,
+    bytes: u64,
+}
+
+type ObjectReader = StreamReader<
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
+    bytes::Bytes,
+>;
+
+/// Opens the object and wraps it: stored bytes → tap → zstd decoder.
+async fn open(
+    target: &Target,
+    manifest: &Manifest,
+    tap: Arc<Mutex<Tap>>,
+    progress: Arc<LoadProgress>,
+) -> Result<ZstdDecoder<ObjectReader>, LoadError> {
+    let key = target.key(
+        &manifest.source,
+        &manifest.database,
+        &manifest.snapshot_id,
+        DUMP_SUFFIX,
+    );
+    let got = target
+        .store
+        .get(&key)
+        .await
+        .map_err(|source| LoadError::Download {
+            key: key.to_string(),
+            source,
+        })?;
+    let stream = got
+        .into_stream()
+        .map_err(std::io::Error::other)
+        .inspect_ok(move |chunk| {
+            let mut t = tap.lock().unwrap_or_else(|p| p.into_inner());
+            t.hasher.update(chunk);
+            t.bytes += chunk.len() as u64;
+            progress
+                .stored_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
+    let boxed: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = Box::pin(stream);
+    let mut decoder = ZstdDecoder::new(StreamReader::new(boxed));
+    decoder.multiple_members(true);
+    Ok(decoder)
+}
+
+/// How a copy loop ended.
+struct Pumped {
+    read_error: Option<std::io::Error>,
+    write_error: Option<std::io::Error>,
+    raw_bytes: u64,
+    cancelled: bool,
+}
+
+/// Copies decoded bytes into `sink` until the end, an error on either side, or cancellation.
+async fn pump<R, W>(
+    reader: &mut R,
+    sink: &mut W,
+    progress: &LoadProgress,
+    cancel: &CancellationToken,
+) -> Pumped
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut out = Pumped {
+        read_error: None,
+        write_error: None,
+        raw_bytes: 0,
+        cancelled: false,
+    };
+    loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => { out.cancelled = true; break; }
+            r = reader.read(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => { out.read_error = Some(e); break; }
+            },
+        };
+        let written = tokio::select! {
+            _ = cancel.cancelled() => { out.cancelled = true; break; }
+            w = sink.write_all(&buf[..n]) => w,
+        };
+        if let Err(e) = written {
+            out.write_error = Some(e);
+            break;
+        }
+        out.raw_bytes += n as u64;
+        progress.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    if out.write_error.is_none() && !out.cancelled {
+        if let Err(e) = sink.flush().await {
+            out.write_error = Some(e);
+        }
+    }
+    out
+}
+
+/// Reads what is left of the object (after a decoder or pg_restore stopped early) so the
+/// checksum covers every stored byte.
+async fn drain(
+    decoder: ZstdDecoder<ObjectReader>,
+    cancel: &CancellationToken,
+) -> Result<(), LoadError> {
+    let mut inner = decoder.into_inner();
+    let mut sink = tokio::io::sink();
+    tokio::select! {
+        _ = cancel.cancelled() => Err(LoadError::Cancelled),
+        r = tokio::io::copy(&mut inner, &mut sink) => r.map(|_| ()).map_err(read_error),
+    }
+}
+
+/// Maps a read error of the decoder: a download error inside, else corrupt compressed data.
+fn read_error(e: std::io::Error) -> LoadError {
+    let is_store = e
+        .get_ref()
+        .is_some_and(|inner| inner.is::<object_store::Error>());
+    if is_store {
+        let msg = e.to_string();
+        match e.into_inner().map(|b| b.downcast::<object_store::Error>()) {
+            Some(Ok(source)) => LoadError::Download {
+                key: String::new(),
+                source: *source,
+            },
+            _ => LoadError::Decompress {
+                source: std::io::Error::other(msg),
+            },
+        }
+    } else {
+        LoadError::Decompress { source: e }
+    }
+}
+
+/// Checks the stored bytes against the manifest; `Ok` only when size and sha256 agree.
+fn check_copy(tap: &Mutex<Tap>, manifest: &Manifest) -> Result<u64, LoadError> {
+    let t = tap.lock().unwrap_or_else(|p| p.into_inner());
+    let actual = hex::encode(t.hasher.clone().finalize());
+    if t.bytes != manifest.stored_size {
+        return Err(LoadError::Size {
+            expected: manifest.stored_size,
+            actual: t.bytes,
+        });
+    }
+    if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+        return Err(LoadError::Checksum {
+            expected: manifest.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(t.bytes)
+}
+
+fn spawn_pg_restore(
+    into: &RestoreInto<'_>,
+    jobs: u32,
+    file: Option<&Path>,
+) -> Result<tokio::process::Child, LoadError> {
+    let cfg = source::with_database(into.url, into.tmp_database);
+    let mut cmd = tokio::process::Command::new(&into.tool.path);
+    cmd.arg("--no-owner")
+        .arg(format!("--role={}", into.owner))
+        // Grants name production roles that staging does not have; the owner owns everything.
+        .arg("--no-privileges")
+        .arg("--exit-on-error")
+        .arg("--no-password")
+        .arg(format!("--dbname={}", into.tmp_database));
+    if jobs > 1 {
+        cmd.arg(format!("--jobs={jobs}"));
+    }
+    if let Some(f) = file {
+        cmd.arg(f);
+    }
+    cmd.env_clear()
+        .envs(source::libpq_env(&cfg))
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(if file.is_some() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn().map_err(|source| {
+        LoadError::Tool(source::SourceError::Spawn {
+            path: into.tool.path.clone(),
+            source,
+        })
+    })
+}
+
+/// Waits for pg_restore; kills it first when `kill` (cancellation, or a corrupt copy).
+async fn finish_child(
+    mut child: tokio::process::Child,
+    stderr: tokio::task::JoinHandle<String>,
+    kill: bool,
+) -> Result<(), LoadError> {
+    if kill {
+        let _ = child.start_kill();
+    }
+    let status = child.wait().await.map_err(|e| LoadError::PgRestore {
+        status: "unknown".into(),
+        stderr: format!("cannot wait for pg_restore: {e}"),
+    })?;
+    let stderr = stderr.await.unwrap_or_default();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LoadError::PgRestore {
+            status: status.to_string(),
+            stderr,
+        })
+    }
+}
+
+fn take_stderr(child: &mut tokio::process::Child, url: &PgUrl) -> tokio::task::JoinHandle<String> {
+    let password = source::resolve_password(&url.parsed);
+    match child.stderr.take() {
+        Some(s) => tokio::spawn(source::read_stderr_tail(s, password)),
+        None => tokio::spawn(async { String::new() }),
+    }
+}
+
+/// Streams one target's copy straight into pg_restore's stdin.
+pub async fn stream(
+    target: &Target,
+    manifest: &Manifest,
+    into: &RestoreInto<'_>,
+    progress: Arc<LoadProgress>,
+    cancel: &CancellationToken,
+) -> Result<Loaded, LoadError> {
+    let tap = Arc::new(Mutex::new(Tap::default()));
+    let mut decoder = open(target, manifest, tap.clone(), progress.clone()).await?;
+    let mut child = spawn_pg_restore(into, 1, None)?;
+    let stderr = take_stderr(&mut child, into.url);
+    let Some(mut stdin) = child.stdin.take() else {
+        return Err(LoadError::PgRestore {
+            status: "not started".into(),
+            stderr: "pg_restore has no stdin".into(),
+        });
+    };
+    let pumped = pump(&mut decoder, &mut stdin, &progress, cancel).await;
+    drop(stdin); // EOF for pg_restore
+    if pumped.cancelled {
+        let _ = finish_child(child, stderr, true).await;
+        return Err(LoadError::Cancelled);
+    }
+    let decode_failed = pumped.read_error.map(read_error);
+    // pg_restore stopped reading (its own error) or the copy is bad: read the rest to know.
+    let drained = drain(decoder, cancel).await;
+    let copy = check_copy(&tap, manifest);
+    let bad_copy = decode_failed.is_some() || copy.is_err() || drained.is_err();
+    let restored = finish_child(child, stderr, bad_copy).await;
+    if matches!(drained, Err(LoadError::Cancelled)) {
+        return Err(LoadError::Cancelled);
+    }
+    // A download error first (the object could not be read), then what the bytes say.
+    if let Some(e @ LoadError::Download { .. }) = decode_failed {
+        return Err(e);
+    }
+    if let Err(e @ LoadError::Download { .. }) = drained {
+        return Err(e);
+    }
+    let stored_bytes = copy?;
+    if let Some(e) = decode_failed {
+        return Err(e);
+    }
+    drained?;
+    restored?;
+    Ok(Loaded {
+        stored_bytes,
+        raw_bytes: pumped.raw_bytes,
+    })
+}
+
+/// Removes the spool file when dropped: on success, on error, and on cancellation.
+struct SpoolFile {
+    path: PathBuf,
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(message = "Cannot remove the spool file.", path = %self.path.display(), error = %error);
+            }
+        }
+    }
+}
+
+/// Bytes available to an unprivileged user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Downloads one target's copy into a spool file (decompressed: `pg_restore -j` needs a
+/// seekable archive), verifies it, then runs `pg_restore -j jobs` on it. The spool file is
+/// removed whatever happens.
+pub async fn spooled(
+    target: &Target,
+    manifest: &Manifest,
+    into: &RestoreInto<'_>,
+    jobs: u32,
+    spool_dir: &Path,
+    progress: Arc<LoadProgress>,
+    cancel: &CancellationToken,
+) -> Result<Loaded, LoadError> {
+    let spool_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Spool { path, source }
+    };
+    tokio::fs::create_dir_all(spool_dir)
+        .await
+        .map_err(spool_err(spool_dir))?;
+    let available = free_bytes(spool_dir).map_err(spool_err(spool_dir))?;
+    if available < manifest.raw_size.saturating_add(SPOOL_HEADROOM_BYTES) {
+        return Err(LoadError::SpoolSpace {
+            dir: spool_dir.to_path_buf(),
+            needed: manifest.raw_size,
+            available,
+        });
+    }
+    let path = spool_dir.join(format!(
+        "pgferry-{}-{}-{}.dump",
+        super::guard::dest_hash(into.tmp_database),
+        manifest.snapshot_id,
+        std::process::id()
+    ));
+    let guard = SpoolFile { path: path.clone() };
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .await
+        .map_err(spool_err(&path))?;
+    let tap = Arc::new(Mutex::new(Tap::default()));
+    let mut decoder = open(target, manifest, tap.clone(), progress.clone()).await?;
+    let pumped = pump(&mut decoder, &mut file, &progress, cancel).await;
+    if pumped.cancelled {
+        return Err(LoadError::Cancelled);
+    }
+    if let Some(e) = pumped.write_error {
+        return Err(LoadError::Spool { path, source: e });
+    }
+    let decode_failed = pumped.read_error.map(read_error);
+    let drained = drain(decoder, cancel).await;
+    if let Some(e @ LoadError::Download { .. }) = decode_failed {
+        return Err(e);
+    }
+    drained?;
+    let stored_bytes = check_copy(&tap, manifest)?;
+    if let Some(e) = decode_failed {
+        return Err(e);
+    }
+    file.sync_all().await.map_err(spool_err(&path))?;
+    drop(file);
+    let mut child = spawn_pg_restore(into, jobs, Some(&path))?;
+    let stderr = take_stderr(&mut child, into.url);
+    let waited = tokio::select! {
+        _ = cancel.cancelled() => None,
+        s = child.wait() => Some(s),
+    };
+    match waited {
+        None => {
+            let _ = finish_child(child, stderr, true).await;
+            Err(LoadError::Cancelled)
+        }
+        Some(_) => finish_child(child, stderr, false).await,
+    }?;
+    drop(guard);
+    Ok(Loaded {
+        stored_bytes,
+        raw_bytes: pumped.raw_bytes,
+    })
+}

@@ -1,0 +1,368 @@
+//! The destination server's side of a restore: the per-destination lock, leftover cleanup,
+//! the temporary database's life, the hooks, and the swap.
+//!
+//! Everything runs over one maintenance connection (the restore target URL's own database)
+//! that holds a session advisory lock keyed on the destination name for the whole restore:
+//! two restores to one destination never overlap, and the lock vanishes with the connection
+//! if the process is killed. Only databases named with our prefixes for this destination
+//! (`pgferry_tmp_<hash>_…`, `pgferry_old_<hash>_…`) are ever dropped, and the swap renames
+//! the old destination aside and the temporary database into place in one transaction, so
+//! the destination name always points at a complete database. This module does not read
+//! snapshots (see `load`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::guard::{kept_name, lock_key, old_like, old_name, quote_ident, quote_literal, tmp_like};
+use crate::config::PgUrl;
+use crate::source::{self, SourceError};
+
+/// Advisory-lock class id of restore locks ("pgfr"), so they never collide with the
+/// single-key locks of backups or of the applications on that server.
+const LOCK_CLASS: i32 = 0x7067_6672;
+
+/// How long the swap waits for terminated sessions of the old destination to go away.
+/// pg_terminate_backend returns before the backend exits; a few seconds is plenty.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Polling interval while waiting for terminated sessions to exit.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// PostgreSQL 13 added `DROP DATABASE … WITH (FORCE)`.
+const FORCE_DROP_MIN_VERSION: u32 = 130_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error(transparent)]
+    Connect(#[from] SourceError),
+    #[error("{what} on {url} failed: {}", pg_text(.source))]
+    Sql {
+        what: String,
+        url: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("another restore into {database:?} on {url} is running (advisory lock held); wait for it or stop it")]
+    Locked { database: String, url: String },
+    #[error("cannot read hook {path}: {source}")]
+    HookRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("hook {path} failed in the temporary database, so nothing was swapped in (fix the hook or the database): {}", pg_text(.source))]
+    Hook {
+        path: PathBuf,
+        source: tokio_postgres::Error,
+    },
+    #[error("sessions of {database:?} did not end within {DRAIN_TIMEOUT:?} after pg_terminate_backend; the old database is untouched")]
+    Busy { database: String },
+}
+
+/// A PostgreSQL error with the server's message and SQLSTATE (tokio-postgres' own Display
+/// says only "db error").
+pub fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => e.to_string(),
+    }
+}
+
+impl SwapError {
+    /// Whether trying again later may succeed (server unreachable, lock busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SwapError::Connect(e) => e.is_retryable(),
+            SwapError::Locked { .. } | SwapError::Busy { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The maintenance connection to the destination server, holding the destination's lock.
+pub struct Server {
+    pub client: Client,
+    pub url: PgUrl,
+    pub version_num: u32,
+}
+
+impl Server {
+    fn sql_err(&self, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SwapError {
+        let what = what.into();
+        let url = self.url.redacted();
+        move |source| SwapError::Sql { what, url, source }
+    }
+
+    /// Connects to the maintenance database and takes the destination's lock (no waiting).
+    pub async fn lock(url: &PgUrl, database: &str) -> Result<Server, SwapError> {
+        let client = source::connect(url, None).await?;
+        let version = source::server_version(&client, url).await?;
+        let server = Server {
+            client,
+            url: url.clone(),
+            version_num: version.num,
+        };
+        let got: bool = server
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&LOCK_CLASS, &lock_key(database)],
+            )
+            .await
+            .map_err(server.sql_err("taking the restore lock"))?
+            .get(0);
+        if !got {
+            return Err(SwapError::Locked {
+                database: database.into(),
+                url: url.redacted(),
+            });
+        }
+        Ok(server)
+    }
+
+    async fn exec(&self, what: &str, sql: &str) -> Result<(), SwapError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(self.sql_err(what))
+    }
+
+    pub async fn exists(&self, database: &str) -> Result<bool, SwapError> {
+        Ok(self
+            .client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await
+            .map_err(self.sql_err("looking up a database"))?
+            .is_some())
+    }
+
+    /// Drops a database of ours if it exists, ending any session still in it.
+    pub async fn drop_database(&self, database: &str) -> Result<(), SwapError> {
+        if !self.exists(database).await? {
+            return Ok(());
+        }
+        let q = quote_ident(database);
+        if self.version_num >= FORCE_DROP_MIN_VERSION {
+            self.exec(
+                &format!("dropping {database}"),
+                &format!("DROP DATABASE IF EXISTS {q} WITH (FORCE)"),
+            )
+            .await
+        } else {
+            self.terminate(database).await?;
+            self.exec(
+                &format!("dropping {database}"),
+                &format!("DROP DATABASE IF EXISTS {q}"),
+            )
+            .await
+        }
+    }
+
+    /// Drops temporary and set-aside databases a killed run left for this destination.
+    /// Returns their names.
+    pub async fn clean_leftovers(&self, database: &str) -> Result<Vec<String>, SwapError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1 OR datname LIKE $2 ORDER BY 1",
+                &[&tmp_like(database), &old_like(database)],
+            )
+            .await
+            .map_err(self.sql_err("listing leftover temporary databases"))?;
+        let mut dropped = Vec::new();
+        for row in rows {
+            let name: String = row.get(0);
+            tracing::warn!(message = "Dropping a leftover of an interrupted restore.", database = %name);
+            self.drop_database(&name).await?;
+            dropped.push(name);
+        }
+        Ok(dropped)
+    }
+
+    /// Creates the temporary database, owned by `owner`, tagged with a comment.
+    pub async fn create_tmp(&self, tmp: &str, owner: &str, comment: &str) -> Result<(), SwapError> {
+        self.exec(
+            &format!("creating the temporary database {tmp}"),
+            &format!(
+                "CREATE DATABASE {} TEMPLATE template0 OWNER {}",
+                quote_ident(tmp),
+                quote_ident(owner)
+            ),
+        )
+        .await?;
+        self.exec(
+            "tagging the temporary database",
+            &format!(
+                "COMMENT ON DATABASE {} IS {}",
+                quote_ident(tmp),
+                quote_literal(comment)
+            ),
+        )
+        .await
+    }
+
+    /// Ends every other session in `database`.
+    async fn terminate(&self, database: &str) -> Result<(), SwapError> {
+        self.client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .map_err(self.sql_err(format!("ending the sessions of {database}")))?;
+        Ok(())
+    }
+
+    /// Waits until no session is left in `database`.
+    async fn wait_idle(&self, database: &str) -> Result<(), SwapError> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let n: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&database],
+                )
+                .await
+                .map_err(self.sql_err("counting sessions"))?
+                .get(0);
+            if n == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(SwapError::Busy {
+                    database: database.into(),
+                });
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Puts `tmp` in place of `dest`. The old destination, if any, is renamed aside in the
+    /// same transaction, then dropped, or kept under a dated name with `keep_old` (returned).
+    pub async fn swap(
+        &self,
+        tmp: &str,
+        dest: &str,
+        stamp: &str,
+        keep_old: bool,
+        comment: &str,
+    ) -> Result<Option<String>, SwapError> {
+        let (qt, qd) = (quote_ident(tmp), quote_ident(dest));
+        self.wait_idle(tmp).await?;
+        if !self.exists(dest).await? {
+            self.exec(
+                "renaming the temporary database into place",
+                &format!(
+                    "BEGIN; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
+                    quote_literal(comment)
+                ),
+            )
+            .await?;
+            return Ok(None);
+        }
+        let aside = if keep_old {
+            kept_name(dest, stamp)
+        } else {
+            old_name(dest, stamp)
+        };
+        let qa = quote_ident(&aside);
+        // No new sessions from here on; existing ones are ended.
+        self.exec(
+            &format!("closing {dest} to new connections"),
+            &format!("ALTER DATABASE {qd} ALLOW_CONNECTIONS false"),
+        )
+        .await?;
+        let renamed = async {
+            self.terminate(dest).await?;
+            self.wait_idle(dest).await?;
+            // ALTER DATABASE … RENAME is transactional: both renames or neither.
+            self.exec(
+                "swapping the restored database in",
+                &format!(
+                    "BEGIN; ALTER DATABASE {qd} RENAME TO {qa}; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
+                    quote_literal(comment)
+                ),
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = renamed {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            if let Err(reopen) = self
+                .exec(
+                    "reopening the old database",
+                    &format!("ALTER DATABASE {qd} ALLOW_CONNECTIONS true"),
+                )
+                .await
+            {
+                tracing::error!(message = "Cannot reopen the old destination to connections; run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
+            }
+            return Err(e);
+        }
+        if keep_old {
+            self.exec(
+                "reopening the kept old database",
+                &format!("ALTER DATABASE {qa} ALLOW_CONNECTIONS true"),
+            )
+            .await?;
+            Ok(Some(aside))
+        } else {
+            if let Err(error) = self.drop_database(&aside).await {
+                // The swap is done; the next restore of this destination drops it.
+                tracing::warn!(message = "Cannot drop the old database; the next restore will.", database = %aside, error = %error);
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Runs the hook files, in order, each in one transaction, in the temporary database.
+pub async fn run_hooks(url: &PgUrl, tmp: &str, hooks: &[PathBuf]) -> Result<(), SwapError> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let mut client = source::connect(url, Some(tmp)).await?;
+    for path in hooks {
+        let sql = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| SwapError::HookRead {
+                path: path.clone(),
+                source,
+            })?;
+        let hook_err = |source| SwapError::Hook {
+            path: path.clone(),
+            source,
+        };
+        let tx = client.transaction().await.map_err(hook_err)?;
+        tx.batch_execute(&sql).await.map_err(hook_err)?;
+        tx.commit().await.map_err(hook_err)?;
+        tracing::info!(message = "Hook applied.", hook = %path.display());
+    }
+    Ok(())
+}
+
+/// Counts the user tables of a database (for the summary line).
+pub async fn count_tables(url: &PgUrl, database: &str) -> Result<u64, SwapError> {
+    let client = source::connect(url, Some(database)).await?;
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND n.nspname NOT LIKE 'pg\\_toast%'",
+            &[],
+        )
+        .await
+        .map_err(|source| SwapError::Sql {
+            what: "counting restored tables".into(),
+            url: url.redacted(),
+            source,
+        })?
+        .get(0);
+    Ok(n.max(0) as u64)
+}
