@@ -5,6 +5,6 @@ mod backup;
 mod cli;
 mod daemon;
 mod deploy;
-mod retention;
 mod restore;
+mod retention;
 mod support;
