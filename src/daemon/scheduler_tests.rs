@@ -262,3 +262,29 @@ async fn drain_returns_as_soon_as_running_backups_finish() {
     assert_eq!(before.elapsed(), Duration::from_secs(1));
     assert!(s.state().get("prod", "a").unwrap().last_success.is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_when_the_next_slot_is_due() {
+    let fake = Fake::new(&["a"], Duration::from_secs(1));
+    *fake.failures_left.lock().unwrap() = u32::MAX;
+    let s = scheduler(&fake, "*/20 * * * * *", 1);
+    s.start();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let got: Vec<(String, DateTime<Utc>)> = fake
+        .attempts()
+        .into_iter()
+        .map(|(_, id, t)| (id, t))
+        .collect();
+    // Slot 0: fails at 1 s, retries at 16 s, fails at 17 s; the next retry (47 s) would be past
+    // the next slot (20 s), so slot 0 gives up and slot 20 starts on time.
+    assert_eq!(
+        got,
+        vec![
+            ("20261127T140000Z".to_string(), at(14, 0, 0)),
+            ("20261127T140000Z".to_string(), at(14, 0, 16)),
+            ("20261127T140020Z".to_string(), at(14, 0, 20)),
+        ]
+    );
+    assert_eq!(skipped(&s, "a"), 0);
+    assert_eq!(s.state().get("prod", "a").unwrap().consecutive_failures, 3);
+}
