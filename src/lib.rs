@@ -21,3 +21,4 @@ pub mod retention;
 pub mod schedule;
 pub mod source;
 pub mod target;
+pub mod verify;

@@ -8,3 +8,4 @@ mod deploy;
 mod restore;
 mod retention;
 mod support;
+mod verify;
