@@ -54,6 +54,10 @@ pub enum Command {
     Backup(BackupArgs),
     /// Committed snapshots, newest first.
     List(ListArgs),
+    /// Scheduler + HTTP server (/metrics, /healthz, /readyz, /api/v1/...); runs until SIGTERM.
+    Daemon,
+    /// Apply retention on every target and print the plan.
+    Prune(PruneArgs),
     /// Load a snapshot into a configured staging target, verified, hooks applied, swapped in.
     Restore(RestoreArgs),
     /// Restore the latest snapshot(s) into a scratch database and prove them complete.
@@ -101,6 +105,19 @@ pub struct ListArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Print the plan, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only this database.
+    #[arg(long)]
+    pub database: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +204,61 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
             verify_cmd(&app, args).await
         }
+        Command::Daemon => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            crate::daemon::run(app)
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))
+        }
+        Command::Prune(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            prune_cmd(&app, args).await
+        }
+    }
+}
+
+async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {
+    if let Some(name) = &args.source {
+        if app.config.source(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "no source named {name:?} in {}; configured: {}",
+                app.config.path.display(),
+                names(app.config.sources.iter().map(|s| s.name.as_str()))
+            )));
+        }
+    }
+    let selection = crate::prune::Selection {
+        source: args.source.clone(),
+        database: args.database.clone(),
+    };
+    // A standalone prune knows no backup outcome: the manifests are the truth, and the
+    // planner never deletes the newest of them.
+    let report = crate::prune::prune(
+        app,
+        &selection,
+        &|_, _| None,
+        chrono::Utc::now(),
+        crate::retention::DEFAULT_ORPHAN_GRACE,
+        args.dry_run,
+    )
+    .await;
+    print!("{}", crate::prune::render(&report, args.dry_run));
+    if !args.dry_run {
+        println!(
+            "deleted {} snapshot(s) and {} orphan dump(s)",
+            report.deleted_snapshots, report.deleted_orphans
+        );
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "prune incomplete: {} error(s); see above",
+            report.errors.len()
+        )))
     }
 }
 
