@@ -22,10 +22,14 @@ impl App {
             .iter()
             .map(Target::from_config)
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics = Metrics::new();
+        for t in &targets {
+            metrics.init_target(&t.name);
+        }
         Ok(App {
             config: Arc::new(config),
             targets: Arc::new(targets),
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 

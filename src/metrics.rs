@@ -183,6 +183,28 @@ impl Metrics {
         m
     }
 
+    /// Creates the counters of one database at 0, so that the first failure is an increase
+    /// that `increase()`/`rate()` can see (a series born at 1 is invisible to them).
+    pub fn init_database(&self, source: &str, database: &str) {
+        for outcome in [Outcome::Success, Outcome::Failure, Outcome::Skipped] {
+            self.backups_total
+                .with_label_values(&[source, database, outcome.as_str()]);
+        }
+    }
+
+    /// Likewise for a target's counters, and the process-wide verify and restore counters.
+    pub fn init_target(&self, target: &str) {
+        for outcome in [Outcome::Success, Outcome::Failure] {
+            self.target_uploads_total
+                .with_label_values(&[target, outcome.as_str()]);
+            self.verifies_total.with_label_values(&[outcome.as_str()]);
+            self.restores_total.with_label_values(&[outcome.as_str()]);
+        }
+        self.target_uploaded_bytes_total
+            .with_label_values(&[target]);
+        self.retention_deleted_total.with_label_values(&[target]);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -165,6 +165,12 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
         targets = app.targets.len()
     );
     let checker = tokio::spawn(readiness::run(app.clone(), readiness.clone(), stop.clone()));
+    let verifier = app
+        .config
+        .verify
+        .schedule
+        .clone()
+        .map(|schedule| tokio::spawn(verify_loop(app.clone(), schedule, stop.clone())));
     scheduler.start();
     let http_state = crate::http::HttpState::new(app.clone(), scheduler.clone(), readiness);
     let router = crate::http::router(http_state);
@@ -181,10 +187,47 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
     scheduler.drain(grace).await;
     let served = server.await;
     let _ = checker.await;
+    if let Some(v) = verifier {
+        let _ = v.await;
+    }
     tracing::info!(message = "Daemon stopped.");
     match served {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(DaemonError::Serve(e)),
         Err(join) => Err(DaemonError::Serve(std::io::Error::other(join.to_string()))),
+    }
+}
+
+/// Runs `verify` of every database at each slot of `[verify] schedule`, when configured
+/// (the nightly CronJob does the same; this is for installations without one). A verify in
+/// progress at shutdown is cancelled: its scratch database is dropped.
+async fn verify_loop(app: App, schedule: crate::schedule::Schedule, stop: CancellationToken) {
+    loop {
+        let now = chrono::Utc::now();
+        let Some(next) = schedule.next_after(now) else {
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        let req = crate::verify::VerifyRequest::default();
+        match crate::verify::verify_all(&app, &req, stop.child_token()).await {
+            Ok(results) => {
+                let failed = results
+                    .iter()
+                    .filter(|(_, _, r)| !matches!(r, Ok(rep) if rep.passed()))
+                    .count();
+                tracing::info!(
+                    message = "Scheduled verify finished.",
+                    databases = results.len(),
+                    failed
+                );
+            }
+            Err(error) => {
+                tracing::error!(message = "Scheduled verify could not run.", error = %error)
+            }
+        }
     }
 }

@@ -391,6 +391,7 @@ async fn run_slot<R: Runner, C: Clock>(
     tracing::info!(message = "Slot due.", source = %source.name, snapshot_id = %snapshot_id, databases = databases.len());
     for database in databases {
         inner.state.ensure(&source.name, &database);
+        inner.metrics.init_database(&source.name, &database);
         if let Err(e) = start_run(inner, idx, &database, &snapshot_id, deadline, false) {
             inner
                 .metrics

@@ -263,6 +263,24 @@ async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
     );
     promtool_check(&metrics);
 
+    // A real Prometheus scrapes the running daemon and its query API answers for both.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let series = tokio::task::spawn_blocking(move || {
+        let prom = crate::support::prometheus::Prometheus::start("pgferry", &[addr]);
+        prom.wait_for(
+            "count by (database) (pgferry_backup_last_success_timestamp_seconds{source=\"prod\"})",
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let mut scraped: Vec<String> = series
+        .iter()
+        .map(|s| s["metric"]["database"].as_str().unwrap_or("").to_string())
+        .collect();
+    scraped.sort();
+    assert_eq!(scraped, ["alpha", "beta"], "{series:?}");
+
     let status = d.status().await;
     let dbs = status["databases"].as_array().unwrap();
     assert_eq!(dbs.len(), 2, "{status}");
