@@ -28,23 +28,6 @@ trap stop_servers EXIT
 start_servers b1 b2 b3
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
 
-seed() { # $1 = database, $2 = size in GB
-    local db=$1 gb=$2
-    psql_ -d postgres -c "CREATE DATABASE $db"
-    PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pgbench" -q -i -s $((40 * gb)) -h 127.0.0.1 -p "$PG_PORT" -U postgres "$db" >/dev/null 2>&1
-    # ~5.5 KB of COPY text per row: 1 KB text, ~0.5 KB jsonb, 1 KB bytea (half random) shown as 4 KB hex.
-    psql_ -d "$db" <<SQL
-CREATE TABLE docs (id bigint PRIMARY KEY, body text, meta jsonb, blob bytea);
-INSERT INTO docs
-SELECT g,
-       repeat('Lorem ipsum dolor sit amet, invoice ' || g || ' for partner ' || (g % 977) || '. ', 12),
-       jsonb_build_object('partner', g % 977, 'lines', jsonb_build_array(g, g * 2, g * 3), 'state', 'posted', 'note', md5(g::text)),
-       decode(repeat(md5((g % 100)::text), 16), 'hex') ||
-           decode((SELECT string_agg(md5(random()::text || s), '') FROM generate_series(1, 16) s), 'hex')
-FROM generate_series(1, $((110000 * gb))) g;
-SQL
-}
-
 raw_size() { PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$1" | wc -c; }
 
 config() { # $1 = number of targets

@@ -93,3 +93,24 @@ access_key_id = "\${PGFERRY_S3_KEY_ID}"
 secret_access_key = "\${PGFERRY_S3_SECRET}"
 TOML
 }
+
+# Creates database $1 with about $2 GB of raw dump: pgbench tables plus text/jsonb/bytea rows
+# (half of the bytea random, so incompressible).
+seed() {
+    local db=$1 gb=$2
+    psql_ -d postgres -c "CREATE DATABASE $db"
+    PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pgbench" -q -i -s $((40 * gb)) -h 127.0.0.1 -p "$PG_PORT" -U postgres "$db" >/dev/null 2>&1
+    # ~1.8 KB of COPY text per row: ~0.7 KB text, ~0.1 KB jsonb, 0.5 KB bytea (half random) shown as 1 KB hex;
+    # with pgbench at scale 40 per GB this makes about 1 GB of raw dump per GB asked.
+    psql_ -d "$db" <<SQL
+CREATE TABLE docs (id bigint PRIMARY KEY, body text, meta jsonb, blob bytea);
+INSERT INTO docs
+SELECT g,
+       repeat('Lorem ipsum dolor sit amet, invoice ' || g || ' for partner ' || (g % 977) || '. ', 12),
+       jsonb_build_object('partner', g % 977, 'lines', jsonb_build_array(g, g * 2, g * 3), 'state', 'posted', 'note', md5(g::text)),
+       decode(repeat(md5((g % 100)::text), 16), 'hex') ||
+           decode((SELECT string_agg(md5(random()::text || s), '') FROM generate_series(1, 16) s), 'hex')
+FROM generate_series(1, $((300000 * gb))) g;
+SQL
+}
+
