@@ -328,6 +328,24 @@ async fn failing_hook_leaves_staging_untouched() {
     assert!(out.contains("no_such_table"), "{out}");
     assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
     w.assert_no_leftovers().await;
+
+    // Another restore into the same destination holds its advisory lock: refused, untouched.
+    let holder = w.staging.client("postgres").await.unwrap();
+    holder
+        .query_one(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[
+                &pgferry::restore::swap::LOCK_CLASS,
+                &pgferry::restore::guard::lock_key("acme"),
+            ],
+        )
+        .await
+        .unwrap();
+    let busy = w.restore(&[]).await;
+    busy.assert_code(1);
+    assert!(busy.stderr.contains("another restore"), "{}", busy.stderr);
+    assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+    w.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
