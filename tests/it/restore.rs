@@ -222,7 +222,7 @@ async fn round_trip_restores_every_table_and_applies_the_hook() {
     let w = World::start(TRICKY_SQL, &[hook_path()], "").await;
     let id = w.backup().await;
     let started = Instant::now();
-    let run = w.restore(&["--json"]).await;
+    let run = w.restore(&["--json", "--keep-old"]).await;
     run.assert_code(0);
     eprintln!("restore took {:?}", started.elapsed());
     let report = json(&run);
@@ -240,6 +240,16 @@ async fn round_trip_restores_every_table_and_applies_the_hook() {
         assert!(restored.contains_key(t), "{t} missing");
     }
     assert_neutralized(&w.staging, "acme").await;
+    // --keep-old: the previous database is kept, whole, under a dated name.
+    let kept = report["restore"]["kept_old"]
+        .as_str()
+        .expect("kept_old names it");
+    assert!(kept.starts_with("acme_pre_"), "{kept}");
+    let kept_fp = w.staging.table_fingerprints(kept).await.unwrap();
+    assert!(
+        kept_fp.contains_key("public.previous_contents"),
+        "{kept_fp:?}"
+    );
     // Restored objects belong to the configured owner.
     let c = w.staging.client("acme").await.unwrap();
     let owners: Vec<String> = c
