@@ -33,7 +33,9 @@ start_servers() {
 
     PG_PASSWORD="$(randhex 16)"
     printf '%s\n' "$PG_PASSWORD" > "$WORK_DIR/pgpw"
-    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw"; fi
+    # The server (run as postgres when we are root) writes its log into WORK_DIR, owned by root.
+    touch "$WORK_DIR/pg.log"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw" "$WORK_DIR/pg.log"; fi
     as_postgres "$PG_BIN/initdb" -D "$WORK_DIR/pg" -U postgres -A scram-sha-256 \
         --pwfile="$WORK_DIR/pgpw" -E UTF8 --locale=C.UTF-8 >/dev/null
     rm -f "$WORK_DIR/pgpw"
