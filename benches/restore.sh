@@ -28,7 +28,7 @@ PGFERRY="$ROOT/target/$PROFILE/pgferry"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 trap stop_servers EXIT
-start_servers r1
+start_servers bench-restore
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
 
 db="bench_${GB}g"
@@ -52,7 +52,7 @@ zstd_level = $ZSTD_LEVEL
 name = "bench"
 url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
 databases = ["bench_*"]
-$(s3_target_toml s3-1 r1)
+$(s3_target_toml s3-1 bench-restore)
 [[restore_target]]
 namespace = "bench"
 url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
