@@ -67,10 +67,9 @@ raw=$(stat -c %s "$WORK_DIR/plain.dump")
 declare -A TIMES
 measure() { # $1 = label, rest = command; records wall seconds
     local label=$1; shift
-    local out
-    out=$( { /usr/bin/time -f '%e' "$@" >/dev/null 2>"$WORK_DIR/cmd.err"; } 2>&1 | tail -n 1 ) || {
+    /usr/bin/time -o "$WORK_DIR/time.out" -f '%e' "$@" >/dev/null 2>"$WORK_DIR/cmd.err" || {
         echo "FAILED: $label"; cat "$WORK_DIR/cmd.err"; exit 1; }
-    TIMES[$label]+="$out "
+    TIMES[$label]+="$(tail -n 1 "$WORK_DIR/time.out") "
 }
 stats() {
     printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f %.2f %.2f", m, a[1], a[NR]}'
@@ -82,7 +81,7 @@ LOCAL="pg_restore local uncompressed file"
 STREAM="pgferry restore (streaming)"
 JOBS="pgferry restore --jobs 2"
 for r in $(seq 1 "$ROUNDS"); do
-    psql_ -d postgres -c "DROP DATABASE IF EXISTS restored_local" -c "CREATE DATABASE restored_local"
+    psql_ -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS restored_local" -c "CREATE DATABASE restored_local"
     measure "$LOCAL" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_restore" --no-owner --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local "$WORK_DIR/plain.dump"
     measure "$STREAM" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database "$db" --to bench --as restored_stream
     measure "$JOBS" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database "$db" --to bench --as restored_jobs --jobs 2
