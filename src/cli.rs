@@ -54,11 +54,33 @@ pub enum Command {
     Backup(BackupArgs),
     /// Committed snapshots, newest first.
     List(ListArgs),
+    /// Scheduler + HTTP server (/metrics, /healthz, /readyz, /api/v1/...); runs until SIGTERM.
+    Daemon,
+    /// Apply retention on every target and print the plan.
+    Prune(PruneArgs),
     /// Load a snapshot into a configured staging target, verified, hooks applied, swapped in.
     Restore(RestoreArgs),
+    /// Restore the latest snapshot(s) into a scratch database and prove them complete.
+    Verify(VerifyArgs),
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only these databases (repeatable).
+    #[arg(long)]
+    pub database: Vec<String>,
+    /// Push the verify metrics to this Prometheus Pushgateway (e.g. http://pushgateway:9091).
+    #[arg(long)]
+    pub pushgateway: Option<String>,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +105,19 @@ pub struct ListArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Print the plan, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only this database.
+    #[arg(long)]
+    pub database: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -165,7 +200,161 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
             restore_cmd(&app, args).await
         }
+        Command::Verify(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            verify_cmd(&app, args).await
+        }
+        Command::Daemon => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            crate::daemon::run(app)
+                .await
+                .map_err(|e| CliError::Failed(e.to_string()))
+        }
+        Command::Prune(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            prune_cmd(&app, args).await
+        }
     }
+}
+
+async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {
+    if let Some(name) = &args.source {
+        if app.config.source(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "no source named {name:?} in {}; configured: {}",
+                app.config.path.display(),
+                names(app.config.sources.iter().map(|s| s.name.as_str()))
+            )));
+        }
+    }
+    let selection = crate::prune::Selection {
+        source: args.source.clone(),
+        database: args.database.clone(),
+    };
+    // A standalone prune knows no backup outcome: the manifests are the truth, and the
+    // planner never deletes the newest of them.
+    let report = crate::prune::prune(
+        app,
+        &selection,
+        &|_, _| None,
+        chrono::Utc::now(),
+        crate::retention::DEFAULT_ORPHAN_GRACE,
+        args.dry_run,
+    )
+    .await;
+    print!("{}", crate::prune::render(&report, args.dry_run));
+    if !args.dry_run {
+        println!(
+            "deleted {} snapshot(s) and {} orphan dump(s)",
+            report.deleted_snapshots, report.deleted_orphans
+        );
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "prune incomplete: {} error(s); see above",
+            report.errors.len()
+        )))
+    }
+}
+
+async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliError> {
+    let req = crate::verify::VerifyRequest {
+        source: args.source.clone(),
+        databases: args.database.clone(),
+    };
+    let cancel = cancel_on_ctrl_c();
+    let results = crate::verify::verify_all(app, &req, cancel)
+        .await
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    if results.is_empty() {
+        return Err(CliError::Failed(
+            "no committed snapshot to verify; run `pgferry list`".into(),
+        ));
+    }
+    let mut failed = 0;
+    let mut reports = Vec::new();
+    for (source, database, r) in &results {
+        match r {
+            Ok(rep) => {
+                if !rep.passed() {
+                    failed += 1;
+                }
+                if !args.json {
+                    let from = rep.restored_from.as_deref().unwrap_or("-");
+                    let mut line = format!(
+                        "{source}/{database} {} {}: {} tables, {} checks, restored from {from} in {:.1}s",
+                        rep.snapshot_id,
+                        if rep.passed() { "verified" } else { "FAILED" },
+                        rep.tables.len(),
+                        rep.checks.len(),
+                        rep.total_seconds
+                    );
+                    if !rep.failed_targets.is_empty() {
+                        line.push_str(&format!(
+                            " (bad copies: {})",
+                            rep.failed_targets
+                                .iter()
+                                .map(|f| format!("{}: {}", f.target, f.error))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ));
+                    }
+                    for p in &rep.problems {
+                        line.push_str(&format!("\n  - {p}"));
+                    }
+                    println!("{line}");
+                }
+                reports.push(serde_json::to_value(rep).expect("reports serialize"));
+            }
+            Err(e) => {
+                failed += 1;
+                if !args.json {
+                    println!("{source}/{database} FAILED: {e}");
+                }
+                reports.push(serde_json::json!({"source": source, "database": database, "result": "error", "error": e.to_string()}));
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).expect("JSON values serialize")
+        );
+    }
+    if let Some(gateway) = &args.pushgateway {
+        crate::verify::push_metrics(app, gateway)
+            .await
+            .map_err(CliError::Failed)?;
+    }
+    if failed > 0 {
+        return Err(CliError::Failed(format!(
+            "{failed} of {} database(s) failed verification; see above",
+            results.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A token cancelled on Ctrl-C / SIGTERM, so a run stops without leaving anything behind.
+fn cancel_on_ctrl_c() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("interrupted: cancelling; nothing half-done is kept");
+        c.cancel();
+    });
+    cancel
 }
 
 async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliError> {

@@ -248,8 +248,11 @@ where
     let compressor = {
         let settings = settings.clone();
         let progress = progress.clone();
+        let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || {
-            compress(&settings, full_rx, free_tx, part_tx, tap, &progress)
+            compress(
+                &settings, full_rx, free_tx, part_tx, tap, &progress, &cancel,
+            )
         })
     };
     let fanout_task =
@@ -371,6 +374,7 @@ fn compress<T: RawTap>(
     part_tx: mpsc::Sender<Bytes>,
     mut tap: T,
     progress: &Progress,
+    cancel: &CancellationToken,
 ) -> std::io::Result<Compressed<T>> {
     let writer = PartWriter {
         part_size: settings.part_size,
@@ -397,6 +401,14 @@ fn compress<T: RawTap>(
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         // The reader may have stopped (EOF or error); then the buffer is simply dropped.
         let _ = free_tx.try_send(buf);
+        // Cancelled: stop at once rather than compress what is buffered (at high levels that
+        // takes far longer than a shutdown grace period); nothing will be committed anyway.
+        if cancel.is_cancelled() {
+            return Err(std::io::Error::other("cancelled"));
+        }
+    }
+    if cancel.is_cancelled() {
+        return Err(std::io::Error::other("cancelled"));
     }
     let mut writer = encoder.finish()?;
     writer.send_current()?;

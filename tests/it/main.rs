@@ -3,6 +3,9 @@
 
 mod backup;
 mod cli;
+mod daemon;
 mod deploy;
 mod restore;
+mod retention;
 mod support;
+mod verify;

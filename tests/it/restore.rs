@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::{ObjectStore, PutPayload};
+use object_store::ObjectStore;
 
 use crate::backup::TRICKY_SQL;
-use crate::support::env::{self, keys, Run, TestEnv};
+use crate::support::env::{self, Run, TestEnv};
 use crate::support::postgres::PgCluster;
 
 /// Environment variable carrying the staging cluster's superuser password into the config.
@@ -163,25 +163,7 @@ impl World {
 
     /// Overwrites the dump object of `snapshot_id` in bucket `i` with bytes of the same length.
     async fn corrupt(&self, i: usize, snapshot_id: &str) {
-        let store = &self.stores[i];
-        let key = keys(store)
-            .await
-            .into_iter()
-            .find(|k| k.ends_with(&format!("{snapshot_id}.dump.zst")))
-            .expect("dump object exists");
-        let mut bytes = env::get(store, &key).await.to_vec();
-        let len = bytes.len();
-        for b in bytes[len / 3..len / 3 + 64.min(len / 3)].iter_mut() {
-            *b ^= 0x5a;
-        }
-        store
-            .put(
-                &object_store::path::Path::from(key.as_str()),
-                PutPayload::from(bytes),
-            )
-            .await
-            .unwrap();
-        assert_eq!(env::get(store, &key).await.len(), len);
+        env::corrupt_dump(&self.stores[i], snapshot_id).await;
     }
 }
 

@@ -30,8 +30,10 @@ pub struct TestEnv {
     pub pg: PgCluster,
     pub s3: Garage,
     pub dir: tempfile::TempDir,
-    /// Credentials of further Garage servers a test configured targets on.
+    /// Further variables (credentials of other servers a test configured), and which of
+    /// them are secrets.
     extra_vars: std::sync::Mutex<Vec<(String, String)>>,
+    extra_secrets: std::sync::Mutex<Vec<String>>,
 }
 
 /// What one pgferry run printed and how it ended.
@@ -67,6 +69,7 @@ impl TestEnv {
             s3,
             dir: tempfile::tempdir().expect("temp dir"),
             extra_vars: Default::default(),
+            extra_secrets: Default::default(),
         }
     }
 
@@ -76,15 +79,17 @@ impl TestEnv {
             self.pg.superuser_password().to_string(),
             self.s3.secret_access_key().to_string(),
         ];
-        secrets.extend(
-            self.extra_vars
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with(S3_SECRET_VAR))
-                .map(|(_, v)| v.clone()),
-        );
+        secrets.extend(self.extra_secrets.lock().unwrap().iter().cloned());
         secrets
+    }
+
+    /// Adds a secret variable (e.g. another cluster's password) for `${name}` in configs.
+    pub fn add_secret_var(&self, name: &str, value: &str) {
+        self.extra_vars
+            .lock()
+            .unwrap()
+            .push((name.to_string(), value.to_string()));
+        self.extra_secrets.lock().unwrap().push(value.to_string());
     }
 
     /// A `[[source]]` for this cluster, password from the environment.
@@ -281,4 +286,27 @@ pub fn assert_no_secret(output: &str, secrets: &[String]) {
             "a secret appeared in pgferry's output:\n{output}"
         );
     }
+}
+
+/// Overwrites the dump object of `snapshot_id` in `store` with bytes of the same length:
+/// a silently corrupted copy.
+pub async fn corrupt_dump(store: &Arc<dyn ObjectStore>, snapshot_id: &str) {
+    let key = keys(store)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(&format!("{snapshot_id}.dump.zst")))
+        .expect("dump object exists");
+    let mut bytes = get(store, &key).await.to_vec();
+    let len = bytes.len();
+    for b in bytes[len / 3..len / 3 + 64.min(len / 3)].iter_mut() {
+        *b ^= 0x5a;
+    }
+    store
+        .put(
+            &object_store::path::Path::from(key.as_str()),
+            object_store::PutPayload::from(bytes),
+        )
+        .await
+        .expect("overwrite the object");
+    assert_eq!(get(store, &key).await.len(), len);
 }

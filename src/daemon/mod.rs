@@ -1,0 +1,190 @@
+//! `pgferry daemon`: the scheduler, the HTTP server and graceful shutdown, wired together.
+//!
+//! [`run`] builds a [`scheduler::Scheduler`] over the real [`PgRunner`] (advisory lock →
+//! "already committed?" check → `backup::backup_database` → retention), starts the readiness
+//! checker and the HTTP server, and waits for SIGTERM or SIGINT. Then it stops scheduling and
+//! serving, lets running backups finish for `daemon.shutdown_grace`, cancels what is left
+//! (pg_dump killed, uploads aborted, no manifest) and returns once everything has ended.
+
+pub mod ha;
+pub mod readiness;
+pub mod scheduler;
+pub mod state;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::backup;
+use crate::config::SourceConfig;
+use crate::pipeline::Progress;
+use crate::prune::{self, Selection};
+use crate::retention::{self, BackupOutcome};
+use crate::source;
+
+use scheduler::{Attempt, RetryPolicy, RunError, Runner, Scheduler, SchedulerParts, SystemClock};
+use state::StateMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr} (daemon.listen): {source}; pick a free address")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The real [`Runner`]: PostgreSQL discovery, the advisory lock, the committed check, the
+/// backup pipeline, and retention after a commit.
+pub struct PgRunner {
+    pub app: App,
+}
+
+impl Runner for PgRunner {
+    async fn discover(&self, source: &SourceConfig) -> Result<Vec<String>, RunError> {
+        let discover_err = |error| RunError::Discover {
+            source_name: source.name.clone(),
+            error,
+        };
+        let client = source::connect(&source.url, None)
+            .await
+            .map_err(discover_err)?;
+        source::discover(&client, source)
+            .await
+            .map_err(discover_err)
+    }
+
+    async fn attempt(
+        &self,
+        source: &SourceConfig,
+        database: &str,
+        snapshot_id: &str,
+        cancel: CancellationToken,
+    ) -> Result<Attempt, RunError> {
+        let lock = ha::try_lock(source, database)
+            .await
+            .map_err(|error| RunError::Lock {
+                source_name: source.name.clone(),
+                database: database.to_string(),
+                error,
+            })?;
+        let Some(lock) = lock else {
+            return Ok(Attempt::LockedElsewhere);
+        };
+        let min = self.app.config.pipeline.min_targets;
+        if ha::is_committed(&self.app.targets, &source.name, database, snapshot_id, min).await {
+            return Ok(Attempt::AlreadyCommitted);
+        }
+        let progress = Arc::new(Progress::default());
+        let report =
+            backup::backup_database(&self.app, source, database, snapshot_id, progress, cancel)
+                .await;
+        drop(lock);
+        let report = report?;
+        Ok(Attempt::Committed {
+            finished_at: report.manifest.finished_at,
+        })
+    }
+
+    async fn after_commit(
+        &self,
+        source: &SourceConfig,
+        database: &str,
+        last: Option<BackupOutcome>,
+    ) {
+        let selection = Selection {
+            source: Some(source.name.clone()),
+            database: Some(database.to_string()),
+        };
+        let report = prune::prune(
+            &self.app,
+            &selection,
+            &move |_, _| last,
+            Utc::now(),
+            retention::DEFAULT_ORPHAN_GRACE,
+            false,
+        )
+        .await;
+        for e in &report.errors {
+            tracing::warn!(message = "Retention incomplete.", source = %source.name, database = %database, error = %e);
+        }
+    }
+}
+
+/// The daemon's scheduler type.
+pub type DaemonScheduler = Scheduler<PgRunner, SystemClock>;
+
+/// Runs the daemon until SIGTERM/SIGINT, then drains. Returns Ok once everything has ended.
+pub async fn run(app: App) -> Result<(), DaemonError> {
+    let stop = CancellationToken::new();
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Signals)?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(message = "SIGTERM received: stopping the schedule, letting running backups finish."),
+                r = tokio::signal::ctrl_c() => match r {
+                    Ok(()) => tracing::info!(message = "SIGINT received: stopping the schedule, letting running backups finish."),
+                    Err(error) => tracing::error!(message = "Cannot wait for SIGINT.", error = %error),
+                },
+            }
+            stop.cancel();
+        });
+    }
+    run_until(app, stop).await
+}
+
+/// Runs the daemon until `stop` is cancelled, then drains.
+pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonError> {
+    let state = Arc::new(StateMap::default());
+    let scheduler = Scheduler::new(SchedulerParts {
+        runner: PgRunner { app: app.clone() },
+        clock: SystemClock,
+        sources: app.config.sources.clone(),
+        state,
+        max_concurrent: app.config.daemon.max_concurrent_backups,
+        retry: RetryPolicy::default(),
+        metrics: app.metrics.clone(),
+    });
+    let readiness = readiness::ReadinessCache::default();
+    let addr = app.config.daemon.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind { addr, source })?;
+    tracing::info!(
+        message = "Daemon started.",
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        sources = app.config.sources.len(),
+        targets = app.targets.len()
+    );
+    let checker = tokio::spawn(readiness::run(app.clone(), readiness.clone(), stop.clone()));
+    scheduler.start();
+    let http_state = crate::http::HttpState::new(app.clone(), scheduler.clone(), readiness);
+    let router = crate::http::router(http_state);
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+    stop.cancelled().await;
+    let grace = app.config.daemon.shutdown_grace;
+    scheduler.drain(grace).await;
+    let served = server.await;
+    let _ = checker.await;
+    tracing::info!(message = "Daemon stopped.");
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(DaemonError::Serve(e)),
+        Err(join) => Err(DaemonError::Serve(std::io::Error::other(join.to_string()))),
+    }
+}

@@ -1,0 +1,208 @@
+//! The daemon's HTTP server (axum): metrics, health, readiness, the JSON API and a small
+//! status page.
+//!
+//! Routes: `GET /metrics`, `GET /healthz`, `GET /readyz`, `GET /api/v1/status`,
+//! `GET /api/v1/snapshots?source=&database=`, `POST /api/v1/backups` (bearer token, see
+//! [`auth`]) and `GET /`. Handlers only read the daemon's state, the readiness cache and the
+//! catalog, or ask the scheduler to start a run; no response carries a secret (URLs are
+//! redacted, the token is never echoed).
+
+pub mod auth;
+mod page;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::app::App;
+use crate::catalog::{self, Filter};
+use crate::daemon::readiness::ReadinessCache;
+use crate::daemon::scheduler::Runner;
+use crate::daemon::state::StartError;
+use crate::daemon::DaemonScheduler;
+
+use auth::{AuthError, TokenFile};
+
+/// The Prometheus text format's content type.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What every handler may use; cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    app: App,
+    scheduler: DaemonScheduler,
+    readiness: ReadinessCache,
+    token: Arc<TokenFile>,
+}
+
+impl HttpState {
+    pub fn new(app: App, scheduler: DaemonScheduler, readiness: ReadinessCache) -> HttpState {
+        let token = Arc::new(TokenFile::new(app.config.daemon.api_token_file.clone()));
+        HttpState {
+            app,
+            scheduler,
+            readiness,
+            token,
+        }
+    }
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/snapshots", get(snapshots))
+        .route("/api/v1/backups", post(start_backup))
+        .with_state(state)
+}
+
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        s.app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let r = s.readiness.get();
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(r)).into_response()
+}
+
+async fn status(State(s): State<HttpState>) -> Response {
+    Json(json!({
+        "databases": s.scheduler.state().snapshot(),
+        "shutting_down": s.scheduler.is_shutting_down(),
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct SnapshotQuery {
+    source: Option<String>,
+    database: Option<String>,
+}
+
+async fn snapshots(State(s): State<HttpState>, Query(q): Query<SnapshotQuery>) -> Response {
+    let filter = Filter {
+        source: q.source,
+        databases: q.database.into_iter().collect(),
+        target: None,
+    };
+    let c = catalog::load(&s.app.targets, &filter).await;
+    Json(json!({
+        "snapshots": c.snapshots,
+        "warnings": c.warnings,
+        "unreachable_targets": c.unreachable.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupRequest {
+    source: String,
+    database: String,
+}
+
+async fn start_backup(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth::authorize(s.token.token().as_deref(), header) {
+        Ok(()) => {}
+        Err(e @ AuthError::Disabled) => return error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": e.to_string() })),
+            )
+                .into_response()
+        }
+    }
+    let req: BackupRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"source\": ..., \"database\": ...}}: {e}"),
+            )
+        }
+    };
+    if s.scheduler.is_shutting_down() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let Some(idx) = s
+        .scheduler
+        .sources()
+        .iter()
+        .position(|x| x.name == req.source)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no source named {:?}", req.source),
+        );
+    };
+    let source = &s.scheduler.sources()[idx];
+    match s.scheduler.runner().discover(source).await {
+        Ok(dbs) if dbs.contains(&req.database) => {}
+        Ok(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "source {} has no database {:?} selected for backup",
+                    req.source, req.database
+                ),
+            )
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    match s.scheduler.start_manual(idx, &req.database) {
+        Ok(id) => {
+            tracing::info!(message = "Manual backup requested.", source = %req.source, database = %req.database, snapshot_id = %id);
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "source": req.source,
+                    "database": req.database,
+                    "snapshot_id": id,
+                    "status": "started",
+                })),
+            )
+                .into_response()
+        }
+        Err(e @ StartError::AlreadyRunning { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+async fn index(State(s): State<HttpState>) -> Html<String> {
+    Html(page::render(
+        &s.scheduler.state().snapshot(),
+        &s.readiness.get(),
+        chrono::Utc::now(),
+    ))
+}

@@ -1,0 +1,453 @@
+//! The retention executor: applies `retention::plan` to the snapshots on the targets.
+//!
+//! Per source, database and target: read the catalog, ask [`retention::prune_allowed`],
+//! plan, then delete each expired snapshot manifest first (so a crash leaves an orphan dump,
+//! never a manifest pointing at nothing), then its verify report, then its dump; finally remove
+//! the dumps without a manifest older than the orphan grace. The decisions are `retention`'s;
+//! this module only lists and deletes. A target that cannot be listed is skipped and reported.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use object_store::ObjectStore;
+use serde::Serialize;
+
+use crate::app::App;
+use crate::catalog::{self, Filter};
+use crate::retention::{self, BackupOutcome, KeepReason, SkipReason, SnapshotRef};
+use crate::schedule;
+use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("target {target}: cannot delete {key}: {source}; the next prune retries")]
+    Delete {
+        target: String,
+        key: String,
+        source: object_store::Error,
+    },
+    #[error("target {target} could not be listed, so nothing on it was pruned: {error}")]
+    Unreachable { target: String, error: String },
+}
+
+/// Which databases to prune.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub source: Option<String>,
+    pub database: Option<String>,
+}
+
+/// The plan for one database on one target, and what was done.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabasePlan {
+    pub source: String,
+    pub database: String,
+    pub target: String,
+    /// Kept snapshot ids, newest first, with every rule that keeps them.
+    pub keep: Vec<(String, Vec<KeepReason>)>,
+    /// Expired snapshot ids, newest first.
+    pub delete: Vec<String>,
+    /// Why nothing was deleted, if retention left the database alone.
+    #[serde(serialize_with = "ser_skip")]
+    pub skipped: Option<SkipReason>,
+}
+
+fn ser_skip<S: serde::Serializer>(v: &Option<SkipReason>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(r) => s.serialize_some(&r.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// What a prune run planned and did.
+#[derive(Debug, Default)]
+pub struct PruneReport {
+    pub plans: Vec<DatabasePlan>,
+    /// (target, key) of the dumps without a manifest that are past the grace period.
+    pub orphans: Vec<(String, String)>,
+    /// Snapshots deleted (their manifest is gone), orphans removed.
+    pub deleted_snapshots: usize,
+    pub deleted_orphans: usize,
+    /// Snapshots of sources no longer in the config: never touched.
+    pub unknown_sources: BTreeSet<String>,
+    pub errors: Vec<PruneError>,
+}
+
+/// Plans and (unless `dry_run`) applies retention to the selected databases on every target.
+/// `last` says how each database's last backup ended, as far as the caller knows.
+pub async fn prune(
+    app: &App,
+    selection: &Selection,
+    last: &(dyn Fn(&str, &str) -> Option<BackupOutcome> + Sync),
+    now: DateTime<Utc>,
+    orphan_grace: Duration,
+    dry_run: bool,
+) -> PruneReport {
+    let filter = Filter {
+        source: selection.source.clone(),
+        databases: selection.database.iter().cloned().collect(),
+        target: None,
+    };
+    let catalog = catalog::load(&app.targets, &filter).await;
+    let mut report = PruneReport::default();
+    for (target, error) in &catalog.unreachable {
+        report.errors.push(PruneError::Unreachable {
+            target: target.clone(),
+            error: error.clone(),
+        });
+    }
+    let databases: BTreeSet<(String, String)> = catalog
+        .snapshots
+        .iter()
+        .map(|s| (s.manifest.source.clone(), s.manifest.database.clone()))
+        .collect();
+    for (source_name, database) in databases {
+        let Some(source) = app.config.source(&source_name) else {
+            report.unknown_sources.insert(source_name);
+            continue;
+        };
+        for t in app.targets.iter() {
+            if catalog.unreachable.iter().any(|(n, _)| n == &t.name) {
+                continue;
+            }
+            let refs: Vec<SnapshotRef> = catalog
+                .of(&source_name, &database)
+                .filter(|s| s.targets.contains(&t.name))
+                .map(|s| SnapshotRef {
+                    id: s.id().to_string(),
+                    time: schedule::parse_snapshot_id(s.id()).unwrap_or(s.manifest.started_at),
+                })
+                .collect();
+            if refs.is_empty() {
+                continue;
+            }
+            let mut plan = DatabasePlan {
+                source: source_name.clone(),
+                database: database.clone(),
+                target: t.name.clone(),
+                keep: Vec::new(),
+                delete: Vec::new(),
+                skipped: None,
+            };
+            if let Err(reason) = retention::prune_allowed(last(&source_name, &database)) {
+                plan.skipped = Some(reason);
+                plan.keep = refs.into_iter().map(|r| (r.id, Vec::new())).collect();
+                report.plans.push(plan);
+                continue;
+            }
+            let p = retention::plan(&source.retention, &refs);
+            plan.keep = p.keep.into_iter().map(|(r, why)| (r.id, why)).collect();
+            plan.delete = p.delete.into_iter().map(|r| r.id).collect();
+            if !dry_run {
+                for id in &plan.delete {
+                    match delete_snapshot(t, &source_name, &database, id).await {
+                        Ok(()) => {
+                            report.deleted_snapshots += 1;
+                            app.metrics
+                                .retention_deleted_total
+                                .with_label_values(&[&t.name])
+                                .inc();
+                            tracing::info!(message = "Retention deleted a snapshot.", target = %t.name, source = %source_name, database = %database, snapshot_id = %id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(message = "Retention could not delete a snapshot.", error = %e);
+                            report.errors.push(e);
+                        }
+                    }
+                }
+            }
+            report.plans.push(plan);
+        }
+    }
+
+    // Dumps without a manifest, past the grace period.
+    for t in app.targets.iter() {
+        let candidates: Vec<(String, DateTime<Utc>)> = catalog
+            .orphans
+            .iter()
+            .filter(|o| o.target == t.name)
+            .map(|o| (o.key.to_string(), o.last_modified))
+            .collect();
+        for key in retention::orphan_dumps(&candidates, now, orphan_grace) {
+            report.orphans.push((t.name.clone(), key.clone()));
+            if dry_run {
+                continue;
+            }
+            match delete(t, &object_store::path::Path::from(key.as_str())).await {
+                Ok(()) => {
+                    report.deleted_orphans += 1;
+                    tracing::info!(message = "Retention removed a dump left without a manifest.", target = %t.name, key = %key);
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+    }
+    report
+}
+
+/// Deletes one snapshot from a target: manifest first, then verify report and dump.
+pub async fn delete_snapshot(
+    t: &Target,
+    source: &str,
+    database: &str,
+    snapshot_id: &str,
+) -> Result<(), PruneError> {
+    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX] {
+        delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
+    }
+    Ok(())
+}
+
+/// Deletes one object; one that is already gone is fine.
+async fn delete(t: &Target, key: &object_store::path::Path) -> Result<(), PruneError> {
+    match t.store.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(PruneError::Delete {
+            target: t.name.clone(),
+            key: key.to_string(),
+            source,
+        }),
+    }
+}
+
+/// The plan as `pgferry prune` prints it.
+pub fn render(report: &PruneReport, dry_run: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let verb = if dry_run { "would delete" } else { "delete" };
+    for p in &report.plans {
+        let _ = writeln!(
+            out,
+            "{}/{} on {}: keep {}, {verb} {}",
+            p.source,
+            p.database,
+            p.target,
+            p.keep.len(),
+            p.delete.len()
+        );
+        if let Some(reason) = &p.skipped {
+            let _ = writeln!(out, "  skipped: {reason}");
+        }
+        for (id, why) in &p.keep {
+            let why: Vec<String> = why.iter().map(|w| w.to_string()).collect();
+            let _ = writeln!(out, "  keep    {id}  {}", why.join(", "));
+        }
+        for id in &p.delete {
+            let _ = writeln!(out, "  {verb:<7} {id}");
+        }
+    }
+    for (t, key) in &report.orphans {
+        let _ = writeln!(
+            out,
+            "orphan dump on {t} (no manifest, older than the grace): {verb} {key}"
+        );
+    }
+    for s in &report.unknown_sources {
+        let _ = writeln!(
+            out,
+            "source {s} is not in the config: its snapshots are left alone"
+        );
+    }
+    if report.plans.is_empty() && report.orphans.is_empty() {
+        let _ = writeln!(out, "nothing to prune: no committed snapshot selected");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::manifest::tests::sample;
+    use crate::target::Target;
+    use object_store::memory::InMemory;
+    use object_store::PutPayload;
+    use std::sync::Arc;
+
+    fn app(targets: Vec<Target>) -> App {
+        let text = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry@127.0.0.1:1/postgres"
+retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }
+
+[[target]]
+name = "a"
+url = "file:///nonexistent/a"
+"#;
+        let config =
+            Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
+        App {
+            config: Arc::new(config),
+            targets: Arc::new(targets),
+            metrics: crate::metrics::Metrics::new(),
+        }
+    }
+
+    async fn put_snapshot(t: &Target, id: &str) {
+        let mut m = sample();
+        m.snapshot_id = id.into();
+        for (suffix, body) in [
+            (DUMP_SUFFIX, b"dump".to_vec()),
+            (
+                VERIFY_SUFFIX,
+                br#"{"result":"ok","finished_at":"2026-11-27T15:00:00Z"}"#.to_vec(),
+            ),
+            (MANIFEST_SUFFIX, m.to_json().to_vec()),
+        ] {
+            t.store
+                .put(&t.key("prod", "acme", id, suffix), PutPayload::from(body))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn keys(t: &Target) -> Vec<String> {
+        use futures::TryStreamExt;
+        let mut v: Vec<String> = t
+            .store
+            .list(None)
+            .map_ok(|o| o.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    const IDS: [&str; 4] = [
+        "20261127T110000Z",
+        "20261127T120000Z",
+        "20261127T130000Z",
+        "20261127T140000Z",
+    ];
+
+    #[tokio::test]
+    async fn deletes_expired_snapshots_on_every_target_and_old_orphans() {
+        let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
+        let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
+        for id in IDS {
+            put_snapshot(&a, id).await;
+        }
+        for id in &IDS[2..] {
+            put_snapshot(&b, id).await;
+        }
+        // A dump without a manifest on b.
+        let orphan = b.key("prod", "acme", "20261126T000000Z", DUMP_SUFFIX);
+        b.store
+            .put(&orphan, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+        let app = app(vec![a.clone(), b.clone()]);
+        let now = Utc::now();
+
+        // Dry run: plans, deletes nothing; the orphan is younger than the grace.
+        let r = prune(
+            &app,
+            &Selection::default(),
+            &|_, _| None,
+            now,
+            retention::DEFAULT_ORPHAN_GRACE,
+            true,
+        )
+        .await;
+        assert_eq!(r.plans.len(), 2);
+        assert_eq!(r.plans[0].delete, vec![IDS[1], IDS[0]]);
+        assert!(r.plans[1].delete.is_empty());
+        assert!(r.orphans.is_empty());
+        assert_eq!(keys(&a).await.len(), 12);
+        assert!(render(&r, true).contains("would delete 20261127T110000Z"));
+
+        // For real, with a grace that makes the orphan old.
+        let r = prune(
+            &app,
+            &Selection::default(),
+            &|_, _| None,
+            now,
+            Duration::ZERO,
+            false,
+        )
+        .await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.deleted_snapshots, 2);
+        assert_eq!(r.deleted_orphans, 1);
+        let left = keys(&a).await;
+        assert_eq!(left.len(), 6, "{left:?}");
+        assert!(left
+            .iter()
+            .all(|k| k.contains("T130000Z") || k.contains("T140000Z")));
+        assert_eq!(keys(&b).await.len(), 6);
+        assert_eq!(
+            app.metrics
+                .retention_deleted_total
+                .with_label_values(&["a"])
+                .get(),
+            2
+        );
+        // Idempotent.
+        let r = prune(
+            &app,
+            &Selection::default(),
+            &|_, _| None,
+            now,
+            Duration::ZERO,
+            false,
+        )
+        .await;
+        assert_eq!(r.deleted_snapshots, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_last_backup_blocks_pruning_and_the_newest_always_stays() {
+        let a = Target::new("a", Arc::new(InMemory::new()), "", 10_000);
+        for id in IDS {
+            put_snapshot(&a, id).await;
+        }
+        let app = app(vec![a.clone()]);
+        let failed = |_: &str, _: &str| Some(BackupOutcome::Failed);
+        let r = prune(
+            &app,
+            &Selection::default(),
+            &failed,
+            Utc::now(),
+            Duration::ZERO,
+            false,
+        )
+        .await;
+        assert_eq!(r.deleted_snapshots, 0);
+        assert_eq!(r.plans[0].skipped, Some(SkipReason::LastBackupFailed));
+        assert_eq!(keys(&a).await.len(), 12);
+
+        let mut cfg = (*app.config).clone();
+        cfg.sources[0].retention = crate::config::RetentionPolicy {
+            keep_last: 0,
+            hourly: 0,
+            daily: 0,
+            weekly: 0,
+            monthly: 0,
+        };
+        let app = App {
+            config: Arc::new(cfg),
+            ..app
+        };
+        let sel = Selection {
+            source: Some("prod".into()),
+            database: Some("acme".into()),
+        };
+        let r = prune(
+            &app,
+            &sel,
+            &|_, _| Some(BackupOutcome::Committed),
+            Utc::now(),
+            Duration::ZERO,
+            false,
+        )
+        .await;
+        assert_eq!(r.deleted_snapshots, 3);
+        let left = keys(&a).await;
+        assert_eq!(left.len(), 3);
+        assert!(left.iter().all(|k| k.contains(IDS[3])));
+        assert_eq!(r.plans[0].keep[0].1, vec![KeepReason::Newest]);
+    }
+}

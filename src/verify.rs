@@ -1,0 +1,547 @@
+//! Restore-verify: prove that the latest snapshot of each database restores completely.
+//!
+//! For each selected database: take the newest committed snapshot from the catalog, restore
+//! it into a scratch database on the `[verify]` server (the restore path: sha256 and size
+//! checked as it streams, falling back to the next target on a bad copy), compare every
+//! table's row count with the statistics the manifest recorded from the dump stream itself,
+//! run the configured checks, drop the scratch database, and write the report as
+//! `<snapshot_id>.verify.json` beside the manifest on every target holding the snapshot.
+//!
+//! This module never touches a source or a staging database: it writes only to the verify
+//! server (scratch databases it created) and to `.verify.json` objects.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use object_store::PutPayload;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::catalog::{self, Filter, SnapshotEntry};
+use crate::manifest::TableEntry;
+use crate::metrics::{now_seconds, Outcome};
+use crate::restore::guard::{self, quote_ident};
+use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
+use crate::restore::swap::{Server, SwapError};
+use crate::restore::TargetFailure;
+use crate::source::{self, SourceError};
+use crate::target::VERIFY_SUFFIX;
+
+/// Version of the verify report format.
+pub const REPORT_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no source named {0:?} in the config")]
+    UnknownSource(String),
+    #[error("no committed snapshot of {source_name}/{database} on any target; run `pgferry list --source {source_name}`")]
+    NoSnapshot {
+        source_name: String,
+        database: String,
+    },
+    #[error("verify server: {0}")]
+    Server(#[from] SwapError),
+    #[error("verify server: {0}")]
+    Source(#[from] SourceError),
+    #[error("verify cancelled; the scratch database was dropped")]
+    Cancelled,
+}
+
+/// One table's comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableCheck {
+    pub schema: String,
+    pub name: String,
+    /// Rows recorded in the manifest (COPY lines in the dump stream).
+    pub expected: u64,
+    /// `count(*) FROM ONLY` in the restored database; None if the table is missing.
+    pub actual: Option<u64>,
+}
+
+impl TableCheck {
+    pub fn ok(&self) -> bool {
+        self.actual == Some(self.expected)
+    }
+}
+
+/// One configured check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub sql: String,
+    pub passed: bool,
+    /// Why it did not pass: the error, or "returned false".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `<snapshot_id>.verify.json` document (`catalog::VerifySummary` reads its gist).
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub format_version: u32,
+    /// "success" or "failure".
+    pub result: String,
+    pub source: String,
+    pub database: String,
+    pub snapshot_id: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// The target whose copy was restored, if any copy was good.
+    pub restored_from: Option<String>,
+    pub failed_targets: Vec<TargetFailure>,
+    pub tables: Vec<TableCheck>,
+    pub large_objects: Option<LargeObjectCheck>,
+    pub checks: Vec<CheckResult>,
+    /// Everything that made the result a failure, in words.
+    pub problems: Vec<String>,
+    pub restore_seconds: f64,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LargeObjectCheck {
+    pub expected: u64,
+    pub actual: u64,
+}
+
+impl VerifyReport {
+    pub fn passed(&self) -> bool {
+        self.result == Outcome::Success.as_str()
+    }
+}
+
+/// Compares the manifest's tables with the restored counts; returns the checks and the
+/// problems, each naming the table and by how much it differs.
+pub fn compare_tables(
+    expected: &[TableEntry],
+    actual: &[(String, String, Option<u64>)],
+) -> (Vec<TableCheck>, Vec<String>) {
+    let mut checks = Vec::new();
+    let mut problems = Vec::new();
+    for t in expected {
+        let found = actual
+            .iter()
+            .find(|(s, n, _)| *s == t.schema && *n == t.name)
+            .and_then(|(_, _, c)| *c);
+        let check = TableCheck {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            expected: t.rows,
+            actual: found,
+        };
+        if !check.ok() {
+            problems.push(match found {
+                None => format!(
+                    "table {}.{} is missing from the restored database (manifest: {} rows)",
+                    t.schema, t.name, t.rows
+                ),
+                Some(n) => format!(
+                    "table {}.{} has {n} rows, the manifest says {} ({:+})",
+                    t.schema,
+                    t.name,
+                    t.rows,
+                    n as i128 - t.rows as i128
+                ),
+            });
+        }
+        checks.push(check);
+    }
+    (checks, problems)
+}
+
+/// What `pgferry verify` selects.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyRequest {
+    pub source: Option<String>,
+    pub databases: Vec<String>,
+}
+
+/// Verifies the latest snapshot of every selected database, one after the other. Each item
+/// is a report (passed or not) or an error that kept verification from running at all.
+pub async fn verify_all(
+    app: &App,
+    req: &VerifyRequest,
+    cancel: CancellationToken,
+) -> Result<Vec<(String, String, Result<VerifyReport, VerifyError>)>, VerifyError> {
+    if let Some(s) = &req.source {
+        if app.config.source(s).is_none() {
+            return Err(VerifyError::UnknownSource(s.clone()));
+        }
+    }
+    let filter = Filter {
+        source: req.source.clone(),
+        databases: req.databases.clone(),
+        target: None,
+    };
+    let cat = catalog::load(&app.targets, &filter).await;
+    let mut latest: Vec<&SnapshotEntry> = Vec::new();
+    for s in &cat.snapshots {
+        if !latest.iter().any(|l| {
+            l.manifest.source == s.manifest.source && l.manifest.database == s.manifest.database
+        }) {
+            latest.push(s); // newest first: the first seen is the latest
+        }
+    }
+    latest.sort_by(|a, b| {
+        (&a.manifest.source, &a.manifest.database).cmp(&(&b.manifest.source, &b.manifest.database))
+    });
+    let mut out = Vec::new();
+    for d in &req.databases {
+        if !latest.iter().any(|l| l.manifest.database == *d) {
+            out.push((
+                req.source.clone().unwrap_or_default(),
+                d.clone(),
+                Err(VerifyError::NoSnapshot {
+                    source_name: req.source.clone().unwrap_or_else(|| "*".into()),
+                    database: d.clone(),
+                }),
+            ));
+        }
+    }
+    for entry in latest {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let m = &entry.manifest;
+        let span = tracing::info_span!("verify", source = %m.source, database = %m.database, snapshot_id = %m.snapshot_id);
+        let r = verify_one(app, entry, cancel.clone())
+            .instrument(span)
+            .await;
+        record(app, &m.source, &m.database, &r);
+        out.push((m.source.clone(), m.database.clone(), r));
+    }
+    Ok(out)
+}
+
+fn record(app: &App, source: &str, database: &str, r: &Result<VerifyReport, VerifyError>) {
+    let outcome = match r {
+        Ok(rep) if rep.passed() => {
+            app.metrics
+                .verify_last_success
+                .with_label_values(&[source, database])
+                .set(now_seconds());
+            Outcome::Success
+        }
+        Err(VerifyError::Cancelled) => Outcome::Cancelled,
+        _ => Outcome::Failure,
+    };
+    app.metrics
+        .verifies_total
+        .with_label_values(&[outcome.as_str()])
+        .inc();
+}
+
+/// Verifies one snapshot; the report is written to every target holding it.
+pub async fn verify_one(
+    app: &App,
+    entry: &SnapshotEntry,
+    cancel: CancellationToken,
+) -> Result<VerifyReport, VerifyError> {
+    let started = Instant::now();
+    let started_at = Utc::now();
+    let m = &entry.manifest;
+    let url = &app.config.verify.url;
+    // The scratch database is named like a restore's temporary one, keyed on this database,
+    // so the same lock and leftover cleaning apply after a killed run.
+    let key = format!("pgferry-verify:{}/{}", m.source, m.database);
+    let server = Server::lock(url, &key).await?;
+    let cleaned = server.clean_leftovers(&key).await?;
+    if !cleaned.is_empty() {
+        tracing::warn!(message = "Dropped scratch databases of an interrupted verify.", databases = %cleaned.join(","));
+    }
+    let version = source::server_version(&server.client, url).await?;
+    let tool = source::find_tool(
+        "pg_restore",
+        app.config.verify.pg_bin_dir.as_deref(),
+        &version,
+    )
+    .await?;
+    let scratch = guard::tmp_name(&key, &m.snapshot_id);
+    let owner = url.parsed.get_user().unwrap_or("postgres").to_string();
+
+    let mut failures = Vec::new();
+    let mut restored_from = None;
+    for target_name in &entry.targets {
+        let Some(target) = app.target(target_name) else {
+            continue;
+        };
+        if cancel.is_cancelled() {
+            server.drop_database(&scratch).await.ok();
+            return Err(VerifyError::Cancelled);
+        }
+        server.drop_database(&scratch).await?;
+        server
+            .create_tmp(
+                &scratch,
+                &owner,
+                &format!(
+                    "pgferry verify scratch of {}/{} snapshot {}, pid {}; safe to drop when no verify runs",
+                    m.source,
+                    m.database,
+                    m.snapshot_id,
+                    std::process::id()
+                ),
+            )
+            .await?;
+        let into = RestoreInto {
+            tool: &tool,
+            url,
+            tmp_database: &scratch,
+            owner: &owner,
+        };
+        match load::stream(target, m, &into, Arc::new(LoadProgress::default()), &cancel)
+            .instrument(tracing::info_span!("load", target = %target.name))
+            .await
+        {
+            Ok(_) => {
+                restored_from = Some(target.name.clone());
+                break;
+            }
+            Err(LoadError::Cancelled) => {
+                server.drop_database(&scratch).await.ok();
+                return Err(VerifyError::Cancelled);
+            }
+            Err(e) => {
+                tracing::warn!(message = "This target's copy did not restore; trying the next target.", target = %target.name, error = %e);
+                failures.push(TargetFailure {
+                    target: target.name.clone(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    let restore_seconds = started.elapsed().as_secs_f64();
+
+    let mut problems: Vec<String> = failures
+        .iter()
+        .map(|f| format!("the copy on target {} failed: {}", f.target, f.error))
+        .collect();
+    let mut tables = Vec::new();
+    let mut large_objects = None;
+    let mut checks = Vec::new();
+    if restored_from.is_some() {
+        // Copies that failed before a good one are reported, but do not fail the verify of
+        // the snapshot: the snapshot itself restored. They are in the report and the log.
+        problems.clear();
+        match inspect(app, url, &scratch, entry).await {
+            Ok(found) => {
+                tables = found.tables;
+                large_objects = found.large_objects;
+                checks = found.checks;
+                problems.extend(found.problems);
+            }
+            Err(e) => problems.push(format!("cannot inspect the restored database: {e}")),
+        }
+    } else {
+        problems.push("no target holds a copy that restores".into());
+    }
+    server.drop_database(&scratch).await?;
+
+    let report = VerifyReport {
+        format_version: REPORT_FORMAT_VERSION,
+        result: if problems.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
+        .as_str()
+        .into(),
+        source: m.source.clone(),
+        database: m.database.clone(),
+        snapshot_id: m.snapshot_id.clone(),
+        started_at,
+        finished_at: Utc::now(),
+        restored_from,
+        failed_targets: failures,
+        tables,
+        large_objects,
+        checks,
+        problems,
+        restore_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+    };
+    write_report(app, entry, &report).await;
+    if report.passed() {
+        tracing::info!(
+            message = "Snapshot verified.",
+            tables = report.tables.len(),
+            seconds = report.total_seconds
+        );
+    } else {
+        tracing::error!(message = "Snapshot failed verification.", problems = %report.problems.join("; "));
+    }
+    Ok(report)
+}
+
+struct Inspection {
+    tables: Vec<TableCheck>,
+    large_objects: Option<LargeObjectCheck>,
+    checks: Vec<CheckResult>,
+    problems: Vec<String>,
+}
+
+/// Counts rows in the restored scratch database and runs the configured checks.
+async fn inspect(
+    app: &App,
+    url: &crate::config::PgUrl,
+    scratch: &str,
+    entry: &SnapshotEntry,
+) -> Result<Inspection, SourceError> {
+    let client = source::connect(url, Some(scratch)).await?;
+    let m = &entry.manifest;
+    let mut problems = Vec::new();
+    let mut tables = Vec::new();
+    let mut large_objects = None;
+    match &m.tables {
+        Some(expected) => {
+            let mut actual = Vec::new();
+            for t in expected {
+                let sql = format!(
+                    "SELECT count(*) FROM ONLY {}.{}",
+                    quote_ident(&t.schema),
+                    quote_ident(&t.name)
+                );
+                let n = client
+                    .query_one(&sql, &[])
+                    .await
+                    .ok()
+                    .map(|r| r.get::<_, i64>(0).max(0) as u64);
+                actual.push((t.schema.clone(), t.name.clone(), n));
+            }
+            let (checks, p) = compare_tables(expected, &actual);
+            tables = checks;
+            problems.extend(p);
+            if let Some(expected) = m.large_objects {
+                let n: i64 = client
+                    .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+                    .await
+                    .map_err(|source| SourceError::Query {
+                        url: url.redacted(),
+                        source,
+                    })?
+                    .get(0);
+                let actual = n.max(0) as u64;
+                if actual != expected {
+                    problems.push(format!(
+                        "{actual} large objects restored, the manifest says {expected}"
+                    ));
+                }
+                large_objects = Some(LargeObjectCheck { expected, actual });
+            }
+        }
+        None => tracing::warn!(
+            message = "This snapshot's manifest has no table statistics (written by an older pgferry); only the checks run."
+        ),
+    }
+    let mut checks = Vec::new();
+    for sql in &app.config.verify.checks {
+        let result = match client.query_one(sql.as_str(), &[]).await {
+            Ok(row) => match row.try_get::<_, bool>(0) {
+                Ok(true) => None,
+                Ok(false) => Some("returned false".to_string()),
+                Err(e) => Some(format!("did not return one boolean: {e}")),
+            },
+            Err(e) => Some(source::pg_message(&e)),
+        };
+        if let Some(why) = &result {
+            problems.push(format!("check `{sql}` failed: {why}"));
+        }
+        checks.push(CheckResult {
+            sql: sql.clone(),
+            passed: result.is_none(),
+            error: result,
+        });
+    }
+    Ok(Inspection {
+        tables,
+        large_objects,
+        checks,
+        problems,
+    })
+}
+
+/// Writes the report beside the manifest on every target holding the snapshot.
+async fn write_report(app: &App, entry: &SnapshotEntry, report: &VerifyReport) {
+    let body = serde_json::to_vec_pretty(report).expect("a report always serializes");
+    let m = &entry.manifest;
+    for name in &entry.targets {
+        let Some(t) = app.target(name) else { continue };
+        let key = t.key(&m.source, &m.database, &m.snapshot_id, VERIFY_SUFFIX);
+        if let Err(error) = t.store.put(&key, PutPayload::from(body.clone())).await {
+            tracing::warn!(message = "Cannot write the verify report.", target = %t.name, error = %error);
+        }
+    }
+}
+
+/// Pushes the verify metrics to a Prometheus Pushgateway (for the CronJob, which is gone
+/// before any scrape): `PUT <url>/metrics/job/pgferry_verify`.
+pub async fn push_metrics(app: &App, gateway: &str) -> Result<(), String> {
+    use prometheus::Encoder;
+    let families: Vec<_> = app
+        .metrics
+        .registry
+        .gather()
+        .into_iter()
+        .filter(|f| f.name().starts_with("pgferry_verif") || f.name() == "pgferry_build_info")
+        .collect();
+    let mut body = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&families, &mut body)
+        .map_err(|e| e.to_string())?;
+    let url = format!(
+        "{}/metrics/job/pgferry_verify",
+        gateway.trim_end_matches('/')
+    );
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .header("Content-Type", "text/plain; version=0.0.4")
+        .body(body)
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| format!("cannot push metrics to {url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!(
+            "the Pushgateway at {url} answered {}",
+            resp.status()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, rows: u64) -> TableEntry {
+        TableEntry {
+            schema: "public".into(),
+            name: name.into(),
+            rows,
+            raw_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn compare_names_tables_and_differences() {
+        let expected = vec![t("a", 10), t("b", 5), t("c", 0)];
+        let actual = vec![
+            ("public".into(), "a".into(), Some(10)),
+            ("public".into(), "b".into(), Some(3)),
+        ];
+        let (checks, problems) = compare_tables(&expected, &actual);
+        assert_eq!(checks.len(), 3);
+        assert!(checks[0].ok());
+        assert!(!checks[1].ok());
+        assert_eq!(problems.len(), 2);
+        assert!(
+            problems[0].contains("public.b has 3 rows, the manifest says 5 (-2)"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("public.c is missing"), "{problems:?}");
+        let (_, none) = compare_tables(&expected[..1], &actual);
+        assert!(none.is_empty());
+    }
+}
