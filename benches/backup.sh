@@ -25,7 +25,7 @@ PGFERRY="$ROOT/target/release/pgferry"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 trap stop_servers EXIT
-start_servers b1 b2 b3
+start_servers bench-1 bench-2 bench-3
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
 
 raw_size() { PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$1" | wc -c; }
@@ -39,7 +39,7 @@ zstd_level = $ZSTD_LEVEL
 name = "bench"
 url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
 TOML
-        for i in $(seq 1 "$1"); do s3_target_toml "s3-$i" "b$i"; done
+        for i in $(seq 1 "$1"); do s3_target_toml "s3-$i" "bench-$i"; done
     } > "$WORK_DIR/pgferry-$1.toml"
 }
 config 1; config 2; config 3
@@ -48,8 +48,9 @@ declare -A TIMES RSS
 measure() { # $1 = label, rest = command; records wall seconds (and max RSS KiB)
     local label=$1; shift
     local out
-    out=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>"$WORK_DIR/cmd.err"; } 2>&1 | tail -n 1 ) || {
+    /usr/bin/time -o "$WORK_DIR/time.out" -f '%e %M' "$@" >/dev/null 2>"$WORK_DIR/cmd.err" || {
         echo "FAILED: $label"; cat "$WORK_DIR/cmd.err"; exit 1; }
+    out=$(tail -n 1 "$WORK_DIR/time.out")
     TIMES[$label]+="${out% *} "
     RSS[$label]+="${out#* } "
 }

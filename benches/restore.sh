@@ -17,12 +17,13 @@ S3_PORT="${S3_PORT:-39200}"
 export PGFERRY_TOOLS="${PGFERRY_TOOLS:-/opt/pgferry-tools}"
 
 scripts/setup.sh >/dev/null
+command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
 cargo build --release --locked 2>/dev/null
 PGFERRY="$ROOT/target/release/pgferry"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 trap stop_servers EXIT
-start_servers b1
+start_servers bench-restore
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
 export PGPASSWORD="$PG_PASSWORD"
 
@@ -33,7 +34,7 @@ name = "bench"
 url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
 databases = ["bench_*"]
 TOML
-    s3_target_toml s3 b1
+    s3_target_toml s3 bench-restore
     cat <<TOML
 [[restore_target]]
 namespace = "bench"
@@ -51,13 +52,11 @@ echo "# pgferry restore benchmark, $(date -u +%FT%TZ), $(nproc) cores, $ROUNDS r
 echo "# raw dump $(( $(stat -c %s "$WORK_DIR/local.dump") / 1024 / 1024 )) MiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 declare -A TIMES
-timed() { # $1 = label, rest = command
+timed() { # $1 = label, rest = command; records wall seconds
     local label=$1; shift
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >/dev/null 2>"$WORK_DIR/cmd.err" || { echo "FAILED: $label"; cat "$WORK_DIR/cmd.err"; exit 1; }
-    t1=$(date +%s.%N)
-    TIMES[$label]+="$(echo "$t1 - $t0" | bc -l) "
+    /usr/bin/time -o "$WORK_DIR/time.out" -f '%e' "$@" >/dev/null 2>"$WORK_DIR/cmd.err" || {
+        echo "FAILED: $label"; cat "$WORK_DIR/cmd.err"; exit 1; }
+    TIMES[$label]+="$(tail -n 1 "$WORK_DIR/time.out") "
 }
 fresh() { psql_ -d postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; }
 for r in $(seq 1 "$ROUNDS"); do

@@ -33,7 +33,9 @@ start_servers() {
 
     PG_PASSWORD="$(randhex 16)"
     printf '%s\n' "$PG_PASSWORD" > "$WORK_DIR/pgpw"
-    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw"; fi
+    # The server (run as postgres when we are root) writes its log into WORK_DIR, owned by root.
+    touch "$WORK_DIR/pg.log"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw" "$WORK_DIR/pg.log"; fi
     as_postgres "$PG_BIN/initdb" -D "$WORK_DIR/pg" -U postgres -A scram-sha-256 \
         --pwfile="$WORK_DIR/pgpw" -E UTF8 --locale=C.UTF-8 >/dev/null
     rm -f "$WORK_DIR/pgpw"
@@ -109,7 +111,7 @@ SELECT g,
        repeat('Lorem ipsum dolor sit amet, invoice ' || g || ' for partner ' || (g % 977) || '. ', 12),
        jsonb_build_object('partner', g % 977, 'lines', jsonb_build_array(g, g * 2, g * 3), 'state', 'posted', 'note', md5(g::text)),
        decode(repeat(md5((g % 100)::text), 16), 'hex') ||
-           decode((SELECT string_agg(md5(random()::text || s), '') FROM generate_series(1, 16) s), 'hex')
+           decode((SELECT string_agg(md5(random()::text || s || g), '') FROM generate_series(1, 16) s), 'hex')
 FROM generate_series(1, $((300000 * gb))) g;
 SQL
 }

@@ -162,6 +162,9 @@ impl Endpoint {
         if self.port != other.port {
             return false;
         }
+        if self.host.eq_ignore_ascii_case(&other.host) {
+            return true;
+        }
         match (&self.socket_dir, &other.socket_dir) {
             (Some(a), Some(b)) => a.trim_end_matches('/') == b.trim_end_matches('/'),
             // A local socket and a loopback address are the same server when the ports agree.
@@ -215,6 +218,26 @@ pub async fn endpoint(url: &PgUrl, what: &str) -> Result<Endpoint, GuardError> {
     }
 }
 
+/// The endpoint of a URL whose host did not resolve: its name and port only.
+fn unresolved(url: &PgUrl) -> Endpoint {
+    let host = match url.parsed.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    Endpoint {
+        host,
+        addrs: HashSet::new(),
+        socket_dir: None,
+        port: url
+            .parsed
+            .get_ports()
+            .first()
+            .copied()
+            .unwrap_or(DEFAULT_PORT),
+    }
+}
+
 /// The pure part of the guard: refuses `dest` when a source with the same server selects
 /// the destination database. `sources` pairs each source with its resolved endpoint.
 pub fn check_not_production(
@@ -241,7 +264,16 @@ pub async fn check_destination(config: &Config, dest: &Destination) -> Result<()
     let dest_ep = endpoint(&dest.url, &format!("restore target {:?}", dest.namespace)).await?;
     let mut sources = Vec::new();
     for s in &config.sources {
-        sources.push((s, endpoint(&s.url, &format!("source {:?}", s.name)).await?));
+        let ep = match endpoint(&s.url, &format!("source {:?}", s.name)).await {
+            Ok(ep) => ep,
+            // A staging cluster often cannot resolve production's names: then the destination
+            // (which resolved) cannot be reached under that name; compare names only.
+            Err(error) => {
+                tracing::warn!(message = "Cannot resolve a source's host; comparing by name only.", source = %s.name, error = %error);
+                unresolved(&s.url)
+            }
+        };
+        sources.push((s, ep));
     }
     check_not_production(&dest_ep, &dest.database, &sources)
 }
@@ -403,6 +435,10 @@ mod tests {
             port: 5432,
         };
         assert!(sock.same_server(&a));
+        // A source that did not resolve still matches by name.
+        let unresolved = unresolved(&PgUrl::parse("postgres://u@pg.prod.svc/postgres").unwrap());
+        assert!(unresolved.same_server(&ep("PG.prod.svc", &["10.0.0.9"], 5432)));
+        assert!(!unresolved.same_server(&ep("pg.staging.svc", &["10.0.0.9"], 5432)));
     }
 
     #[test]

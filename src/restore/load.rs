@@ -501,3 +501,59 @@ pub async fn spooled(
         raw_bytes: pumped.raw_bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+
+    fn tap_of(bytes: &[u8]) -> Mutex<Tap> {
+        let mut t = Tap::default();
+        t.hasher.update(bytes);
+        t.bytes = bytes.len() as u64;
+        Mutex::new(t)
+    }
+
+    #[test]
+    fn a_copy_must_match_size_and_sha256() {
+        let mut m = sample();
+        m.stored_size = 3;
+        m.sha256 = hex::encode(Sha256::digest(b"abc"));
+        assert_eq!(check_copy(&tap_of(b"abc"), &m).unwrap(), 3);
+        // Same length, other bytes: the checksum catches it.
+        assert!(matches!(
+            check_copy(&tap_of(b"abd"), &m),
+            Err(LoadError::Checksum { .. })
+        ));
+        // Truncated: the size says so first.
+        assert!(matches!(
+            check_copy(&tap_of(b"ab"), &m),
+            Err(LoadError::Size {
+                expected: 3,
+                actual: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn read_errors_tell_download_from_corruption() {
+        let store = object_store::Error::NotFound {
+            path: "k".into(),
+            source: "gone".into(),
+        };
+        let e = read_error(std::io::Error::other(store));
+        assert!(matches!(e, LoadError::Download { .. }), "{e:?}");
+        assert!(e.is_bad_copy() && e.is_retryable());
+        let e = read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "Unknown frame descriptor",
+        ));
+        assert!(matches!(e, LoadError::Decompress { .. }), "{e:?}");
+        assert!(e.is_bad_copy() && !e.is_retryable());
+        let restore_failed = LoadError::PgRestore {
+            status: "exit status: 1".into(),
+            stderr: "role does not exist".into(),
+        };
+        assert!(!restore_failed.is_bad_copy());
+    }
+}

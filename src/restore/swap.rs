@@ -21,7 +21,7 @@ use crate::source::{self, SourceError};
 
 /// Advisory-lock class id of restore locks ("pgfr"), so they never collide with the
 /// single-key locks of backups or of the applications on that server.
-const LOCK_CLASS: i32 = 0x7067_6672;
+pub const LOCK_CLASS: i32 = 0x7067_6672;
 
 /// How long the swap waits for terminated sessions of the old destination to go away.
 /// pg_terminate_backend returns before the backend exits; a few seconds is plenty.
@@ -37,7 +37,7 @@ const FORCE_DROP_MIN_VERSION: u32 = 130_000;
 pub enum SwapError {
     #[error(transparent)]
     Connect(#[from] SourceError),
-    #[error("{what} on {url} failed: {}", pg_text(.source))]
+    #[error("{what} on {url} failed: {}", source::pg_message(.source))]
     Sql {
         what: String,
         url: String,
@@ -50,27 +50,13 @@ pub enum SwapError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("hook {path} failed in the temporary database, so nothing was swapped in (fix the hook or the database): {}", pg_text(.source))]
+    #[error("hook {path} failed in the temporary database, so nothing was swapped in (fix the hook or the database): {}", source::pg_message(.source))]
     Hook {
         path: PathBuf,
         source: tokio_postgres::Error,
     },
     #[error("sessions of {database:?} did not end within {DRAIN_TIMEOUT:?} after pg_terminate_backend; the old database is untouched")]
     Busy { database: String },
-}
-
-/// A PostgreSQL error with the server's message and SQLSTATE (tokio-postgres' own Display
-/// says only "db error").
-pub fn pg_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        ),
-        None => e.to_string(),
-    }
 }
 
 impl SwapError {

@@ -204,7 +204,7 @@ async fn round_trip_restores_every_table_and_applies_the_hook() {
     let w = World::start(TRICKY_SQL, &[hook_path()], "").await;
     let id = w.backup().await;
     let started = Instant::now();
-    let run = w.restore(&["--json"]).await;
+    let run = w.restore(&["--json", "--keep-old"]).await;
     run.assert_code(0);
     eprintln!("restore took {:?}", started.elapsed());
     let report = json(&run);
@@ -222,6 +222,16 @@ async fn round_trip_restores_every_table_and_applies_the_hook() {
         assert!(restored.contains_key(t), "{t} missing");
     }
     assert_neutralized(&w.staging, "acme").await;
+    // --keep-old: the previous database is kept, whole, under a dated name.
+    let kept = report["restore"]["kept_old"]
+        .as_str()
+        .expect("kept_old names it");
+    assert!(kept.starts_with("acme_pre_"), "{kept}");
+    let kept_fp = w.staging.table_fingerprints(kept).await.unwrap();
+    assert!(
+        kept_fp.contains_key("public.previous_contents"),
+        "{kept_fp:?}"
+    );
     // Restored objects belong to the configured owner.
     let c = w.staging.client("acme").await.unwrap();
     let owners: Vec<String> = c
@@ -308,6 +318,24 @@ async fn failing_hook_leaves_staging_untouched() {
     let out = run.output();
     assert!(out.contains("bad.sql"), "{out}");
     assert!(out.contains("no_such_table"), "{out}");
+    assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+    w.assert_no_leftovers().await;
+
+    // Another restore into the same destination holds its advisory lock: refused, untouched.
+    let holder = w.staging.client("postgres").await.unwrap();
+    holder
+        .query_one(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[
+                &pgferry::restore::swap::LOCK_CLASS,
+                &pgferry::restore::guard::lock_key("acme"),
+            ],
+        )
+        .await
+        .unwrap();
+    let busy = w.restore(&[]).await;
+    busy.assert_code(1);
+    assert!(busy.stderr.contains("another restore"), "{}", busy.stderr);
     assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
     w.assert_no_leftovers().await;
 }
