@@ -1,0 +1,274 @@
+//! `backup`, `list` and `prune`: the verbs over sources and the snapshot catalog.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    cancel_on_signals, human_age, human_bytes, names, BackupArgs, CliError, ListArgs, PruneArgs,
+    PROGRESS_INTERVAL,
+};
+use crate::app::App;
+use crate::backup::{self, BackupReport};
+use crate::catalog::{self, Filter};
+use crate::pipeline::Progress;
+use crate::source;
+
+pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
+    let sources: Vec<_> = match &args.source {
+        Some(name) => vec![app.config.source(name).ok_or_else(|| {
+            CliError::Usage(format!(
+                "no source named {name:?} in {}; configured: {}",
+                app.config.path.display(),
+                names(app.config.sources.iter().map(|s| s.name.as_str()))
+            ))
+        })?],
+        None => app.config.sources.iter().collect(),
+    };
+    // Resolve the databases of each source first, so a typo fails before any dump starts.
+    let mut jobs = Vec::new();
+    for source in sources {
+        let client = source::connect(&source.url, None)
+            .await
+            .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?;
+        let selected = source::discover(&client, source)
+            .await
+            .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?;
+        let dbs = if args.database.is_empty() {
+            selected
+        } else {
+            let all: Vec<String> = client
+                .query(
+                    "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut dbs = Vec::new();
+            for d in &args.database {
+                if all.contains(d) {
+                    dbs.push(d.clone());
+                } else if args.source.is_some() {
+                    return Err(CliError::Failed(format!(
+                        "database {d:?} does not exist on source {}; it has: {}",
+                        source.name,
+                        names(all.iter().map(String::as_str))
+                    )));
+                }
+            }
+            dbs
+        };
+        for d in dbs {
+            jobs.push((source, d));
+        }
+    }
+    if jobs.is_empty() {
+        return Err(CliError::Failed(
+            "no database selected: check the sources' databases/exclude globs and --database"
+                .into(),
+        ));
+    }
+    let snapshot_id = crate::schedule::snapshot_id(chrono::Utc::now());
+    let cancel = cancel_on_signals();
+    let total = jobs.len();
+    let results: Vec<_> = futures::stream::iter(jobs.into_iter().map(|(source, database)| {
+        let cancel = cancel.clone();
+        let snapshot_id = snapshot_id.clone();
+        async move {
+            let progress = Arc::new(Progress::default());
+            let ticker = spawn_progress(format!("{}/{}", source.name, database), progress.clone());
+            let r = backup::backup_database(app, source, &database, &snapshot_id, progress, cancel)
+                .await;
+            ticker.cancel();
+            print_backup_line(&source.name, &database, &snapshot_id, &r);
+            r.is_ok()
+        }
+    }))
+    .buffer_unordered(app.config.daemon.max_concurrent_backups)
+    .collect()
+    .await;
+    let failed = results.iter().filter(|ok| !**ok).count();
+    if failed > 0 {
+        return Err(CliError::Failed(format!(
+            "{failed} of {total} database backup(s) failed; see above"
+        )));
+    }
+    Ok(())
+}
+
+fn print_backup_line(
+    source: &str,
+    database: &str,
+    snapshot_id: &str,
+    r: &Result<BackupReport, backup::BackupError>,
+) {
+    match r {
+        Ok(report) => {
+            let m = &report.manifest;
+            let mut line = format!(
+                "{source}/{database} {snapshot_id} committed: raw {} stored {} ratio {:.2}x in {:.1}s on {}",
+                human_bytes(m.raw_size),
+                human_bytes(m.stored_size),
+                m.ratio(),
+                report.duration.as_secs_f64(),
+                m.targets.join(",")
+            );
+            if !report.failed_targets.is_empty() {
+                line.push_str(&format!(
+                    " (not on: {})",
+                    report
+                        .failed_targets
+                        .iter()
+                        .map(|(t, e)| format!("{t}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+            }
+            println!("{line}");
+        }
+        Err(e) => println!("{source}/{database} {snapshot_id} FAILED: {e}"),
+    }
+}
+
+/// Prints a progress line to stderr every few seconds while a long dump runs, on a TTY only.
+fn spawn_progress(label: String, progress: Arc<Progress>) -> CancellationToken {
+    let token = CancellationToken::new();
+    if !std::io::stderr().is_terminal() {
+        return token;
+    }
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
+                    let rate = raw as f64 / start.elapsed().as_secs_f64().max(0.001);
+                    eprintln!("{label}: {} dumped, {} stored, {}/s", human_bytes(raw), human_bytes(stored), human_bytes(rate as u64));
+                }
+            }
+        }
+    });
+    token
+}
+
+pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> {
+    if let Some(t) = &args.target {
+        if app.target(t).is_none() {
+            return Err(CliError::Usage(format!(
+                "no target named {t:?}; configured: {}",
+                names(app.targets.iter().map(|t| t.name.as_str()))
+            )));
+        }
+    }
+    let filter = Filter {
+        source: args.source.clone(),
+        databases: args.database.clone(),
+        target: args.target.clone(),
+    };
+    let catalog = catalog::load(&app.targets, &filter).await;
+    for w in &catalog.warnings {
+        eprintln!("warning: {w}");
+    }
+    for (t, e) in &catalog.unreachable {
+        eprintln!("warning: target {t} could not be listed: {e}");
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "snapshots": catalog.snapshots,
+            "warnings": catalog.warnings,
+            "unreachable_targets": catalog.unreachable.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("JSON values serialize")
+        );
+    } else {
+        println!(
+            "{:<18} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
+            "SNAPSHOT", "SOURCE", "DATABASE", "STORED", "RAW", "AGE", "TARGETS"
+        );
+        let now = chrono::Utc::now();
+        for s in &catalog.snapshots {
+            let m = &s.manifest;
+            let verified = match &s.verify {
+                Some(v) => format!("{} {}", v.result, v.finished_at.format("%Y-%m-%d %H:%M")),
+                None => "-".into(),
+            };
+            println!(
+                "{:<18} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} {}",
+                m.snapshot_id,
+                m.source,
+                m.database,
+                human_bytes(m.stored_size),
+                human_bytes(m.raw_size),
+                human_age(now - m.finished_at),
+                s.targets.join(","),
+                verified
+            );
+        }
+        if catalog.snapshots.is_empty() {
+            eprintln!("no committed snapshot found");
+        }
+    }
+    if !catalog.unreachable.is_empty() && catalog.snapshots.is_empty() {
+        return Err(CliError::Failed("no target could be listed".into()));
+    }
+    Ok(())
+}
+
+pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {
+    if let Some(name) = &args.source {
+        if app.config.source(name).is_none() {
+            return Err(CliError::Usage(format!(
+                "no source named {name:?} in {}; configured: {}",
+                app.config.path.display(),
+                names(app.config.sources.iter().map(|s| s.name.as_str()))
+            )));
+        }
+    }
+    let selection = crate::prune::Selection {
+        source: args.source.clone(),
+        database: args.database.clone(),
+    };
+    // A standalone prune knows no backup outcome: the manifests are the truth, and the
+    // planner never deletes the newest of them.
+    let report = crate::prune::prune(
+        app,
+        &selection,
+        &|_, _| None,
+        chrono::Utc::now(),
+        crate::retention::DEFAULT_ORPHAN_GRACE,
+        args.dry_run,
+    )
+    .await;
+    print!("{}", crate::prune::render(&report, args.dry_run));
+    if !args.dry_run {
+        println!(
+            "deleted {} snapshot(s) and {} orphan dump(s)",
+            report.deleted_snapshots, report.deleted_orphans
+        );
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "prune incomplete: {} error(s); see above",
+            report.errors.len()
+        )))
+    }
+}

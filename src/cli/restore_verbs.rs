@@ -1,0 +1,201 @@
+//! `restore` and `verify`: the verbs that load snapshots into a database.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{cancel_on_signals, human_bytes, CliError, RestoreArgs, VerifyArgs, PROGRESS_INTERVAL};
+use crate::app::App;
+use crate::restore;
+
+pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliError> {
+    let snapshot =
+        restore::choose::SnapshotChoice::from_flags(args.snapshot.as_deref(), args.at.as_deref())
+            .map_err(CliError::Usage)?;
+    let req = restore::RestoreRequest {
+        source: args.source,
+        database: args.database,
+        namespace: args.to,
+        snapshot,
+        as_database: args.as_database,
+        jobs: args.jobs,
+        keep_old: args.keep_old,
+    };
+    let cancel = cancel_on_signals();
+    let progress = Arc::new(restore::load::LoadProgress::default());
+    let ticker = spawn_restore_progress(
+        format!("{}/{} → {}", req.source, req.database, req.namespace),
+        progress.clone(),
+    );
+    let r = restore::restore(app, &req, progress, cancel).await;
+    ticker.cancel();
+    match r {
+        Ok(report) => {
+            if args.json {
+                let out = serde_json::json!({"result": "success", "restore": report});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
+                );
+            } else {
+                println!("{}", restore_line(&report));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                let out = serde_json::json!({"result": if e.is_cancelled() { "cancelled" } else { "failure" }, "error": e.to_string()});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
+                );
+            }
+            if e.is_usage() {
+                Err(CliError::Usage(e.to_string()))
+            } else {
+                Err(CliError::Failed(e.to_string()))
+            }
+        }
+    }
+}
+
+/// One line: snapshot, target used, sizes, duration, tables; and the copies that failed.
+fn restore_line(r: &restore::RestoreReport) -> String {
+    let mut line = format!(
+        "{}/{} {} restored into {} ({}) from target {}: stored {} raw {} tables {} in {:.1}s",
+        r.source,
+        r.database,
+        r.snapshot_id,
+        r.destination,
+        r.namespace,
+        r.target,
+        human_bytes(r.stored_bytes),
+        human_bytes(r.raw_bytes),
+        r.tables,
+        r.duration.as_secs_f64()
+    );
+    if let Some(k) = &r.kept_old {
+        line.push_str(&format!("; previous database kept as {k}"));
+    }
+    if !r.failed_targets.is_empty() {
+        line.push_str(&format!(
+            " (failed first: {})",
+            r.failed_targets
+                .iter()
+                .map(|f| format!("{}: {}", f.target, f.error))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    line
+}
+
+/// Bytes read and their rate, every few seconds on a TTY.
+fn spawn_restore_progress(
+    label: String,
+    progress: Arc<restore::load::LoadProgress>,
+) -> CancellationToken {
+    let token = CancellationToken::new();
+    if !std::io::stderr().is_terminal() {
+        return token;
+    }
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
+                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                    let rate = stored as f64 / start.elapsed().as_secs_f64().max(0.001);
+                    eprintln!("{label}: {} read, {} restored, {}/s", human_bytes(stored), human_bytes(raw), human_bytes(rate as u64));
+                }
+            }
+        }
+    });
+    token
+}
+
+pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliError> {
+    let req = crate::verify::VerifyRequest {
+        source: args.source.clone(),
+        databases: args.database.clone(),
+    };
+    let cancel = cancel_on_signals();
+    let results = crate::verify::verify_all(app, &req, cancel)
+        .await
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    if results.is_empty() {
+        return Err(CliError::Failed(
+            "no committed snapshot to verify; run `pgferry list`".into(),
+        ));
+    }
+    let mut failed = 0;
+    let mut reports = Vec::new();
+    for (source, database, r) in &results {
+        match r {
+            Ok(rep) => {
+                if !rep.passed() {
+                    failed += 1;
+                }
+                if !args.json {
+                    let from = rep.restored_from.as_deref().unwrap_or("-");
+                    let mut line = format!(
+                        "{source}/{database} {} {}: {} tables, {} checks, restored from {from} in {:.1}s",
+                        rep.snapshot_id,
+                        if rep.passed() { "verified" } else { "FAILED" },
+                        rep.tables.len(),
+                        rep.checks.len(),
+                        rep.total_seconds
+                    );
+                    if !rep.failed_targets.is_empty() {
+                        line.push_str(&format!(
+                            " (bad copies: {})",
+                            rep.failed_targets
+                                .iter()
+                                .map(|f| format!("{}: {}", f.target, f.error))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ));
+                    }
+                    for p in &rep.problems {
+                        line.push_str(&format!("\n  - {p}"));
+                    }
+                    println!("{line}");
+                }
+                reports.push(serde_json::to_value(rep).expect("reports serialize"));
+            }
+            Err(e) => {
+                failed += 1;
+                if !args.json {
+                    println!("{source}/{database} FAILED: {e}");
+                }
+                reports.push(serde_json::json!({"source": source, "database": database, "result": "error", "error": e.to_string()}));
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).expect("JSON values serialize")
+        );
+    }
+    if let Some(gateway) = &args.pushgateway {
+        crate::verify::push_metrics(app, gateway)
+            .await
+            .map_err(CliError::Failed)?;
+    }
+    if failed > 0 {
+        return Err(CliError::Failed(format!(
+            "{failed} of {} database(s) failed verification; see above",
+            results.len()
+        )));
+    }
+    Ok(())
+}
