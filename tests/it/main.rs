@@ -4,6 +4,7 @@
 mod backup;
 mod cli;
 mod deploy;
+mod faults;
 mod restore;
 mod support;
 mod verify;
