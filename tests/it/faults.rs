@@ -260,3 +260,106 @@ async fn damaged_manifests_are_skipped_by_list_and_refused_by_restore() {
     assert_eq!(report["restore"]["snapshot_id"], good.as_str(), "{report}");
     assert_eq!(w.restored_version().await, 1);
 }
+
+/// Fault 9: odd names. Databases named with spaces, quotes, uppercase, non-ASCII, a slash and
+/// the maximum 63 bytes, each with an oddly named table, are backed up to S3 and a directory,
+/// listed under their exact names and restored into staging with the same contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_database_and_table_names_round_trip() {
+    let w = World::start().await;
+    // 63 bytes, NAMEDATALEN - 1: "é" is two bytes.
+    let longest = format!("long é {}", "x".repeat(63 - "long é ".len()));
+    assert_eq!(longest.len(), 63);
+    let names = [
+        "with space".to_string(),
+        "quote\"double'single".to_string(),
+        "UpperCase".to_string(),
+        "café 日本 🐘".to_string(),
+        "slash/in name".to_string(),
+        longest,
+    ];
+    for name in &names {
+        w.env.pg.create_database(name).await.unwrap();
+        w.env
+            .pg
+            .execute(
+                name,
+                "CREATE TABLE \"Odd \"\"Table\"\" é\" (id int PRIMARY KEY, v text);
+                 INSERT INTO \"Odd \"\"Table\"\" é\" SELECT g, 'row ' || g FROM generate_series(1, 100) g;",
+            )
+            .await
+            .unwrap();
+    }
+    let databases = names
+        .iter()
+        .map(|n| toml::Value::String(n.clone()).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = std::fs::read_to_string(&w.config).unwrap().replace(
+        "databases = [\"acme\"]",
+        &format!("databases = [{databases}]"),
+    );
+    std::fs::write(&w.config, text).unwrap();
+
+    let run = w.pgferry(&["backup", "--source", "prod"]).await;
+    run.assert_code(0);
+
+    // Manifests carry the exact names, and both targets hold every snapshot.
+    let list = w.pgferry(&["list", "--json"]).await;
+    list.assert_code(0);
+    assert!(!list.stderr.contains("warning"), "{}", list.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let mut found: Vec<String> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert_eq!(s["targets"], serde_json::json!(["s3", "disk"]), "{s}");
+            s["manifest"]["database"].as_str().unwrap().to_string()
+        })
+        .collect();
+    found.sort();
+    let mut expected = names.to_vec();
+    expected.sort();
+    assert_eq!(found, expected);
+    // Each name is one key segment: prefix/source/<database>/<snapshot>.<suffix>.
+    for store in [&w.s3, &w.disk] {
+        let keys = env::keys(store).await;
+        assert_eq!(keys.len(), 2 * names.len(), "{keys:?}");
+        for key in &keys {
+            let segments: Vec<&str> = key.split('/').collect();
+            assert!(segments.len() == 3, "a database name split the key: {key}");
+        }
+    }
+    // `list --database NAME` finds each by its exact name.
+    for name in &names {
+        let one = w
+            .pgferry(&["list", "--json", "--source", "prod", "--database", name])
+            .await;
+        one.assert_code(0);
+        let v: serde_json::Value = serde_json::from_str(&one.stdout).unwrap();
+        assert_eq!(v["snapshots"].as_array().unwrap().len(), 1, "{name}: {v}");
+        assert_eq!(v["snapshots"][0]["manifest"]["database"], name.as_str());
+    }
+
+    // Restore each into staging under the same name: same contents.
+    for name in &names {
+        let run = w
+            .pgferry(&[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                name,
+                "--to",
+                "staging",
+            ])
+            .await;
+        run.assert_code(0);
+        assert_eq!(
+            w.staging.table_fingerprints(name).await.unwrap(),
+            w.env.pg.table_fingerprints(name).await.unwrap(),
+            "{name}"
+        );
+    }
+}
