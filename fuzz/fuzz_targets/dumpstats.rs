@@ -16,7 +16,11 @@ fn read_in_pieces(data: &[u8], piece: usize) -> String {
 fuzz_target!(|data: &[u8]| {
     let whole = read_in_pieces(data, data.len());
     let piece = 1 + data.first().copied().unwrap_or(0) as usize % 97;
-    assert_eq!(read_in_pieces(data, piece), whole, "pieces of {piece} bytes");
+    assert_eq!(
+        read_in_pieces(data, piece),
+        whole,
+        "pieces of {piece} bytes"
+    );
     if data.len() <= 4096 {
         assert_eq!(read_in_pieces(data, 1), whole, "byte by byte");
     }
