@@ -60,12 +60,23 @@ pub struct Orphan {
     pub size: u64,
 }
 
+/// A manifest that exists but could not be read or parsed.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub target: String,
+    pub key: object_store::path::Path,
+    /// Why, for humans (names the key).
+    pub error: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Catalog {
     /// Newest first.
     pub snapshots: Vec<SnapshotEntry>,
     /// Manifests that could not be read, with why.
     pub warnings: Vec<String>,
+    /// The same manifests, structured: what `restore` looks at to explain a missing snapshot.
+    pub unreadable: Vec<Unreadable>,
     /// Targets that could not be listed, with the error.
     pub unreachable: Vec<(String, String)>,
     pub orphans: Vec<Orphan>,
@@ -81,6 +92,36 @@ impl Catalog {
         self.snapshots
             .iter()
             .filter(move |s| s.manifest.source == source && s.manifest.database == database)
+    }
+
+    /// Why a snapshot missing from the catalog is missing, if its objects say so: one line per
+    /// unreadable manifest and per dump object left without a manifest, on `targets`. Empty
+    /// when nothing of that snapshot was seen.
+    pub fn damage_of(
+        &self,
+        targets: &[Target],
+        source: &str,
+        database: &str,
+        snapshot_id: &str,
+    ) -> Vec<String> {
+        let mut damage = Vec::new();
+        for t in targets {
+            let manifest = t.key(source, database, snapshot_id, MANIFEST_SUFFIX);
+            let dump = t.key(source, database, snapshot_id, DUMP_SUFFIX);
+            damage.extend(
+                self.unreadable
+                    .iter()
+                    .filter(|u| u.target == t.name && u.key == manifest)
+                    .map(|u| format!("target {}: {}", t.name, u.error)),
+            );
+            damage.extend(
+                self.orphans
+                    .iter()
+                    .filter(|o| o.target == t.name && o.key == dump)
+                    .map(|o| format!("target {}: {} has no manifest", t.name, o.key)),
+            );
+        }
+        damage
     }
 }
 
@@ -103,6 +144,7 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
             }
         };
         catalog.warnings.extend(listing.warnings);
+        catalog.unreadable.extend(listing.unreadable);
         catalog.orphans.extend(listing.orphans);
         for (manifest, verify) in listing.manifests {
             let key = (
@@ -141,6 +183,7 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
 struct Listing {
     manifests: Vec<(Manifest, Option<VerifySummary>)>,
     warnings: Vec<String>,
+    unreadable: Vec<Unreadable>,
     orphans: Vec<Orphan>,
 }
 
@@ -199,6 +242,7 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
         .await;
     let mut manifests = Vec::new();
     let mut warnings = Vec::new();
+    let mut unreadable = Vec::new();
     for (key, manifest, verify) in results {
         match manifest {
             Ok(m) => {
@@ -212,12 +256,18 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
                 let w = format!("target {}: skipping {key}: {e}", t.name);
                 tracing::warn!(message = "Skipping an unreadable manifest.", target = %t.name, key = %key, error = %e);
                 warnings.push(w);
+                unreadable.push(Unreadable {
+                    target: t.name.clone(),
+                    key,
+                    error: e.to_string(),
+                });
             }
         }
     }
     Ok(Listing {
         manifests,
         warnings,
+        unreadable,
         orphans,
     })
 }

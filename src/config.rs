@@ -1165,4 +1165,25 @@ url = "postgres://odoo:hunter2@pg.{namespace}.svc/postgres"
             "{err}"
         );
     }
+
+    /// The fuzz corpus (seeds and past crashes of `fuzz/fuzz_targets/config.rs`) runs in every
+    /// `cargo test`: no input may panic the parser.
+    #[test]
+    fn fuzz_corpus_does_not_panic() {
+        for (path, bytes) in crate::test_support::fuzz_corpus("config") {
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                continue; // the fuzz target only feeds UTF-8
+            };
+            let outcome = std::panic::catch_unwind(|| {
+                if let Ok(config) = parse(text) {
+                    let _ = config.redacted_toml();
+                }
+            });
+            assert!(
+                outcome.is_ok(),
+                "{} panicked the config parser",
+                path.display()
+            );
+        }
+    }
 }

@@ -1529,4 +1529,25 @@ mod tests {
         let back: DumpStats = serde_json::from_str(&json).expect("deserializes");
         assert_eq!(back, stats);
     }
+
+    /// The fuzz corpus (seeds and past crashes of `fuzz/fuzz_targets/dumpstats.rs`) plus the
+    /// real archives run in every `cargo test`: no input may panic the tap, and the result
+    /// does not depend on how the stream was cut into pieces.
+    #[test]
+    fn fuzz_corpus_does_not_panic() {
+        for (path, bytes) in crate::test_support::fuzz_corpus("dumpstats") {
+            let outcome = std::panic::catch_unwind(|| {
+                let whole = format!("{:?}", read(&bytes));
+                for piece in [1, 7, 4096] {
+                    let pieces = format!("{:?}", read_in_pieces(&bytes, piece));
+                    assert_eq!(pieces, whole, "pieces of {piece}");
+                }
+            });
+            assert!(
+                outcome.is_ok(),
+                "{} panicked the dump stats tap",
+                path.display()
+            );
+        }
+    }
 }

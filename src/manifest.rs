@@ -196,4 +196,23 @@ pub(crate) mod tests {
         ));
         assert!(err.to_string().contains("upgrade pgferry"));
     }
+
+    /// The fuzz corpus (seeds and past crashes of `fuzz/fuzz_targets/manifest.rs`) runs in
+    /// every `cargo test`: no input may panic the parser, and what parses round-trips.
+    #[test]
+    fn fuzz_corpus_does_not_panic() {
+        let mut parsed = 0;
+        for (path, bytes) in crate::test_support::fuzz_corpus("manifest") {
+            let outcome = std::panic::catch_unwind(|| {
+                Manifest::from_json("fuzz", &bytes).map(|m| {
+                    assert_eq!(Manifest::from_json("again", &m.to_json()).unwrap(), m);
+                })
+            });
+            match outcome {
+                Ok(result) => parsed += usize::from(result.is_ok()),
+                Err(_) => panic!("{} panicked the manifest parser", path.display()),
+            }
+        }
+        assert!(parsed >= 2, "the corpus should hold valid manifests too");
+    }
 }

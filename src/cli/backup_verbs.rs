@@ -184,6 +184,12 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
     for (t, e) in &catalog.unreachable {
         eprintln!("warning: target {t} could not be listed: {e}");
     }
+    for o in &catalog.orphans {
+        eprintln!(
+            "warning: target {}: {} has no manifest (an upload in progress, or left by a crash or a deleted manifest); it cannot be restored",
+            o.target, o.key
+        );
+    }
     if args.json {
         let out = serde_json::json!({
             "snapshots": catalog.snapshots,

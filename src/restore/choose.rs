@@ -101,7 +101,10 @@ pub enum ChooseError {
     },
 }
 
-fn list_ids(ids: &[String]) -> String {
+pub(crate) fn list_ids(ids: &[String]) -> String {
+    if ids.is_empty() {
+        return "none".into();
+    }
     let mut s = ids
         .iter()
         .take(LISTED_IDS)

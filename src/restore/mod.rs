@@ -91,6 +91,15 @@ pub enum RestoreError {
     Guard(#[from] GuardError),
     #[error(transparent)]
     Choose(#[from] ChooseError),
+    #[error("snapshot {snapshot_id} of {source_name}/{database} cannot be restored: it has no readable manifest on any target ({}); restore another snapshot, available (newest first): {}; see `pgferry list --source {source_name} --database {database}`", .damage.join("; "), choose::list_ids(.available))]
+    Damaged {
+        source_name: String,
+        database: String,
+        snapshot_id: String,
+        /// One line per unreadable manifest or dump object without one.
+        damage: Vec<String>,
+        available: Vec<String>,
+    },
     #[error("no target could be listed ({details}); check the targets' credentials and endpoints")]
     NoTargets { details: String },
     #[error("restore target {namespace:?}: {source}")]
@@ -213,7 +222,25 @@ async fn run(
         tracing::warn!(message = "A target could not be listed; its copies are not considered.", target = %t, error = %e);
     }
     let entries: Vec<_> = cat.of(&req.source, &req.database).collect();
-    let entry = choose::choose(&entries, &req.snapshot, &req.source, &req.database)?;
+    let entry = match choose::choose(&entries, &req.snapshot, &req.source, &req.database) {
+        Ok(entry) => entry,
+        Err(error) => {
+            // A snapshot asked for by id that exists only as damaged objects: say so.
+            if let SnapshotChoice::Id(id) = &req.snapshot {
+                let damage = cat.damage_of(&app.targets, &req.source, &req.database, id);
+                if !damage.is_empty() {
+                    return Err(RestoreError::Damaged {
+                        source_name: req.source.clone(),
+                        database: req.database.clone(),
+                        snapshot_id: id.clone(),
+                        damage,
+                        available: entries.iter().map(|e| e.id().to_string()).collect(),
+                    });
+                }
+            }
+            return Err(error.into());
+        }
+    };
     let manifest = &entry.manifest;
     tracing::Span::current().record("snapshot_id", manifest.snapshot_id.as_str());
     tracing::info!(message = "Snapshot chosen.", targets = %entry.targets.join(","), destination = %dest.database);

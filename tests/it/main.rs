@@ -5,6 +5,7 @@ mod backup;
 mod cli;
 mod daemon;
 mod deploy;
+mod faults;
 mod restore;
 mod retention;
 mod support;
