@@ -1,0 +1,248 @@
+//! The configuration file as written: serde structs that mirror it exactly, with
+//! `deny_unknown_fields` and the documented defaults. `super::validate` turns them into typed
+//! values; nothing else reads these.
+
+use serde::{Deserialize, Serialize};
+
+use super::Text;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) daemon: RawDaemon,
+    #[serde(default)]
+    pub(super) pipeline: RawPipeline,
+    #[serde(default)]
+    pub(super) source: Vec<RawSource>,
+    #[serde(default)]
+    pub(super) target: Vec<RawTarget>,
+    #[serde(default)]
+    pub(super) restore_target: Vec<RawRestoreTarget>,
+    #[serde(default)]
+    pub(super) restore: RawRestore,
+    #[serde(default)]
+    pub(super) verify: RawVerify,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDaemon {
+    /// Address of the HTTP server (metrics, health, API).
+    #[serde(default = "default_listen")]
+    pub(super) listen: Text,
+    /// File holding the bearer token for mutating API calls; missing file = those are disabled.
+    #[serde(default = "default_token_file")]
+    pub(super) api_token_file: Text,
+    /// Backups running at once across all sources (each is one pg_dump + one compression).
+    #[serde(default = "default_max_concurrent")]
+    pub(super) max_concurrent_backups: usize,
+    /// How long running backups may go on after SIGTERM before they are cancelled.
+    #[serde(default = "default_grace")]
+    pub(super) shutdown_grace: Text,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            listen: default_listen(),
+            api_token_file: default_token_file(),
+            max_concurrent_backups: default_max_concurrent(),
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+fn default_listen() -> Text {
+    Text("0.0.0.0:9187".into())
+}
+fn default_token_file() -> Text {
+    Text("/var/run/secrets/pgferry/api-token".into())
+}
+fn default_max_concurrent() -> usize {
+    2
+}
+fn default_grace() -> Text {
+    Text("60s".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPipeline {
+    /// zstd level (1–19).
+    #[serde(default = "default_zstd_level")]
+    pub(super) zstd_level: i32,
+    /// zstd worker threads; 0 = one per core, at most 4.
+    #[serde(default)]
+    pub(super) zstd_workers: u32,
+    /// A snapshot counts once committed on this many targets.
+    #[serde(default = "default_min_targets")]
+    pub(super) min_targets: usize,
+    /// A target that accepts no part for this long is dropped, so it cannot stall the others.
+    #[serde(default = "default_stall_timeout")]
+    pub(super) stall_timeout: Text,
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        RawPipeline {
+            zstd_level: default_zstd_level(),
+            zstd_workers: 0,
+            min_targets: default_min_targets(),
+            stall_timeout: default_stall_timeout(),
+        }
+    }
+}
+
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_min_targets() -> usize {
+    1
+}
+fn default_stall_timeout() -> Text {
+    Text("300s".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    pub(super) name: Text,
+    pub(super) url: Text,
+    #[serde(default = "default_databases")]
+    pub(super) databases: Vec<Text>,
+    #[serde(default = "default_exclude")]
+    pub(super) exclude: Vec<Text>,
+    #[serde(default = "default_schedule")]
+    pub(super) schedule: Text,
+    #[serde(default)]
+    pub(super) retention: RetentionPolicy,
+    /// Directory holding pg_dump; default `/usr/lib/postgresql/<server major>/bin`.
+    #[serde(default)]
+    pub(super) pg_bin_dir: Option<Text>,
+}
+
+fn default_databases() -> Vec<Text> {
+    vec![Text("*".into())]
+}
+fn default_exclude() -> Vec<Text> {
+    vec![Text("postgres".into()), Text("template*".into())]
+}
+fn default_schedule() -> Text {
+    Text("0 * * * *".into())
+}
+
+/// Grandfather-father-son retention, per source, database and target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionPolicy {
+    /// The N newest snapshots, whatever their age.
+    pub keep_last: u32,
+    /// The newest snapshot of each of the N newest hours that have one.
+    pub hourly: u32,
+    /// Likewise per UTC day.
+    pub daily: u32,
+    /// Likewise per ISO week.
+    pub weekly: u32,
+    /// Likewise per calendar month.
+    pub monthly: u32,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            keep_last: 3,
+            hourly: 48,
+            daily: 14,
+            weekly: 8,
+            monthly: 12,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTarget {
+    pub(super) name: Text,
+    pub(super) url: Text,
+    #[serde(default)]
+    pub(super) endpoint: Option<Text>,
+    #[serde(default)]
+    pub(super) region: Option<Text>,
+    #[serde(default)]
+    pub(super) access_key_id: Option<Text>,
+    #[serde(default)]
+    pub(super) secret_access_key: Option<Text>,
+    #[serde(default = "default_max_parts")]
+    pub(super) max_parts: u32,
+}
+
+fn default_max_parts() -> u32 {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRestoreTarget {
+    pub(super) namespace: Text,
+    pub(super) url: Text,
+    #[serde(default = "default_owner")]
+    pub(super) owner: Text,
+    #[serde(default)]
+    pub(super) hooks: Vec<Text>,
+    #[serde(default)]
+    pub(super) pg_bin_dir: Option<Text>,
+}
+
+fn default_owner() -> Text {
+    Text("odoo".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRestore {
+    /// Where `restore --jobs N` spools the verified dump before `pg_restore -j N`.
+    #[serde(default = "default_spool_dir")]
+    pub(super) spool_dir: Text,
+}
+
+impl Default for RawRestore {
+    fn default() -> Self {
+        RawRestore {
+            spool_dir: default_spool_dir(),
+        }
+    }
+}
+
+fn default_spool_dir() -> Text {
+    Text("/var/tmp/pgferry".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVerify {
+    #[serde(default = "default_verify_url")]
+    pub(super) url: Text,
+    #[serde(default)]
+    pub(super) checks: Vec<Text>,
+    /// When the daemon runs verify by itself; unset = only the CronJob does.
+    #[serde(default)]
+    pub(super) schedule: Option<Text>,
+    #[serde(default)]
+    pub(super) pg_bin_dir: Option<Text>,
+}
+
+impl Default for RawVerify {
+    fn default() -> Self {
+        RawVerify {
+            url: default_verify_url(),
+            checks: Vec::new(),
+            schedule: None,
+            pg_bin_dir: None,
+        }
+    }
+}
+
+fn default_verify_url() -> Text {
+    Text("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
+}

@@ -1,0 +1,177 @@
+//! Unit tests of config parsing, validation and redaction.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry:s3cret@127.0.0.1:5432/postgres"
+
+[[target]]
+name = "local"
+url = "file:///var/lib/pgferry"
+"#;
+
+/// 1-based line of the first occurrence of `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text[..text.find(needle).unwrap()].matches('\n').count() + 1
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str_at(text, Path::new("/etc/pgferry/pgferry.toml"))
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.daemon.listen.to_string(), "0.0.0.0:9187");
+    assert_eq!(c.daemon.max_concurrent_backups, 2);
+    assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(60));
+    assert_eq!(c.pipeline.zstd_level, 3);
+    assert_eq!(c.pipeline.min_targets, 1);
+    let s = &c.sources[0];
+    assert!(s.selects("acme"));
+    assert!(!s.selects("postgres"));
+    assert!(!s.selects("template1"));
+    assert_eq!(s.schedule.expr(), "0 * * * *");
+    assert_eq!(s.retention, RetentionPolicy::default());
+    assert!(matches!(c.targets[0].kind, TargetKind::File { .. }));
+}
+
+#[test]
+fn the_example_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgferry.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let vars = [
+        ("OVH_ACCESS_KEY_ID", "example-key"),
+        ("OVH_SECRET_ACCESS_KEY", "example-secret"),
+        ("SCW_ACCESS_KEY_ID", "example-key"),
+        ("SCW_SECRET_ACCESS_KEY", "example-secret"),
+    ];
+    let mut expanded = text.clone();
+    for (k, v) in vars {
+        expanded = expanded.replace(&format!("${{{k}}}"), v);
+    }
+    let c = Config::from_str_at(&expanded, &path).unwrap();
+    assert!(c.targets.len() >= 2);
+    assert!(!c.restore_targets.is_empty());
+    assert!(c.restore_targets[0].hooks[0].exists(), "hook file missing");
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let text = format!("{MINIMAL}\n[pipeline]\nzstd_levle = 3\n");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("zstd_levle"), "{err}");
+    assert!(
+        err.contains(&format!(":{}:", line_of(&text, "zstd_levle"))),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_env_var_is_an_error_naming_it() {
+    let text = MINIMAL.replace("s3cret", "${PGFERRY_TEST_SURELY_UNSET}");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("PGFERRY_TEST_SURELY_UNSET"), "{err}");
+    assert!(
+        err.contains(&format!(":{}:", line_of(&text, "PGFERRY_TEST"))),
+        "{err}"
+    );
+}
+
+#[test]
+fn env_expansion() {
+    let get = |n: &str| (n == "A").then(|| "x\"y".to_string());
+    assert_eq!(expand_env("a${A}b", get).unwrap(), "ax\"yb");
+    assert_eq!(expand_env("$$A $B", get).unwrap(), "$A $B");
+    assert!(expand_env("${B}", get).is_err());
+    assert!(expand_env("${A", get).is_err());
+}
+
+#[test]
+fn bad_cron_duplicate_target_and_min_targets_are_rejected() {
+    let bad_cron = MINIMAL.replace(
+        "url = \"postgres",
+        "schedule = \"61 * * * *\"\nurl = \"postgres",
+    );
+    let err = parse(&bad_cron).unwrap_err().to_string();
+    assert!(err.contains("source[0].schedule"), "{err}");
+
+    let dup = format!("{MINIMAL}\n[[target]]\nname = \"local\"\nurl = \"file:///tmp/x\"\n");
+    let err = parse(&dup).unwrap_err().to_string();
+    assert!(err.contains("duplicate target name"), "{err}");
+
+    let min = format!("{MINIMAL}\n[pipeline]\nmin_targets = 2\n");
+    let err = parse(&min).unwrap_err().to_string();
+    assert!(err.contains("min_targets"), "{err}");
+}
+
+#[test]
+fn secrets_are_redacted() {
+    let text = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry:s3cret@127.0.0.1:5432/postgres"
+[[target]]
+name = "s3"
+url = "s3://bucket/pg"
+endpoint = "http://127.0.0.1:3900"
+access_key_id = "GKabc"
+secret_access_key = "topsecretkey"
+[[restore_target]]
+namespace = "staging-*"
+url = "postgres://odoo:hunter2@pg.{namespace}.svc/postgres"
+"#;
+    let c = parse(text).unwrap();
+    let shown = c.redacted_toml();
+    for secret in ["s3cret", "GKabc", "topsecretkey", "hunter2"] {
+        assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+        assert!(
+            !format!("{c:?}").contains(secret),
+            "{secret} leaked in Debug"
+        );
+    }
+    assert!(shown.contains("<redacted>"));
+    // The redacted output is itself a valid config (with placeholders).
+    toml::from_str::<toml::Value>(&shown).unwrap();
+    assert_eq!(
+        redact_url("host=a password=x user=b"),
+        "host=a password=<redacted> user=b"
+    );
+}
+
+#[test]
+fn wrong_type_does_not_echo_the_value() {
+    let text = MINIMAL.replace(
+        "name = \"local\"",
+        "name = \"local\"\nmax_parts = \"hunter2\"",
+    );
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains(&format!(":{}:", line_of(&text, "max_parts"))),
+        "{err}"
+    );
+}
+
+/// The fuzz corpus (seeds and past crashes of `fuzz/fuzz_targets/config.rs`) runs in every
+/// `cargo test`: no input may panic the parser.
+#[test]
+fn fuzz_corpus_does_not_panic() {
+    for (path, bytes) in crate::test_support::fuzz_corpus("config") {
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue; // the fuzz target only feeds UTF-8
+        };
+        let outcome = std::panic::catch_unwind(|| {
+            if let Ok(config) = parse(text) {
+                let _ = config.redacted_toml();
+            }
+        });
+        assert!(
+            outcome.is_ok(),
+            "{} panicked the config parser",
+            path.display()
+        );
+    }
+}
