@@ -1,0 +1,356 @@
+//! Criterion micro-benchmarks of the backup pipeline's stages, on in-memory data (issue 7,
+//! item 1). Every figure is MB/s of RAW dump bytes (what pg_dump writes), whatever the stage
+//! really processes. Results and the command that produced them: `benches/RESULTS.md`.
+//!
+//! The input, generated once per run in memory (`synthetic_dump`): the real fixture
+//! `tests/fixtures/dumpstats/pg15-pipe.dump` (a `pg_dump -Fc -Z0` archive written to a pipe),
+//! with ~64 MiB of COPY rows spliced into the data blocks of two of its tables, one chunk per
+//! row as pg_dump -Z0 writes them, so the archive stays valid for the stats tap:
+//! - 40% of the bytes are pgbench_accounts-like rows (`aid, bid, abalance, 84-space filler`),
+//! - 60% are `docs`-like rows as `benches/backup.sh` seeds them: id, 660 bytes of lorem-ipsum
+//!   text, a jsonb-looking object with a random 32-hex note, and a 1 KiB bytea shown as hex,
+//!   half a repeated 16-byte pattern and half random bytes.
+//!
+//! Groups: `zstd_direct` (the zstd crate, one thread, checksum), `zstd_pipeline`
+//! (`pipeline::run` to one in-memory target: zstd with 2 workers and checksum, sha256, part
+//! cutting, fan-out, multipart upload), `sha256` (alone, over the raw bytes), `stats_tap`
+//! (`DumpStatsTap::feed` alone), `fanout` (`pipeline::run` at level 1 to 1/2/3 targets) and
+//! `pipeline_tap` (`pipeline::run` at level 3 to 2 targets, without and with the stats tap).
+//!
+//! For instruction counts under valgrind, `PGFERRY_BENCH_ONCE=<stage>` runs one stage once
+//! without criterion (`none` only builds the input, to subtract), and `PGFERRY_BENCH_MIB`
+//! sets the input size: see `benches/RESULTS.md`.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
+use object_store::memory::InMemory;
+use pgferry::dumpstats::DumpStatsTap;
+use pgferry::pipeline::{self, PipelineSettings, RawTap, Sink, READ_CHUNK};
+use pgferry::target::{self, Target, DUMP_SUFFIX};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// The archive the rows are spliced into.
+const FIXTURE: &[u8] = include_bytes!("../tests/fixtures/dumpstats/pg15-pipe.dump");
+/// Default size of the spliced rows: big enough that zstd's windows and the part cutting
+/// behave as on a real dump, small enough that level 6 on one core takes under 2 s here.
+const DEFAULT_MIB: usize = 64;
+/// Input size when the benchmarks only run as tests.
+const TEST_MIB: usize = 1;
+/// Share of the spliced bytes that are pgbench_accounts-like rows; the rest are docs rows.
+const ACCOUNTS_SHARE: f64 = 0.4;
+/// The pipeline's zstd workers as the daemon runs them on this 2-core machine.
+const ZSTD_WORKERS: u32 = 2;
+/// Tokio workers, as the daemon's runtime has on 2 cores.
+const RUNTIME_WORKERS: usize = 2;
+
+/// splitmix64: deterministic, so every run compresses the same bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n.div_ceil(8))
+            .flat_map(|_| self.next().to_le_bytes())
+            .take(n)
+            .collect()
+    }
+}
+
+/// Where the data chunk holding `row` starts: its length int (a sign byte and 4 bytes).
+fn chunk_start(row: &[u8]) -> usize {
+    let at = FIXTURE
+        .windows(row.len())
+        .position(|w| w == row)
+        .expect("the fixture holds the row");
+    let start = at - 5;
+    let len = u32::from_le_bytes(FIXTURE[start + 1..at].try_into().unwrap()) as usize;
+    assert!(FIXTURE[start] == 0 && len >= row.len(), "a chunk length");
+    start
+}
+
+/// Appends one row as pg_dump -Z0 writes it: a chunk of its own.
+fn push_chunk(out: &mut Vec<u8>, row: &[u8]) {
+    out.push(0);
+    out.extend_from_slice(&(row.len() as u32).to_le_bytes());
+    out.extend_from_slice(row);
+}
+
+fn accounts_rows(bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes + 256);
+    let filler = " ".repeat(84);
+    let mut aid = 1u64;
+    while out.len() < bytes {
+        let row = format!("{aid}\t{}\t0\t{filler}\n", aid / 100_000 + 1);
+        push_chunk(&mut out, row.as_bytes());
+        aid += 1;
+    }
+    out
+}
+
+fn docs_rows(bytes: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes + 4096);
+    let mut g = 1u64;
+    while out.len() < bytes {
+        let partner = g % 977;
+        let body =
+            format!("Lorem ipsum dolor sit amet, invoice {g} for partner {partner}. ").repeat(12);
+        let note = hex::encode(rng.bytes(16));
+        let meta = format!(
+            r#"{{"note": "{note}", "lines": [{g}, {}, {}], "state": "posted", "partner": {partner}}}"#,
+            g * 2,
+            g * 3
+        );
+        let pattern = Rng(g % 100).bytes(16).repeat(32);
+        let blob = hex::encode([pattern, rng.bytes(512)].concat());
+        // COPY text escapes the backslash of bytea's hex format.
+        let row = format!("{g}\t{body}\t{meta}\t\\\\x{blob}\n");
+        push_chunk(&mut out, row.as_bytes());
+        g += 1;
+    }
+    out
+}
+
+/// The fixture with `mib` MiB of rows spliced into two tables' data blocks; see the module doc.
+fn synthetic_dump(mib: usize) -> Bytes {
+    let total = mib << 20;
+    let accounts_bytes = (total as f64 * ACCOUNTS_SHARE) as usize;
+    let accounts_at = chunk_start(b"1\trow 1\n"); // table many_rows
+    let docs_at = chunk_start(b"1\tabcdefghij"); // table wide_row, later in the archive
+    let mut rng = Rng(7);
+    let mut out = Vec::with_capacity(FIXTURE.len() + total + (1 << 16));
+    out.extend_from_slice(&FIXTURE[..accounts_at]);
+    out.extend_from_slice(&accounts_rows(accounts_bytes));
+    out.extend_from_slice(&FIXTURE[accounts_at..docs_at]);
+    out.extend_from_slice(&docs_rows(total - accounts_bytes, &mut rng));
+    out.extend_from_slice(&FIXTURE[docs_at..]);
+    Bytes::from(out)
+}
+
+fn zstd_direct(input: &[u8], level: i32) -> u64 {
+    let mut encoder = zstd::stream::write::Encoder::new(Counter(0), level).unwrap();
+    encoder.include_checksum(true).unwrap();
+    for chunk in input.chunks(READ_CHUNK) {
+        encoder.write_all(chunk).unwrap();
+    }
+    encoder.finish().unwrap().0
+}
+
+/// A writer that only counts.
+struct Counter(u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sha256(input: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for chunk in input.chunks(READ_CHUNK) {
+        hasher.update(chunk);
+    }
+    hasher.finalize().into()
+}
+
+fn stats_tap(input: &[u8]) -> DumpStatsTap {
+    let mut tap = DumpStatsTap::new();
+    for chunk in input.chunks(READ_CHUNK) {
+        tap.feed(chunk);
+    }
+    tap
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKERS)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One backup's pipeline: `input` to `targets` fresh in-memory stores, uploads aborted at the
+/// end (completing would only add InMemory's concatenation of the parts). Returns the bytes
+/// stored.
+async fn run_pipeline<T: RawTap>(input: &Bytes, level: i32, targets: usize, tap: T) -> u64 {
+    let settings = PipelineSettings {
+        zstd_level: level,
+        zstd_workers: ZSTD_WORKERS,
+        part_size: target::part_size(input.len() as u64, 10_000) as usize,
+        stall_timeout: Duration::from_secs(300),
+    };
+    let sinks = (0..targets)
+        .map(|i| {
+            let target = Target::new(&format!("t{i}"), Arc::new(InMemory::new()), "bench", 10_000);
+            Sink {
+                key: target.key("src", "db", "snap", DUMP_SUFFIX),
+                target,
+            }
+        })
+        .collect();
+    let out = pipeline::run(
+        std::io::Cursor::new(input.clone()),
+        &settings,
+        sinks,
+        tap,
+        Arc::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.raw_bytes, input.len() as u64);
+    assert_eq!(out.uploads.len(), targets);
+    for upload in out.uploads {
+        upload.abort().await;
+    }
+    out.stored_bytes
+}
+
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and then criterion
+/// runs each benchmark once as a smoke test, on a small input to keep the test suite quick.
+fn is_bench() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+fn mib() -> usize {
+    std::env::var("PGFERRY_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if is_bench() { DEFAULT_MIB } else { TEST_MIB })
+}
+
+/// Checks the input once, and prints what it is: size, compression ratios, table stats.
+fn describe(input: &Bytes) {
+    let stats = stats_tap(input).finish().expect("a valid archive");
+    let rows: u64 = stats.tables.iter().map(|t| t.rows).sum();
+    eprintln!(
+        "input: {} bytes ({:.1} MiB), {rows} rows in {} tables",
+        input.len(),
+        input.len() as f64 / 1048576.0,
+        stats.tables.len()
+    );
+    for level in [1, 3, 6] {
+        let stored = zstd_direct(input, level);
+        eprintln!(
+            "zstd -{level}: {stored} bytes, ratio {:.3}",
+            input.len() as f64 / stored as f64
+        );
+    }
+}
+
+/// Short runs: each iteration pushes the whole input through, which takes from a tenth of a
+/// second to a few, so 10 samples of one iteration each keep `cargo bench` within minutes.
+fn configure<'a>(c: &'a mut Criterion, raw_bytes: u64, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Bytes(raw_bytes));
+    g
+}
+
+fn benches(c: &mut Criterion, input: &Bytes) {
+    let rt = runtime();
+    let len = input.len() as u64;
+
+    let mut g = configure(c, len, "zstd_direct");
+    for level in [1, 3, 6] {
+        g.bench_with_input(BenchmarkId::from_parameter(level), input, |b, i| {
+            b.iter(|| zstd_direct(i, level))
+        });
+    }
+    g.finish();
+
+    let mut g = configure(c, len, "zstd_pipeline");
+    for level in [1, 3, 6] {
+        g.bench_with_input(BenchmarkId::from_parameter(level), input, |b, i| {
+            b.iter(|| rt.block_on(run_pipeline(i, level, 1, ())))
+        });
+    }
+    g.finish();
+
+    let mut g = configure(c, len, "sha256");
+    g.bench_function("raw", |b| b.iter(|| sha256(black_box(input))));
+    g.finish();
+
+    let mut g = configure(c, len, "stats_tap");
+    g.bench_function("feed", |b| b.iter(|| stats_tap(black_box(input))));
+    g.finish();
+
+    let mut g = configure(c, len, "fanout");
+    for targets in [1, 2, 3] {
+        g.bench_with_input(BenchmarkId::from_parameter(targets), input, |b, i| {
+            b.iter(|| rt.block_on(run_pipeline(i, 1, targets, ())))
+        });
+    }
+    g.finish();
+
+    let mut g = configure(c, len, "pipeline_tap");
+    g.bench_with_input("none", input, |b, i| {
+        b.iter(|| rt.block_on(run_pipeline(i, 3, 2, ())))
+    });
+    g.bench_with_input("stats", input, |b, i| {
+        b.iter(|| rt.block_on(run_pipeline(i, 3, 2, DumpStatsTap::new())))
+    });
+    g.finish();
+}
+
+/// Runs one stage once, for valgrind; see the module doc.
+fn run_once(stage: &str, input: &Bytes) {
+    let rt = runtime();
+    match stage {
+        "none" => {}
+        "sha256" => {
+            black_box(sha256(input));
+        }
+        "stats_tap" => {
+            black_box(stats_tap(input));
+        }
+        s if s.starts_with("zstd_direct/") => {
+            black_box(zstd_direct(input, s[12..].parse().unwrap()));
+        }
+        s if s.starts_with("zstd_pipeline/") => {
+            black_box(rt.block_on(run_pipeline(input, s[14..].parse().unwrap(), 1, ())));
+        }
+        s if s.starts_with("fanout/") => {
+            black_box(rt.block_on(run_pipeline(input, 1, s[7..].parse().unwrap(), ())));
+        }
+        "pipeline_tap/none" => {
+            black_box(rt.block_on(run_pipeline(input, 3, 2, ())));
+        }
+        "pipeline_tap/stats" => {
+            black_box(rt.block_on(run_pipeline(input, 3, 2, DumpStatsTap::new())));
+        }
+        other => panic!("unknown stage {other}"),
+    }
+}
+
+fn main() {
+    let input = synthetic_dump(mib());
+    if let Ok(stage) = std::env::var("PGFERRY_BENCH_ONCE") {
+        run_once(&stage, &input);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    describe(&input);
+    benches(&mut c, &input);
+    c.final_summary();
+}
