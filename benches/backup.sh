@@ -68,7 +68,7 @@ for gb in $SIZES; do
     echo
     echo "## database $db: raw dump $((raw / 1024 / 1024)) MiB"
     for r in $(seq 1 "$ROUNDS"); do
-        measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
+        measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
         measure "pg_dump -Z0 | zstd -$ZSTD_LEVEL -T2 > file" bash -c "PGPASSWORD='$PG_PASSWORD' '$PG_BIN/pg_dump' -Fc -Z0 -h 127.0.0.1 -p $PG_PORT -U postgres '$db' | zstd -q -$ZSTD_LEVEL -T2 -o '$WORK_DIR/peer.zst' -f"
         for n in 1 2 3; do
             measure "pgferry backup, $n S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$n.toml" --log-format json backup --database "$db"
