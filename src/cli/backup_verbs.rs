@@ -1,16 +1,13 @@
 //! `backup`, `list` and `prune`: the verbs over sources and the snapshot catalog.
 
-use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 
 use super::{
-    cancel_on_signals, human_age, human_bytes, names, BackupArgs, CliError, ListArgs, PruneArgs,
-    PROGRESS_INTERVAL,
+    cancel_on_signals, human_age, human_bytes, names, spawn_ticker, BackupArgs, CliError, ListArgs,
+    PruneArgs,
 };
 use crate::app::App;
 use crate::backup::{self, BackupReport};
@@ -83,7 +80,19 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
         let snapshot_id = snapshot_id.clone();
         async move {
             let progress = Arc::new(Progress::default());
-            let ticker = spawn_progress(format!("{}/{}", source.name, database), progress.clone());
+            let ticker = {
+                let progress = progress.clone();
+                spawn_ticker(format!("{}/{}", source.name, database), move |secs| {
+                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
+                    format!(
+                        "{} dumped, {} stored, {}/s",
+                        human_bytes(raw),
+                        human_bytes(stored),
+                        human_bytes((raw as f64 / secs) as u64)
+                    )
+                })
+            };
             let r = backup::backup_database(app, source, &database, &snapshot_id, progress, cancel)
                 .await;
             ticker.cancel();
@@ -135,32 +144,6 @@ fn print_backup_line(
         }
         Err(e) => println!("{source}/{database} {snapshot_id} FAILED: {e}"),
     }
-}
-
-/// Prints a progress line to stderr every few seconds while a long dump runs, on a TTY only.
-fn spawn_progress(label: String, progress: Arc<Progress>) -> CancellationToken {
-    let token = CancellationToken::new();
-    if !std::io::stderr().is_terminal() {
-        return token;
-    }
-    let stop = token.clone();
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
-                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
-                    let rate = raw as f64 / start.elapsed().as_secs_f64().max(0.001);
-                    eprintln!("{label}: {} dumped, {} stored, {}/s", human_bytes(raw), human_bytes(stored), human_bytes(rate as u64));
-                }
-            }
-        }
-    });
-    token
 }
 
 pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> {

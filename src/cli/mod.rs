@@ -211,6 +211,31 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Prints `label: line(seconds elapsed)` to stderr every [`PROGRESS_INTERVAL`] while a long run
+/// goes on, on a TTY only. Cancel the returned token to stop it.
+pub(crate) fn spawn_ticker(
+    label: String,
+    line: impl Fn(f64) -> String + Send + 'static,
+) -> CancellationToken {
+    let token = CancellationToken::new();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return token;
+    }
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => eprintln!("{label}: {}", line(start.elapsed().as_secs_f64().max(0.001))),
+            }
+        }
+    });
+    token
+}
+
 /// A token cancelled on SIGINT or SIGTERM (Ctrl-C, or a Kubernetes Job being deleted), so a
 /// run stops without leaving anything half-done behind.
 pub(crate) fn cancel_on_signals() -> CancellationToken {

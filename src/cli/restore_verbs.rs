@@ -1,13 +1,9 @@
 //! `restore` and `verify`: the verbs that load snapshots into a database.
 
-use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
-
-use super::{cancel_on_signals, human_bytes, CliError, RestoreArgs, VerifyArgs, PROGRESS_INTERVAL};
+use super::{cancel_on_signals, human_bytes, spawn_ticker, CliError, RestoreArgs, VerifyArgs};
 use crate::app::App;
 use crate::restore;
 
@@ -26,10 +22,22 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
     };
     let cancel = cancel_on_signals();
     let progress = Arc::new(restore::load::LoadProgress::default());
-    let ticker = spawn_restore_progress(
-        format!("{}/{} → {}", req.source, req.database, req.namespace),
-        progress.clone(),
-    );
+    let ticker = {
+        let progress = progress.clone();
+        spawn_ticker(
+            format!("{}/{} → {}", req.source, req.database, req.namespace),
+            move |secs| {
+                let stored = progress.stored_bytes.load(Ordering::Relaxed);
+                let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                format!(
+                    "{} read, {} restored, {}/s",
+                    human_bytes(stored),
+                    human_bytes(raw),
+                    human_bytes((stored as f64 / secs) as u64)
+                )
+            },
+        )
+    };
     let r = restore::restore(app, &req, progress, cancel).await;
     ticker.cancel();
     match r {
@@ -91,35 +99,6 @@ fn restore_line(r: &restore::RestoreReport) -> String {
         ));
     }
     line
-}
-
-/// Bytes read and their rate, every few seconds on a TTY.
-fn spawn_restore_progress(
-    label: String,
-    progress: Arc<restore::load::LoadProgress>,
-) -> CancellationToken {
-    let token = CancellationToken::new();
-    if !std::io::stderr().is_terminal() {
-        return token;
-    }
-    let stop = token.clone();
-    tokio::spawn(async move {
-        let start = Instant::now();
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    let stored = progress.stored_bytes.load(Ordering::Relaxed);
-                    let raw = progress.raw_bytes.load(Ordering::Relaxed);
-                    let rate = stored as f64 / start.elapsed().as_secs_f64().max(0.001);
-                    eprintln!("{label}: {} read, {} restored, {}/s", human_bytes(stored), human_bytes(raw), human_bytes(rate as u64));
-                }
-            }
-        }
-    });
-    token
 }
 
 pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliError> {
