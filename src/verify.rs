@@ -314,27 +314,28 @@ pub async fn verify_one(
     }
     let restore_seconds = started.elapsed().as_secs_f64();
 
-    let mut problems: Vec<String> = failures
-        .iter()
-        .map(|f| format!("the copy on target {} failed: {}", f.target, f.error))
-        .collect();
+    let mut problems = Vec::new();
     let mut tables = Vec::new();
     let mut large_objects = None;
     let mut checks = Vec::new();
     if restored_from.is_some() {
-        // Copies that failed before a good one are reported, but do not fail the verify of
-        // the snapshot: the snapshot itself restored. They are in the report and the log.
-        problems.clear();
+        // Copies that failed before a good one are reported (in `failed_targets` and the
+        // log), but do not fail the verify of the snapshot: the snapshot itself restored.
         match inspect(app, url, &scratch, entry).await {
             Ok(found) => {
                 tables = found.tables;
                 large_objects = found.large_objects;
                 checks = found.checks;
-                problems.extend(found.problems);
+                problems = found.problems;
             }
             Err(e) => problems.push(format!("cannot inspect the restored database: {e}")),
         }
     } else {
+        problems.extend(
+            failures
+                .iter()
+                .map(|f| format!("the copy on target {} failed: {}", f.target, f.error)),
+        );
         problems.push("no target holds a copy that restores".into());
     }
     server.drop_database(&scratch).await?;
