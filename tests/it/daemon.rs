@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
 use crate::support::env::{self, assert_no_secret, keys, TestEnv};
+use crate::support::free_port;
 
 /// Where Debian's `prometheus` package installs promtool.
 const PROMTOOL: &str = "/usr/bin/promtool";
@@ -21,14 +22,6 @@ struct Daemon {
     child: Child,
     port: u16,
     log: Arc<Mutex<Vec<String>>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .expect("local addr")
-        .port()
 }
 
 /// A `[daemon]` section on a free loopback port.

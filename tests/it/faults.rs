@@ -85,13 +85,9 @@ impl World {
             .execute("acme", &format!("UPDATE version SET v = {v}"))
             .await
             .unwrap();
-        let run = self.pgferry(&["backup", "--source", "prod"]).await;
-        run.assert_code(0);
-        run.stdout
-            .split_whitespace()
-            .nth(1)
-            .expect("backup line names the snapshot")
-            .to_string()
+        self.pgferry(&["backup", "--source", "prod"])
+            .await
+            .snapshot_id()
     }
 
     async fn restore(&self, extra: &[&str]) -> Run {

@@ -116,16 +116,9 @@ impl World {
 
     /// Backs up `acme` and returns the new snapshot id.
     async fn backup(&self) -> String {
-        let run = self.pgferry(&["backup", "--source", "prod"]).await;
-        run.assert_code(0);
-        let id = run
-            .stdout
-            .split_whitespace()
-            .nth(1)
-            .expect("backup line names the snapshot")
-            .to_string();
-        assert_eq!(id.len(), 16, "{}", run.stdout);
-        id
+        self.pgferry(&["backup", "--source", "prod"])
+            .await
+            .snapshot_id()
     }
 
     async fn restore(&self, extra: &[&str]) -> Run {

@@ -53,9 +53,7 @@ impl World {
     }
 
     async fn backup(&self) -> String {
-        let run = self.pgferry(&["backup"]).await;
-        run.assert_code(0);
-        run.stdout.split_whitespace().nth(1).unwrap().to_string()
+        self.pgferry(&["backup"]).await.snapshot_id()
     }
 
     /// The verify cluster holds no database of ours (scratch databases are dropped).

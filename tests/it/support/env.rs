@@ -49,6 +49,20 @@ impl Run {
         format!("{}\n{}", self.stdout, self.stderr)
     }
 
+    /// The snapshot id a successful `pgferry backup` printed (`src/db ID committed: …`).
+    #[track_caller]
+    pub fn snapshot_id(&self) -> String {
+        self.assert_code(0);
+        let id = self
+            .stdout
+            .split_whitespace()
+            .nth(1)
+            .expect("the backup line names the snapshot")
+            .to_string();
+        assert_eq!(id.len(), 16, "not a snapshot id: {}", self.stdout);
+        id
+    }
+
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Self {
         assert_eq!(

@@ -7,7 +7,7 @@
 #![allow(dead_code)] // each test uses a part of it
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -129,8 +129,7 @@ impl Drop for Prometheus {
 
 /// A loopback address with a port free right now (the kernel picks it).
 pub fn free_loopback_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], super::free_port()))
 }
 
 /// A minimal HTTP/1.0 GET on loopback: (status, body).
