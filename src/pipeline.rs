@@ -55,6 +55,17 @@ const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The zstd workers when `pipeline.zstd_workers` is 0: one per core, at most this.
 const MAX_AUTO_ZSTD_WORKERS: u32 = 4;
 
+/// The input each zstd worker compresses at a time, at levels up to
+/// [`SMALL_JOB_MAX_LEVEL`]. zstd's own default is four windows (8 MiB at levels 3–7), and it
+/// buffers about (workers + 3) jobs of input and one of output per worker: `zstd -3 -T2` peaks
+/// at 52 MiB with its default jobs and 18 MiB with `-B2MiB`, and on the benchmark dump the
+/// 2 MiB jobs came out 0.2% *smaller* (benches/RESULTS.md). Level 1's default is 2 MiB already.
+const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
+
+/// Above this level the window outgrows [`ZSTD_JOB_SIZE`] (4 MiB and more from level 8), and
+/// zstd's own job size is kept: jobs smaller than a window would cost ratio.
+const SMALL_JOB_MAX_LEVEL: i32 = 7;
+
 /// Settings of one pipeline run.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
@@ -390,6 +401,9 @@ fn compress<T: RawTap>(
     let workers = settings.workers();
     if workers > 1 {
         encoder.multithread(workers)?;
+        if settings.zstd_level <= SMALL_JOB_MAX_LEVEL {
+            encoder.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))?;
+        }
     }
     let mut raw_bytes = 0u64;
     while let Some(buf) = full_rx.blocking_recv() {

@@ -27,7 +27,7 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.daemon.listen.to_string(), "0.0.0.0:9187");
     assert_eq!(c.daemon.max_concurrent_backups, 2);
     assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(60));
-    assert_eq!(c.pipeline.zstd_level, 3);
+    assert_eq!(c.pipeline.zstd_level, 1);
     assert_eq!(c.pipeline.min_targets, 1);
     let s = &c.sources[0];
     assert!(s.selects("acme"));
