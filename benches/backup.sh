@@ -3,23 +3,35 @@
 # $SIZES GB of raw dump each (pgbench tables plus text/jsonb/bytea rows, half of the bytea
 # random), then measures in one run, alternating the commands round by round:
 #   source bound      pg_dump -Fc -Z0 > /dev/null
-#   shell peer        pg_dump -Fc -Z0 | zstd -3 -T2 > file
-#   pgferry 1/2/3 S3  pgferry backup to 1, 2 and 3 buckets of a local Garage
-# and reports the median (min–max) wall time, the ratio to the source bound, and pgferry's
-# peak RSS. Usage: benches/backup.sh [rounds]   (env: SIZES="1 3", WORK_DIR, ZSTD_LEVEL)
+#   pg_dump's gzip    pg_dump -Fc > file                         (what most backup scripts run)
+#   shell peer        pg_dump -Fc -Z0 | zstd -L -T2 | aws s3 cp - s3://…   (awscli from PyPI)
+#   pgferry 1/2/3 S3  pgferry backup to 1, 2 and 3 buckets of a local Garage, at each level
+# and reports the median (min–max) wall time, the ratio to the source bound, the CPU seconds
+# of the command and of the S3 server, pgferry's peak RSS, and the stored size per level. For $RSS_SIZES GB (a bigger
+# database) it measures only the source bound and pgferry to 2 targets, for the memory figure.
+# Usage: benches/backup.sh [rounds]
+#   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 ROUNDS="${1:-3}"
-SIZES="${SIZES:-1 3}"
-ZSTD_LEVEL="${ZSTD_LEVEL:-3}"
+SIZES="${SIZES-2}"
+RSS_SIZES="${RSS_SIZES-6}"
+LEVELS="${LEVELS:-1 3}"
 WORK_DIR="${WORK_DIR:-/var/tmp/pgferry-bench}"
 PG_PORT="${PG_PORT:-54339}"
 S3_PORT="${S3_PORT:-39100}"
 export PGFERRY_TOOLS="${PGFERRY_TOOLS:-/opt/pgferry-tools}"
+AWSCLI_VERSION=1.46.3
 
 scripts/setup.sh >/dev/null
 command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
+command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
+AWS="$PGFERRY_TOOLS/awscli/bin/aws"
+if ! "$AWS" --version 2>/dev/null | grep -q "aws-cli/$AWSCLI_VERSION"; then
+    python3 -m venv "$PGFERRY_TOOLS/awscli"
+    "$PGFERRY_TOOLS/awscli/bin/pip" install -q "awscli==$AWSCLI_VERSION"
+fi
 cargo build --release --locked 2>/dev/null
 PGFERRY="$ROOT/target/release/pgferry"
 # shellcheck source=scripts/lib.sh
@@ -27,68 +39,117 @@ source scripts/lib.sh
 trap stop_servers EXIT
 start_servers bench-1 bench-2 bench-3
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
+export AWS_ACCESS_KEY_ID="$S3_KEY_ID" AWS_SECRET_ACCESS_KEY="$S3_SECRET" AWS_DEFAULT_REGION=garage
+export AWS_CONFIG_FILE="$WORK_DIR/aws-config"
+printf '[default]\ns3 =\n    addressing_style = path\n' > "$AWS_CONFIG_FILE"
 
 raw_size() { PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$1" | wc -c; }
 
-config() { # $1 = number of targets
+config() { # $1 = number of targets, $2 = zstd level
     {
         cat <<TOML
 [pipeline]
-zstd_level = $ZSTD_LEVEL
+zstd_level = $2
 [[source]]
 name = "bench"
 url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
 TOML
         for i in $(seq 1 "$1"); do s3_target_toml "s3-$i" "bench-$i"; done
-    } > "$WORK_DIR/pgferry-$1.toml"
+    } > "$WORK_DIR/pgferry-$1-$2.toml"
 }
-config 1; config 2; config 3
+for level in $LEVELS; do for n in 1 2 3; do config "$n" "$level"; done; done
 
-declare -A TIMES RSS
-measure() { # $1 = label, rest = command; records wall seconds (and max RSS KiB)
+TICKS=$(getconf CLK_TCK)
+garage_cpu() { # CPU seconds (user+sys) the S3 server has used so far
+    awk -v t="$TICKS" '{print ($14 + $15) / t}' "/proc/$(cat "$WORK_DIR/garage.pid")/stat"
+}
+
+declare -A TIMES RSS CPU S3CPU STORED
+measure() { # $1 = label, rest = command; records wall s, max RSS KiB, CPU s, S3 server CPU s
     local label=$1; shift
-    local out
-    /usr/bin/time -o "$WORK_DIR/time.out" -f '%e %M' "$@" >/dev/null 2>"$WORK_DIR/cmd.err" || {
+    local s3_before
+    s3_before=$(garage_cpu)
+    /usr/bin/time -o "$WORK_DIR/time.out" -f '%e %M %U %S' "$@" >"$WORK_DIR/cmd.out" 2>"$WORK_DIR/cmd.err" || {
         echo "FAILED: $label"; cat "$WORK_DIR/cmd.err"; exit 1; }
-    out=$(tail -n 1 "$WORK_DIR/time.out")
-    TIMES[$label]+="${out% *} "
-    RSS[$label]+="${out#* } "
+    read -r wall rss user sys <<<"$(tail -n 1 "$WORK_DIR/time.out")"
+    TIMES[$label]+="$wall "
+    RSS[$label]+="$rss "
+    CPU[$label]+="$(echo "$user + $sys" | bc -l) "
+    S3CPU[$label]+="$(echo "$(garage_cpu) - $s3_before" | bc -l) "
 }
 
 stats() { # median min max of the numbers given
     printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f %.2f %.2f", m, a[1], a[NR]}'
 }
 
-echo "# pgferry backup benchmark, $(date -u +%FT%TZ), $(nproc) cores, zstd level $ZSTD_LEVEL, $ROUNDS rounds"
+pgferry_backup() { # $1 = targets, $2 = level, $3 = database
+    measure "pgferry backup, zstd -$2, $1 S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$1-$2.toml" --log-format json backup --database "$3"
+    STORED[$2]=$(grep -o 'stored [0-9.]* [KMG]iB' "$WORK_DIR/cmd.out" | head -n 1)
+}
+
+table() { # the labels to print, in order
+    local base label med min max rss cpu s3cpu
+    base=$(stats ${TIMES["pg_dump -Z0 > /dev/null"]} | cut -d' ' -f1)
+    printf '| %-44s | %9s | %13s | %8s | %7s | %7s | %8s |\n' command "median s" "min–max s" "× bound" "CPU s" "S3 CPU s" "peak RSS MiB"
+    printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------------------------------------------- ----------- --------------- ---------- --------- --------- ----------
+    for label in "$@"; do
+        [ -n "${TIMES[$label]:-}" ] || continue
+        read -r med min max <<<"$(stats ${TIMES[$label]})"
+        cpu=$(stats ${CPU[$label]} | cut -d' ' -f1)
+        s3cpu=$(stats ${S3CPU[$label]} | cut -d' ' -f1)
+        rss="-"
+        if [[ $label == pgferry* ]]; then
+            rss=$(stats ${RSS[$label]} | awk '{printf "%.0f", $3 / 1024}')
+        fi
+        printf '| %-44s | %9s | %13s | %8.2f | %7s | %7s | %8s |\n' "$label" "$med" "$min–$max" "$(echo "$med / $base" | bc -l)" "$cpu" "$s3cpu" "$rss"
+    done
+    echo "(CPU s: user+sys of the command and its children — pg_dump, zstd, aws — medians; not the"
+    echo " PostgreSQL backend's. S3 CPU s: what Garage used meanwhile. Peak RSS: max over rounds.)"
+}
+
+PEER_LEVELS="3"; [[ " $LEVELS " == *" 1 "* ]] && PEER_LEVELS="1 3"
+echo "# pgferry backup benchmark, $(date -u +%FT%TZ), $(nproc) cores, levels $LEVELS, $ROUNDS rounds, $(git rev-parse --short HEAD)"
 echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for gb in $SIZES; do
     db="bench_${gb}g"
     seed "$db" "$gb"
     raw=$(raw_size "$db")
     echo
-    echo "## database $db: raw dump $((raw / 1024 / 1024)) MiB"
+    echo "## database $db: raw dump $((raw / 1024 / 1024)) MiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    labels=("pg_dump -Z0 > /dev/null")
+    [ -n "${SKIP_GZIP:-}" ] || labels+=("pg_dump -Fc (gzip) > file")
+    for l in $PEER_LEVELS; do labels+=("pg_dump -Z0 | zstd -$l -T2 | aws s3 cp -"); done
+    for level in $LEVELS; do for n in 1 2 3; do labels+=("pgferry backup, zstd -$level, $n S3 target(s)"); done; done
     for r in $(seq 1 "$ROUNDS"); do
         measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
-        measure "pg_dump -Z0 | zstd -$ZSTD_LEVEL -T2 > file" bash -c "PGPASSWORD='$PG_PASSWORD' '$PG_BIN/pg_dump' -Fc -Z0 -h 127.0.0.1 -p $PG_PORT -U postgres '$db' | zstd -q -$ZSTD_LEVEL -T2 -o '$WORK_DIR/peer.zst' -f"
-        for n in 1 2 3; do
-            measure "pgferry backup, $n S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$n.toml" --log-format json backup --database "$db"
-        done
-        rm -f "$WORK_DIR/peer.zst"
-    done
-    base=$(stats ${TIMES["pg_dump -Z0 > /dev/null"]} | cut -d' ' -f1)
-    printf '| %-40s | %9s | %13s | %8s | %12s |\n' command "median s" "min–max s" "× bound" "peak RSS MiB"
-    printf '|%s|%s|%s|%s|%s|\n' ------------------------------------------ ----------- --------------- ---------- --------------
-    for label in "pg_dump -Z0 > /dev/null" "pg_dump -Z0 | zstd -$ZSTD_LEVEL -T2 > file" "pgferry backup, 1 S3 target(s)" "pgferry backup, 2 S3 target(s)" "pgferry backup, 3 S3 target(s)"; do
-        read -r med min max <<<"$(stats ${TIMES[$label]})"
-        rss="-"
-        if [[ $label == pgferry* ]]; then
-            rss=$(stats ${RSS[$label]} | awk '{printf "%.0f", $3 / 1024}')
+        if [ -z "${SKIP_GZIP:-}" ]; then
+            measure "pg_dump -Fc (gzip) > file" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f "$WORK_DIR/gzip.dump" "$db"
+            GZIP_SIZE=$(stat -c %s "$WORK_DIR/gzip.dump"); rm -f "$WORK_DIR/gzip.dump"
         fi
-        printf '| %-40s | %9s | %13s | %8.2f | %12s |\n' "$label" "$med" "$min–$max" "$(echo "$med / $base" | bc -l)" "$rss"
+        for l in $PEER_LEVELS; do
+            measure "pg_dump -Z0 | zstd -$l -T2 | aws s3 cp -" bash -c "set -o pipefail; PGPASSWORD='$PG_PASSWORD' '$PG_BIN/pg_dump' -Fc -Z0 -h 127.0.0.1 -p $PG_PORT -U postgres '$db' | zstd -q -$l -T2 -c | '$AWS' --endpoint-url http://127.0.0.1:$S3_PORT s3 cp --only-show-errors - s3://bench-1/peer/$db.dump.zst"
+        done
+        for level in $LEVELS; do for n in 1 2 3; do pgferry_backup "$n" "$level" "$db"; done; done
     done
-    unset TIMES RSS; declare -A TIMES RSS
+    table "${labels[@]}"
+    for level in $LEVELS; do echo "stored at zstd -$level: ${STORED[$level]#stored }"; done
+    [ -z "${GZIP_SIZE:-}" ] || echo "stored by pg_dump -Fc (gzip): $(echo "$GZIP_SIZE / 1048576" | bc) MiB"
+    unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU
     psql_ -d postgres -c "DROP DATABASE $db"
-    garage_ bucket list >/dev/null
+done
+for gb in $RSS_SIZES; do
+    db="bench_${gb}g"
+    seed "$db" "$gb"
+    raw=$(raw_size "$db")
+    echo
+    echo "## database $db (memory): raw dump $((raw / 1024 / 1024)) MiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    labels=("pg_dump -Z0 > /dev/null")
+    for level in $LEVELS; do labels+=("pgferry backup, zstd -$level, 2 S3 target(s)"); done
+    measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
+    for level in $LEVELS; do pgferry_backup 2 "$level" "$db"; done
+    table "${labels[@]}"
+    unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU
+    psql_ -d postgres -c "DROP DATABASE $db"
 done
 echo
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

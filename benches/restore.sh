@@ -2,15 +2,16 @@
 # End-to-end restore benchmark (run by hand, never in CI): one ~$SIZE GB database backed up
 # once by pgferry to a local Garage bucket, then, alternating round by round:
 #   baseline          pg_restore from a local uncompressed custom-format file
+#   baseline -j 2     pg_restore -j 2 from that file (what parallel restore can gain here)
 #   pgferry stream    pgferry restore (download → sha256 → zstd -d → pg_restore)
 #   pgferry --jobs 2  pgferry restore --jobs 2 (spool, verify, pg_restore -j 2)
 # Reports the median (min–max) wall time and the ratio to the baseline.
-# Usage: benches/restore.sh [rounds]   (env: SIZE=1, WORK_DIR)
+# Usage: benches/restore.sh [rounds]   (env: SIZE=2, WORK_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 ROUNDS="${1:-3}"
-SIZE="${SIZE:-1}"
+SIZE="${SIZE:-2}"
 WORK_DIR="${WORK_DIR:-/var/tmp/pgferry-bench-restore}"
 PG_PORT="${PG_PORT:-54349}"
 S3_PORT="${S3_PORT:-39200}"
@@ -62,6 +63,8 @@ fresh() { psql_ -d postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE 
 for r in $(seq 1 "$ROUNDS"); do
     fresh restored_local
     timed "pg_restore local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local "$WORK_DIR/local.dump"
+    fresh restored_local_j2
+    timed "pg_restore -j 2 local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -j 2 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local_j2 "$WORK_DIR/local.dump"
     timed "pgferry restore (stream)" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_stream
     timed "pgferry restore --jobs 2" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_jobs --jobs 2
 done
@@ -69,7 +72,7 @@ stats() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/
 base=$(stats ${TIMES["pg_restore local file"]} | cut -d' ' -f1)
 printf '| %-28s | %9s | %13s | %10s |\n' command "median s" "min–max s" "× baseline"
 printf '|%s|%s|%s|%s|\n' ------------------------------ ----------- --------------- ------------
-for label in "pg_restore local file" "pgferry restore (stream)" "pgferry restore --jobs 2"; do
+for label in "pg_restore local file" "pg_restore -j 2 local file" "pgferry restore (stream)" "pgferry restore --jobs 2"; do
     read -r med min max <<<"$(stats ${TIMES[$label]})"
     printf '| %-28s | %9s | %13s | %10.2f |\n' "$label" "$med" "$min–$max" "$(echo "$med / $base" | bc -l)"
 done

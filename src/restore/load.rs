@@ -480,7 +480,10 @@ pub async fn spooled(
     if let Some(e) = decode_failed {
         return Err(e);
     }
-    file.sync_all().await.map_err(spool_err(&path))?;
+    // No fsync: the spool lives only as long as this process, and pg_restore reads it back
+    // from the page cache; flushing a multi-GiB file to disk first cost seconds (issue 7).
+    // Space is still checked at write time (ENOSPC comes from write, not from the flush).
+    file.flush().await.map_err(spool_err(&path))?;
     drop(file);
     let mut child = spawn_pg_restore(into, jobs, Some(&path))?;
     let stderr = take_stderr(&mut child, into.url);
