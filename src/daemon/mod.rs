@@ -2,8 +2,8 @@
 //!
 //! [`run`] builds a [`scheduler::Scheduler`] over the real [`PgRunner`] (advisory lock →
 //! "already committed?" check → `backup::backup_database` → retention), starts the readiness
-//! checker and the HTTP server, and waits for SIGTERM or SIGINT. Then it stops scheduling and
-//! serving, lets running backups finish for `daemon.shutdown_grace`, cancels what is left
+//! checker and the HTTP server, and waits for SIGTERM or SIGINT. Then it stops scheduling,
+//! reports not ready, lets running backups finish for `daemon.shutdown_grace`, cancels what is left
 //! (pg_dump killed, uploads aborted, no manifest) and returns once everything has ended.
 
 pub mod ha;
@@ -174,17 +174,21 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
     scheduler.start();
     let http_state = crate::http::HttpState::new(app.clone(), scheduler.clone(), readiness);
     let router = crate::http::router(http_state);
+    // The HTTP server outlives the drain: /metrics and /api/v1/status keep answering while
+    // running backups finish (/readyz turns 503 at once), and it stops once they have ended.
+    let http_stop = CancellationToken::new();
     let server = {
-        let stop = stop.clone();
+        let http_stop = http_stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
+                .with_graceful_shutdown(http_stop.cancelled_owned())
                 .await
         })
     };
     stop.cancelled().await;
     let grace = app.config.daemon.shutdown_grace;
     scheduler.drain(grace).await;
+    http_stop.cancel();
     let served = server.await;
     let _ = checker.await;
     if let Some(v) = verifier {

@@ -83,7 +83,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
-    let r = s.readiness.get();
+    let mut r = s.readiness.get();
+    if s.scheduler.is_shutting_down() {
+        r.ready = false;
+        r.reasons
+            .insert(0, "shutting down: finishing the running backups".into());
+    }
     let code = if r.ready {
         StatusCode::OK
     } else {

@@ -117,9 +117,13 @@ impl Daemon {
     }
 
     /// SIGTERM, then the exit code and how long the exit took.
-    async fn stop(mut self, limit: Duration) -> (i32, Duration, String) {
+    async fn stop(self, limit: Duration) -> (i32, Duration, String) {
         self.sigterm();
-        let start = Instant::now();
+        self.wait_exit(Instant::now(), limit).await
+    }
+
+    /// Waits for the exit after a SIGTERM sent at `start`.
+    async fn wait_exit(mut self, start: Instant, limit: Duration) -> (i32, Duration, String) {
         let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .unwrap_or_else(|_| {
@@ -539,7 +543,21 @@ async fn sigterm_during_a_long_dump_exits_within_grace_and_commits_nothing() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (code, took, log) = d.stop(grace + Duration::from_secs(30)).await;
+    d.sigterm();
+    let start = Instant::now();
+    // While the dump drains, the daemon still serves: not ready, but metrics and status answer.
+    let (code, body) = d.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let (code, body) = d.get("/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("pgferry_"), "{body}");
+    assert_eq!(d.status().await["shutting_down"], true);
+    assert!(
+        start.elapsed() < grace,
+        "the checks took longer than the grace"
+    );
+    let (code, took, log) = d.wait_exit(start, grace + Duration::from_secs(30)).await;
     eprintln!("the daemon exited {took:?} after SIGTERM (grace {grace:?})");
     assert_eq!(code, 0, "{log}");
     assert!(
