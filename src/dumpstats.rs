@@ -98,6 +98,8 @@ const BLK_DATA: u8 = 1;
 const BLK_BLOBS: u8 = 3;
 /// `K_OFFSET_POS_NOT_SET`, `K_OFFSET_POS_SET`, `K_OFFSET_NO_DATA`.
 const OFFSET_FLAGS: std::ops::RangeInclusive<u8> = 1..=3;
+const OFFSET_POS_NOT_SET: u8 = 1;
+const OFFSET_POS_SET: u8 = 2;
 /// Longest TOC string accepted (a huge view or function body); longer is a corrupt length.
 const MAX_TOC_STRING: usize = 64 << 20;
 /// Longest string kept in memory (names, entry kinds, versions); identifiers are at most 63 bytes.
@@ -198,6 +200,8 @@ enum State {
     BlockType,
     BlockId {
         kind: u8,
+        /// Where the block's type byte is.
+        at: u64,
     },
     ChunkLen {
         target: Target,
@@ -227,6 +231,10 @@ enum DataKind {
 struct DataEntry {
     kind: DataKind,
     seen: bool,
+    /// Where its TOC entry's data offset flag is, when pg_dump could not set it (a pipe).
+    offset_field: Option<u64>,
+    /// Where its data block starts (the type byte), once seen.
+    block_at: u64,
 }
 
 /// The fields of the TOC entry being read that matter here.
@@ -238,6 +246,7 @@ struct EntryScratch {
     desc: String,
     namespace: String,
     has_copy: bool,
+    offset_field: Option<u64>,
 }
 
 /// The last bytes of the current table's data.
@@ -367,6 +376,35 @@ impl DumpStatsTap {
         self.offset = input.offset;
     }
 
+    /// The TOC bytes that turn this archive, written by pg_dump to a pipe, into one as pg_dump
+    /// writes to a file: for each data block, at the position of its entry's offset field,
+    /// the flag `K_OFFSET_POS_SET` and the block's position (`offSize` bytes, little-endian, as
+    /// `WriteOffset` writes them). `pg_restore -j` then seeks straight to each table's data
+    /// instead of scanning the archive for it. Only meaningful once [`finish`](Self::finish)
+    /// found the archive complete; pg_restore checks the dump id at each position it seeks to.
+    pub fn data_offset_patches(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut patches: Vec<(u64, Vec<u8>)> = self
+            .entries
+            .values()
+            .filter(|entry| entry.seen)
+            .filter_map(|entry| {
+                let field = entry.offset_field?;
+                let mut bytes = Vec::with_capacity(1 + self.off_size);
+                bytes.push(OFFSET_POS_SET);
+                bytes.extend((0..self.off_size).map(|i| {
+                    if i < 8 {
+                        (entry.block_at >> (8 * i)) as u8
+                    } else {
+                        0
+                    }
+                }));
+                Some((field, bytes))
+            })
+            .collect();
+        patches.sort_unstable();
+        patches
+    }
+
     /// Ends the stream: the statistics, or why the stream was not a complete archive.
     pub fn finish(mut self) -> Result<DumpStats, StatsError> {
         if let Some(error) = self.error.take() {
@@ -460,14 +498,17 @@ impl DumpStatsTap {
                         "unknown data block type {kind} (1 is table data, 3 large objects)"
                     )));
                 }
-                self.state = State::BlockId { kind };
+                self.state = State::BlockId {
+                    kind,
+                    at: self.item_start,
+                };
                 Ok(())
             }
-            State::BlockId { kind } => {
+            State::BlockId { kind, at } => {
                 let Some(id) = self.take_int(input)? else {
                     return Ok(());
                 };
-                self.start_block(kind, id)
+                self.start_block(kind, id, at)
             }
             State::Magic => {
                 let Some(fixed) = self.take_fixed(input, MAGIC.len()) else {
@@ -583,7 +624,7 @@ impl DumpStatsTap {
         }
     }
 
-    fn start_block(&mut self, kind: u8, id: i64) -> Result<(), StatsError> {
+    fn start_block(&mut self, kind: u8, id: i64, at: u64) -> Result<(), StatsError> {
         let entry = i32::try_from(id)
             .ok()
             .and_then(|id| self.entries.get_mut(&id));
@@ -596,6 +637,7 @@ impl DumpStatsTap {
             return Err(self.malformed(format!("second data block for dump id {id}")));
         }
         entry.seen = true;
+        entry.block_at = at;
         self.state = match (kind, entry.kind) {
             (BLK_DATA, DataKind::Table(table)) => {
                 self.block_bytes = 0;
@@ -708,6 +750,9 @@ impl DumpStatsTap {
             (DataOffset, Value::Offset(flag)) if !OFFSET_FLAGS.contains(&flag) => {
                 return Err(self.malformed(format!("data offset flag {flag}")));
             }
+            (DataOffset, Value::Offset(OFFSET_POS_NOT_SET)) => {
+                self.entry.offset_field = Some(self.item_start);
+            }
             _ => {}
         }
         Ok(true)
@@ -744,7 +789,12 @@ impl DumpStatsTap {
                 })
             }
         };
-        let data = DataEntry { kind, seen: false };
+        let data = DataEntry {
+            kind,
+            seen: false,
+            offset_field: entry.offset_field,
+            block_at: 0,
+        };
         if self.entries.insert(entry.dump_id, data).is_some() {
             let what = format!("two TOC entries with data have dump id {}", entry.dump_id);
             return Err(self.malformed(what));
@@ -981,6 +1031,51 @@ mod tests {
 
     fn read(data: &[u8]) -> Result<DumpStats, StatsError> {
         read_in_pieces(data, data.len())
+    }
+
+    #[test]
+    fn offset_patches_point_at_each_data_block_and_keep_the_archive_valid() {
+        for (name, data) in REAL {
+            let mut tap = DumpStatsTap::new();
+            // Odd pieces, so fields straddle feeds.
+            for piece in data.chunks(7) {
+                tap.feed(piece);
+            }
+            let patches = tap.data_offset_patches();
+            let data_entries = tap.entries.len();
+            let (int_size, off_size) = (tap.int_size, tap.off_size);
+            let stats = tap.finish().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                patches.len(),
+                data_entries,
+                "{name}: one patch per data block"
+            );
+            let mut patched = data.to_vec();
+            for (at, bytes) in &patches {
+                let at = *at as usize;
+                assert_eq!(bytes.len(), 1 + off_size);
+                assert_eq!(data[at], OFFSET_POS_NOT_SET, "{name}: patch at {at}");
+                patched[at..at + bytes.len()].copy_from_slice(bytes);
+                // The position written is a block header: a type byte, then a positive dump id.
+                let mut pos = [0u8; 8];
+                pos.copy_from_slice(&bytes[1..9]);
+                let block = u64::from_le_bytes(pos) as usize;
+                assert!([BLK_DATA, BLK_BLOBS].contains(&data[block]), "{name}");
+                assert_eq!(data[block + 1], 0, "{name}: dump id sign");
+                assert!(data[block + 2..block + 2 + int_size]
+                    .iter()
+                    .any(|b| *b != 0));
+            }
+            // Blocks are distinct and in file order, as pg_dump wrote them.
+            let mut blocks: Vec<&[u8]> = patches.iter().map(|(_, b)| &b[1..]).collect();
+            blocks.dedup();
+            assert_eq!(blocks.len(), patches.len(), "{name}");
+            // The patched archive reads the same, and needs no patch any more.
+            let mut again = DumpStatsTap::new();
+            again.feed(&patched);
+            assert!(again.data_offset_patches().is_empty(), "{name}");
+            assert_eq!(again.finish().unwrap(), stats, "{name}");
+        }
     }
 
     #[test]

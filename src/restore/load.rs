@@ -22,6 +22,7 @@ use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PgUrl;
+use crate::dumpstats::DumpStatsTap;
 use crate::manifest::Manifest;
 use crate::source::{self, PgTool};
 use crate::target::{Target, DUMP_SUFFIX};
@@ -391,6 +392,66 @@ pub async fn stream(
     })
 }
 
+/// Writes to the spool, reading the archive as it passes (for [`set_data_offsets`]).
+struct Indexing<W> {
+    inner: W,
+    archive: DumpStatsTap,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Indexing<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            this.archive.feed(&buf[..n]);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Writes each data block's position into the spooled archive's TOC, as pg_dump does when it
+/// writes to a file rather than a pipe: `pg_restore -j` then seeks to each table's data
+/// instead of scanning the archive for it in every worker (a 2 GB archive restored 20% faster,
+/// benches/RESULTS.md). An archive the parser does not fully understand is left as it is:
+/// pg_restore reads it either way, only slower.
+fn set_data_offsets(file: std::fs::File, archive: DumpStatsTap) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let patches = archive.data_offset_patches();
+    match archive.finish() {
+        Ok(_) => {
+            for (at, bytes) in &patches {
+                file.write_all_at(bytes, *at)?;
+            }
+            tracing::debug!(
+                message = "Spooled archive indexed.",
+                data_blocks = patches.len()
+            );
+        }
+        Err(error) => {
+            tracing::info!(message = "Spooled archive not indexed; pg_restore will scan it.", error = %error);
+        }
+    }
+    Ok(())
+}
+
 /// Removes the spool file when dropped: on success, on error, and on cancellation.
 struct SpoolFile {
     path: PathBuf,
@@ -455,12 +516,16 @@ pub async fn spooled(
         std::process::id()
     ));
     let guard = SpoolFile { path: path.clone() };
-    let mut file = tokio::fs::OpenOptions::new()
+    let file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&path)
         .await
         .map_err(spool_err(&path))?;
+    let mut file = Indexing {
+        inner: file,
+        archive: DumpStatsTap::new(),
+    };
     let tap = Arc::new(Mutex::new(Tap::default()));
     let mut decoder = open(target, manifest, tap.clone(), progress.clone()).await?;
     let pumped = pump(&mut decoder, &mut file, &progress, cancel).await;
@@ -484,7 +549,11 @@ pub async fn spooled(
     // from the page cache; flushing a multi-GiB file to disk first cost seconds (issue 7).
     // Space is still checked at write time (ENOSPC comes from write, not from the flush).
     file.flush().await.map_err(spool_err(&path))?;
-    drop(file);
+    let Indexing {
+        inner: file,
+        archive,
+    } = file;
+    set_data_offsets(file.into_std().await, archive).map_err(spool_err(&path))?;
     let mut child = spawn_pg_restore(into, jobs, Some(&path))?;
     let stderr = take_stderr(&mut child, into.url);
     let waited = tokio::select! {
