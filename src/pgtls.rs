@@ -589,7 +589,11 @@ fn describe_handshake_error(e: io::Error, host: &str, tls: &PgTls) -> io::Error 
             ..
         })) => format!(
             "TLS: certificate for {} not valid for {host} (sslmode={mode}); connect with a name the certificate holds",
-            if presented.is_empty() { "no name".to_string() } else { presented.join(", ") }
+            if presented.is_empty() {
+                "no name".to_string()
+            } else {
+                presented.iter().map(|n| plain_name(n)).collect::<Vec<_>>().join(", ")
+            }
         ),
         Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)) => {
             format!("TLS: certificate not valid for {host} (sslmode={mode})")
@@ -604,6 +608,20 @@ fn describe_handshake_error(e: io::Error, host: &str, tls: &PgTls) -> io::Error 
         None => format!("TLS handshake with {host} failed: {e} (sslmode={mode})"),
     };
     io::Error::new(e.kind(), text)
+}
+
+/// webpki reports a certificate's names as `DnsName("db.svc")` / `IpAddress(10.0.0.1)`;
+/// operators know them as `db.svc` / `10.0.0.1`.
+fn plain_name(presented: &str) -> &str {
+    for (open, close) in [("DnsName(\"", "\")"), ("IpAddress(", ")")] {
+        if let Some(inner) = presented
+            .strip_prefix(open)
+            .and_then(|r| r.strip_suffix(close))
+        {
+            return inner;
+        }
+    }
+    presented
 }
 
 /// A TLS session to PostgreSQL.
@@ -762,6 +780,13 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.contains("go together"), "{e}");
+    }
+
+    #[test]
+    fn certificate_names_are_shown_plainly() {
+        assert_eq!(plain_name("DnsName(\"localhost\")"), "localhost");
+        assert_eq!(plain_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(plain_name("DirectoryName"), "DirectoryName");
     }
 
     #[test]

@@ -165,6 +165,23 @@ pub fn snapshot_path(source: &str, database: &str, snapshot_id: &str, suffix: &s
     ])
 }
 
+/// An object store error with its causes: object_store shows only the outermost ("HTTP
+/// error: error sending request"), while the reason (a refused certificate, a reset
+/// connection) is further down the chain. Causes already quoted by an outer error are skipped.
+pub fn error_text(e: &object_store::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// The certificates of a target's `ca_file`, trusted besides the system's roots.
 fn ca_certificates(target: &str, path: &std::path::Path) -> Result<Vec<Certificate>, TargetError> {
     let err = |source: Box<dyn std::error::Error + Send + Sync>| TargetError::CaFile {

@@ -46,7 +46,7 @@ pub struct LoadProgress {
 /// Why one attempt failed. [`LoadError::is_bad_copy`] says whether another target may do better.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {key}: {source}")]
+    #[error("cannot read {key}: {}", crate::target::error_text(source))]
     Download {
         key: String,
         source: object_store::Error,
