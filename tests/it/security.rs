@@ -497,3 +497,84 @@ async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
         tokio::time::sleep(crate::support::POLL_INTERVAL).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_and_verify_run_as_roles_with_only_createdb_and_the_owner_role() {
+    const RESTORER_PW_VAR: &str = "PGFERRY_TEST_RESTORER_PASSWORD";
+    const VERIFIER_PW_VAR: &str = "PGFERRY_TEST_VERIFIER_PASSWORD";
+    let env = TestEnv::start().await;
+    let staging = PgCluster::start()
+        .await
+        .expect("start the staging PostgreSQL");
+    env.pg.create_database("acme").await.unwrap();
+    env.pg.execute("acme", TRICKY_SQL).await.unwrap();
+    let (restorer_pw, verifier_pw) = (
+        crate::support::random_hex(16),
+        crate::support::random_hex(16),
+    );
+    env.add_secret_var(RESTORER_PW_VAR, &restorer_pw);
+    env.add_secret_var(VERIFIER_PW_VAR, &verifier_pw);
+    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
+    staging
+        .create_role("restorer", &restorer_pw, "CREATEDB")
+        .await
+        .unwrap();
+    staging
+        .create_role("verifier", &verifier_pw, "CREATEDB")
+        .await
+        .unwrap();
+    for sql in ["GRANT odoo TO restorer", "CREATE DATABASE acme OWNER odoo"] {
+        staging.execute("postgres", sql).await.unwrap();
+    }
+    staging
+        .execute(
+            "acme",
+            "CREATE TABLE previous (id int); INSERT INTO previous VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let (target, _store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{target}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://restorer:${{{RESTORER_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\n\n[verify]\nurl = \"postgres://verifier:${{{VERIFIER_PW_VAR}}}@127.0.0.1:{port}/postgres\"\n",
+        env.source_toml("prod"),
+        port = staging.port(),
+    ));
+
+    env.pgferry(&config, &["backup"]).await.snapshot_id();
+    env.pgferry(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "prod",
+            "--database",
+            "acme",
+            "--to",
+            "staging-acme",
+        ],
+    )
+    .await
+    .assert_code(0);
+    assert_eq!(
+        staging.table_fingerprints("acme").await.unwrap(),
+        env.pg.table_fingerprints("acme").await.unwrap()
+    );
+    let owner: String = staging
+        .client("postgres")
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "odoo");
+    env.pgferry(
+        &config,
+        &["verify", "--source", "prod", "--database", "acme"],
+    )
+    .await
+    .assert_code(0);
+}
