@@ -53,6 +53,7 @@ async fn tls_cluster(cert: &Issued) -> PgCluster {
     PgCluster::start_with_tls(ServerTls {
         cert: &cert.cert,
         key: &cert.key,
+        client_ca: None,
     })
     .await
     .expect("start PostgreSQL with ssl = on")
@@ -577,4 +578,64 @@ async fn restore_and_verify_run_as_roles_with_only_createdb_and_the_owner_role()
     )
     .await
     .assert_code(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_the_url_reaches_pgferry_and_pg_dump() {
+    let ca = TestCa::new("pgferry-test-ca").await.expect("test CA");
+    let server = ca.issue("localhost", &["DNS:localhost"]).await.unwrap();
+    // clientcert=verify-full: the certificate's CN must be the user name.
+    let client = ca.issue("postgres", &["DNS:pgferry.client"]).await.unwrap();
+    let pg = PgCluster::start_with_tls(ServerTls {
+        cert: &server.cert,
+        key: &server.key,
+        client_ca: Some(&ca.ca_pem()),
+    })
+    .await
+    .expect("start PostgreSQL demanding client certificates");
+    let s3 = Garage::start().await.expect("start Garage");
+    pg.create_database("acme").await.unwrap();
+    pg.execute(
+        "acme",
+        "CREATE TABLE t AS SELECT generate_series(1, 10) AS id",
+    )
+    .await
+    .unwrap();
+    let (target, store) = env::s3_target(&s3, "s3", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars(&pg, None, &s3);
+    let tls = format!("sslmode=verify-full&sslrootcert={}", ca.ca_pem().display());
+
+    let without = write(
+        dir.path(),
+        &format!("{}{target}", source("localhost", pg.port(), &tls)),
+    );
+    let r = run(&without, &["backup"], &vars).await;
+    r.assert_code(1);
+    assert!(
+        r.output()
+            .contains("connection requires a valid client certificate"),
+        "the server demands a client certificate: {}",
+        r.output()
+    );
+    assert!(keys(&store).await.is_empty());
+
+    let with = write(
+        dir.path(),
+        &format!(
+            "{}{target}",
+            source(
+                "localhost",
+                pg.port(),
+                &format!(
+                    "{tls}&sslcert={}&sslkey={}",
+                    client.cert.display(),
+                    client.key.display()
+                )
+            )
+        ),
+    );
+    // Discovery (rustls) and pg_dump (libpq, PGSSLCERT/PGSSLKEY) both present it.
+    let id = run(&with, &["backup"], &vars).await.snapshot_id();
+    assert_eq!(keys(&store).await.len(), 2, "{id} committed");
 }

@@ -60,6 +60,9 @@ pub struct PgCluster {
 pub struct ServerTls<'a> {
     pub cert: &'a Path,
     pub key: &'a Path,
+    /// When set, TCP clients must also present a certificate from this CA whose CN is their
+    /// user name (`clientcert=verify-full`), besides the password.
+    pub client_ca: Option<&'a Path>,
 }
 
 impl PgCluster {
@@ -380,10 +383,17 @@ impl PgCluster {
     /// Copies the certificate into the data directory (owned by the server's user, key 0600
     /// as PostgreSQL demands), turns `ssl` on and allows TCP only with TLS.
     fn set_up_tls(&self, tls: &ServerTls<'_>) -> Result<()> {
-        for (from, name, mode) in [
+        let mut files = vec![
             (tls.cert, "server.crt", 0o644),
             (tls.key, "server.key", 0o600),
-        ] {
+        ];
+        let mut conf =
+            String::from("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        if let Some(ca) = tls.client_ca {
+            files.push((ca, "client-ca.crt", 0o644));
+            conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
+        }
+        for (from, name, mode) in files {
             let to = self.data_dir.join(name);
             std::fs::copy(from, &to)
                 .with_context(|| format!("cannot copy {} into the data dir", from.display()))?;
@@ -393,20 +403,20 @@ impl PgCluster {
                 chown_to_postgres(&to)?;
             }
         }
-        append_conf(
-            &self.data_dir,
-            "ssl = on
-ssl_cert_file = 'server.crt'
-ssl_key_file = 'server.key'
-",
-        )?;
+        append_conf(&self.data_dir, &conf)?;
+        let client_cert = if tls.client_ca.is_some() {
+            " clientcert=verify-full"
+        } else {
+            ""
+        };
         let hba = self.data_dir.join("pg_hba.conf");
         std::fs::write(
             &hba,
-            "# pgferry test cluster with TLS: TCP only over TLS
-             local all all scram-sha-256
-             hostssl all all 127.0.0.1/32 scram-sha-256
-",
+            format!(
+                "# pgferry test cluster with TLS: TCP only over TLS\n\
+                 local all all scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256{client_cert}\n"
+            ),
         )
         .with_context(|| format!("cannot write {}", hba.display()))
     }

@@ -74,7 +74,7 @@ impl TestCa {
     }
 
     /// Issues a server (and client) certificate for `common_name` whose subjectAltNames are
-    /// `sans`, in openssl syntax: `["DNS:localhost", "IP:127.0.0.1"]`.
+    /// `sans`, in openssl syntax: `["DNS:localhost", "IP:127.0.0.1"]`. The key file is 0600.
     pub async fn issue(&self, common_name: &str, sans: &[&str]) -> Result<Issued> {
         let base = super::unique_name(common_name);
         let dir = self.dir.path();
@@ -133,6 +133,12 @@ impl TestCa {
         )
         .await
         .with_context(|| format!("{} cannot issue a certificate", self.name))?;
+        // libpq refuses a client key that group or others can read.
+        std::fs::set_permissions(
+            dir.join(&key),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .context("cannot chmod the key")?;
         Ok(Issued {
             cert: dir.join(cert),
             key: dir.join(key),
