@@ -14,7 +14,8 @@
 //! `verify-ca` checks the chain against `sslrootcert`; `verify-full` also checks that the
 //! certificate names the host of the URL. Unlike libpq, pgferry does not look for
 //! `~/.postgresql/root.crt`: the CA is named with `sslrootcert`, and `verify-*` without it is a
-//! configuration error. This module reads certificate files; it connects to nothing.
+//! configuration error. This module reads certificate files; it opens no socket (tokio-postgres
+//! does, and hands the stream to the connector for the handshake).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
