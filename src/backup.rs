@@ -34,7 +34,10 @@ impl pipeline::RawTap for DumpStatsTap {
 pub enum BackupError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("pg_dump of {database} failed ({status}): {stderr}")]
+    #[error(
+        "pg_dump of {database} failed ({status}): {stderr}{}",
+        privilege_hint(stderr)
+    )]
     DumpFailed {
         database: String,
         status: String,
@@ -455,5 +458,35 @@ fn describe_status(status: &std::io::Result<std::process::ExitStatus>) -> String
             _ => s.to_string(),
         },
         Err(e) => format!("could not wait for it: {e}"),
+    }
+}
+
+/// What the backup role misses, for the pg_dump errors a minimal role runs into
+/// (docs/security.md has the grants).
+fn privilege_hint(stderr: &str) -> &'static str {
+    if stderr.contains("permission denied for large object") {
+        "; pg_read_all_data does not cover large objects: as a superuser, run `ALTER ROLE <backup role> SET lo_compat_privileges = on` (see docs/security.md)"
+    } else if stderr.contains("would be affected by row-level security policy") {
+        "; the table has row-level security: the backup role needs BYPASSRLS (see docs/security.md)"
+    } else if stderr.contains("permission denied for") {
+        "; the backup role cannot read everything: grant it pg_read_all_data (see docs/security.md)"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privilege_errors_say_what_to_grant() {
+        let lo = "pg_dump: error: could not open large object 16412: ERROR:  permission denied for large object 16412";
+        assert!(privilege_hint(lo).contains("lo_compat_privileges"));
+        let rls = "pg_dump: error: Dumping the contents of table \"t\" failed: PQgetResult() failed.\nERROR:  query would be affected by row-level security policy for table \"t\"";
+        assert!(privilege_hint(rls).contains("BYPASSRLS"));
+        let table = "ERROR:  permission denied for table secrets";
+        assert!(privilege_hint(table).contains("pg_read_all_data"));
+        assert_eq!(privilege_hint("connection refused"), "");
     }
 }

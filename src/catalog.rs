@@ -138,8 +138,10 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
         let listing = match listing {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %e);
-                catalog.unreachable.push((t.name.clone(), e.to_string()));
+                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %crate::target::error_text(&e));
+                catalog
+                    .unreachable
+                    .push((t.name.clone(), crate::target::error_text(&e)));
                 continue;
             }
         };

@@ -14,6 +14,7 @@ pub mod dumpstats;
 pub mod http;
 pub mod manifest;
 pub mod metrics;
+pub mod pgtls;
 pub mod pipeline;
 pub mod prune;
 pub mod restore;

@@ -108,12 +108,18 @@ pub struct Progress {
 /// Why one target's upload failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("cannot start the multipart upload of {key}: {source}")]
+    #[error(
+        "cannot start the multipart upload of {key}: {}",
+        crate::target::error_text(source)
+    )]
     Start {
         key: String,
         source: object_store::Error,
     },
-    #[error("upload of part {part} of {key} failed: {source}")]
+    #[error(
+        "upload of part {part} of {key} failed: {}",
+        crate::target::error_text(source)
+    )]
     Part {
         key: String,
         part: u64,

@@ -3,6 +3,7 @@
 //! This module knows how to reach a server (tokio-postgres, with the password from the URL,
 //! `PGPASSWORD` or a passfile), which databases a source selects, which `pg_dump`/`pg_restore`
 //! matches a server, and how to start them so that no password ever appears in their argv.
+//! TLS follows the URL's `sslmode` (see `pgtls`), for our connections and the tools alike.
 //! It does not read the dump stream: that is `pipeline`'s job.
 
 use std::path::{Path, PathBuf};
@@ -10,9 +11,10 @@ use std::process::Stdio;
 
 use tokio::io::AsyncReadExt;
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{PgUrl, SourceConfig};
+use crate::pgtls::SslMode;
 
 /// How much of a child's stderr is kept for the error message (its tail).
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
@@ -27,6 +29,10 @@ pub enum SourceError {
         url: String,
         source: tokio_postgres::Error,
     },
+    #[error("cannot connect to {url}: the server does not support TLS but sslmode={mode}; turn ssl on in the server's postgresql.conf, or lower sslmode in the URL")]
+    NoServerTls { url: String, mode: SslMode },
+    #[error("cannot connect to {url}: {message}")]
+    TlsSetup { url: String, message: String },
     #[error("query on {url} failed: {}", pg_message(source))]
     Query {
         url: String,
@@ -173,7 +179,8 @@ pub fn with_database(url: &PgUrl, database: &str) -> tokio_postgres::Config {
     cfg
 }
 
-/// Connects to `database` on the server of `url` (its own database when None).
+/// Connects to `database` on the server of `url` (its own database when None), with TLS as
+/// the URL's `sslmode` says. Every connection pgferry makes goes through here.
 pub async fn connect(url: &PgUrl, database: Option<&str>) -> Result<Client, SourceError> {
     let mut cfg = match database {
         Some(db) => with_database(url, db),
@@ -188,13 +195,29 @@ pub async fn connect(url: &PgUrl, database: Option<&str>) -> Result<Client, Sour
         cfg.application_name("pgferry");
     }
     cfg.connect_timeout(std::time::Duration::from_secs(15));
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|source| SourceError::Connect {
+    let tls = url
+        .tls
+        .connector()
+        .map_err(|message| SourceError::TlsSetup {
             url: url.redacted(),
-            source,
+            message,
         })?;
+    let (client, connection) = cfg.connect(tls).await.map_err(|source| {
+        // tokio-postgres' own words when the server answers "no" to the TLS request.
+        if url.tls.mode.requires_tls()
+            && pg_message(&source).contains("server does not support TLS")
+        {
+            SourceError::NoServerTls {
+                url: url.redacted(),
+                mode: url.tls.mode,
+            }
+        } else {
+            SourceError::Connect {
+                url: url.redacted(),
+                source,
+            }
+        }
+    })?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(message = "PostgreSQL connection ended.", error = %error);
@@ -331,9 +354,11 @@ fn parse_tool_version(printed: &str) -> Option<(String, u32)> {
     Some((word.to_string(), major))
 }
 
-/// libpq environment for a child tool connecting to `cfg`: host, port, user, database and
-/// password travel in the environment, never in argv (where `ps` would show them).
-pub fn libpq_env(cfg: &tokio_postgres::Config) -> Vec<(&'static str, String)> {
+/// libpq environment for a child tool connecting to `database` on the server of `url`: host,
+/// port, user, database and password travel in the environment, never in argv (where `ps`
+/// would show them); so do the TLS settings, the same our own connections use.
+pub fn libpq_env(url: &PgUrl, database: &str) -> Vec<(&'static str, String)> {
+    let cfg = &with_database(url, database);
     let mut env = Vec::new();
     if let Some(host) = cfg.get_hosts().first() {
         env.push((
@@ -356,12 +381,7 @@ pub fn libpq_env(cfg: &tokio_postgres::Config) -> Vec<(&'static str, String)> {
     if let Some(p) = resolve_password(cfg) {
         env.push(("PGPASSWORD", String::from_utf8_lossy(&p).into_owned()));
     }
-    let sslmode = match cfg.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => "disable",
-        tokio_postgres::config::SslMode::Require => "require",
-        _ => "prefer",
-    };
-    env.push(("PGSSLMODE", sslmode.to_string()));
+    env.extend(url.tls.libpq_env());
     env.push(("PGAPPNAME", "pgferry".to_string()));
     env.push(("PGCONNECT_TIMEOUT", "15".to_string()));
     env
@@ -373,11 +393,10 @@ pub fn spawn_pg_dump(
     url: &PgUrl,
     database: &str,
 ) -> Result<tokio::process::Child, SourceError> {
-    let cfg = with_database(url, database);
     let mut cmd = tokio::process::Command::new(&tool.path);
     cmd.args(["--format=custom", "--compress=0", "--no-password"])
         .env_clear()
-        .envs(libpq_env(&cfg))
+        .envs(libpq_env(url, database))
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -466,10 +485,34 @@ mod tests {
     #[test]
     fn env_carries_the_password_not_argv() {
         let url = PgUrl::parse("postgres://u:p%40ss@127.0.0.1:5433/postgres").unwrap();
-        let env = libpq_env(&with_database(&url, "acme"));
+        let env = libpq_env(&url, "acme");
         let get = |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("PGPASSWORD"), Some("p@ss"));
         assert_eq!(get("PGDATABASE"), Some("acme"));
         assert_eq!(get("PGPORT"), Some("5433"));
+        assert_eq!(get("PGSSLMODE"), Some("prefer"));
+        assert_eq!(get("PGSSLROOTCERT"), None);
+    }
+
+    #[test]
+    fn env_carries_the_tls_settings_tokio_postgres_cannot_parse() {
+        let url = PgUrl::parse(
+            "postgres://u@db.svc/postgres?sslmode=verify-full&sslrootcert=/etc/pgferry/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            url.parsed.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let env = libpq_env(&url, "acme");
+        let get = |k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PGSSLMODE"), Some("verify-full"));
+        assert_eq!(get("PGSSLROOTCERT"), Some("/etc/pgferry/ca.pem"));
+        // Unix sockets never use TLS (libpq ignores sslmode there).
+        let socket = PgUrl::parse("host=/run/postgresql sslmode=require").unwrap();
+        assert_eq!(
+            socket.parsed.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::{Path, PathPart};
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{Certificate, ClientOptions, ObjectStore, RetryConfig};
 
 use crate::config::{TargetConfig, TargetKind, MIN_PART_SIZE};
 
@@ -33,6 +33,12 @@ pub enum TargetError {
     Build {
         target: String,
         source: object_store::Error,
+    },
+    #[error("target {target}: ca_file {path}: {source}; it must hold PEM CA certificates")]
+    CaFile {
+        target: String,
+        path: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("target {target}: cannot create directory {dir}: {source}")]
     CreateDir {
@@ -61,16 +67,21 @@ impl Target {
                 region,
                 access_key_id,
                 secret_access_key,
+                ca_file,
             } => {
+                let mut options = ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(300));
+                if let Some(path) = ca_file {
+                    for cert in ca_certificates(&cfg.name, path)? {
+                        options = options.with_root_certificate(cert);
+                    }
+                }
                 let mut b = AmazonS3Builder::new()
                     .with_bucket_name(bucket)
                     .with_region(region)
                     .with_retry(retry_config())
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_connect_timeout(Duration::from_secs(10))
-                            .with_timeout(Duration::from_secs(300)),
-                    );
+                    .with_client_options(options);
                 if let Some(endpoint) = endpoint {
                     b = b
                         .with_endpoint(endpoint)
@@ -152,6 +163,38 @@ pub fn snapshot_path(source: &str, database: &str, snapshot_id: &str, suffix: &s
         PathPart::from(database),
         PathPart::from(format!("{snapshot_id}{suffix}").as_str()),
     ])
+}
+
+/// An object store error with its causes: object_store shows only the outermost ("HTTP
+/// error: error sending request"), while the reason (a refused certificate, a reset
+/// connection) is further down the chain. Causes already quoted by an outer error are skipped.
+pub fn error_text(e: &object_store::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// The certificates of a target's `ca_file`, trusted besides the system's roots.
+fn ca_certificates(target: &str, path: &std::path::Path) -> Result<Vec<Certificate>, TargetError> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| TargetError::CaFile {
+        target: target.to_string(),
+        path: path.display().to_string(),
+        source,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(Box::new(e)))?;
+    let certs = Certificate::from_pem_bundle(&pem).map_err(|e| err(Box::new(e)))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(certs)
 }
 
 /// Retries for transient S3 errors (5xx, timeouts, connection resets) inside each request.

@@ -8,7 +8,8 @@
 //!
 //! This module owns secrets' redaction: [`Secret`] never prints its value, and
 //! [`Config::redacted_toml`] is what `pgferry config check` shows. It does no I/O beyond
-//! reading the file and the environment; connecting to anything is left to `source`/`target`.
+//! reading the file, the environment and the certificate files it names (so a missing CA is
+//! a config error); connecting to anything is left to `source`/`target`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::pgtls::PgTls;
 use crate::schedule::Schedule;
 
 /// Where the config is read from when neither `--config` nor `PGFERRY_CONFIG` is given.
@@ -161,19 +163,36 @@ pub struct PipelineConfig {
 #[derive(Clone)]
 pub struct PgUrl {
     raw: Secret,
+    /// Everything but the TLS settings (tokio-postgres' `sslmode` is set from `tls`).
     pub parsed: tokio_postgres::Config,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, with libpq's meaning.
+    pub tls: PgTls,
 }
 
 impl PgUrl {
+    /// Parses a URL or key/value connection string. Pure: certificate files are checked by
+    /// [`PgTls::validate`].
     pub fn parse(raw: &str) -> Result<PgUrl, String> {
-        let parsed = tokio_postgres::Config::from_str(raw)
+        let (rest, tls) = crate::pgtls::split_params(raw)?;
+        let mut parsed = tokio_postgres::Config::from_str(&rest)
             .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
         if parsed.get_hosts().is_empty() {
             return Err("the URL names no host".into());
         }
+        // libpq never uses TLS over a Unix socket, whatever sslmode says.
+        let only_sockets = parsed
+            .get_hosts()
+            .iter()
+            .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        parsed.ssl_mode(if only_sockets {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            tls.tokio_mode()
+        });
         Ok(PgUrl {
             raw: Secret::new(raw),
             parsed,
+            tls,
         })
     }
 
@@ -273,6 +292,8 @@ pub enum TargetKind {
         region: String,
         access_key_id: Option<Secret>,
         secret_access_key: Option<Secret>,
+        /// PEM CA certificates trusted for the endpoint, added to the system's roots.
+        ca_file: Option<PathBuf>,
     },
     File {
         root: PathBuf,
@@ -416,11 +437,15 @@ impl Config {
                 region,
                 access_key_id,
                 secret_access_key,
+                ca_file,
                 ..
             } = &t.kind
             {
                 if let Some(e) = endpoint {
                     let _ = writeln!(s, "endpoint = {}", q(e));
+                }
+                if let Some(f) = ca_file {
+                    let _ = writeln!(s, "ca_file = {}", q(&f.display().to_string()));
                 }
                 let _ = writeln!(s, "region = {}", q(region));
                 if access_key_id.is_some() {
@@ -565,6 +590,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             ));
         }
         let url = PgUrl::parse(&s.url.0).map_err(|m| invalid(key("url"), m))?;
+        url.tls.validate().map_err(|m| invalid(key("url"), m))?;
         let globs = |v: &[Text], k: &str| -> Result<Vec<glob::Pattern>, ConfigError> {
             v.iter()
                 .map(|p| {
@@ -643,6 +669,24 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                     }
                     None => None,
                 };
+                let ca_file = match &t.ca_file {
+                    Some(f) => {
+                        if endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://"))
+                        {
+                            return Err(invalid(
+                                key("ca_file"),
+                                "only applies to an https:// endpoint".into(),
+                            ));
+                        }
+                        let path = resolve(&f.0);
+                        crate::pgtls::load_certs(&path, "ca_file")
+                            .map_err(|m| invalid(key("ca_file"), m))?;
+                        Some(path)
+                    }
+                    None => None,
+                };
                 if t.access_key_id.is_some() != t.secret_access_key.is_some() {
                     return Err(invalid(
                         key("secret_access_key"),
@@ -656,6 +700,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                         region: t.region.map_or_else(|| "us-east-1".to_string(), |r| r.0),
                         access_key_id: t.access_key_id.map(|v| Secret(v.0)),
                         secret_access_key: t.secret_access_key.map(|v| Secret(v.0)),
+                        ca_file,
                     },
                     url.path().trim_matches('/').to_string(),
                 )
@@ -666,6 +711,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                     (t.region.is_some(), "region"),
                     (t.access_key_id.is_some(), "access_key_id"),
                     (t.secret_access_key.is_some(), "secret_access_key"),
+                    (t.ca_file.is_some(), "ca_file"),
                 ] {
                     if present {
                         return Err(invalid(key(k), "only applies to s3:// targets".into()));
@@ -714,8 +760,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         }
         let namespace_glob = glob::Pattern::new(&r.namespace.0)
             .map_err(|e| invalid(key("namespace"), format!("not a valid glob ({e})")))?;
-        PgUrl::parse(&r.url.0.replace("{namespace}", "example"))
+        let example = PgUrl::parse(&r.url.0.replace("{namespace}", "example"))
             .map_err(|m| invalid(key("url"), m))?;
+        // Certificate paths that depend on the namespace can only be checked at restore time.
+        let other = PgUrl::parse(&r.url.0.replace("{namespace}", "other"))
+            .map_err(|m| invalid(key("url"), m))?;
+        if example.tls == other.tls {
+            example.tls.validate().map_err(|m| invalid(key("url"), m))?;
+        }
         if r.owner.0.is_empty() {
             return Err(invalid(key("owner"), "must name a role".into()));
         }
@@ -729,8 +781,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         });
     }
 
+    let verify_url =
+        PgUrl::parse(&raw.verify.url.0).map_err(|m| invalid("verify.url".into(), m))?;
+    verify_url
+        .tls
+        .validate()
+        .map_err(|m| invalid("verify.url".into(), m))?;
     let verify = VerifyConfig {
-        url: PgUrl::parse(&raw.verify.url.0).map_err(|m| invalid("verify.url".into(), m))?,
+        url: verify_url,
         checks: raw.verify.checks.into_iter().map(|c| c.0).collect(),
         schedule: raw
             .verify

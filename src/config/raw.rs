@@ -175,6 +175,9 @@ pub(super) struct RawTarget {
     pub(super) access_key_id: Option<Text>,
     #[serde(default)]
     pub(super) secret_access_key: Option<Text>,
+    /// PEM file of CA certificates trusted for an `https://` endpoint, besides the system's.
+    #[serde(default)]
+    pub(super) ca_file: Option<Text>,
     #[serde(default = "default_max_parts")]
     pub(super) max_parts: u32,
 }

@@ -175,3 +175,107 @@ fn fuzz_corpus_does_not_panic() {
         );
     }
 }
+
+/// A CA certificate (public part only) for configs that name one.
+fn fixture_ca() -> String {
+    format!("{}/tests/fixtures/tls/ca.pem", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn tls_settings_of_urls_are_checked() {
+    let ca = fixture_ca();
+    let with_url =
+        |url: &str| MINIMAL.replace("postgres://pgferry:s3cret@127.0.0.1:5432/postgres", url);
+    let c = parse(&with_url(&format!(
+        "postgres://pgferry:s3cret@db.svc/postgres?sslmode=verify-full&sslrootcert={ca}"
+    )))
+    .unwrap();
+    let tls = &c.sources[0].url.tls;
+    assert_eq!(tls.mode, crate::pgtls::SslMode::VerifyFull);
+    assert_eq!(tls.root_cert.as_deref(), Some(Path::new(&ca)));
+    // The TLS parameters stay visible in `config check`; the password does not.
+    let shown = c.redacted_toml();
+    assert!(shown.contains("sslmode=verify-full"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+
+    let err = parse(&with_url(
+        "postgres://u@db.svc/postgres?sslmode=verify_full",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("source[0].url") && err.contains("sslmode=\"verify_full\" is not one of"),
+        "{err}"
+    );
+    let err = parse(&with_url(
+        "postgres://u@db.svc/postgres?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("sslrootcert /nonexistent/ca.pem cannot be read"),
+        "{err}"
+    );
+    let err = parse(&with_url("host=db.svc sslmode=verify-full"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs sslrootcert"), "{err}");
+
+    // The verify server and restore targets are checked the same way.
+    let verify =
+        format!("{MINIMAL}\n[verify]\nurl = \"postgres://u@v/postgres?sslmode=verify-full\"\n");
+    let err = parse(&verify).unwrap_err().to_string();
+    assert!(
+        err.contains("verify.url") && err.contains("needs sslrootcert"),
+        "{err}"
+    );
+    let restore = format!(
+        "{MINIMAL}\n[[restore_target]]\nnamespace = \"s-*\"\nurl = \"postgres://u@pg.{{namespace}}/postgres?sslmode=require&sslrootcert=/nope.pem\"\n"
+    );
+    let err = parse(&restore).unwrap_err().to_string();
+    assert!(
+        err.contains("restore_target[0].url") && err.contains("/nope.pem"),
+        "{err}"
+    );
+    // A per-namespace CA path can only be checked at restore time.
+    let per_ns = restore.replace("/nope.pem", "/etc/ca/{namespace}.pem");
+    parse(&per_ns).unwrap();
+}
+
+#[test]
+fn s3_ca_file_is_checked_and_shown() {
+    let ca = fixture_ca();
+    let target = |endpoint: &str, ca_file: &str| {
+        MINIMAL.replace(
+            "url = \"file:///var/lib/pgferry\"",
+            &format!("url = \"s3://b/p\"\nendpoint = \"{endpoint}\"\nca_file = \"{ca_file}\""),
+        )
+    };
+    let c = parse(&target("https://s3.internal:9000", &ca)).unwrap();
+    match &c.targets[0].kind {
+        TargetKind::S3 { ca_file, .. } => assert_eq!(ca_file.as_deref(), Some(Path::new(&ca))),
+        other => panic!("{other:?}"),
+    }
+    assert!(c.redacted_toml().contains(&format!("ca_file = \"{ca}\"")));
+
+    let err = parse(&target("https://s3.internal:9000", "/nonexistent/ca.pem"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target[0].ca_file") && err.contains("cannot be read"),
+        "{err}"
+    );
+    let err = parse(&target("http://s3.internal:9000", &ca))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only applies to an https:// endpoint"),
+        "{err}"
+    );
+    let on_file = MINIMAL.replace(
+        "url = \"file:///var/lib/pgferry\"",
+        &format!("url = \"file:///var/lib/pgferry\"\nca_file = \"{ca}\""),
+    );
+    let err = parse(&on_file).unwrap_err().to_string();
+    assert!(err.contains("only applies to s3:// targets"), "{err}");
+}

@@ -47,7 +47,7 @@ pub struct LoadProgress {
 /// Why one attempt failed. [`LoadError::is_bad_copy`] says whether another target may do better.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {key}: {source}")]
+    #[error("cannot read {key}: {}", crate::target::error_text(source))]
     Download {
         key: String,
         source: object_store::Error,
@@ -274,7 +274,6 @@ fn spawn_pg_restore(
     jobs: u32,
     file: Option<&Path>,
 ) -> Result<tokio::process::Child, LoadError> {
-    let cfg = source::with_database(into.url, into.tmp_database);
     let mut cmd = tokio::process::Command::new(&into.tool.path);
     cmd.arg("--no-owner")
         .arg(format!("--role={}", into.owner))
@@ -290,7 +289,7 @@ fn spawn_pg_restore(
         cmd.arg(f);
     }
     cmd.env_clear()
-        .envs(source::libpq_env(&cfg))
+        .envs(source::libpq_env(into.url, into.tmp_database))
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(if file.is_some() {
             Stdio::null()

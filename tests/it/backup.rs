@@ -39,7 +39,7 @@ SELECT lo_from_bytea(0, convert_to(repeat('large object payload ', 1000), 'UTF8'
 
 /// Restores a downloaded `.dump.zst` by hand, the way DESIGN promises a user can:
 /// `zstd -d | pg_restore`, into a new database of `pg`.
-async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
+pub async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
     pg.create_database(into).await.unwrap();
     let script = format!(
         "zstd -q -d -c '{}' | '{}' --no-owner --exit-on-error -h 127.0.0.1 -p {} -U postgres -d '{}'",

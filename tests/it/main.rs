@@ -8,5 +8,6 @@ mod deploy;
 mod faults;
 mod restore;
 mod retention;
+mod security;
 mod support;
 mod verify;

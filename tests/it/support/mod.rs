@@ -14,6 +14,7 @@ pub mod env;
 pub mod garage;
 pub mod postgres;
 pub mod prometheus;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::io::Read;

@@ -49,6 +49,20 @@ pub struct PgCluster {
     /// Run the server binaries through `runuser -u postgres` (we are root).
     as_postgres_user: bool,
     running: bool,
+    /// Where the server's Unix socket is.
+    socket_dir: PathBuf,
+    /// Started with [`start_with_tls`](Self::start_with_tls): TCP takes TLS only, so the
+    /// helper's own connections go through the Unix socket.
+    tls: bool,
+}
+
+/// The server certificate of a TLS cluster: PEM files, copied into the data directory.
+pub struct ServerTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// When set, TCP clients must also present a certificate from this CA whose CN is their
+    /// user name (`clientcert=verify-full`), besides the password.
+    pub client_ca: Option<&'a Path>,
 }
 
 impl PgCluster {
@@ -58,6 +72,17 @@ impl PgCluster {
     /// Creates a cluster with the newest installed PostgreSQL, starts it on a free port of
     /// 127.0.0.1 and waits until it accepts a superuser connection.
     pub async fn start() -> Result<PgCluster> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`start`](Self::start), with `ssl = on` and the given certificate, and a
+    /// `pg_hba.conf` that accepts TCP connections only over TLS (`hostssl`): a client that
+    /// connects over TCP at all used TLS.
+    pub async fn start_with_tls(tls: ServerTls<'_>) -> Result<PgCluster> {
+        Self::start_inner(Some(tls)).await
+    }
+
+    async fn start_inner(tls: Option<ServerTls<'_>>) -> Result<PgCluster> {
         let bin_dir = find_bin_dir()?;
         let as_postgres_user = running_as_root();
         // /tmp, not $TMPDIR: the postgres OS user must be able to traverse every parent.
@@ -95,6 +120,8 @@ impl PgCluster {
             password,
             as_postgres_user,
             running: false,
+            socket_dir: socket_dir.clone(),
+            tls: tls.is_some(),
         };
 
         let out = cluster
@@ -133,6 +160,10 @@ impl PgCluster {
                 socket_dir.display()
             ),
         )?;
+
+        if let Some(tls) = tls {
+            cluster.set_up_tls(&tls)?;
+        }
 
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
@@ -194,10 +225,16 @@ impl PgCluster {
         self.connect(Self::SUPERUSER, &self.password, db).await
     }
 
-    /// Connects to `db` as `user`; the connection task runs on the current runtime.
+    /// Connects to `db` as `user` (over the Unix socket for a TLS cluster, else over TCP);
+    /// the connection task runs on the current runtime.
     pub async fn connect(&self, user: &str, password: &str, db: &str) -> Result<Client> {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host("127.0.0.1")
+        let mut config = tokio_postgres::Config::new();
+        if self.tls {
+            config.host_path(&self.socket_dir);
+        } else {
+            config.host("127.0.0.1");
+        }
+        let (client, connection) = config
             .port(self.port)
             .user(user)
             .password(password)
@@ -343,6 +380,47 @@ impl PgCluster {
         Ok(fingerprints)
     }
 
+    /// Copies the certificate into the data directory (owned by the server's user, key 0600
+    /// as PostgreSQL demands), turns `ssl` on and allows TCP only with TLS.
+    fn set_up_tls(&self, tls: &ServerTls<'_>) -> Result<()> {
+        let mut files = vec![
+            (tls.cert, "server.crt", 0o644),
+            (tls.key, "server.key", 0o600),
+        ];
+        let mut conf =
+            String::from("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        if let Some(ca) = tls.client_ca {
+            files.push((ca, "client-ca.crt", 0o644));
+            conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
+        }
+        for (from, name, mode) in files {
+            let to = self.data_dir.join(name);
+            std::fs::copy(from, &to)
+                .with_context(|| format!("cannot copy {} into the data dir", from.display()))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot chmod {}", to.display()))?;
+            if self.as_postgres_user {
+                chown_to_postgres(&to)?;
+            }
+        }
+        append_conf(&self.data_dir, &conf)?;
+        let client_cert = if tls.client_ca.is_some() {
+            " clientcert=verify-full"
+        } else {
+            ""
+        };
+        let hba = self.data_dir.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!(
+                "# pgferry test cluster with TLS: TCP only over TLS\n\
+                 local all all scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256{client_cert}\n"
+            ),
+        )
+        .with_context(|| format!("cannot write {}", hba.display()))
+    }
+
     /// `pg_ctl start` on `self.port`, then waits until a superuser connection succeeds.
     async fn start_server(&mut self) -> Result<()> {
         let out = self
@@ -374,7 +452,8 @@ impl PgCluster {
         }
         self.running = true;
 
-        // pg_ctl -w checked the Unix socket; the tests use TCP with a password, so check that.
+        // pg_ctl -w checked the Unix socket; the tests use TCP with a password, so check that
+        // (a TLS cluster: the socket with a password, the way the helpers connect to it).
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             match self.client("postgres").await {
