@@ -8,5 +8,7 @@ mod deploy;
 mod faults;
 mod restore;
 mod retention;
+mod source_faults;
 mod support;
+mod target_faults;
 mod verify;

@@ -14,6 +14,8 @@ pub mod env;
 pub mod garage;
 pub mod postgres;
 pub mod prometheus;
+pub mod proxy;
+pub mod rusage;
 
 use std::collections::HashSet;
 use std::io::Read;
