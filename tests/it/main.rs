@@ -9,6 +9,7 @@ mod faults;
 mod restore;
 mod retention;
 mod source_faults;
+mod spool_faults;
 mod support;
 mod target_faults;
 mod verify;
