@@ -620,8 +620,8 @@ mod tests {
                             }
                         }
                         buf.drain(..end + 4 + len);
-                        let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                        if s.write_all(reply.as_bytes()).await.is_err() {
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if s.write_all(reply).await.is_err() {
                             return;
                         }
                     }

@@ -27,6 +27,8 @@ pub async fn pgferry_measured(env: &TestEnv, config: &Path, args: &[&str]) -> Me
         .stderr(Stdio::piped());
     let secrets = env.secrets();
     tokio::task::spawn_blocking(move || {
+        // Reaped by wait4 below, which std's Child cannot do (it has no rusage).
+        #[allow(clippy::zombie_processes)]
         let mut child = cmd.spawn().expect("start pgferry");
         let mut out = child.stdout.take().expect("stdout piped");
         let mut err = child.stderr.take().expect("stderr piped");
