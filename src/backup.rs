@@ -258,10 +258,19 @@ async fn run(
             return Err(dump_failed(describe_status(&status)))
         }
         Err(e) => {
+            // Every target failed: each is a failed upload, as when only some do.
+            if let PipelineError::NoTargetLeft(failures) = &e {
+                for f in failures {
+                    app.metrics
+                        .target_uploads_total
+                        .with_label_values(&[&f.target, Outcome::Failure.as_str()])
+                        .inc();
+                }
+            }
             return Err(BackupError::Pipeline {
                 database: database.into(),
                 source: e,
-            })
+            });
         }
     };
 

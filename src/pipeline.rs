@@ -256,7 +256,7 @@ where
         });
         let span = tracing::info_span!("upload", target = %sink.target.name);
         upload_tasks.push(tokio::spawn(
-            upload_target(sink, rx, token).instrument(span),
+            upload_target(sink, rx, token, settings.stall_timeout).instrument(span),
         ));
     }
 
@@ -530,21 +530,37 @@ async fn fan_out(
 }
 
 /// Uploads the parts it receives as one multipart upload; on any failure aborts it.
+///
+/// A target that accepts nothing for `stall_timeout` fails as stalled: the multipart start
+/// not answered, or parts in flight and none finished. The fan-out's timeout alone would not
+/// see it once every part is handed over (a dump of one part, or the last parts).
 async fn upload_target(
     sink: Sink,
     mut rx: mpsc::Receiver<Bytes>,
     cancel: CancellationToken,
+    stall_timeout: Duration,
 ) -> Result<OpenUpload, TargetFailure> {
     let Sink { target, key } = sink;
     let fail = |error| TargetFailure {
         target: target.name.clone(),
         error,
     };
+    let stalled = || {
+        tracing::warn!(message = "Target stalled; dropping it.", target = %target.name, after = ?stall_timeout);
+        UploadError::Stalled {
+            after: stall_timeout,
+        }
+    };
+    // Dropping a start that never got an answer leaves at most an empty multipart upload,
+    // which retention's orphan cleanup removes.
     let mut upload = tokio::select! {
         _ = cancel.cancelled() => return Err(fail(UploadError::Cancelled)),
+        _ = tokio::time::sleep(stall_timeout) => return Err(fail(stalled())),
         u = target.store.put_multipart(&key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
     };
     let mut in_flight = FuturesUnordered::new();
+    // When the parts in flight must have made progress by (one finished).
+    let mut stall_deadline = tokio::time::Instant::now() + stall_timeout;
     let mut sent = 0u64;
     let mut bytes = 0u64;
     let mut closed = false;
@@ -559,9 +575,14 @@ async fn upload_target(
                 if let Err(source) = res {
                     break Err(UploadError::Part { key: key.to_string(), part, source });
                 }
+                stall_deadline = tokio::time::Instant::now() + stall_timeout;
             }
+            _ = tokio::time::sleep_until(stall_deadline), if !in_flight.is_empty() => break Err(stalled()),
             part = rx.recv(), if !closed && in_flight.len() < PARTS_IN_FLIGHT => match part {
                 Some(p) => {
+                    if in_flight.is_empty() {
+                        stall_deadline = tokio::time::Instant::now() + stall_timeout;
+                    }
                     sent += 1;
                     bytes += p.len() as u64;
                     let fut = upload.put_part(PutPayload::from_bytes(p));

@@ -3,8 +3,8 @@
 //! Owns the rule that restore can never write to production: `--to` must match a
 //! `[[restore_target]]`, and a destination on the same server as a configured `[[source]]`
 //! is refused when that source selects (backs up) the destination database's name. "Same
-//! server" compares resolved addresses (so `localhost` equals `127.0.0.1`) and ports (5432
-//! when omitted). A destination on a source's server whose name the source does not back up
+//! server" compares resolved addresses (so `localhost` equals `127.0.0.1`; any two loopback
+//! addresses, `127.0.0.1` and `::1`, count as one machine) and ports (5432 when omitted). A destination on a source's server whose name the source does not back up
 //! is allowed: that database is not production as far as pgferry knows it.
 //!
 //! Also owns identifier quoting and the temporary / set-aside database names (≤ 63 bytes,
@@ -170,7 +170,13 @@ impl Endpoint {
             // A local socket and a loopback address are the same server when the ports agree.
             (Some(_), None) => other.addrs.iter().any(IpAddr::is_loopback),
             (None, Some(_)) => self.addrs.iter().any(IpAddr::is_loopback),
-            (None, None) => !self.addrs.is_disjoint(&other.addrs),
+            // Two loopback addresses (127.0.0.1 and ::1) reach the same machine: a server
+            // listening on `localhost` answers on both.
+            (None, None) => {
+                !self.addrs.is_disjoint(&other.addrs)
+                    || (self.addrs.iter().any(IpAddr::is_loopback)
+                        && other.addrs.iter().any(IpAddr::is_loopback))
+            }
         }
     }
 }
@@ -435,6 +441,9 @@ mod tests {
             port: 5432,
         };
         assert!(sock.same_server(&a));
+        // IPv4 and IPv6 loopback: one machine.
+        let v4 = ep("127.0.0.1", &["127.0.0.1"], 5432);
+        assert!(v4.same_server(&ep("::1", &["::1"], 5432)));
         // A source that did not resolve still matches by name.
         let unresolved = unresolved(&PgUrl::parse("postgres://u@pg.prod.svc/postgres").unwrap());
         assert!(unresolved.same_server(&ep("PG.prod.svc", &["10.0.0.9"], 5432)));
@@ -461,6 +470,61 @@ mod tests {
         // Another server: fine whatever the name.
         let other = ep("staging", &["10.1.2.3"], 5432);
         assert!(check_not_production(&other, "acme", &srcs).is_ok());
+    }
+
+    /// Every spelling of the production server is refused: the host as a name or an
+    /// address (v4 or v6 loopback, any case), the default port written or omitted, other
+    /// users, schemes, maintenance databases, trailing options, and libpq's key/value form.
+    /// Another port is another server.
+    #[tokio::test]
+    async fn production_is_refused_however_its_url_is_spelled() {
+        let refused = [
+            "postgres://odoo@localhost/postgres",
+            "postgres://odoo@LocalHost:5432/postgres",
+            "postgres://odoo:pw@127.0.0.1/template1",
+            "postgresql://other@127.0.0.1:5432/postgres?sslmode=disable&application_name=x",
+            "postgres://odoo@[::1]:5432/postgres",
+            "postgres://odoo@localhost:5432/postgres?connect_timeout=5",
+            "host=localhost port=5432 user=odoo dbname=postgres",
+            "host=127.0.0.1 user=odoo",
+        ];
+        let allowed = [
+            "postgres://odoo@localhost:5433/postgres",
+            "postgres://odoo@127.0.0.1:15432/postgres",
+        ];
+        for source_url in [
+            "postgres://pgferry@127.0.0.1:5432/postgres",
+            "postgres://pgferry@localhost/postgres?sslmode=prefer",
+            "postgresql://pgferry:secret@[::1]/postgres",
+        ] {
+            let mut toml = format!(
+                "[[source]]\nname = \"prod\"\nurl = \"{source_url}\"\ndatabases = [\"acme\"]\n[[target]]\nname = \"t\"\nurl = \"file:///tmp/pgferry-guard-test\"\n"
+            );
+            for (i, url) in refused.iter().chain(allowed.iter()).enumerate() {
+                toml.push_str(&format!(
+                    "[[restore_target]]\nnamespace = \"ns{i}\"\nurl = \"{url}\"\nowner = \"odoo\"\n"
+                ));
+            }
+            let config = Config::from_str_at(&toml, std::path::Path::new("/tmp/x.toml")).unwrap();
+            for (i, url) in refused.iter().chain(allowed.iter()).enumerate() {
+                let dest = resolve(&config, &format!("ns{i}"), "acme").unwrap();
+                let checked = check_destination(&config, &dest).await;
+                if i < refused.len() {
+                    assert!(
+                        matches!(checked, Err(GuardError::IsProduction { .. })),
+                        "source {source_url}: {url} was not refused: {checked:?}"
+                    );
+                } else {
+                    assert!(
+                        checked.is_ok(),
+                        "source {source_url}: {url} was refused: {checked:?}"
+                    );
+                }
+                // A database the source does not back up is not production, on any spelling.
+                let other = resolve(&config, &format!("ns{i}"), "acme_staging").unwrap();
+                assert!(check_destination(&config, &other).await.is_ok(), "{url}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -116,7 +116,7 @@ pub enum RestoreError {
         snapshot_id: String,
         failures: Vec<TargetFailure>,
     },
-    #[error("pg_restore of snapshot {snapshot_id} (from target {target}) into {destination:?} failed; the destination is untouched: {source}")]
+    #[error("loading snapshot {snapshot_id} (from target {target}) into {destination:?} failed; the destination is untouched: {source}")]
     Load {
         snapshot_id: String,
         target: String,

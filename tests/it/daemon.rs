@@ -574,3 +574,92 @@ async fn sigterm_during_a_long_dump_exits_within_grace_and_commits_nothing() {
         "objects left behind: {left:?}"
     );
 }
+
+/// The value of the sample `name{labels…}` in a metrics exposition, if it is there.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        let labelled = rest.is_empty() || rest.starts_with('{');
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        (labelled && all).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_server_killed_and_back_shows_in_the_metrics() {
+    let mut env = TestEnv::start().await;
+    env.pg.create_database("alpha").await.unwrap();
+    let (s3, store) = env.s3_target("s3").await;
+    let port = free_port();
+    let config = env.write_config(&format!(
+        "{}{}databases = [\"alpha\"]\nschedule = \"*/2 * * * * *\"\n{s3}",
+        daemon_toml(port, &token_path(&env), "30s"),
+        env.source_toml("prod"),
+    ));
+    let d = Daemon::start(&env, &config, port).await;
+    const DB: &[(&str, &str)] = &[("source", "prod"), ("database", "alpha")];
+    const SUCCESS: &[(&str, &str)] = &[
+        ("source", "prod"),
+        ("database", "alpha"),
+        ("result", "success"),
+    ];
+    const FAILURE: &[(&str, &str)] = &[
+        ("source", "prod"),
+        ("database", "alpha"),
+        ("result", "failure"),
+    ];
+    const TARGET: &[(&str, &str)] = &[("target", "s3")];
+    const TARGET_FAILURE: &[(&str, &str)] = &[("target", "s3"), ("result", "failure")];
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let d = &d;
+        async move { sample(&d.get("/metrics").await.1, name, labels) }
+    };
+    d.wait_until("a slot committed", Duration::from_secs(30), || async {
+        metric("pgferry_backups_total", SUCCESS).await >= Some(1.0)
+    })
+    .await;
+
+    let before = manifests(&store, "prod").await;
+    env.s3.stop().await.unwrap();
+    d.wait_until(
+        "a slot failed on the killed server",
+        Duration::from_secs(60),
+        || async {
+            metric("pgferry_backups_total", FAILURE).await >= Some(1.0)
+                && metric("pgferry_target_uploads_total", TARGET_FAILURE).await >= Some(1.0)
+        },
+    )
+    .await;
+    let last_backup = metric("pgferry_backup_last_success_timestamp_seconds", DB)
+        .await
+        .expect("last backup success");
+    let last_target = metric("pgferry_target_last_success_timestamp_seconds", TARGET)
+        .await
+        .expect("last target success");
+    let successes = metric("pgferry_backups_total", SUCCESS).await.unwrap();
+
+    env.s3.start_again().await.unwrap();
+    d.wait_until(
+        "the next slot commits and the metrics show it",
+        Duration::from_secs(60),
+        || async {
+            metric("pgferry_backups_total", SUCCESS).await > Some(successes)
+                && metric("pgferry_backup_last_success_timestamp_seconds", DB).await
+                    > Some(last_backup)
+                && metric("pgferry_target_last_success_timestamp_seconds", TARGET).await
+                    > Some(last_target)
+        },
+    )
+    .await;
+    let after = manifests(&store, "prod").await;
+    assert!(
+        after["alpha"].len() > before.get("alpha").map_or(0, Vec::len),
+        "no new snapshot after the server came back: {before:?} → {after:?}"
+    );
+    let (code, _, log) = d.stop(Duration::from_secs(40)).await;
+    assert_eq!(code, 0);
+    assert_no_secret(&log, &env.secrets());
+}

@@ -9,5 +9,8 @@ mod faults;
 mod restore;
 mod retention;
 mod security;
+mod source_faults;
+mod spool_faults;
 mod support;
+mod target_faults;
 mod verify;

@@ -15,6 +15,8 @@ pub mod garage;
 pub mod postgres;
 pub mod prometheus;
 pub mod tls;
+pub mod proxy;
+pub mod rusage;
 
 use std::collections::HashSet;
 use std::io::Read;
