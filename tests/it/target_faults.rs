@@ -54,9 +54,9 @@ async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
 /// Peak RSS pgferry may reach with 10 MiB parts. The parts alone are ≤ 6 × 10 MiB (the
 /// compressor's, 1 queued, and the slowest target's 1 queued + 2 in flight; the other
 /// targets share them); zstd's workers and the runtime add the rest. Measured (ru_maxrss,
-/// this test): 186 MiB with a 60 MiB dump, 200 MiB with 160 MiB: flat in the dump's size,
-/// but above the 150 MiB first hoped for (see docs/reliability.md).
-const RSS_BOUND: u64 = 256 << 20;
+/// this test, debug build): 125 MiB with the default level 1 and 2 MiB zstd jobs (186–200 MiB
+/// with zstd's own 8 MiB jobs at level 3, see docs/reliability.md).
+const RSS_BOUND: u64 = 192 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {

@@ -193,7 +193,7 @@ fn pods_mount_what_the_config_points_at() {
     assert_eq!(container["ports"][0]["containerPort"], listen.port());
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(container["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(container["resources"]["limits"]["memory"], "384Mi");
     let token_mount = container["volumeMounts"]
         .as_array()
         .unwrap()

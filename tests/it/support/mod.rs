@@ -14,9 +14,9 @@ pub mod env;
 pub mod garage;
 pub mod postgres;
 pub mod prometheus;
-pub mod tls;
 pub mod proxy;
 pub mod rusage;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::io::Read;
