@@ -34,6 +34,8 @@ pub enum PruneError {
     Unreachable { target: String, error: String },
     #[error("target {target}: {source}")]
     Upload { target: String, source: CleanError },
+    #[error("target {target}: cannot clean the staging files of killed uploads: {error}; the next prune retries")]
+    Staging { target: String, error: String },
 }
 
 /// Which databases to prune.
@@ -192,8 +194,59 @@ pub async fn prune(
             }
         }
         clean_uploads(t, &catalog, now, orphan_grace, dry_run, &mut report).await;
+        clean_staging_files(t, now, orphan_grace, dry_run, &mut report).await;
     }
     report
+}
+
+/// Removes the staging files that killed uploads left in a directory target, past the grace.
+async fn clean_staging_files(
+    t: &Target,
+    now: DateTime<Utc>,
+    orphan_grace: Duration,
+    dry_run: bool,
+    report: &mut PruneReport,
+) {
+    let Some(root) = t.root.clone() else { return };
+    let listed = tokio::task::spawn_blocking(move || upload::staging_files(&root)).await;
+    let files = match listed {
+        Ok(Ok(files)) => files,
+        Ok(Err(error)) => {
+            report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: error.to_string(),
+            });
+            return;
+        }
+        Err(panicked) => {
+            report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: panicked.to_string(),
+            });
+            return;
+        }
+    };
+    let candidates: Vec<(String, DateTime<Utc>)> = files
+        .into_iter()
+        .map(|(p, m)| (p.display().to_string(), m))
+        .collect();
+    for path in retention::orphan_dumps(&candidates, now, orphan_grace) {
+        report.orphans.push((t.name.clone(), path.clone()));
+        if dry_run {
+            continue;
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                report.deleted_orphans += 1;
+                tracing::info!(message = "Retention removed the staging file of an upload a killed run left.", target = %t.name, path = %path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: format!("cannot remove {path}: {e}"),
+            }),
+        }
+    }
 }
 
 /// Aborts the uploads whose markers are older than the grace without a manifest (left by a run
@@ -492,16 +545,7 @@ url = "file:///nonexistent/a"
                 .unwrap();
         let app = app(vec![a.clone()]);
         let all = Selection::default();
-        let run = |grace, dry_run| {
-            prune(
-                &app,
-                &all,
-                &|_, _| None,
-                Utc::now(),
-                grace,
-                dry_run,
-            )
-        };
+        let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
 
         // Within the grace it may be a live upload: left alone, not even reported.
         let r = run(retention::DEFAULT_ORPHAN_GRACE, false).await;

@@ -56,6 +56,9 @@ pub struct Target {
     /// then get a marker and can be aborted after a crash. `None`: the generic
     /// `put_multipart`, whose upload id stays hidden (a directory).
     pub multipart: Option<Arc<dyn MultipartStore>>,
+    /// A directory target's root: where a killed upload leaves its staging file (see
+    /// `upload::staging_files`).
+    pub root: Option<std::path::PathBuf>,
     prefix: Vec<String>,
     pub max_parts: u32,
 }
@@ -66,6 +69,7 @@ impl std::fmt::Debug for Target {
             .field("name", &self.name)
             .field("store", &self.store)
             .field("multipart", &self.multipart.is_some())
+            .field("root", &self.root)
             .field("prefix", &self.prefix)
             .field("max_parts", &self.max_parts)
             .finish()
@@ -121,7 +125,9 @@ impl Target {
                         source,
                     })?
                     .with_automatic_cleanup(true);
-                Target::new(&cfg.name, Arc::new(store), &cfg.prefix, cfg.max_parts)
+                let mut t = Target::new(&cfg.name, Arc::new(store), &cfg.prefix, cfg.max_parts);
+                t.root = Some(root.clone());
+                t
             }
         };
         Ok(target)
@@ -133,6 +139,7 @@ impl Target {
             name: name.to_string(),
             store,
             multipart: None,
+            root: None,
             prefix: prefix
                 .split('/')
                 .filter(|s| !s.is_empty())

@@ -11,11 +11,12 @@
 //! aborts the upload, deletes any dump object and then the marker.
 //!
 //! Targets without [`MultipartStore`] (a directory) keep the generic `put_multipart`: what a
-//! killed process leaves there is a staging file `<key>#<n>` that object_store neither lists
-//! nor lets us address, so this module cannot clean it (see docs/reliability.md).
+//! killed process leaves there is a staging file `<key>#<n>`, which object_store neither lists
+//! nor lets us address; [`staging_files`] finds those of dump objects in the directory itself.
 //!
 //! This module never decides what is committed or when something is old enough to clean.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -295,6 +296,36 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
     })
 }
 
+/// The staging files of dump uploads under a directory target's `root`, with their
+/// modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
+/// names the file an upload writes before it is renamed into place. One that is old was left by
+/// a killed process (an abort or a drop removes it). Blocking: call it off the async threads.
+pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, DateTime<Utc>)>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let Some((stem, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
+                continue;
+            };
+            if stem.ends_with(DUMP_SUFFIX) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            {
+                let modified = entry.metadata()?.modified()?;
+                found.push((entry.path(), DateTime::<Utc>::from(modified)));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 async fn delete(target: &Target, key: &Path) -> Result<(), CleanError> {
     match target.store.delete(key).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -439,6 +470,35 @@ mod tests {
         let err = clean(&t, &Path::from(MARKER), false).await.unwrap_err();
         assert!(matches!(err, CleanError::Unreadable { .. }), "{err}");
         assert_eq!(keys(&store).await, [MARKER]);
+    }
+
+    #[test]
+    fn staging_files_of_dumps_are_found_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("prod").join("a%2Fb");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "20261127T140000Z.dump.zst#1",
+            "20261127T140000Z.dump.zst#12",
+            "20261127T140000Z.dump.zst",
+            "20261127T140000Z.manifest.json#1",
+            "20261127T140000Z.dump.zst#x",
+            "20261127T140000Z.dump.zst#",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let found: Vec<PathBuf> = staging_files(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                dir.join("20261127T140000Z.dump.zst#1"),
+                dir.join("20261127T140000Z.dump.zst#12")
+            ]
+        );
     }
 
     #[tokio::test]
