@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::catalog::{self, Filter};
 use crate::retention::{self, BackupOutcome, KeepReason, SkipReason, SnapshotRef};
 use crate::schedule;
-use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
 use crate::upload::{self, CleanError, Cleaned};
 
 #[derive(Debug, thiserror::Error)]
@@ -300,14 +300,15 @@ async fn clean_uploads(
     }
 }
 
-/// Deletes one snapshot from a target: manifest first, then verify report and dump.
+/// Deletes one snapshot from a target: manifest first, then verify report and dump, and an
+/// upload marker its completed upload may have left.
 pub async fn delete_snapshot(
     t: &Target,
     source: &str,
     database: &str,
     snapshot_id: &str,
 ) -> Result<(), PruneError> {
-    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX] {
+    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX, UPLOAD_SUFFIX] {
         delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
     }
     Ok(())
