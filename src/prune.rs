@@ -194,20 +194,23 @@ pub async fn prune(
             }
         }
         clean_uploads(t, &catalog, now, orphan_grace, dry_run, &mut report).await;
-        clean_staging_files(t, now, orphan_grace, dry_run, &mut report).await;
+        clean_staging_files(t, selection, now, orphan_grace, dry_run, &mut report).await;
     }
     report
 }
 
-/// Removes the staging files that killed uploads left in a directory target, past the grace.
+/// Removes the staging files that killed uploads left in a directory target, past the grace:
+/// under the selected source's folder, or the whole target.
 async fn clean_staging_files(
     t: &Target,
+    selection: &Selection,
     now: DateTime<Utc>,
     orphan_grace: Duration,
     dry_run: bool,
     report: &mut PruneReport,
 ) {
-    let Some(root) = t.root.clone() else { return };
+    let Some(root) = &t.root else { return };
+    let root = root.join(t.folder(selection.source.as_deref(), None).as_ref());
     let listed = tokio::task::spawn_blocking(move || upload::staging_files(&root)).await;
     let files = match listed {
         Ok(Ok(files)) => files,

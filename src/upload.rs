@@ -299,12 +299,18 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
 /// The staging files of dump uploads under a directory target's `root`, with their
 /// modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
 /// names the file an upload writes before it is renamed into place. One that is old was left by
-/// a killed process (an abort or a drop removes it). Blocking: call it off the async threads.
+/// a killed process (an abort or a drop removes it). A missing `root` holds none. Blocking:
+/// call it off the async threads.
 pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, DateTime<Utc>)>> {
     let mut found = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir)? {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
             let entry = entry?;
             let kind = entry.file_type()?;
             if kind.is_dir() {
@@ -499,6 +505,9 @@ mod tests {
                 dir.join("20261127T140000Z.dump.zst#12")
             ]
         );
+        assert!(staging_files(&root.path().join("nonexistent"))
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
