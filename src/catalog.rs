@@ -4,7 +4,8 @@
 //! reads the manifests (bounded concurrency), merges them by (source, database, snapshot id)
 //! and notes on which targets each one is. Unreadable manifests are skipped with a warning
 //! naming the key; an unreachable target is reported, not fatal. Dump objects that have no
-//! manifest are reported as orphans for retention to clean. This module never writes.
+//! manifest are reported as orphans, and the markers of open multipart uploads (see
+//! `upload`) as uploads, for retention to clean. This module never writes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -13,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
-use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
 
 /// Manifests fetched at once per target.
 const FETCH_CONCURRENCY: usize = 16;
@@ -60,6 +61,18 @@ pub struct Orphan {
     pub size: u64,
 }
 
+/// The marker of a multipart upload that was not completed or aborted (yet): an upload in
+/// flight, or one left open by a process that died.
+#[derive(Debug, Clone)]
+pub struct OpenUploadMarker {
+    pub target: String,
+    /// The marker's key (`<snapshot_id>.upload.json`).
+    pub key: object_store::path::Path,
+    pub last_modified: DateTime<Utc>,
+    /// Whether the snapshot has a manifest on this target (then the marker is stale).
+    pub committed: bool,
+}
+
 /// A manifest that exists but could not be read or parsed.
 #[derive(Debug, Clone)]
 pub struct Unreadable {
@@ -80,6 +93,7 @@ pub struct Catalog {
     /// Targets that could not be listed, with the error.
     pub unreachable: Vec<(String, String)>,
     pub orphans: Vec<Orphan>,
+    pub uploads: Vec<OpenUploadMarker>,
 }
 
 impl Catalog {
@@ -148,6 +162,7 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
         catalog.warnings.extend(listing.warnings);
         catalog.unreadable.extend(listing.unreadable);
         catalog.orphans.extend(listing.orphans);
+        catalog.uploads.extend(listing.uploads);
         for (manifest, verify) in listing.manifests {
             let key = (
                 manifest.source.clone(),
@@ -187,6 +202,7 @@ struct Listing {
     warnings: Vec<String>,
     unreadable: Vec<Unreadable>,
     orphans: Vec<Orphan>,
+    uploads: Vec<OpenUploadMarker>,
 }
 
 async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_store::Error> {
@@ -210,6 +226,7 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
     }
     let names: HashSet<String> = objects.iter().map(|o| o.location.to_string()).collect();
     let mut orphans = Vec::new();
+    let mut uploads = Vec::new();
     let mut manifest_keys = Vec::new();
     for o in &objects {
         let key = o.location.to_string();
@@ -224,6 +241,13 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
                     size: o.size,
                 });
             }
+        } else if let Some(stem) = key.strip_suffix(UPLOAD_SUFFIX) {
+            uploads.push(OpenUploadMarker {
+                target: t.name.clone(),
+                key: o.location.clone(),
+                last_modified: o.last_modified,
+                committed: names.contains(&format!("{stem}{MANIFEST_SUFFIX}")),
+            });
         }
     }
     let results: Vec<_> =
@@ -271,6 +295,7 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
         warnings,
         unreadable,
         orphans,
+        uploads,
     })
 }
 
@@ -345,6 +370,11 @@ mod tests {
             .put(&bad, PutPayload::from_static(b"{\"format_version\": 2, "))
             .await
             .unwrap();
+        let marker = b.key("prod", "acme", "20261127T180000Z", UPLOAD_SUFFIX);
+        b.store
+            .put(&marker, PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
         let orphan = b.key("prod", "acme", "20261127T170000Z", DUMP_SUFFIX);
         b.store
             .put(&orphan, PutPayload::from_static(b"x"))
@@ -371,6 +401,8 @@ mod tests {
             c.warnings
         );
         assert_eq!(c.orphans.len(), 1);
+        assert_eq!(c.uploads.len(), 1);
+        assert!(!c.uploads[0].committed);
         assert_eq!(c.orphans[0].key, orphan);
 
         let only_b = load(

@@ -22,6 +22,7 @@ pub mod retention;
 pub mod schedule;
 pub mod source;
 pub mod target;
+pub mod upload;
 pub mod verify;
 
 /// Helpers shared by unit tests of several modules.

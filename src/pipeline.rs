@@ -556,7 +556,7 @@ async fn upload_target(
     let mut upload = tokio::select! {
         _ = cancel.cancelled() => return Err(fail(UploadError::Cancelled)),
         _ = tokio::time::sleep(stall_timeout) => return Err(fail(stalled())),
-        u = target.store.put_multipart(&key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
+        u = crate::upload::start(&target, &key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
     };
     let mut in_flight = FuturesUnordered::new();
     // When the parts in flight must have made progress by (one finished).

@@ -3,8 +3,10 @@
 //! Per source, database and target: read the catalog, ask [`retention::prune_allowed`],
 //! plan, then delete each expired snapshot manifest first (so a crash leaves an orphan dump,
 //! never a manifest pointing at nothing), then its verify report, then its dump; finally remove
-//! the dumps without a manifest older than the orphan grace. The decisions are `retention`'s;
-//! this module only lists and deletes. A target that cannot be listed is skipped and reported.
+//! the dumps without a manifest older than the orphan grace, and abort the multipart uploads
+//! whose markers (see `upload`) are that old without a manifest. The decisions are
+//! `retention`'s; this module only lists, aborts and deletes. A target that cannot be listed
+//! is skipped and reported.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,7 +19,8 @@ use crate::app::App;
 use crate::catalog::{self, Filter};
 use crate::retention::{self, BackupOutcome, KeepReason, SkipReason, SnapshotRef};
 use crate::schedule;
-use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
+use crate::upload::{self, CleanError, Cleaned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
@@ -29,6 +32,10 @@ pub enum PruneError {
     },
     #[error("target {target} could not be listed, so nothing on it was pruned: {error}")]
     Unreachable { target: String, error: String },
+    #[error("target {target}: {source}")]
+    Upload { target: String, source: CleanError },
+    #[error("target {target}: cannot clean the staging files of killed uploads: {error}; the next prune retries")]
+    Staging { target: String, error: String },
 }
 
 /// Which databases to prune.
@@ -69,6 +76,10 @@ pub struct PruneReport {
     /// Snapshots deleted (their manifest is gone), orphans removed.
     pub deleted_snapshots: usize,
     pub deleted_orphans: usize,
+    /// (target, marker key) of the unfinished uploads without a manifest past the grace period.
+    pub unfinished_uploads: Vec<(String, String)>,
+    /// Unfinished uploads aborted (with their marker and any dump object deleted).
+    pub aborted_uploads: usize,
     /// Snapshots of sources no longer in the config: never touched.
     pub unknown_sources: BTreeSet<String>,
     pub errors: Vec<PruneError>,
@@ -182,18 +193,125 @@ pub async fn prune(
                 Err(e) => report.errors.push(e),
             }
         }
+        clean_uploads(t, &catalog, now, orphan_grace, dry_run, &mut report).await;
+        clean_staging_files(t, selection, now, orphan_grace, dry_run, &mut report).await;
     }
     report
 }
 
-/// Deletes one snapshot from a target: manifest first, then verify report and dump.
+/// Removes the staging files that killed uploads left in a directory target, past the grace:
+/// under the selected source's folder, or the whole target.
+async fn clean_staging_files(
+    t: &Target,
+    selection: &Selection,
+    now: DateTime<Utc>,
+    orphan_grace: Duration,
+    dry_run: bool,
+    report: &mut PruneReport,
+) {
+    let Some(root) = &t.root else { return };
+    let root = root.join(t.folder(selection.source.as_deref(), None).as_ref());
+    let listed = tokio::task::spawn_blocking(move || upload::staging_files(&root)).await;
+    let files = match listed {
+        Ok(Ok(files)) => files,
+        Ok(Err(error)) => {
+            report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: error.to_string(),
+            });
+            return;
+        }
+        Err(panicked) => {
+            report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: panicked.to_string(),
+            });
+            return;
+        }
+    };
+    let candidates: Vec<(String, DateTime<Utc>)> = files
+        .into_iter()
+        .map(|(p, m)| (p.display().to_string(), m))
+        .collect();
+    for path in retention::orphan_dumps(&candidates, now, orphan_grace) {
+        report.orphans.push((t.name.clone(), path.clone()));
+        if dry_run {
+            continue;
+        }
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                report.deleted_orphans += 1;
+                tracing::info!(message = "Retention removed the staging file of an upload a killed run left.", target = %t.name, path = %path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.errors.push(PruneError::Staging {
+                target: t.name.clone(),
+                error: format!("cannot remove {path}: {e}"),
+            }),
+        }
+    }
+}
+
+/// Aborts the uploads whose markers are older than the grace without a manifest (left by a run
+/// that died), and deletes stale markers of committed snapshots.
+async fn clean_uploads(
+    t: &Target,
+    catalog: &catalog::Catalog,
+    now: DateTime<Utc>,
+    orphan_grace: Duration,
+    dry_run: bool,
+    report: &mut PruneReport,
+) {
+    let markers: Vec<_> = catalog
+        .uploads
+        .iter()
+        .filter(|u| u.target == t.name)
+        .collect();
+    let candidates: Vec<(String, DateTime<Utc>)> = markers
+        .iter()
+        .map(|u| (u.key.to_string(), u.last_modified))
+        .collect();
+    let old = retention::orphan_dumps(&candidates, now, orphan_grace);
+    for u in markers
+        .into_iter()
+        .filter(|u| old.contains(&u.key.to_string()))
+    {
+        if !u.committed {
+            report
+                .unfinished_uploads
+                .push((t.name.clone(), u.key.to_string()));
+        }
+        if dry_run {
+            continue;
+        }
+        match upload::clean(t, &u.key, u.committed).await {
+            Ok(Cleaned::Aborted { upload_id }) => {
+                report.aborted_uploads += 1;
+                tracing::info!(message = "Retention aborted an upload left unfinished by a run that died.", target = %t.name, key = %u.key, upload_id = %upload_id);
+            }
+            Ok(Cleaned::StaleMarker) => {
+                tracing::info!(message = "Retention deleted the marker of a completed upload.", target = %t.name, key = %u.key);
+            }
+            Err(source) => {
+                tracing::warn!(message = "Retention could not clean an unfinished upload.", target = %t.name, key = %u.key, error = %source);
+                report.errors.push(PruneError::Upload {
+                    target: t.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Deletes one snapshot from a target: manifest first, then verify report and dump, and an
+/// upload marker its completed upload may have left.
 pub async fn delete_snapshot(
     t: &Target,
     source: &str,
     database: &str,
     snapshot_id: &str,
 ) -> Result<(), PruneError> {
-    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX] {
+    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX, UPLOAD_SUFFIX] {
         delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
     }
     Ok(())
@@ -243,13 +361,21 @@ pub fn render(report: &PruneReport, dry_run: bool) -> String {
             "orphan dump on {t} (no manifest, older than the grace): {verb} {key}"
         );
     }
+    let abort = if dry_run { "would abort" } else { "abort" };
+    for (t, key) in &report.unfinished_uploads {
+        let _ = writeln!(
+            out,
+            "unfinished upload on {t} (no manifest, older than the grace): {abort} the upload of {key}"
+        );
+    }
     for s in &report.unknown_sources {
         let _ = writeln!(
             out,
             "source {s} is not in the config: its snapshots are left alone"
         );
     }
-    if report.plans.is_empty() && report.orphans.is_empty() {
+    if report.plans.is_empty() && report.orphans.is_empty() && report.unfinished_uploads.is_empty()
+    {
         let _ = writeln!(out, "nothing to prune: no committed snapshot selected");
     }
     out
@@ -396,6 +522,61 @@ url = "file:///nonexistent/a"
         )
         .await;
         assert_eq!(r.deleted_snapshots, 0);
+    }
+
+    #[tokio::test]
+    async fn unfinished_uploads_past_the_grace_are_aborted_and_stale_markers_removed() {
+        use object_store::multipart::MultipartStore;
+        let store = Arc::new(InMemory::new());
+        let a = Target::new("a", store.clone(), "pg", 10_000).with_multipart(store.clone());
+        put_snapshot(&a, IDS[0]).await;
+        // A marker left beside a committed snapshot (its deletion failed after completion).
+        let stale = a.key("prod", "acme", IDS[0], crate::target::UPLOAD_SUFFIX);
+        a.store
+            .put(&stale, PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
+        // An upload whose process died after one part.
+        let dump = a.key("prod", "acme", IDS[1], DUMP_SUFFIX);
+        let mut open = crate::upload::start(&a, &dump).await.unwrap();
+        open.put_part(PutPayload::from_static(b"part"))
+            .await
+            .unwrap();
+        drop(open);
+        let marker = a.key("prod", "acme", IDS[1], crate::target::UPLOAD_SUFFIX);
+        let id: crate::upload::UploadMarker =
+            serde_json::from_slice(&a.store.get(&marker).await.unwrap().bytes().await.unwrap())
+                .unwrap();
+        let app = app(vec![a.clone()]);
+        let all = Selection::default();
+        let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
+
+        // Within the grace it may be a live upload: left alone, not even reported.
+        let r = run(retention::DEFAULT_ORPHAN_GRACE, false).await;
+        assert!(r.unfinished_uploads.is_empty());
+        assert_eq!(r.aborted_uploads, 0);
+        assert_eq!(keys(&a).await.len(), 5);
+
+        let r = run(Duration::ZERO, true).await;
+        assert_eq!(
+            r.unfinished_uploads,
+            vec![("a".to_string(), marker.to_string())]
+        );
+        assert!(render(&r, true).contains(&format!("would abort the upload of {marker}")));
+        assert_eq!(keys(&a).await.len(), 5, "a dry run touches nothing");
+
+        let r = run(Duration::ZERO, false).await;
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.aborted_uploads, 1);
+        let left = keys(&a).await;
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(left
+            .iter()
+            .all(|k| k.contains(IDS[0]) && !k.ends_with(".upload.json")));
+        assert!(
+            store.abort_multipart(&dump, &id.upload_id).await.is_err(),
+            "the upload is still open"
+        );
     }
 
     #[tokio::test]

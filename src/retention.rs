@@ -32,10 +32,12 @@ use chrono::{DateTime, Datelike, TimeDelta, Timelike, Utc};
 
 use crate::config::RetentionPolicy;
 
-/// How long a dump may sit without its manifest before it counts as an orphan. A dump object
-/// appears when its upload completes, but the manifest is written only once the snapshot has
-/// committed on `min_targets` targets, which waits for the slowest target; a day is longer than
-/// any backup run we expect, so a dump this old without a manifest belongs to a run that died.
+/// How long a dump may sit without its manifest before it counts as an orphan (the default of
+/// `pipeline.orphan_grace`). A dump object appears when its upload completes, but the manifest
+/// is written only once the snapshot has committed on `min_targets` targets, which waits for
+/// the slowest target; an upload's marker (see `upload`) appears when the upload starts. A day
+/// is longer than any backup run we expect, so a dump or marker this old without a manifest
+/// belongs to a run that died.
 pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// One committed snapshot of a database on a target, as listed from its manifest.
@@ -246,8 +248,9 @@ pub fn prune_allowed(last: Option<BackupOutcome>) -> Result<(), SkipReason> {
     }
 }
 
-/// The keys, in input order, of dumps without a manifest that were last modified more than
-/// `grace` before `now`: left by runs that died before committing, to be removed. Younger ones
+/// The keys, in input order, of dumps (or upload markers) without a manifest that were last
+/// modified more than `grace` before `now`: left by runs that died before committing, to be
+/// removed. Younger ones
 /// may belong to a run still uploading to its other targets and are left alone, and so is a dump
 /// dated in the future (clock skew). A `grace` too large to represent removes nothing.
 pub fn orphan_dumps(

@@ -2,14 +2,16 @@
 //!
 //! A [`Target`] is an `object_store` client (S3 with endpoint/region/credentials, or a plain
 //! directory) plus the key prefix from its URL. This module owns the object layout of
-//! DESIGN.md (`<source>/<database>/<snapshot_id>.{dump.zst,manifest.json,verify.json}`) and
-//! the part-size rule. It does not decide what is committed: that is `backup`'s job.
+//! DESIGN.md (`<source>/<database>/<snapshot_id>.{dump.zst,manifest.json,verify.json}`, plus
+//! the `.upload.json` marker of an unfinished multipart upload, see `upload`) and the
+//! part-size rule. It does not decide what is committed: that is `backup`'s job.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::path::{Path, PathPart};
 use object_store::{Certificate, ClientOptions, ObjectStore, RetryConfig};
 
@@ -19,6 +21,9 @@ use crate::config::{TargetConfig, TargetKind, MIN_PART_SIZE};
 pub const DUMP_SUFFIX: &str = ".dump.zst";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 pub const VERIFY_SUFFIX: &str = ".verify.json";
+/// The marker of a multipart upload of the dump that is open (or was left open by a crash):
+/// it names the upload id, so a later run can abort it. See `upload`.
+pub const UPLOAD_SUFFIX: &str = ".upload.json";
 
 /// S3 allows parts up to 5 GiB.
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
@@ -49,18 +54,38 @@ pub enum TargetError {
 }
 
 /// One configured target, ready to use.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub name: String,
     pub store: Arc<dyn ObjectStore>,
+    /// The same store's multipart API with visible upload ids, where it has one (S3): uploads
+    /// then get a marker and can be aborted after a crash. `None`: the generic
+    /// `put_multipart`, whose upload id stays hidden (a directory).
+    pub multipart: Option<Arc<dyn MultipartStore>>,
+    /// A directory target's root: where a killed upload leaves its staging file (see
+    /// `upload::staging_files`).
+    pub root: Option<std::path::PathBuf>,
     prefix: Vec<String>,
     pub max_parts: u32,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("store", &self.store)
+            .field("multipart", &self.multipart.is_some())
+            .field("root", &self.root)
+            .field("prefix", &self.prefix)
+            .field("max_parts", &self.max_parts)
+            .finish()
+    }
 }
 
 impl Target {
     /// Builds the client for a configured target. Creates a file target's directory.
     pub fn from_config(cfg: &TargetConfig) -> Result<Target, TargetError> {
-        let store: Arc<dyn ObjectStore> = match &cfg.kind {
+        let target = match &cfg.kind {
             TargetKind::S3 {
                 bucket,
                 endpoint,
@@ -93,10 +118,11 @@ impl Target {
                         .with_access_key_id(k.expose())
                         .with_secret_access_key(s.expose());
                 }
-                Arc::new(b.build().map_err(|source| TargetError::Build {
+                let s3 = Arc::new(b.build().map_err(|source| TargetError::Build {
                     target: cfg.name.clone(),
                     source,
-                })?)
+                })?);
+                Target::new(&cfg.name, s3.clone(), &cfg.prefix, cfg.max_parts).with_multipart(s3)
             }
             TargetKind::File { root } => {
                 std::fs::create_dir_all(root).map_err(|source| TargetError::CreateDir {
@@ -104,17 +130,18 @@ impl Target {
                     dir: root.display().to_string(),
                     source,
                 })?;
-                Arc::new(
-                    LocalFileSystem::new_with_prefix(root)
-                        .map_err(|source| TargetError::Build {
-                            target: cfg.name.clone(),
-                            source,
-                        })?
-                        .with_automatic_cleanup(true),
-                )
+                let store = LocalFileSystem::new_with_prefix(root)
+                    .map_err(|source| TargetError::Build {
+                        target: cfg.name.clone(),
+                        source,
+                    })?
+                    .with_automatic_cleanup(true);
+                let mut t = Target::new(&cfg.name, Arc::new(store), &cfg.prefix, cfg.max_parts);
+                t.root = Some(root.clone());
+                t
             }
         };
-        Ok(Target::new(&cfg.name, store, &cfg.prefix, cfg.max_parts))
+        Ok(target)
     }
 
     /// A target over any store (tests use an in-memory one).
@@ -122,6 +149,8 @@ impl Target {
         Target {
             name: name.to_string(),
             store,
+            multipart: None,
+            root: None,
             prefix: prefix
                 .split('/')
                 .filter(|s| !s.is_empty())
@@ -129,6 +158,13 @@ impl Target {
                 .collect(),
             max_parts,
         }
+    }
+
+    /// Uploads through `multipart`, the same store as `store` seen through its multipart API,
+    /// so that every upload is marked and can be aborted after a crash.
+    pub fn with_multipart(mut self, multipart: Arc<dyn MultipartStore>) -> Target {
+        self.multipart = Some(multipart);
+        self
     }
 
     /// The folder holding every snapshot of one database (or one source, with `database` None,

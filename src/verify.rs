@@ -98,6 +98,10 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     pub restore_seconds: f64,
     pub total_seconds: f64,
+    /// Scratch databases of an earlier verify of this database that was killed, dropped
+    /// before this one started.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cleaned_leftovers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +366,7 @@ pub async fn verify_one(
         problems,
         restore_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
+        cleaned_leftovers: cleaned,
     };
     write_report(app, entry, &report).await;
     if report.passed() {

@@ -173,6 +173,12 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
             o.target, o.key
         );
     }
+    for u in catalog.uploads.iter().filter(|u| !u.committed) {
+        eprintln!(
+            "warning: target {}: {} marks an unfinished upload (in progress, or left by a crash; prune aborts it after pipeline.orphan_grace)",
+            u.target, u.key
+        );
+    }
     if args.json {
         let out = serde_json::json!({
             "snapshots": catalog.snapshots,
@@ -238,15 +244,15 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
         &selection,
         &|_, _| None,
         chrono::Utc::now(),
-        crate::retention::DEFAULT_ORPHAN_GRACE,
+        app.config.pipeline.orphan_grace,
         args.dry_run,
     )
     .await;
     print!("{}", crate::prune::render(&report, args.dry_run));
     if !args.dry_run {
         println!(
-            "deleted {} snapshot(s) and {} orphan dump(s)",
-            report.deleted_snapshots, report.deleted_orphans
+            "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
+            report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads
         );
     }
     for e in &report.errors {

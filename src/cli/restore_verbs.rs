@@ -143,6 +143,12 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
                                 .join("; ")
                         ));
                     }
+                    if !rep.cleaned_leftovers.is_empty() {
+                        line.push_str(&format!(
+                            "\n  dropped the scratch database(s) of an interrupted verify: {}",
+                            rep.cleaned_leftovers.join(", ")
+                        ));
+                    }
                     for p in &rep.problems {
                         line.push_str(&format!("\n  - {p}"));
                     }

@@ -157,6 +157,9 @@ pub struct PipelineConfig {
     pub zstd_workers: u32,
     pub min_targets: usize,
     pub stall_timeout: Duration,
+    /// How long a dump object or upload marker may sit without a manifest before `prune`
+    /// treats it as left by a run that died (see `retention::orphan_dumps`).
+    pub orphan_grace: Duration,
 }
 
 /// A PostgreSQL connection string, parsed, whose Display never shows the password.
@@ -408,6 +411,11 @@ impl Config {
             "stall_timeout = {}",
             q(&format!("{}s", p.stall_timeout.as_secs_f64()))
         );
+        let _ = writeln!(
+            s,
+            "orphan_grace = {}",
+            q(&format!("{}s", p.orphan_grace.as_secs_f64()))
+        );
         for src in &self.sources {
             let pats = |v: &[glob::Pattern]| {
                 list(&v.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>())
@@ -570,6 +578,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         min_targets: raw.pipeline.min_targets,
         stall_timeout: parse_duration(&raw.pipeline.stall_timeout.0)
             .map_err(|m| invalid("pipeline.stall_timeout".into(), m))?,
+        orphan_grace: parse_duration(&raw.pipeline.orphan_grace.0)
+            .map_err(|m| invalid("pipeline.orphan_grace".into(), m))?,
     };
 
     if raw.source.is_empty() {

@@ -83,6 +83,10 @@ pub(super) struct RawPipeline {
     /// A target that accepts no part for this long is dropped, so it cannot stall the others.
     #[serde(default = "default_stall_timeout")]
     pub(super) stall_timeout: Text,
+    /// A dump object or upload marker without a manifest older than this was left by a run
+    /// that died, and `prune` removes it (aborting the upload). Longer than any backup run.
+    #[serde(default = "default_orphan_grace")]
+    pub(super) orphan_grace: Text,
 }
 
 impl Default for RawPipeline {
@@ -92,6 +96,7 @@ impl Default for RawPipeline {
             zstd_workers: 0,
             min_targets: default_min_targets(),
             stall_timeout: default_stall_timeout(),
+            orphan_grace: default_orphan_grace(),
         }
     }
 }
@@ -104,6 +109,9 @@ fn default_min_targets() -> usize {
 }
 fn default_stall_timeout() -> Text {
     Text("300s".into())
+}
+fn default_orphan_grace() -> Text {
+    Text("24h".into())
 }
 
 #[derive(Debug, Deserialize)]

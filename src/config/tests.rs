@@ -29,6 +29,10 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(60));
     assert_eq!(c.pipeline.zstd_level, 1);
     assert_eq!(c.pipeline.min_targets, 1);
+    assert_eq!(
+        c.pipeline.orphan_grace,
+        crate::retention::DEFAULT_ORPHAN_GRACE
+    );
     let s = &c.sources[0];
     assert!(s.selects("acme"));
     assert!(!s.selects("postgres"));

@@ -21,7 +21,7 @@ use crate::backup;
 use crate::config::SourceConfig;
 use crate::pipeline::Progress;
 use crate::prune::{self, Selection};
-use crate::retention::{self, BackupOutcome};
+use crate::retention::BackupOutcome;
 use crate::source;
 
 use scheduler::{Attempt, RetryPolicy, RunError, Runner, Scheduler, SchedulerParts, SystemClock};
@@ -107,7 +107,7 @@ impl Runner for PgRunner {
             &selection,
             &move |_, _| last,
             Utc::now(),
-            retention::DEFAULT_ORPHAN_GRACE,
+            self.app.config.pipeline.orphan_grace,
             false,
         )
         .await;

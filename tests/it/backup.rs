@@ -370,3 +370,241 @@ async fn an_older_pg_dump_than_the_server_is_refused() {
     assert!(!out.contains("should not run"), "{out}");
     assert_eq!(keys(&file_store(&dir)).await, Vec::<String>::new());
 }
+
+/// About 100 MB of random UUID text: about 50 MB stored, so several 10 MiB parts; at zstd
+/// level 7 the backup runs for seconds after its first part, so it is caught mid-upload.
+const SLOW_SQL: &str = "CREATE TABLE slow AS SELECT g AS id, gen_random_uuid()::text || gen_random_uuid()::text AS u FROM generate_series(1, 1200000) g;";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
+    // Two S3 buckets (the World's) and a directory.
+    let disk = tempfile::tempdir().unwrap();
+    let more = format!(
+        "[pipeline]\nzstd_level = 7\n\n[[target]]\nname = \"disk\"\nurl = \"file://{}\"\n",
+        disk.path().display()
+    );
+    let w = crate::restore::World::start(SLOW_SQL, &[], &more).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .arg("--config")
+        .arg(&w.config)
+        .args(["backup", "--source", "prod"])
+        .envs(w.env_vars())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until both buckets hold an open upload with at least one part, and its marker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let markers = loop {
+        let mut parts = Vec::new();
+        for b in &w.buckets {
+            let n = w
+                .env
+                .s3
+                .bucket_counter(b, "unfinishedMultipartUploadParts")
+                .await
+                .unwrap();
+            parts.push(n);
+        }
+        let mut markers = Vec::new();
+        for s in &w.stores {
+            markers.extend(
+                keys(s)
+                    .await
+                    .into_iter()
+                    .filter(|k| k.ends_with(".upload.json")),
+            );
+        }
+        if parts.iter().all(|&n| n >= 1) && markers.len() == 2 {
+            break markers;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no part was uploaded in time: parts {parts:?}, markers {markers:?}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before a part was seen: parts {parts:?}, markers {markers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    child.start_kill().unwrap(); // SIGKILL: no abort, no cleanup code runs
+    assert!(!child.wait().await.unwrap().success());
+
+    let marker: serde_json::Value =
+        serde_json::from_slice(&get(&w.stores[0], &markers[0]).await).expect("the marker is JSON");
+    let id = markers[0]
+        .strip_prefix("prod/acme/")
+        .and_then(|k| k.strip_suffix(".upload.json"))
+        .unwrap()
+        .to_string();
+    assert_eq!(marker["key"], format!("backups/prod/acme/{id}.dump.zst"));
+    assert!(marker["upload_id"].as_str().is_some_and(|u| !u.is_empty()));
+    for (b, s) in w.buckets.iter().zip(&w.stores) {
+        let k = keys(s).await;
+        assert_eq!(
+            k,
+            [format!("prod/acme/{id}.upload.json")],
+            "no manifest, no dump"
+        );
+        assert_eq!(
+            w.env
+                .s3
+                .bucket_counter(b, "unfinishedMultipartUploads")
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    // The directory target keeps its staging file: object_store writes `<key>#<n>` and
+    // renames it into place on completion.
+    let staging = files_under(disk.path());
+    assert_eq!(staging.len(), 1, "{staging:?}");
+    assert!(
+        staging[0].ends_with(format!("{id}.dump.zst#1")),
+        "{staging:?}"
+    );
+    let list = w.pgferry(&["list"]).await;
+    list.assert_code(0);
+    assert!(
+        list.stderr.contains(&format!(
+            "prod/acme/{id}.upload.json marks an unfinished upload"
+        )),
+        "{}",
+        list.stderr
+    );
+
+    // Within the grace (24 h by default) the upload may be a live one: prune leaves it.
+    let run = w.pgferry(&["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("deleted 0 snapshot(s) and 0 orphan dump(s), aborted 0 unfinished upload(s)"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(files_under(disk.path()), staging);
+    for (b, s) in w.buckets.iter().zip(&w.stores) {
+        assert_eq!(keys(s).await.len(), 1);
+        assert_eq!(
+            w.env
+                .s3
+                .bucket_counter(b, "unfinishedMultipartUploads")
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    // With a grace the marker and the staging file are older than, prune aborts both uploads
+    // and removes the staging file.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let short = w
+        .env
+        .write_config(&text.replace("zstd_level = 7", "orphan_grace = \"1s\""));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let meta = w.stores[0].head(&markers[0].as_str().into()).await.unwrap();
+        let written: chrono::DateTime<chrono::Utc> = std::fs::metadata(&staging[0])
+            .unwrap()
+            .modified()
+            .unwrap()
+            .into();
+        let newest = meta.last_modified.max(written);
+        if chrono::Utc::now() - newest > chrono::TimeDelta::seconds(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = w.pgferry_with(&short, &["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("deleted 0 snapshot(s) and 1 orphan dump(s), aborted 2 unfinished upload(s)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!(
+            "unfinished upload on a (no manifest, older than the grace): abort the upload of backups/prod/acme/{id}.upload.json"
+        )),
+        "{}",
+        run.stdout
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (b, s) in w.buckets.iter().zip(&w.stores) {
+        assert!(keys(s).await.is_empty(), "marker and dump deleted");
+        loop {
+            let open = w
+                .env
+                .s3
+                .bucket_counter(b, "unfinishedMultipartUploads")
+                .await
+                .unwrap();
+            if open == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Garage still counts {open} unfinished upload(s) in {b}: {}",
+                w.env.s3.bucket_info(b).await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    assert!(files_under(disk.path()).is_empty(), "staging file removed");
+    // The next backup commits and restores exactly.
+    let run = w
+        .pgferry_with(&short, &["backup", "--source", "prod"])
+        .await;
+    let new_id = run.snapshot_id();
+    for s in &w.stores {
+        let k = keys(s).await;
+        assert_eq!(
+            k,
+            [
+                format!("prod/acme/{new_id}.dump.zst"),
+                format!("prod/acme/{new_id}.manifest.json")
+            ],
+            "the marker goes once the upload completes"
+        );
+    }
+    let dir = disk.path().join("prod").join("acme");
+    assert_eq!(
+        files_under(disk.path()),
+        [
+            dir.join(format!("{new_id}.dump.zst")),
+            dir.join(format!("{new_id}.manifest.json"))
+        ]
+    );
+    w.restore(&[]).await.assert_code(0);
+    assert_eq!(
+        w.staging.table_fingerprints("acme").await.unwrap(),
+        w.env.pg.table_fingerprints("acme").await.unwrap()
+    );
+}
+
+/// Every file under `dir`, recursively, sorted.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}

@@ -43,12 +43,14 @@ INSERT INTO previous_contents SELECT g, 'kept ' || g FROM generate_series(1, 100
 "#;
 
 /// A production cluster + Garage (two buckets), a staging cluster, and a config tying them.
-struct World {
-    env: TestEnv,
-    staging: PgCluster,
-    stores: Vec<Arc<dyn ObjectStore>>,
+pub(crate) struct World {
+    pub(crate) env: TestEnv,
+    pub(crate) staging: PgCluster,
+    pub(crate) stores: Vec<Arc<dyn ObjectStore>>,
+    /// The Garage buckets of `stores`.
+    pub(crate) buckets: Vec<String>,
     spool: PathBuf,
-    config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 fn hook_path() -> String {
@@ -61,7 +63,7 @@ fn hook_path() -> String {
 impl World {
     /// `extra_sql` runs in production's `acme` after the Odoo tables; `hooks` are the staging
     /// target's hook files; `more_toml` is appended to the config.
-    async fn start(extra_sql: &str, hooks: &[String], more_toml: &str) -> World {
+    pub(crate) async fn start(extra_sql: &str, hooks: &[String], more_toml: &str) -> World {
         let env = TestEnv::start().await;
         let staging = PgCluster::start()
             .await
@@ -89,6 +91,7 @@ impl World {
             spool.display().to_string(),
         ));
         World {
+            buckets: vec![env::bucket_of(&a), env::bucket_of(&b)],
             env,
             staging,
             stores: vec![store_a, store_b],
@@ -97,7 +100,7 @@ impl World {
         }
     }
 
-    fn env_vars(&self) -> Vec<(String, String)> {
+    pub(crate) fn env_vars(&self) -> Vec<(String, String)> {
         let mut vars = self.env.env_vars();
         vars.push((
             STAGING_PW_VAR.into(),
@@ -106,8 +109,13 @@ impl World {
         vars
     }
 
-    async fn pgferry(&self, args: &[&str]) -> Run {
-        let run = env::pgferry_with_env(&self.config, args, &self.env_vars()).await;
+    pub(crate) async fn pgferry(&self, args: &[&str]) -> Run {
+        self.pgferry_with(&self.config, args).await
+    }
+
+    /// Runs pgferry with another config of this world (same servers and variables).
+    pub(crate) async fn pgferry_with(&self, config: &std::path::Path, args: &[&str]) -> Run {
+        let run = env::pgferry_with_env(config, args, &self.env_vars()).await;
         let mut secrets = self.env.secrets();
         secrets.push(self.staging.superuser_password().to_string());
         env::assert_no_secret(&run.output(), &secrets);
@@ -121,7 +129,7 @@ impl World {
             .snapshot_id()
     }
 
-    async fn restore(&self, extra: &[&str]) -> Run {
+    pub(crate) async fn restore(&self, extra: &[&str]) -> Run {
         let mut args = vec![
             "restore",
             "--source",

@@ -21,13 +21,21 @@ struct World {
 
 impl World {
     async fn start(checks: &[&str]) -> World {
+        World::start_with(checks, "").await
+    }
+
+    /// Like [`start`](Self::start), with `extra_sql` run in `shop` after the usual tables.
+    async fn start_with(checks: &[&str], extra_sql: &str) -> World {
         let env = TestEnv::start().await;
         let verify = PgCluster::start()
             .await
             .expect("start the verify PostgreSQL");
         env.add_secret_var(VERIFY_PW_VAR, verify.superuser_password());
         env.pg.create_database("shop").await.unwrap();
-        env.pg.execute("shop", TRICKY_SQL).await.unwrap();
+        env.pg
+            .execute("shop", &format!("{TRICKY_SQL}{extra_sql}"))
+            .await
+            .unwrap();
         let (a, store_a) = env.s3_target("a").await;
         let (b, store_b) = env.s3_target("b").await;
         let checks = checks
@@ -56,16 +64,19 @@ impl World {
         self.pgferry(&["backup"]).await.snapshot_id()
     }
 
-    /// The verify cluster holds no database of ours (scratch databases are dropped).
-    async fn assert_no_scratch(&self) {
+    async fn verify_databases(&self) -> Vec<String> {
         let c = self.verify.client("postgres").await.unwrap();
-        let dbs: Vec<String> = c
-            .query("SELECT datname FROM pg_database", &[])
+        c.query("SELECT datname FROM pg_database", &[])
             .await
             .unwrap()
             .iter()
             .map(|r| r.get(0))
-            .collect();
+            .collect()
+    }
+
+    /// The verify cluster holds no database of ours (scratch databases are dropped).
+    async fn assert_no_scratch(&self) {
+        let dbs = self.verify_databases().await;
         assert!(
             dbs.iter().all(|d| !d.starts_with("pgferry")),
             "scratch databases left: {dbs:?}"
@@ -248,4 +259,76 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
         ),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_verify_writes_no_report_and_the_next_one_drops_its_scratch_database() {
+    // Big enough that pg_restore is still loading when the scratch database is seen.
+    let big = "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h, repeat('x', 100) AS pad FROM generate_series(1, 1500000) g;";
+    let w = World::start_with(&["SELECT count(*) = 1500000 FROM big"], big).await;
+    let id = w.backup().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .arg("--config")
+        .arg(&w.config)
+        .arg("verify")
+        .envs(w.env.env_vars())
+        .env(VERIFY_PW_VAR, w.verify.superuser_password())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let scratch = loop {
+        let dbs = w.verify_databases().await;
+        if let Some(d) = dbs.iter().find(|d| d.starts_with("pgferry")) {
+            break d.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scratch database never appeared: {dbs:?}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "verify ended before the scratch database was seen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    child.start_kill().unwrap(); // SIGKILL: no cleanup code runs
+    assert!(!child.wait().await.unwrap().success());
+    assert!(w.verify_databases().await.contains(&scratch));
+    for store in &w.stores {
+        assert!(
+            keys(store)
+                .await
+                .iter()
+                .all(|k| !k.ends_with(".verify.json")),
+            "a killed verify wrote a report"
+        );
+    }
+    let run = w.pgferry(&["list", "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(listed["snapshots"][0]["verify"].is_null(), "{listed}");
+
+    let run = w.pgferry(&["verify"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!("prod/shop {id} verified")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!(
+            "dropped the scratch database(s) of an interrupted verify: {scratch}"
+        )),
+        "{}",
+        run.stdout
+    );
+    w.assert_no_scratch().await;
+    for i in 0..2 {
+        let r = w.report(i, &id).await;
+        assert_eq!(r["result"], "success", "{r}");
+        assert_eq!(r["cleaned_leftovers"], serde_json::json!([scratch]), "{r}");
+    }
 }

@@ -228,6 +228,16 @@ pub async fn s3_target(
     (toml, s3_store(s3, &bucket))
 }
 
+/// The bucket of a `[[target]]` written by [`s3_target`].
+pub fn bucket_of(target_toml: &str) -> String {
+    target_toml
+        .split("s3://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("an S3 target's TOML names its bucket")
+        .to_string()
+}
+
 /// A client for one bucket of `s3`, rooted at [`S3_PREFIX`].
 pub fn s3_store(s3: &Garage, bucket: &str) -> Arc<dyn ObjectStore> {
     let store = AmazonS3Builder::new()

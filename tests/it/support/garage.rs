@@ -203,6 +203,37 @@ impl Garage {
         Ok(())
     }
 
+    /// The admin API's `GetBucketInfo` of bucket `name` (objects, bytes, and the
+    /// `unfinishedMultipartUploads`/`…Parts`/`…Bytes` counters of open multipart uploads).
+    pub async fn bucket_info(&self, name: &str) -> Result<serde_json::Value> {
+        let path = format!("/v2/GetBucketInfo?globalAlias={name}");
+        let (status, answer) = http_request(
+            self.admin_port,
+            "GET",
+            &path,
+            Some(&self.admin_token),
+            None,
+            ADMIN_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("admin API request {path} failed"))?;
+        let answer = String::from_utf8_lossy(&answer);
+        if !(200..300).contains(&status) {
+            bail!("admin API {path} answered HTTP {status}: {answer}");
+        }
+        serde_json::from_str(&answer)
+            .with_context(|| format!("admin API {path} answered non-JSON: {answer}"))
+    }
+
+    /// Bucket `name`'s counter `field` of [`bucket_info`](Self::bucket_info); an error if
+    /// Garage does not report it.
+    pub async fn bucket_counter(&self, name: &str, field: &str) -> Result<u64> {
+        let info = self.bucket_info(name).await?;
+        info[field]
+            .as_u64()
+            .ok_or_else(|| anyhow!("GetBucketInfo of {name} has no counter {field:?}: {info}"))
+    }
+
     /// Creates a bucket with a fresh name `<prefix>-<random>` and returns the name.
     pub async fn unique_bucket(&self, prefix: &str) -> Result<String> {
         let name = unique_name(prefix);

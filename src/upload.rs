@@ -1,0 +1,526 @@
+//! Multipart uploads that a later run can find and abort after a crash.
+//!
+//! An S3 multipart upload left open by a killed process is invisible to object listings, yet
+//! its parts occupy storage until someone aborts it, and aborting needs its upload id, which
+//! object_store's generic `put_multipart` keeps to itself (and object_store 0.12 cannot list
+//! open uploads). So on targets whose store implements [`MultipartStore`] (S3), [`start`]
+//! creates the upload itself and, before the first part, writes a marker object
+//! `<snapshot_id>.upload.json` beside the dump naming the upload id. The marker is deleted
+//! once the upload is completed or aborted. A marker without a manifest that is older than
+//! `pipeline.orphan_grace` was left by a run that died: `prune` hands it to [`clean`], which
+//! aborts the upload, deletes any dump object and then the marker.
+//!
+//! Targets without [`MultipartStore`] (a directory) keep the generic `put_multipart`: what a
+//! killed process leaves there is a staging file `<key>#<n>`, which object_store neither lists
+//! nor lets us address; [`staging_files`] finds those of dump objects in the directory itself.
+//!
+//! This module never decides what is committed or when something is old enough to clean.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{MultipartId, MultipartUpload, PutPayload, PutResult, UploadPart};
+use serde::{Deserialize, Serialize};
+
+use crate::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
+
+/// Version of the marker document.
+const MARKER_FORMAT_VERSION: u32 = 1;
+
+/// Markers are a few hundred bytes; anything much larger was not written by pgferry.
+const MAX_MARKER_BYTES: usize = 64 * 1024;
+
+/// The marker of one open multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadMarker {
+    pub format_version: u32,
+    /// The store's id of the multipart upload: what an abort needs.
+    pub upload_id: String,
+    /// The key being uploaded (for humans; [`clean`] derives it from the marker's own key).
+    pub key: String,
+    pub started_at: DateTime<Utc>,
+    /// Which process started it, for humans reading the bucket.
+    pub host: String,
+    pub pid: u32,
+    pub pgferry_version: String,
+}
+
+/// The marker key of the upload of `dump_key`.
+pub fn marker_key(dump_key: &Path) -> Option<Path> {
+    let stem = dump_key.as_ref().strip_suffix(DUMP_SUFFIX)?;
+    Some(Path::from(format!("{stem}{UPLOAD_SUFFIX}")))
+}
+
+/// The dump key a marker belongs to.
+pub fn dump_key(marker_key: &Path) -> Option<Path> {
+    let stem = marker_key.as_ref().strip_suffix(UPLOAD_SUFFIX)?;
+    Some(Path::from(format!("{stem}{DUMP_SUFFIX}")))
+}
+
+/// Starts a multipart upload of `key` on `target`: marked (see the module doc) where the
+/// store allows it, the store's generic upload otherwise.
+pub async fn start(
+    target: &Target,
+    key: &Path,
+) -> Result<Box<dyn MultipartUpload>, object_store::Error> {
+    let (Some(multipart), Some(marker)) = (&target.multipart, marker_key(key)) else {
+        return target.store.put_multipart(key).await;
+    };
+    let id = multipart.create_multipart(key).await?;
+    let body = UploadMarker {
+        format_version: MARKER_FORMAT_VERSION,
+        upload_id: id.clone(),
+        key: key.to_string(),
+        started_at: Utc::now(),
+        host: hostname(),
+        pid: std::process::id(),
+        pgferry_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&body).expect("a marker serializes");
+    if let Err(error) = target.store.put(&marker, PutPayload::from(json)).await {
+        // Without its marker the upload could not be found again: do not use it.
+        if let Err(abort) = multipart.abort_multipart(key, &id).await {
+            tracing::warn!(message = "Could not abort an upload whose marker could not be written; the bucket's lifecycle rule must.", target = %target.name, key = %key, error = %abort);
+        }
+        return Err(error);
+    }
+    Ok(Box::new(MarkedUpload {
+        target: target.name.clone(),
+        multipart: multipart.clone(),
+        store: target.store.clone(),
+        key: key.clone(),
+        marker,
+        id,
+        next_part: 0,
+        parts: Arc::default(),
+    }))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A multipart upload through [`MultipartStore`] with a marker; the parts it received are
+/// remembered by index so that they complete in order whatever order they finish in.
+struct MarkedUpload {
+    target: String,
+    multipart: Arc<dyn MultipartStore>,
+    store: Arc<dyn object_store::ObjectStore>,
+    key: Path,
+    marker: Path,
+    id: MultipartId,
+    next_part: usize,
+    parts: Arc<Mutex<Vec<Option<PartId>>>>,
+}
+
+impl std::fmt::Debug for MarkedUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MarkedUpload")
+            .field("target", &self.target)
+            .field("key", &self.key)
+            .field("id", &self.id)
+            .field("next_part", &self.next_part)
+            .finish()
+    }
+}
+
+/// A part missing when the upload is completed (its upload failed or was dropped).
+#[derive(Debug, thiserror::Error)]
+#[error("part {part} of {key} was never uploaded")]
+struct MissingPart {
+    key: String,
+    part: usize,
+}
+
+impl MarkedUpload {
+    /// Deletes the marker once the upload is settled; a failure leaves a stale marker that
+    /// `prune` removes later, so it is only logged.
+    async fn remove_marker(&self) {
+        match self.store.delete(&self.marker).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => tracing::warn!(
+                message = "Could not delete the marker of a settled upload; prune will.",
+                target = %self.target, key = %self.marker, error = %error
+            ),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for MarkedUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let idx = self.next_part;
+        self.next_part += 1;
+        let multipart = self.multipart.clone();
+        let parts = self.parts.clone();
+        let key = self.key.clone();
+        let id = self.id.clone();
+        Box::pin(async move {
+            let part = multipart.put_part(&key, &id, idx, data).await?;
+            let mut parts = parts.lock().expect("no panic while holding the parts lock");
+            if parts.len() <= idx {
+                parts.resize(idx + 1, None);
+            }
+            parts[idx] = Some(part);
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let parts = {
+            let mut parts = self
+                .parts
+                .lock()
+                .expect("no panic while holding the parts lock");
+            parts.resize(self.next_part, None);
+            parts
+                .iter()
+                .enumerate()
+                .map(|(part, p)| {
+                    p.clone().ok_or_else(|| object_store::Error::Generic {
+                        store: "pgferry",
+                        source: Box::new(MissingPart {
+                            key: self.key.to_string(),
+                            part,
+                        }),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let done = self
+            .multipart
+            .complete_multipart(&self.key, &self.id, parts)
+            .await?;
+        self.remove_marker().await;
+        Ok(done)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        // On failure the marker stays, so that `prune` retries the abort later.
+        self.multipart.abort_multipart(&self.key, &self.id).await?;
+        self.remove_marker().await;
+        Ok(())
+    }
+}
+
+/// Why a marker could not be cleaned.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanError {
+    #[error("cannot read the upload marker {key}: {source}")]
+    Read {
+        key: String,
+        source: object_store::Error,
+    },
+    #[error("upload marker {key} is not one pgferry wrote ({reason}); abort the upload by hand (or let the bucket's lifecycle rule do it), then delete the marker")]
+    Unreadable { key: String, reason: String },
+    #[error(
+        "cannot abort the multipart upload {upload_id} of {key}: {source}; the next prune retries"
+    )]
+    Abort {
+        key: String,
+        upload_id: String,
+        source: object_store::Error,
+    },
+    #[error("cannot delete {key}: {source}; the next prune retries")]
+    Delete {
+        key: String,
+        source: object_store::Error,
+    },
+}
+
+/// What [`clean`] did with one marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleaned {
+    /// The upload was aborted (or was already gone), any dump object and the marker deleted.
+    Aborted { upload_id: String },
+    /// The snapshot has a manifest: the upload completed and only its marker was left; the
+    /// marker was deleted, nothing else touched.
+    StaleMarker,
+}
+
+/// Cleans the upload that the marker `marker` on `target` names. `committed` says whether the
+/// snapshot has a manifest there: then the dump is the snapshot and only the marker goes.
+/// The caller decides that the marker is old enough (see `retention::orphan_dumps`).
+pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cleaned, CleanError> {
+    if committed {
+        delete(target, marker).await?;
+        return Ok(Cleaned::StaleMarker);
+    }
+    let read_err = |source| CleanError::Read {
+        key: marker.to_string(),
+        source,
+    };
+    let bytes = target
+        .store
+        .get(marker)
+        .await
+        .map_err(read_err)?
+        .bytes()
+        .await
+        .map_err(read_err)?;
+    let unreadable = |reason: String| CleanError::Unreadable {
+        key: marker.to_string(),
+        reason,
+    };
+    if bytes.len() > MAX_MARKER_BYTES {
+        return Err(unreadable(format!("{} bytes", bytes.len())));
+    }
+    let parsed: UploadMarker =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+    let dump = dump_key(marker).ok_or_else(|| unreadable("not a marker key".into()))?;
+    if let Some(multipart) = &target.multipart {
+        match multipart.abort_multipart(&dump, &parsed.upload_id).await {
+            // Gone already: completed (then the dump is an orphan, deleted below) or aborted.
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(CleanError::Abort {
+                    key: dump.to_string(),
+                    upload_id: parsed.upload_id,
+                    source,
+                })
+            }
+        }
+    }
+    delete(target, &dump).await?;
+    delete(target, marker).await?;
+    Ok(Cleaned::Aborted {
+        upload_id: parsed.upload_id,
+    })
+}
+
+/// The staging files of dump uploads under a directory target's `root`, with their
+/// modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
+/// names the file an upload writes before it is renamed into place. One that is old was left by
+/// a killed process (an abort or a drop removes it). A missing `root` holds none. Blocking:
+/// call it off the async threads.
+pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, DateTime<Utc>)>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let Some((stem, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
+                continue;
+            };
+            if stem.ends_with(DUMP_SUFFIX) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            {
+                let modified = entry.metadata()?.modified()?;
+                found.push((entry.path(), DateTime::<Utc>::from(modified)));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+async fn delete(target: &Target, key: &Path) -> Result<(), CleanError> {
+    match target.store.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(CleanError::Delete {
+            key: key.to_string(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+
+    fn marked_target() -> (Target, Arc<InMemory>) {
+        let store = Arc::new(InMemory::new());
+        let t = Target::new("t", store.clone(), "pg", 10_000).with_multipart(store.clone());
+        (t, store)
+    }
+
+    async fn keys(store: &InMemory) -> Vec<String> {
+        let mut v: Vec<String> = store
+            .list(None)
+            .map_ok(|o| o.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    async fn marker_of(store: &InMemory, key: &str) -> UploadMarker {
+        let bytes = store
+            .get(&Path::from(key))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    const DUMP: &str = "pg/prod/acme/20261127T140000Z.dump.zst";
+    const MARKER: &str = "pg/prod/acme/20261127T140000Z.upload.json";
+
+    #[test]
+    fn marker_keys_sit_beside_the_dump() {
+        let dump = Path::from(DUMP);
+        assert_eq!(marker_key(&dump).unwrap().as_ref(), MARKER);
+        assert_eq!(dump_key(&Path::from(MARKER)).unwrap(), dump);
+        assert!(marker_key(&Path::from("a/b.manifest.json")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_completed_upload_leaves_the_object_in_part_order_and_no_marker() {
+        let (t, store) = marked_target();
+        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
+        let m = marker_of(&store, MARKER).await;
+        assert_eq!(m.key, DUMP);
+        assert_eq!(m.pid, std::process::id());
+        // Both parts are in flight at once (InMemory needs them to start in order).
+        let first = upload.put_part(PutPayload::from_static(b"first "));
+        let second = upload.put_part(PutPayload::from_static(b"second"));
+        let (a, b) = futures::join!(first, second);
+        a.unwrap();
+        b.unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(keys(&store).await, [DUMP]);
+        let got = store.get(&Path::from(DUMP)).await.unwrap().bytes().await;
+        assert_eq!(&got.unwrap()[..], b"first second");
+    }
+
+    #[tokio::test]
+    async fn a_missing_part_fails_the_completion() {
+        let (t, store) = marked_target();
+        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(b"a"))
+            .await
+            .unwrap();
+        drop(upload.put_part(PutPayload::from_static(b"b"))); // never polled
+        let err = upload.complete().await.unwrap_err();
+        assert!(err.to_string().contains("part 1 of"), "{err}");
+        upload.abort().await.unwrap();
+        assert!(keys(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_upload_is_found_by_its_marker_and_aborted() {
+        let (t, store) = marked_target();
+        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(b"a"))
+            .await
+            .unwrap();
+        let id = marker_of(&store, MARKER).await.upload_id;
+        drop(upload); // the process died: nothing aborts it
+        assert_eq!(keys(&store).await, [MARKER]);
+
+        let cleaned = clean(&t, &Path::from(MARKER), false).await.unwrap();
+        assert_eq!(
+            cleaned,
+            Cleaned::Aborted {
+                upload_id: id.clone()
+            }
+        );
+        assert!(keys(&store).await.is_empty());
+        // The store no longer knows the upload: it was aborted, not merely forgotten.
+        let again = store.abort_multipart(&Path::from(DUMP), &id).await;
+        assert!(again.is_err(), "the upload is still open");
+    }
+
+    #[tokio::test]
+    async fn a_stale_marker_of_a_committed_snapshot_goes_alone() {
+        let (t, store) = marked_target();
+        store
+            .put(&Path::from(DUMP), PutPayload::from_static(b"dump"))
+            .await
+            .unwrap();
+        store
+            .put(
+                &Path::from(MARKER),
+                PutPayload::from_static(b"not even JSON"),
+            )
+            .await
+            .unwrap();
+        let cleaned = clean(&t, &Path::from(MARKER), true).await.unwrap();
+        assert_eq!(cleaned, Cleaned::StaleMarker);
+        assert_eq!(keys(&store).await, [DUMP]);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_marker_is_an_error_and_stays() {
+        let (t, store) = marked_target();
+        store
+            .put(&Path::from(MARKER), PutPayload::from_static(b"<html>"))
+            .await
+            .unwrap();
+        let err = clean(&t, &Path::from(MARKER), false).await.unwrap_err();
+        assert!(matches!(err, CleanError::Unreadable { .. }), "{err}");
+        assert_eq!(keys(&store).await, [MARKER]);
+    }
+
+    #[test]
+    fn staging_files_of_dumps_are_found_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("prod").join("a%2Fb");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "20261127T140000Z.dump.zst#1",
+            "20261127T140000Z.dump.zst#12",
+            "20261127T140000Z.dump.zst",
+            "20261127T140000Z.manifest.json#1",
+            "20261127T140000Z.dump.zst#x",
+            "20261127T140000Z.dump.zst#",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let found: Vec<PathBuf> = staging_files(root.path())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                dir.join("20261127T140000Z.dump.zst#1"),
+                dir.join("20261127T140000Z.dump.zst#12")
+            ]
+        );
+        assert!(staging_files(&root.path().join("nonexistent"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_store_without_multipart_ids_gets_no_marker() {
+        let store = Arc::new(InMemory::new());
+        let t = Target::new("t", store.clone(), "pg", 10_000);
+        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
+        assert!(keys(&store).await.is_empty());
+        upload
+            .put_part(PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(keys(&store).await, [DUMP]);
+    }
+}
