@@ -65,6 +65,9 @@ for r in $(seq 1 "$ROUNDS"); do
     timed "pg_restore local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local "$WORK_DIR/local.dump"
     fresh restored_local_j2
     timed "pg_restore -j 2 local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -j 2 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local_j2 "$WORK_DIR/local.dump"
+    # Like the baselines, into a database that does not exist yet (replacing one would add
+    # its DROP DATABASE, and the checkpoint that forces, to pgferry's time only).
+    psql_ -d postgres -c "DROP DATABASE IF EXISTS restored_stream" -c "DROP DATABASE IF EXISTS restored_jobs"
     timed "pgferry restore (stream)" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_stream
     timed "pgferry restore --jobs 2" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_jobs --jobs 2
 done
