@@ -551,8 +551,9 @@ async fn upload_target(
             after: stall_timeout,
         }
     };
-    // Dropping a start that never got an answer leaves at most an empty multipart upload,
-    // which retention's orphan cleanup removes.
+    // Dropping a start that never got an answer leaves at most an empty multipart upload:
+    // prune aborts it once its marker is old; if the marker was not written yet, only the
+    // bucket's lifecycle rule can (docs/reliability.md, known gaps).
     let mut upload = tokio::select! {
         _ = cancel.cancelled() => return Err(fail(UploadError::Cancelled)),
         _ = tokio::time::sleep(stall_timeout) => return Err(fail(stalled())),
