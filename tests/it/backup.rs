@@ -7,7 +7,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::env::{self, file_store, get, keys, TestEnv};
+use crate::support::env::{self, file_store, get, keys, manifest_of, TestEnv};
 use crate::support::garage::Garage;
 use crate::support::postgres::PgCluster;
 
@@ -59,10 +59,6 @@ pub async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
         "manual restore failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn manifest_of(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes).expect("manifest is JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,14 +166,7 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_s3_server_is_dropped_and_min_targets_is_enforced() {
     let env = TestEnv::start().await;
-    env.pg.create_database("acme").await.unwrap();
-    env.pg
-        .execute(
-            "acme",
-            "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .unwrap();
+    env.small_database("acme").await;
     let (alive, alive_store) = env.s3_target("alive").await;
     let mut dead_garage = Garage::start().await.expect("second Garage");
     let (dead, dead_store) = env.s3_target_on(&dead_garage, "dead").await;

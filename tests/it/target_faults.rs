@@ -8,14 +8,9 @@ use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 
-use crate::support::env::{file_store, get, keys, TestEnv};
+use crate::support::env::{file_store, get, keys, manifest_of, TestEnv};
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::rusage::pgferry_measured;
-
-fn manifest_targets(bytes: &[u8]) -> serde_json::Value {
-    let m: serde_json::Value = serde_json::from_slice(bytes).expect("manifest is JSON");
-    m["targets"].clone()
-}
 
 /// Every manifest in `store` has its dump object beside it; returns the manifests' keys.
 async fn assert_no_manifest_without_dump(store: &Arc<dyn ObjectStore>) -> Vec<String> {
@@ -85,7 +80,7 @@ async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {
         let manifests = assert_no_manifest_without_dump(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
-            manifest_targets(&get(store, &manifests[0]).await),
+            manifest_of(&get(store, &manifests[0]).await)["targets"],
             serde_json::json!(["fast", "local", "slow"])
         );
     }
@@ -112,14 +107,7 @@ async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_target_is_dropped_after_stall_timeout() {
     let env = TestEnv::start().await;
-    env.pg.create_database("acme").await.unwrap();
-    env.pg
-        .execute(
-            "acme",
-            "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .unwrap();
+    env.small_database("acme").await;
     let (alive, alive_store) = env.s3_target("alive").await;
     let (stalled, stalled_store) = env.s3_target("stalled").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
@@ -148,7 +136,7 @@ async fn a_stalled_target_is_dropped_after_stall_timeout() {
         let manifests = assert_no_manifest_without_dump(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
-            manifest_targets(&get(store, &manifests[0]).await),
+            manifest_of(&get(store, &manifests[0]).await)["targets"],
             serde_json::json!(["alive", "local"])
         );
     }
@@ -159,14 +147,7 @@ async fn a_stalled_target_is_dropped_after_stall_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_errors_for_a_while_are_retried_inside_the_upload() {
     let env = TestEnv::start().await;
-    env.pg.create_database("acme").await.unwrap();
-    env.pg
-        .execute(
-            "acme",
-            "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .unwrap();
+    env.small_database("acme").await;
     let (steady, steady_store) = env.s3_target("steady").await;
     let (slowdown, slowdown_store) = env.s3_target("slowdown").await;
     let (flaky, flaky_store) = env.s3_target("flaky").await;
@@ -192,7 +173,7 @@ async fn s3_errors_for_a_while_are_retried_inside_the_upload() {
         let manifests = assert_no_manifest_without_dump(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
-            manifest_targets(&get(store, &manifests[0]).await),
+            manifest_of(&get(store, &manifests[0]).await)["targets"],
             serde_json::json!(["steady", "slowdown", "flaky"])
         );
     }
@@ -201,14 +182,7 @@ async fn s3_errors_for_a_while_are_retried_inside_the_upload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_errors_that_never_end_drop_the_target_and_never_half_commit() {
     let env = TestEnv::start().await;
-    env.pg.create_database("acme").await.unwrap();
-    env.pg
-        .execute(
-            "acme",
-            "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
-        )
-        .await
-        .unwrap();
+    env.small_database("acme").await;
     let (steady, steady_store) = env.s3_target("steady").await;
     let (broken, broken_store) = env.s3_target("broken").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
@@ -246,7 +220,7 @@ async fn s3_errors_that_never_end_drop_the_target_and_never_half_commit() {
         let manifests = assert_no_manifest_without_dump(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
-            manifest_targets(&get(store, &manifests[0]).await),
+            manifest_of(&get(store, &manifests[0]).await)["targets"],
             serde_json::json!(["steady", "local"])
         );
     }

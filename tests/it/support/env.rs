@@ -87,6 +87,19 @@ impl TestEnv {
         }
     }
 
+    /// Creates database `name` with one small table `t` (20 000 rows, ~1 MB of dump): enough
+    /// for a real backup, quick to take.
+    pub async fn small_database(&self, name: &str) {
+        self.pg.create_database(name).await.unwrap();
+        self.pg
+            .execute(
+                name,
+                "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;",
+            )
+            .await
+            .unwrap();
+    }
+
     /// Every secret of this environment: none may appear in any output.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = vec![
@@ -279,6 +292,11 @@ pub async fn get(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
         .bytes()
         .await
         .expect("read object")
+}
+
+/// A manifest's JSON.
+pub fn manifest_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).expect("manifest is JSON")
 }
 
 /// Runs the binary to completion (at most 10 minutes).
