@@ -592,13 +592,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let mut sources = Vec::new();
     for (i, s) in raw.source.into_iter().enumerate() {
         let key = |k: &str| format!("source[{i}].{k}");
-        check_name(&s.name.0).map_err(|m| invalid(key("name"), m))?;
-        if !names.insert(s.name.0.clone()) {
-            return Err(invalid(
-                key("name"),
-                format!("duplicate source name {:?}", s.name.0),
-            ));
-        }
+        check_new_name(&mut names, &s.name.0, "source").map_err(|m| invalid(key("name"), m))?;
         let url = PgUrl::parse(&s.url.0).map_err(|m| invalid(key("url"), m))?;
         url.tls.validate().map_err(|m| invalid(key("url"), m))?;
         let globs = |v: &[Text], k: &str| -> Result<Vec<glob::Pattern>, ConfigError> {
@@ -633,13 +627,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     let mut targets = Vec::new();
     for (i, t) in raw.target.into_iter().enumerate() {
         let key = |k: &str| format!("target[{i}].{k}");
-        check_name(&t.name.0).map_err(|m| invalid(key("name"), m))?;
-        if !names.insert(t.name.0.clone()) {
-            return Err(invalid(
-                key("name"),
-                format!("duplicate target name {:?}", t.name.0),
-            ));
-        }
+        check_new_name(&mut names, &t.name.0, "target").map_err(|m| invalid(key("name"), m))?;
         let url = url::Url::parse(&t.url.0).map_err(|e| {
             invalid(
                 key("url"),
@@ -824,6 +812,15 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Source and target names become object-key segments and metric labels: keep them plain.
+/// A valid name (see [`check_name`]) that `seen` does not hold yet; then it does.
+fn check_new_name(seen: &mut HashSet<String>, name: &str, kind: &str) -> Result<(), String> {
+    check_name(name)?;
+    if !seen.insert(name.to_owned()) {
+        return Err(format!("duplicate {kind} name {name:?}"));
+    }
+    Ok(())
+}
+
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.len() > 64

@@ -105,6 +105,12 @@ fn bad_cron_duplicate_target_and_min_targets_are_rejected() {
     let dup = format!("{MINIMAL}\n[[target]]\nname = \"local\"\nurl = \"file:///tmp/x\"\n");
     let err = parse(&dup).unwrap_err().to_string();
     assert!(err.contains("duplicate target name"), "{err}");
+    assert!(err.contains("target[1].name"), "{err}");
+
+    let dup = format!("[[source]]\nname = \"prod\"\nurl = \"postgres://h/x\"\n{MINIMAL}");
+    let err = parse(&dup).unwrap_err().to_string();
+    assert!(err.contains("source[1].name"), "{err}");
+    assert!(err.contains("duplicate source name \"prod\""), "{err}");
 
     let min = format!("{MINIMAL}\n[pipeline]\nmin_targets = 2\n");
     let err = parse(&min).unwrap_err().to_string();
