@@ -143,19 +143,9 @@ impl World {
         self.pgferry(&args).await
     }
 
-    async fn staging_databases(&self) -> Vec<String> {
-        let c = self.staging.client("postgres").await.unwrap();
-        c.query("SELECT datname FROM pg_database ORDER BY 1", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    }
-
     /// No temporary or set-aside database remains on staging.
     async fn assert_no_leftovers(&self) {
-        let dbs = self.staging_databases().await;
+        let dbs = self.staging.databases().await;
         assert!(
             dbs.iter().all(|d| !d.starts_with("pgferry_")),
             "leftover databases on staging: {dbs:?}"
@@ -369,7 +359,7 @@ async fn killed_restore_leaves_staging_untouched_and_the_next_run_cleans_up() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let tmp = loop {
-        let dbs = w.staging_databases().await;
+        let dbs = w.staging.databases().await;
         if let Some(t) = dbs.iter().find(|d| d.starts_with("pgferry_tmp_")) {
             break t.clone();
         }
@@ -387,7 +377,7 @@ async fn killed_restore_leaves_staging_untouched_and_the_next_run_cleans_up() {
     let status = child.wait().await.unwrap();
     assert!(!status.success());
     assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
-    assert!(w.staging_databases().await.contains(&tmp));
+    assert!(w.staging.databases().await.contains(&tmp));
 
     let run = w.restore(&["--json"]).await;
     run.assert_code(0);
@@ -416,7 +406,7 @@ async fn unknown_namespace_and_production_destinations_are_refused() {
     ));
     let run = env.pgferry(&config, &["backup"]).await;
     run.assert_code(0);
-    let dbs_before = list_databases(&env.pg).await;
+    let dbs_before = env.pg.databases().await;
     let prod_before = env.pg.table_fingerprints("acme").await.unwrap();
 
     let base = ["restore", "--source", "prod", "--database", "acme"];
@@ -443,21 +433,11 @@ async fn unknown_namespace_and_production_destinations_are_refused() {
         )
         .await;
     other.assert_code(2);
-    assert_eq!(list_databases(&env.pg).await, dbs_before);
+    assert_eq!(env.pg.databases().await, dbs_before);
     assert_eq!(
         env.pg.table_fingerprints("acme").await.unwrap(),
         prod_before
     );
-}
-
-async fn list_databases(pg: &PgCluster) -> Vec<String> {
-    let c = pg.client("postgres").await.unwrap();
-    c.query("SELECT datname FROM pg_database ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
 }
 
 fn at_text(id: &str) -> String {

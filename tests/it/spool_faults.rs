@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::env::{self, get, keys, TestEnv};
-use crate::support::postgres::PgCluster;
 use crate::support::proxy::Proxy;
 use crate::support::running_as_root;
 
@@ -60,16 +59,6 @@ impl Drop for Tmpfs {
 
 const PREVIOUS_SQL: &str =
     "CREATE TABLE previous_contents AS SELECT g AS id, 'kept ' || g AS note FROM generate_series(1, 100) g;";
-
-async fn database_names(pg: &PgCluster) -> Vec<String> {
-    let c = pg.client("postgres").await.unwrap();
-    c.query("SELECT datname FROM pg_database ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
 
 /// Production `acme` backed up through `proxy`; the staging copy `acme_staging` (same
 /// server, a database the source does not back up) holds older contents. Returns the config
@@ -128,7 +117,7 @@ async fn assert_staging_untouched(
         &env.pg.table_fingerprints("acme_staging").await.unwrap(),
         before
     );
-    let dbs = database_names(&env.pg).await;
+    let dbs = env.pg.databases().await;
     assert!(
         dbs.iter().all(|d| !d.starts_with("pgferry_")),
         "leftover databases: {dbs:?}"

@@ -64,19 +64,9 @@ impl World {
         self.pgferry(&["backup"]).await.snapshot_id()
     }
 
-    async fn verify_databases(&self) -> Vec<String> {
-        let c = self.verify.client("postgres").await.unwrap();
-        c.query("SELECT datname FROM pg_database", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    }
-
     /// The verify cluster holds no database of ours (scratch databases are dropped).
     async fn assert_no_scratch(&self) {
-        let dbs = self.verify_databases().await;
+        let dbs = self.verify.databases().await;
         assert!(
             dbs.iter().all(|d| !d.starts_with("pgferry")),
             "scratch databases left: {dbs:?}"
@@ -281,7 +271,7 @@ async fn a_killed_verify_writes_no_report_and_the_next_one_drops_its_scratch_dat
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let scratch = loop {
-        let dbs = w.verify_databases().await;
+        let dbs = w.verify.databases().await;
         if let Some(d) = dbs.iter().find(|d| d.starts_with("pgferry")) {
             break d.clone();
         }
@@ -297,7 +287,7 @@ async fn a_killed_verify_writes_no_report_and_the_next_one_drops_its_scratch_dat
     };
     child.start_kill().unwrap(); // SIGKILL: no cleanup code runs
     assert!(!child.wait().await.unwrap().success());
-    assert!(w.verify_databases().await.contains(&scratch));
+    assert!(w.verify.databases().await.contains(&scratch));
     for store in &w.stores {
         assert!(
             keys(store)

@@ -256,6 +256,17 @@ impl PgCluster {
         Ok(client)
     }
 
+    /// The names of all databases on the cluster, sorted.
+    pub async fn databases(&self) -> Vec<String> {
+        let c = self.client("postgres").await.unwrap();
+        c.query("SELECT datname FROM pg_database ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     /// Creates database `name` (any name: it is quoted as an identifier).
     pub async fn create_database(&self, name: &str) -> Result<()> {
         self.execute(
