@@ -30,9 +30,9 @@ use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use object_store::memory::InMemory;
-use pgferry::dumpstats::DumpStatsTap;
-use pgferry::pipeline::{self, PipelineSettings, RawTap, Sink, READ_CHUNK};
-use pgferry::target::{self, Target, DUMP_SUFFIX};
+use pgferry::archive::DumpStatsTap;
+use pgferry::backup::pipeline::{self, PipelineSettings, RawTap, Sink, READ_CHUNK};
+use pgferry::storage::target::{self, Target, DUMP_SUFFIX};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::target::{Target, TargetError};
+use crate::storage::target::{Target, TargetError};
 
 #[derive(Clone)]
 pub struct App {

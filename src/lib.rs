@@ -1,28 +1,23 @@
 //! pgferry: PostgreSQL backup and restore for Kubernetes.
 //!
-//! The modules follow the data: `config` → `source` (pg_dump) → `pipeline` (zstd, sha256,
-//! fan-out) → `target` (object stores) → `manifest` (the commit) → `catalog` (what exists).
-//! `backup` runs one database through all of them; `daemon` schedules it (with `http` for
-//! the API and `prune` applying `retention`); `cli` maps verbs onto them.
+//! The modules follow the data, grouped by stage: `config` → `source` (connections, pg_dump)
+//! → `archive` (pg_dump's custom format: table stats) → `backup` (pipeline: zstd, sha256,
+//! fan-out; the commit) → `storage` (targets, uploads, manifest, catalog). `restore` and
+//! `verify` read it back; `retention` plans and prunes; `daemon` schedules it all (with its
+//! `http` API); `cli` maps verbs onto them.
 pub mod app;
+pub mod archive;
 pub mod backup;
-pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod dumpstats;
-pub mod http;
-pub mod manifest;
 pub mod metrics;
 pub mod pgtls;
-pub mod pipeline;
-pub mod prune;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod source;
-pub mod target;
-pub mod upload;
+pub mod storage;
 pub mod verify;
 
 /// Helpers shared by unit tests of several modules.

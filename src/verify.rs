@@ -20,15 +20,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::catalog::{self, Filter, SnapshotEntry};
-use crate::manifest::TableEntry;
 use crate::metrics::{now_seconds, Outcome};
 use crate::restore::guard::{self, quote_ident};
 use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
 use crate::restore::TargetFailure;
 use crate::source::{self, SourceError};
-use crate::target::VERIFY_SUFFIX;
+use crate::storage::catalog::{self, Filter, SnapshotEntry};
+use crate::storage::manifest::TableEntry;
+use crate::storage::target::VERIFY_SUFFIX;
 
 /// Version of the verify report format.
 pub const REPORT_FORMAT_VERSION: u32 = 1;

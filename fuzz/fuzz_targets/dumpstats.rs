@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgferry::dumpstats::DumpStatsTap;
+use pgferry::archive::DumpStatsTap;
 
 fn read_in_pieces(data: &[u8], piece: usize) -> String {
     let mut tap = DumpStatsTap::new();

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgferry::manifest::Manifest;
+use pgferry::storage::manifest::Manifest;
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(manifest) = Manifest::from_json("fuzz/manifest.json", bytes) {

@@ -10,10 +10,10 @@ use super::{
     PruneArgs,
 };
 use crate::app::App;
+use crate::backup::pipeline::Progress;
 use crate::backup::{self, BackupReport};
-use crate::catalog::{self, Filter};
-use crate::pipeline::Progress;
 use crate::source;
+use crate::storage::catalog::{self, Filter};
 
 pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
     let sources: Vec<_> = match &args.source {
@@ -233,13 +233,13 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
             )));
         }
     }
-    let selection = crate::prune::Selection {
+    let selection = crate::retention::prune::Selection {
         source: args.source.clone(),
         database: args.database.clone(),
     };
     // A standalone prune knows no backup outcome: the manifests are the truth, and the
     // planner never deletes the newest of them.
-    let report = crate::prune::prune(
+    let report = crate::retention::prune::prune(
         app,
         &selection,
         &|_, _| None,
@@ -248,7 +248,7 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
         args.dry_run,
     )
     .await;
-    print!("{}", crate::prune::render(&report, args.dry_run));
+    print!("{}", crate::retention::prune::render(&report, args.dry_run));
     if !args.dry_run {
         println!(
             "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use crate::config::SourceConfig;
 use crate::source::{self, SourceError};
-use crate::target::{Target, MANIFEST_SUFFIX};
+use crate::storage::target::{Target, MANIFEST_SUFFIX};
 
 /// The 64-bit advisory lock key of one database of one source.
 pub fn lock_key(source: &str, database: &str) -> i64 {

@@ -7,6 +7,7 @@
 //! (pg_dump killed, uploads aborted, no manifest) and returns once everything has ended.
 
 pub mod ha;
+pub mod http;
 pub mod readiness;
 pub mod scheduler;
 pub mod state;
@@ -18,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::backup;
+use crate::backup::pipeline::Progress;
 use crate::config::SourceConfig;
-use crate::pipeline::Progress;
-use crate::prune::{self, Selection};
+use crate::retention::prune::{self, Selection};
 use crate::retention::BackupOutcome;
 use crate::source;
 
@@ -172,8 +173,8 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
         .clone()
         .map(|schedule| tokio::spawn(verify_loop(app.clone(), schedule, stop.clone())));
     scheduler.start();
-    let http_state = crate::http::HttpState::new(app.clone(), scheduler.clone(), readiness);
-    let router = crate::http::router(http_state);
+    let http_state = crate::daemon::http::HttpState::new(app.clone(), scheduler.clone(), readiness);
+    let router = crate::daemon::http::router(http_state);
     // The HTTP server outlives the drain: /metrics and /api/v1/status keep answering while
     // running backups finish (/readyz turns 503 at once), and it stops once they have ended.
     let http_stop = CancellationToken::new();

@@ -87,7 +87,10 @@ pub async fn check(app: &App) -> Readiness {
         let r = tokio::time::timeout(CHECK_TIMEOUT, t.store.list_with_delimiter(Some(&folder)))
             .await
             .map_err(|_| format!("no answer within {CHECK_TIMEOUT:?}"))
-            .and_then(|r| r.map(|_| ()).map_err(|e| crate::target::error_text(&e)));
+            .and_then(|r| {
+                r.map(|_| ())
+                    .map_err(|e| crate::storage::target::error_text(&e))
+            });
         health(&t.name, r)
     }));
     let (sources, targets) = tokio::join!(sources, targets);

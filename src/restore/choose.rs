@@ -7,8 +7,8 @@
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
-use crate::catalog::SnapshotEntry;
 use crate::schedule::parse_snapshot_id;
+use crate::storage::catalog::SnapshotEntry;
 
 /// How many snapshot ids an error lists before saying "and N more".
 const LISTED_IDS: usize = 20;
@@ -152,7 +152,7 @@ pub fn choose<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::sample;
+    use crate::storage::manifest::tests::sample;
 
     fn entry(id: &str) -> SnapshotEntry {
         let mut m = sample();

@@ -21,11 +21,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
+use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
-use crate::dumpstats::DumpStatsTap;
-use crate::manifest::Manifest;
 use crate::source::{self, PgTool};
-use crate::target::{Target, DUMP_SUFFIX};
+use crate::storage::manifest::Manifest;
+use crate::storage::target::{Target, DUMP_SUFFIX};
 
 /// Decompressed bytes moved per read/write: large enough for few syscalls, small enough
 /// that memory never depends on the database size.
@@ -47,7 +47,7 @@ pub struct LoadProgress {
 /// Why one attempt failed. [`LoadError::is_bad_copy`] says whether another target may do better.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {key}: {}", crate::target::error_text(source))]
+    #[error("cannot read {key}: {}", crate::storage::target::error_text(source))]
     Download {
         key: String,
         source: object_store::Error,
@@ -577,7 +577,7 @@ pub async fn spooled(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::sample;
+    use crate::storage::manifest::tests::sample;
 
     fn tap_of(bytes: &[u8]) -> Mutex<Tap> {
         let mut t = Tap::default();

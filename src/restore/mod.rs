@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::catalog::{self, Filter};
 use crate::metrics::Outcome;
 use crate::source::{self, SourceError};
+use crate::storage::catalog::{self, Filter};
 use choose::{ChooseError, SnapshotChoice};
 use guard::{Destination, GuardError};
 use load::{LoadError, LoadProgress, RestoreInto};
@@ -407,8 +407,8 @@ async fn attempt(
     dest: &Destination,
     tmp: &str,
     tool: &source::PgTool,
-    target: &crate::target::Target,
-    manifest: &crate::manifest::Manifest,
+    target: &crate::storage::target::Target,
+    manifest: &crate::storage::manifest::Manifest,
     req: &RestoreRequest,
     progress: Arc<LoadProgress>,
     cancel: &CancellationToken,

@@ -6,6 +6,8 @@
 //! was completed or written is deleted again, so nothing half-committed remains. Scheduling,
 //! locking across replicas and retention are the caller's (`schedule`, `daemon`).
 
+pub mod pipeline;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::archive::DumpStatsTap;
+use pipeline::{OpenUpload, PipelineError, PipelineSettings, Progress, Sink};
 use crate::config::SourceConfig;
-use crate::dumpstats::DumpStatsTap;
-use crate::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
 use crate::metrics::{now_seconds, Outcome};
-use crate::pipeline::{self, OpenUpload, PipelineError, PipelineSettings, Progress, Sink};
 use crate::source::{self, SourceError};
-use crate::target::{self, DUMP_SUFFIX, MANIFEST_SUFFIX};
+use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
+use crate::storage::target::{self, DUMP_SUFFIX, MANIFEST_SUFFIX};
 
 impl pipeline::RawTap for DumpStatsTap {
     fn feed(&mut self, bytes: &[u8]) {

@@ -16,11 +16,11 @@ use object_store::ObjectStore;
 use serde::Serialize;
 
 use crate::app::App;
-use crate::catalog::{self, Filter};
 use crate::retention::{self, BackupOutcome, KeepReason, SkipReason, SnapshotRef};
 use crate::schedule;
-use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
-use crate::upload::{self, CleanError, Cleaned};
+use crate::storage::catalog::{self, Filter};
+use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
+use crate::storage::upload::{self, CleanError, Cleaned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
@@ -385,8 +385,8 @@ pub fn render(report: &PruneReport, dry_run: bool) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::manifest::tests::sample;
-    use crate::target::Target;
+    use crate::storage::manifest::tests::sample;
+    use crate::storage::target::Target;
     use object_store::memory::InMemory;
     use object_store::PutPayload;
     use std::sync::Arc;
@@ -531,20 +531,30 @@ url = "file:///nonexistent/a"
         let a = Target::new("a", store.clone(), "pg", 10_000).with_multipart(store.clone());
         put_snapshot(&a, IDS[0]).await;
         // A marker left beside a committed snapshot (its deletion failed after completion).
-        let stale = a.key("prod", "acme", IDS[0], crate::target::UPLOAD_SUFFIX);
+        let stale = a.key(
+            "prod",
+            "acme",
+            IDS[0],
+            crate::storage::target::UPLOAD_SUFFIX,
+        );
         a.store
             .put(&stale, PutPayload::from_static(b"{}"))
             .await
             .unwrap();
         // An upload whose process died after one part.
         let dump = a.key("prod", "acme", IDS[1], DUMP_SUFFIX);
-        let mut open = crate::upload::start(&a, &dump).await.unwrap();
+        let mut open = crate::storage::upload::start(&a, &dump).await.unwrap();
         open.put_part(PutPayload::from_static(b"part"))
             .await
             .unwrap();
         drop(open);
-        let marker = a.key("prod", "acme", IDS[1], crate::target::UPLOAD_SUFFIX);
-        let id: crate::upload::UploadMarker =
+        let marker = a.key(
+            "prod",
+            "acme",
+            IDS[1],
+            crate::storage::target::UPLOAD_SUFFIX,
+        );
+        let id: crate::storage::upload::UploadMarker =
             serde_json::from_slice(&a.store.get(&marker).await.unwrap().bytes().await.unwrap())
                 .unwrap();
         let app = app(vec![a.clone()]);

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Manifest;
-use crate::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
+use crate::storage::manifest::Manifest;
+use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
 
 /// Manifests fetched at once per target.
 const FETCH_CONCURRENCY: usize = 16;
@@ -152,10 +152,10 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
         let listing = match listing {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %crate::target::error_text(&e));
+                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %crate::storage::target::error_text(&e));
                 catalog
                     .unreachable
-                    .push((t.name.clone(), crate::target::error_text(&e)));
+                    .push((t.name.clone(), crate::storage::target::error_text(&e)));
                 continue;
             }
         };
@@ -336,7 +336,7 @@ pub fn by_database(snapshots: &[SnapshotEntry]) -> HashMap<(String, String), Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::sample;
+    use crate::storage::manifest::tests::sample;
     use object_store::memory::InMemory;
     use object_store::{ObjectStore, PutPayload};
     use std::sync::Arc;

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::target::Target;
+use crate::storage::target::Target;
 
 /// Bytes read from pg_dump per buffer: big enough that the per-buffer overhead (a channel
 /// hop, a zstd call) is negligible, small enough to keep the pool cheap.
@@ -110,7 +110,7 @@ pub struct Progress {
 pub enum UploadError {
     #[error(
         "cannot start the multipart upload of {key}: {}",
-        crate::target::error_text(source)
+        crate::storage::target::error_text(source)
     )]
     Start {
         key: String,
@@ -118,7 +118,7 @@ pub enum UploadError {
     },
     #[error(
         "upload of part {part} of {key} failed: {}",
-        crate::target::error_text(source)
+        crate::storage::target::error_text(source)
     )]
     Part {
         key: String,
@@ -557,7 +557,7 @@ async fn upload_target(
     let mut upload = tokio::select! {
         _ = cancel.cancelled() => return Err(fail(UploadError::Cancelled)),
         _ = tokio::time::sleep(stall_timeout) => return Err(fail(stalled())),
-        u = crate::upload::start(&target, &key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
+        u = crate::storage::upload::start(&target, &key) => u.map_err(|source| fail(UploadError::Start { key: key.to_string(), source }))?,
     };
     let mut in_flight = FuturesUnordered::new();
     // When the parts in flight must have made progress by (one finished).
@@ -657,7 +657,7 @@ mod tests {
             .map(|(i, s)| {
                 let target = Target::new(&format!("t{i}"), s.clone(), "p", 10_000);
                 Sink {
-                    key: target.key("src", "db", "id", crate::target::DUMP_SUFFIX),
+                    key: target.key("src", "db", "id", crate::storage::target::DUMP_SUFFIX),
                     target,
                 }
             })

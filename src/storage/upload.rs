@@ -25,7 +25,7 @@ use object_store::path::Path;
 use object_store::{MultipartId, MultipartUpload, PutPayload, PutResult, UploadPart};
 use serde::{Deserialize, Serialize};
 
-use crate::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
+use crate::storage::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
 
 /// Version of the marker document.
 const MARKER_FORMAT_VERSION: u32 = 1;

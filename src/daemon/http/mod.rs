@@ -22,11 +22,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::app::App;
-use crate::catalog::{self, Filter};
 use crate::daemon::readiness::ReadinessCache;
 use crate::daemon::scheduler::Runner;
 use crate::daemon::state::StartError;
 use crate::daemon::DaemonScheduler;
+use crate::storage::catalog::{self, Filter};
 
 use auth::{AuthError, TokenFile};
 
