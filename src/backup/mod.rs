@@ -19,12 +19,12 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::archive::DumpStatsTap;
-use pipeline::{OpenUpload, PipelineError, PipelineSettings, Progress, Sink};
 use crate::config::SourceConfig;
 use crate::metrics::{now_seconds, Outcome};
 use crate::source::{self, SourceError};
 use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
 use crate::storage::target::{self, DUMP_SUFFIX, MANIFEST_SUFFIX};
+use pipeline::{OpenUpload, PipelineError, PipelineSettings, Progress, Sink};
 
 impl pipeline::RawTap for DumpStatsTap {
     fn feed(&mut self, bytes: &[u8]) {

@@ -17,13 +17,7 @@ use object_store::{Certificate, ClientOptions, ObjectStore, RetryConfig};
 
 use crate::config::{TargetConfig, TargetKind, MIN_PART_SIZE};
 
-/// File name suffixes of the three objects a snapshot may have.
-pub const DUMP_SUFFIX: &str = ".dump.zst";
-pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-pub const VERIFY_SUFFIX: &str = ".verify.json";
-/// The marker of a multipart upload of the dump that is open (or was left open by a crash):
-/// it names the upload id, so a later run can abort it. See `upload`.
-pub const UPLOAD_SUFFIX: &str = ".upload.json";
+pub use crate::storage::key::{DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
 
 /// S3 allows parts up to 5 GiB.
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
@@ -177,6 +171,17 @@ impl Target {
             .chain(source.map(PathPart::from))
             .chain(source.and(database).map(PathPart::from));
         Path::from_iter(parts)
+    }
+
+    /// The full key of `relative` (a key from [`crate::storage::key`], or a manifest's
+    /// `object_key`) on this target: its prefix, then `relative`.
+    pub fn at(&self, relative: &Path) -> Path {
+        Path::from_iter(
+            self.prefix
+                .iter()
+                .map(|p| PathPart::from(p.as_str()))
+                .chain(relative.parts()),
+        )
     }
 
     /// The full key of one object of a snapshot (prefix + [`snapshot_path`]).
