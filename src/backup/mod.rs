@@ -171,6 +171,7 @@ async fn run(
     let server = source::server_version(&client, &source.url).await?;
     let tool = source::find_tool("pg_dump", source.pg_bin_dir.as_deref(), &server).await?;
     let db_size = source::database_size(&client, &source.url, database).await?;
+    let system_identifier = source::system_identifier(&client, &source.url).await?;
     drop(client);
 
     let min_part = app
@@ -340,6 +341,7 @@ async fn run(
         }),
         large_objects: stats.as_ref().map(|s| s.large_objects),
         pgferry_version: env!("CARGO_PKG_VERSION").to_string(),
+        system_identifier: Some(system_identifier),
     };
 
     let too_few = |committed: usize, failed: &[(String, String)]| BackupError::TooFewTargets {

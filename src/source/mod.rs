@@ -246,6 +246,23 @@ pub async fn server_version(client: &Client, url: &PgUrl) -> Result<ServerVersio
     })
 }
 
+/// The server's `system_identifier` (`pg_control_system()`): the same for every address,
+/// alias or port that reaches one cluster, and different for every other cluster (a
+/// physical replica shares its primary's). Text, since it is an unsigned 64-bit number.
+pub async fn system_identifier(client: &Client, url: &PgUrl) -> Result<String, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            url: url.redacted(),
+            source,
+        })?;
+    Ok(row.get(0))
+}
+
 /// The databases of a source that its `databases`/`exclude` globs select, sorted.
 pub async fn discover(client: &Client, source: &SourceConfig) -> Result<Vec<String>, SourceError> {
     let rows = client

@@ -72,6 +72,10 @@ pub struct Manifest {
     /// Version of pgferry that wrote it.
     #[serde(default)]
     pub pgferry_version: String,
+    /// The source server's `system_identifier` (format 3 on): restore and verify refuse a
+    /// destination with the same identifier, whatever address reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
 }
 
 impl Manifest {
@@ -155,6 +159,7 @@ pub(crate) mod tests {
             }]),
             large_objects: Some(0),
             pgferry_version: "0.1.0".into(),
+            system_identifier: Some("7300000000000000001".into()),
         }
     }
 
