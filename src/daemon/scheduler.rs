@@ -165,12 +165,6 @@ pub enum RunError {
         source_name: String,
         error: SourceError,
     },
-    #[error("cannot take the advisory lock of {source_name}/{database}: {error}")]
-    Lock {
-        source_name: String,
-        database: String,
-        error: SourceError,
-    },
     #[error(transparent)]
     Backup(#[from] BackupError),
 }
@@ -182,7 +176,7 @@ impl RunError {
 
     pub fn is_retryable(&self) -> bool {
         match self {
-            RunError::Discover { error, .. } | RunError::Lock { error, .. } => error.is_retryable(),
+            RunError::Discover { error, .. } => error.is_retryable(),
             RunError::Backup(e) => e.is_retryable(),
         }
     }

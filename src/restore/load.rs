@@ -25,7 +25,7 @@ use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
 use crate::source::{self, PgTool};
 use crate::storage::manifest::Manifest;
-use crate::storage::target::{Target, DUMP_SUFFIX};
+use crate::storage::target::Target;
 
 /// Decompressed bytes moved per read/write: large enough for few syscalls, small enough
 /// that memory never depends on the database size.
@@ -130,12 +130,11 @@ async fn open(
     tap: Arc<Mutex<Tap>>,
     progress: Arc<LoadProgress>,
 ) -> Result<ZstdDecoder<ObjectReader>, LoadError> {
-    let key = target.key(
-        &manifest.source,
-        &manifest.database,
-        &manifest.snapshot_id,
-        DUMP_SUFFIX,
-    );
+    // The object the manifest names (write-once: `<id>-<run>.dump.zst`, or `<id>.dump.zst`
+    // for format ≤ 2), never a key derived from the id.
+    let key = target.at(&object_store::path::Path::from(
+        manifest.object_key.as_str(),
+    ));
     let got = target
         .store
         .get(&key)

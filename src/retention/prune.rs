@@ -414,6 +414,8 @@ url = "file:///nonexistent/a"
     async fn put_snapshot(t: &Target, id: &str) {
         let mut m = sample();
         m.snapshot_id = id.into();
+        m.object_key =
+            crate::storage::target::snapshot_path("prod", "acme", id, DUMP_SUFFIX).to_string();
         for (suffix, body) in [
             (DUMP_SUFFIX, b"dump".to_vec()),
             (
