@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::metrics::{now_seconds, Outcome};
+use crate::metrics::Outcome;
 use crate::restore::guard::{self, quote_ident};
 use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
@@ -225,10 +225,11 @@ pub async fn verify_all(
 fn record(app: &App, source: &str, database: &str, r: &Result<VerifyReport, VerifyError>) {
     let outcome = match r {
         Ok(rep) if rep.passed() => {
+            // The report's own time, as written to the buckets (what a later run seeds).
             app.metrics
                 .verify_last_success
                 .with_label_values(&[source, database])
-                .set(now_seconds());
+                .set(rep.finished_at.timestamp_millis() as f64 / 1000.0);
             Outcome::Success
         }
         Err(VerifyError::Cancelled) => Outcome::Cancelled,

@@ -179,21 +179,36 @@ async fn write_manifests(
         let key = c.target.at(&snapshot.manifest());
         let body = body.clone();
         async move {
-            c.target
-                .store
-                .put(&key, PutPayload::from(body))
-                .await
-                .map(|_| ())
-                .map_err(|source| TargetFailure {
-                    target: c.target.name.clone(),
-                    error: UploadError::Manifest {
-                        key: key.to_string(),
-                        source,
-                    },
-                })
+            let Err(source) = c.target.store.put(&key, PutPayload::from(body)).await else {
+                return Ok(());
+            };
+            // An error can come after the store applied the PUT (a timeout, a lost answer):
+            // if the manifest there names this run's object, the snapshot is committed.
+            if names_object(&c.target, &key, &manifest.object_key).await {
+                tracing::info!(message = "A manifest PUT reported an error but the manifest is in place.", target = %c.target.name, key = %key, error = %source);
+                return Ok(());
+            }
+            Err(TargetFailure {
+                target: c.target.name.clone(),
+                error: UploadError::Manifest {
+                    key: key.to_string(),
+                    source,
+                },
+            })
         }
     }))
     .await
+}
+
+/// Whether the manifest at `key` names `object_key`.
+async fn names_object(target: &Target, key: &Path, object_key: &str) -> bool {
+    let Ok(got) = target.store.get(key).await else {
+        return false;
+    };
+    let Ok(bytes) = got.bytes().await else {
+        return false;
+    };
+    Manifest::from_json(key.as_ref(), &bytes).is_ok_and(|m| m.object_key == object_key)
 }
 
 /// Deletes an object this run created and no manifest names.

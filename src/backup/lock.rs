@@ -51,7 +51,8 @@ pub fn lock_key(source: &str, database: &str) -> i64 {
 pub struct DumpLock {
     lost: CancellationToken,
     watcher: tokio::task::JoinHandle<()>,
-    _client: Arc<Client>,
+    client: Arc<Client>,
+    key: i64,
 }
 
 impl DumpLock {
@@ -62,6 +63,23 @@ impl DumpLock {
 
     pub fn is_lost(&self) -> bool {
         self.lost.is_cancelled()
+    }
+
+    /// Asks the session now whether it still holds the lock (the watcher asks only every
+    /// [`WATCH_INTERVAL`]): called right before the commit, so that a run whose lock went
+    /// away since the last watch commits nothing.
+    pub async fn confirm(&self) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        let held = matches!(
+            tokio::time::timeout(WATCH_TIMEOUT, self.client.query_one(HOLDS_LOCK, &[&self.key])).await,
+            Ok(Ok(row)) if row.get::<_, bool>(0)
+        );
+        if !held {
+            self.lost.cancel();
+        }
+        held
     }
 }
 
@@ -102,7 +120,8 @@ pub async fn try_lock(
     Ok(Some(DumpLock {
         lost,
         watcher,
-        _client: client,
+        client,
+        key,
     }))
 }
 

@@ -67,7 +67,7 @@ pub enum BackupError {
         database: String,
         failures: Vec<TargetFailure>,
     },
-    #[error("backup of {database} committed on only {} target(s) ({}), fewer than pipeline.min_targets = {}; the copies are kept, and `pgferry repair` copies them to the others once they are back. Failures: {}", .commit.committed.len(), .commit.manifest.targets.join(","), .commit.min_targets, describe(&.commit.failures))]
+    #[error("backup of {database} committed on only {} target(s) ({}), fewer than pipeline.min_targets = {}; the copies are kept (the run counts as failed). Failures: {}", .commit.committed.len(), .commit.manifest.targets.join(","), .commit.min_targets, describe(&.commit.failures))]
     Degraded {
         database: String,
         commit: Box<Commit>,
@@ -423,6 +423,12 @@ async fn run(
         system_identifier: Some(system_identifier),
     };
 
+    if !lock.confirm().await {
+        for u in output.uploads {
+            u.abort().await;
+        }
+        return Err(stopped_error(Stopped::LockLost));
+    }
     let mut done = commit::commit(
         output.uploads,
         snapshot,

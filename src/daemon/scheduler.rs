@@ -466,7 +466,7 @@ async fn database_run<R: Runner, C: Clock>(
                 break;
             }
             Ok(Attempt::AlreadyCommitted) => {
-                tracing::debug!(message = "Slot already committed; skipping.", source = %name, database = %database, snapshot_id = %snapshot_id);
+                tracing::info!(message = "Slot already committed on every target that answers; skipping.", source = %name, database = %database, snapshot_id = %snapshot_id);
                 break;
             }
             Err(e) if e.is_cancelled() => break,
