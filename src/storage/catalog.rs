@@ -281,6 +281,21 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
     let mut unreadable = Vec::new();
     let mut named = HashSet::new();
     for (key, manifest, verify) in results {
+        let manifest = manifest.and_then(|m| {
+            let owns = crate::storage::key::SnapshotId::parse(&m.snapshot_id).is_some_and(|id| {
+                crate::storage::key::SnapshotKey::new(&m.source, &m.database, id)
+                    .owns_object(&m.object_key)
+            });
+            if owns {
+                Ok(m)
+            } else {
+                Err(format!(
+                    "manifest {key} names object {:?}, which is not a dump key of snapshot {}/{}/{}; ignored (pgferry never follows it)",
+                    m.object_key, m.source, m.database, m.snapshot_id
+                )
+                .into())
+            }
+        });
         match manifest {
             Ok(m) => {
                 named.insert(t.at(&object_store::path::Path::from(m.object_key.as_str())));

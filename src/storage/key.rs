@@ -209,6 +209,28 @@ pub fn parse_name(name: &str) -> Option<OwnedName> {
     None
 }
 
+impl SnapshotKey {
+    /// Whether `object_key` (relative to a target's prefix, as a manifest names it) is one of
+    /// this snapshot's dump keys: in its folder, with its id. A manifest naming anything else
+    /// (another database's object, another folder) is not pgferry's and is never followed.
+    pub fn owns_object(&self, object_key: &str) -> bool {
+        let key = Path::from(object_key);
+        if key.as_ref() != object_key {
+            return false; // not in canonical form (`..`, empty segments, encoding)
+        }
+        let parts: Vec<PathPart<'_>> = key.parts().collect();
+        let [source, database, name] = parts.as_slice() else {
+            return false;
+        };
+        let folder = self.folder();
+        let want: Vec<PathPart<'_>> = folder.parts().collect();
+        if want.as_slice() != [source.clone(), database.clone()] {
+            return false;
+        }
+        matches!(parse_name(name.as_ref()), Some(OwnedName::Dump(id, _)) if id == self.id)
+    }
+}
+
 /// `<id>` or `<id>-<run>`.
 fn parse_attempt(stem: &str) -> Option<(SnapshotId, Option<RunId>)> {
     match stem.split_once('-') {
@@ -280,6 +302,26 @@ mod tests {
             "0123456789a/",
         ] {
             assert!(RunId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_owns_only_its_own_dump_keys() {
+        let k = key();
+        let run = RunId::parse("0123456789ab").unwrap();
+        assert!(k.owns_object(k.dump(&run).as_ref()));
+        assert!(k.owns_object(k.legacy_dump().as_ref()));
+        for other in [
+            "prod/globex/20261127T140000Z.dump.zst",
+            "prod/acme/20261127T150000Z.dump.zst",
+            "otherteam/db1/x.dump.zst",
+            "prod/acme/old/20261127T140000Z.dump.zst",
+            "prod/acme/../acme/20261127T140000Z.dump.zst",
+            "/prod/acme/20261127T140000Z.dump.zst",
+            "prod/acme/20261127T140000Z.manifest.json",
+            "",
+        ] {
+            assert!(!k.owns_object(other), "{other}");
         }
     }
 
