@@ -81,7 +81,7 @@ async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
         .unwrap();
 
     let id = env.pgferry(&config, &["backup"]).await.snapshot_id();
-    let dump = env::get(&store, &format!("prod/acme/{id}.dump.zst")).await;
+    let dump = env::get(&store, &env::dump_key(&store, &id).await).await;
     let path = env.dir.path().join("acme.dump.zst");
     std::fs::write(&path, &dump).unwrap();
     crate::backup::restore_by_hand(&env.pg, &path, "acme_restored").await;
