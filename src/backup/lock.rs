@@ -173,24 +173,32 @@ impl Presence {
     }
 }
 
-/// Asks every target whether it holds the snapshot's manifest.
-pub async fn presence(targets: &[Target], snapshot: &SnapshotKey) -> Presence {
+/// Asks every target whether it holds the snapshot's manifest. A target that does not answer
+/// within `timeout` (`pipeline.stall_timeout`: a stalled provider would otherwise hold the run
+/// for the HTTP client's own timeout) counts as unknown.
+pub async fn presence(targets: &[Target], snapshot: &SnapshotKey, timeout: Duration) -> Presence {
     let manifest = snapshot.manifest();
     let heads = futures::future::join_all(targets.iter().map(|t| {
         let key = t.at(&manifest);
-        async move { t.store.head(&key).await }
+        async move { tokio::time::timeout(timeout, t.store.head(&key)).await }
     }))
     .await;
     let mut p = Presence::default();
     for (t, head) in targets.iter().zip(heads) {
-        match head {
-            Ok(_) => p.holding.push(t.name.clone()),
-            Err(object_store::Error::NotFound { .. }) => p.missing.push(t.name.clone()),
-            Err(error) => {
-                tracing::warn!(message = "Cannot tell whether a target holds a snapshot; taking it as present.", target = %t.name, key = %t.at(&manifest), error = %crate::storage::target::error_text(&error));
-                p.unknown.push(t.name.clone());
+        let error = match head {
+            Ok(Ok(_)) => {
+                p.holding.push(t.name.clone());
+                continue;
             }
-        }
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                p.missing.push(t.name.clone());
+                continue;
+            }
+            Ok(Err(error)) => crate::storage::target::error_text(&error),
+            Err(_) => format!("no answer within {timeout:?} (pipeline.stall_timeout)"),
+        };
+        tracing::warn!(message = "Cannot tell whether a target holds a snapshot; it will not make the slot be dumped again.", target = %t.name, key = %t.at(&manifest), error = %error);
+        p.unknown.push(t.name.clone());
     }
     p
 }
@@ -222,12 +230,13 @@ mod tests {
         let b = Target::new("b", Arc::new(InMemory::new()), "pre", 10_000);
         let targets = [a.clone(), b.clone()];
         let snap = SnapshotKey::new("p", "d", SnapshotId::parse("20261127T140000Z").unwrap());
-        assert!(!presence(&targets, &snap).await.is_committed());
+        let t = Duration::from_secs(5);
+        assert!(!presence(&targets, &snap, t).await.is_committed());
         a.store
             .put(&a.at(&snap.manifest()), PutPayload::from_static(b"{}"))
             .await
             .unwrap();
-        let p = presence(&targets, &snap).await;
+        let p = presence(&targets, &snap, t).await;
         assert_eq!(p.holding, ["a"]);
         assert_eq!(p.missing, ["b"]);
         assert!(!p.is_committed(), "b answered that it lacks it");
@@ -235,9 +244,9 @@ mod tests {
             .put(&b.at(&snap.manifest()), PutPayload::from_static(b"{}"))
             .await
             .unwrap();
-        assert!(presence(&targets, &snap).await.is_committed());
+        assert!(presence(&targets, &snap, t).await.is_committed());
         let other = SnapshotKey::new("p", "other", snap.id.clone());
-        assert!(!presence(&targets, &other).await.is_committed());
+        assert!(!presence(&targets, &other, t).await.is_committed());
         // A target that cannot answer does not make the slot uncommitted.
         let down = Presence {
             holding: vec!["a".into()],

@@ -160,7 +160,8 @@ pub async fn backup_slot(
         return Ok(SlotOutcome::LockedElsewhere);
     };
     if !force {
-        let presence = lock::presence(&app.targets, snapshot).await;
+        let presence =
+            lock::presence(&app.targets, snapshot, app.config.pipeline.stall_timeout).await;
         if presence.is_committed() {
             return Ok(SlotOutcome::AlreadyCommitted(presence));
         }

@@ -73,6 +73,10 @@ pub enum LoadError {
         needed: u64,
         available: u64,
     },
+    #[error(
+        "the manifest names {key:?}, which is not an object key; this copy's manifest is damaged"
+    )]
+    ObjectKey { key: String },
     #[error("cancelled")]
     Cancelled,
 }
@@ -132,9 +136,12 @@ async fn open(
 ) -> Result<ZstdDecoder<ObjectReader>, LoadError> {
     // The object the manifest names (write-once: `<id>-<run>.dump.zst`, or `<id>.dump.zst`
     // for format ≤ 2), never a key derived from the id.
-    let key = target.at(&object_store::path::Path::from(
-        manifest.object_key.as_str(),
-    ));
+    let object = crate::storage::key::object_path(&manifest.object_key).ok_or_else(|| {
+        LoadError::ObjectKey {
+            key: manifest.object_key.clone(),
+        }
+    })?;
+    let key = target.at(&object);
     let got = target
         .store
         .get(&key)

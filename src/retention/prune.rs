@@ -320,8 +320,8 @@ pub async fn delete_snapshot(
     for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX] {
         delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
     }
-    if let Some(object) = object {
-        delete(t, &t.at(&object_store::path::Path::from(object))).await?;
+    if let Some(object) = object.and_then(crate::storage::key::object_path) {
+        delete(t, &t.at(&object)).await?;
     }
     for suffix in [DUMP_SUFFIX, UPLOAD_SUFFIX] {
         delete(t, &t.key(source, database, snapshot_id, suffix)).await?;

@@ -298,7 +298,9 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
         });
         match manifest {
             Ok(m) => {
-                named.insert(t.at(&object_store::path::Path::from(m.object_key.as_str())));
+                if let Some(object) = crate::storage::key::object_path(&m.object_key) {
+                    named.insert(t.at(&object));
+                }
                 let wanted = filter.source.as_deref().is_none_or(|s| s == m.source)
                     && (filter.databases.is_empty() || filter.databases.contains(&m.database));
                 if wanted {

@@ -214,10 +214,9 @@ impl SnapshotKey {
     /// this snapshot's dump keys: in its folder, with its id. A manifest naming anything else
     /// (another database's object, another folder) is not pgferry's and is never followed.
     pub fn owns_object(&self, object_key: &str) -> bool {
-        let key = Path::from(object_key);
-        if key.as_ref() != object_key {
-            return false; // not in canonical form (`..`, empty segments, encoding)
-        }
+        let Some(key) = object_path(object_key) else {
+            return false;
+        };
         let parts: Vec<PathPart<'_>> = key.parts().collect();
         let [source, database, name] = parts.as_slice() else {
             return false;
@@ -229,6 +228,13 @@ impl SnapshotKey {
         }
         matches!(parse_name(name.as_ref()), Some(OwnedName::Dump(id, _)) if id == self.id)
     }
+}
+
+/// A manifest's `object_key` (a key as `Path` displays it: percent-encoded segments) as a
+/// path; `None` unless it is in canonical form (no `..`, no empty segment, valid encoding).
+pub fn object_path(object_key: &str) -> Option<Path> {
+    let key = Path::parse(object_key).ok()?;
+    (key.as_ref() == object_key && !object_key.is_empty()).then_some(key)
 }
 
 /// `<id>` or `<id>-<run>`.
@@ -323,6 +329,12 @@ mod tests {
         ] {
             assert!(!k.owns_object(other), "{other}");
         }
+        // Odd database names: the key is percent-encoded, and still owned.
+        let odd = SnapshotKey::new("prod", "café/日本 \"x\"", k.id.clone());
+        let dump = odd.dump(&run);
+        assert!(dump.as_ref().contains('%'), "{dump}");
+        assert!(odd.owns_object(dump.as_ref()));
+        assert_eq!(object_path(dump.as_ref()), Some(dump));
     }
 
     #[test]

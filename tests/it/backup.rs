@@ -441,7 +441,10 @@ async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
         .and_then(|k| k.strip_suffix(".upload.json"))
         .unwrap()
         .to_string();
-    assert!(attempt.contains('-'), "the marker names the attempt: {attempt}");
+    assert!(
+        attempt.contains('-'),
+        "the marker names the attempt: {attempt}"
+    );
     let id = attempt;
     assert_eq!(marker["key"], format!("backups/prod/acme/{id}.dump.zst"));
     assert!(marker["upload_id"].as_str().is_some_and(|u| !u.is_empty()));
