@@ -7,7 +7,9 @@
 //! what spans several entries (unique names, `min_targets`).
 //!
 //! This module owns secrets' redaction: [`Secret`] never prints its value, and
-//! [`Config::redacted_toml`] is what `pgferry config check` shows. It does no I/O beyond
+//! [`Config::redacted_toml`] is what `pgferry config check` shows, serialized from the typed
+//! values (`show.rs`). Layout: `raw.rs` (the file as written), `validate.rs` (raw → typed, one
+//! function per section), `show.rs` (typed → redacted TOML), this file (typed values, load). It does no I/O beyond
 //! reading the file, the environment and the certificate files it names (so a missing CA is
 //! a config error); connecting to anything is left to `source`/`target`.
 
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::pgtls::PgTls;
 use crate::schedule::Schedule;
@@ -131,35 +133,44 @@ pub use raw::RetentionPolicy;
 // Validated values.
 // ---------------------------------------------------------------------------------------------
 
-/// The whole validated configuration.
-#[derive(Debug, Clone)]
+/// The whole validated configuration. `Serialize` is `config check`'s output (see [`show`]):
+/// field names are the file's keys, and a field that is not a key is `#[serde(skip)]` on
+/// purpose.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    #[serde(skip)]
     pub path: PathBuf,
     pub daemon: DaemonConfig,
     pub pipeline: PipelineConfig,
+    #[serde(rename = "source")]
     pub sources: Vec<SourceConfig>,
+    #[serde(rename = "target")]
     pub targets: Vec<TargetConfig>,
+    #[serde(rename = "restore_target", skip_serializing_if = "Vec::is_empty")]
     pub restore_targets: Vec<RestoreTargetConfig>,
     pub restore: RestoreConfig,
     pub verify: VerifyConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DaemonConfig {
     pub listen: SocketAddr,
     pub api_token_file: PathBuf,
     pub max_concurrent_backups: usize,
+    #[serde(serialize_with = "show::duration")]
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PipelineConfig {
     pub zstd_level: i32,
     pub zstd_workers: u32,
     pub min_targets: usize,
+    #[serde(serialize_with = "show::duration")]
     pub stall_timeout: Duration,
     /// How long a dump object or upload marker may sit without a manifest before `prune`
     /// treats it as left by a run that died (see `retention::orphan_dumps`).
+    #[serde(serialize_with = "show::duration")]
     pub orphan_grace: Duration,
 }
 
@@ -269,14 +280,18 @@ fn redact_query(url: &mut url::Url, pairs: &[(String, String)]) {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SourceConfig {
     pub name: String,
     pub url: PgUrl,
+    #[serde(serialize_with = "show::globs")]
     pub databases: Vec<glob::Pattern>,
+    #[serde(serialize_with = "show::globs")]
     pub exclude: Vec<glob::Pattern>,
+    #[serde(serialize_with = "show::schedule")]
     pub schedule: Schedule,
     pub retention: RetentionPolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
 }
 
@@ -288,40 +303,55 @@ impl SourceConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The kind-specific keys of a target (`bucket` and `root` are derived from its URL).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
 pub enum TargetKind {
     S3 {
+        #[serde(skip)]
         bucket: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
         endpoint: Option<String>,
         region: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
         access_key_id: Option<Secret>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         secret_access_key: Option<Secret>,
         /// PEM CA certificates trusted for the endpoint, added to the system's roots.
+        #[serde(skip_serializing_if = "Option::is_none")]
         ca_file: Option<PathBuf>,
     },
     File {
+        #[serde(skip)]
         root: PathBuf,
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TargetConfig {
     pub name: String,
+    #[serde(serialize_with = "show::target_url")]
     pub url: String,
+    #[serde(flatten)]
     pub kind: TargetKind,
-    /// Key prefix inside the bucket or directory (no leading or trailing `/`).
+    /// Key prefix inside the bucket or directory (no leading or trailing `/`): from `url`.
+    #[serde(skip)]
     pub prefix: String,
     pub max_parts: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RestoreTargetConfig {
     pub namespace: String,
+    /// `namespace` compiled.
+    #[serde(skip)]
     pub namespace_glob: glob::Pattern,
     /// URL template; `{namespace}` is replaced by the namespace given with `--to`.
+    #[serde(serialize_with = "show::url_template")]
     pub url: Secret,
     pub owner: String,
     pub hooks: Vec<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
 }
 
@@ -332,16 +362,21 @@ impl RestoreTargetConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RestoreConfig {
     pub spool_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct VerifyConfig {
     pub url: PgUrl,
     pub checks: Vec<String>,
+    #[serde(
+        serialize_with = "show::opt_schedule",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub schedule: Option<Schedule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
 }
 

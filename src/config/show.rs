@@ -1,113 +1,80 @@
-//! What `pgferry config check` prints: the effective configuration as TOML, secrets redacted.
+//! What `pgferry config check` prints: the effective configuration as TOML, derived from the
+//! typed [`Config`] by its `Serialize` impls, so a key added to a typed struct is shown
+//! without anyone remembering to add it here.
+//!
+//! Redaction is by type, not by pattern: a [`Secret`] serializes as `<redacted>` wherever it
+//! sits, a [`PgUrl`] as [`PgUrl::redacted`], a target URL without any user or password, and a
+//! restore URL template through [`redact_url`]. The helpers below are the `serialize_with`
+//! functions of the values TOML has no type for (durations, globs, schedules).
 
-use super::{redact_url, Config, TargetKind};
+use std::time::Duration;
 
+use serde::{Serialize, Serializer};
+
+use super::{redact_url, Config, PgUrl, Secret};
+use crate::schedule::Schedule;
+
+/// What every secret value prints as.
+pub(super) const REDACTED: &str = "<redacted>";
+
+/// The effective configuration as TOML, every secret replaced by `<redacted>`.
 pub(super) fn render(config: &Config) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let q = |v: &str| toml::Value::String(v.to_string()).to_string();
-    let list = |v: &[String]| {
-        toml::Value::Array(v.iter().map(|x| toml::Value::String(x.clone())).collect()).to_string()
-    };
-    let d = &config.daemon;
-    let _ = writeln!(s, "# effective configuration of {}", config.path.display());
-    let _ = writeln!(s, "[daemon]");
-    let _ = writeln!(s, "listen = {}", q(&d.listen.to_string()));
-    let _ = writeln!(
-        s,
-        "api_token_file = {}",
-        q(&d.api_token_file.display().to_string())
-    );
-    let _ = writeln!(s, "max_concurrent_backups = {}", d.max_concurrent_backups);
-    let _ = writeln!(
-        s,
-        "shutdown_grace = {}",
-        q(&format!("{}s", d.shutdown_grace.as_secs_f64()))
-    );
-    let p = &config.pipeline;
-    let _ = writeln!(s, "\n[pipeline]");
-    let _ = writeln!(s, "zstd_level = {}", p.zstd_level);
-    let _ = writeln!(s, "zstd_workers = {}", p.zstd_workers);
-    let _ = writeln!(s, "min_targets = {}", p.min_targets);
-    let _ = writeln!(
-        s,
-        "stall_timeout = {}",
-        q(&format!("{}s", p.stall_timeout.as_secs_f64()))
-    );
-    let _ = writeln!(
-        s,
-        "orphan_grace = {}",
-        q(&format!("{}s", p.orphan_grace.as_secs_f64()))
-    );
-    for src in &config.sources {
-        let pats = |v: &[glob::Pattern]| {
-            list(&v.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>())
-        };
-        let r = &src.retention;
-        let _ = writeln!(s, "\n[[source]]");
-        let _ = writeln!(s, "name = {}", q(&src.name));
-        let _ = writeln!(s, "url = {}", q(&src.url.redacted()));
-        let _ = writeln!(s, "databases = {}", pats(&src.databases));
-        let _ = writeln!(s, "exclude = {}", pats(&src.exclude));
-        let _ = writeln!(s, "schedule = {}", q(src.schedule.expr()));
-        let _ = writeln!(
-            s,
-            "retention = {{ keep_last = {}, hourly = {}, daily = {}, weekly = {}, monthly = {} }}",
-            r.keep_last, r.hourly, r.daily, r.weekly, r.monthly
-        );
-        if let Some(dir) = &src.pg_bin_dir {
-            let _ = writeln!(s, "pg_bin_dir = {}", q(&dir.display().to_string()));
+    let header = format!("# effective configuration of {}\n", config.path.display());
+    match toml::to_string(config) {
+        Ok(body) => header + &body,
+        // Every value above is a string, integer or table of them: this cannot happen, and
+        // if it did the operator still gets a message rather than a panic.
+        Err(e) => format!("{header}# cannot render the configuration: {e}\n"),
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl Serialize for PgUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// A duration in the config's own syntax, `300s`.
+pub(super) fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}s", d.as_secs_f64()))
+}
+
+pub(super) fn globs<S: Serializer>(v: &[glob::Pattern], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(glob::Pattern::as_str))
+}
+
+pub(super) fn schedule<S: Serializer>(v: &Schedule, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.expr())
+}
+
+pub(super) fn opt_schedule<S: Serializer>(v: &Option<Schedule>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => schedule(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// A target URL without user or password (validation refuses them, but a URL that carried
+/// one must still not be printed).
+pub(super) fn target_url<S: Serializer>(raw: &str, s: S) -> Result<S::Ok, S::Error> {
+    match url::Url::parse(raw) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            s.serialize_str(url.as_str())
         }
+        Ok(_) => s.serialize_str(raw),
+        Err(_) => s.serialize_str(REDACTED),
     }
-    for t in &config.targets {
-        let _ = writeln!(s, "\n[[target]]");
-        let _ = writeln!(s, "name = {}", q(&t.name));
-        let _ = writeln!(s, "url = {}", q(&t.url));
-        if let TargetKind::S3 {
-            endpoint,
-            region,
-            access_key_id,
-            secret_access_key,
-            ca_file,
-            ..
-        } = &t.kind
-        {
-            if let Some(e) = endpoint {
-                let _ = writeln!(s, "endpoint = {}", q(e));
-            }
-            if let Some(f) = ca_file {
-                let _ = writeln!(s, "ca_file = {}", q(&f.display().to_string()));
-            }
-            let _ = writeln!(s, "region = {}", q(region));
-            if access_key_id.is_some() {
-                let _ = writeln!(s, "access_key_id = \"<redacted>\"");
-            }
-            if secret_access_key.is_some() {
-                let _ = writeln!(s, "secret_access_key = \"<redacted>\"");
-            }
-        }
-        let _ = writeln!(s, "max_parts = {}", t.max_parts);
-    }
-    for r in &config.restore_targets {
-        let _ = writeln!(s, "\n[[restore_target]]");
-        let _ = writeln!(s, "namespace = {}", q(&r.namespace));
-        let _ = writeln!(s, "url = {}", q(&redact_url(r.url.expose())));
-        let _ = writeln!(s, "owner = {}", q(&r.owner));
-        let hooks: Vec<String> = r.hooks.iter().map(|h| h.display().to_string()).collect();
-        let _ = writeln!(s, "hooks = {}", list(&hooks));
-    }
-    let _ = writeln!(s, "\n[restore]");
-    let _ = writeln!(
-        s,
-        "spool_dir = {}",
-        q(&config.restore.spool_dir.display().to_string())
-    );
-    let v = &config.verify;
-    let _ = writeln!(s, "\n[verify]");
-    let _ = writeln!(s, "url = {}", q(&v.url.redacted()));
-    let _ = writeln!(s, "checks = {}", list(&v.checks));
-    if let Some(sched) = &v.schedule {
-        let _ = writeln!(s, "schedule = {}", q(sched.expr()));
-    }
-    s
+}
+
+/// A restore URL template (`{namespace}` kept) with its password redacted.
+pub(super) fn url_template<S: Serializer>(v: &Secret, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(v.expose()))
 }

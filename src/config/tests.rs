@@ -289,3 +289,114 @@ fn s3_ca_file_is_checked_and_shown() {
     let err = parse(&on_file).unwrap_err().to_string();
     assert!(err.contains("only applies to s3:// targets"), "{err}");
 }
+
+/// Every key of the file, set to a non-default value, so `config check` must show each.
+fn every_key() -> String {
+    format!(
+        r#"
+[daemon]
+listen = "127.0.0.1:9999"
+api_token_file = "/run/token"
+max_concurrent_backups = 3
+shutdown_grace = "45s"
+
+[pipeline]
+zstd_level = 4
+zstd_workers = 2
+min_targets = 2
+stall_timeout = "120s"
+orphan_grace = "36h"
+
+[[source]]
+name = "prod"
+url = "postgres://pgferry:s3cret@db.svc:5432/postgres?sslmode=require"
+databases = ["acme", "globex*"]
+exclude = ["globex_old"]
+schedule = "30 * * * *"
+retention = {{ keep_last = 5, hourly = 1, daily = 2, weekly = 3, monthly = 4 }}
+pg_bin_dir = "/opt/pg17/bin"
+
+[[target]]
+name = "s3"
+url = "s3://bucket/pg"
+endpoint = "https://s3.internal:9000"
+region = "eu-west-3"
+access_key_id = "GKabc"
+secret_access_key = "topsecretkey"
+ca_file = "{ca}"
+max_parts = 1000
+
+[[target]]
+name = "disk"
+url = "file:///var/lib/pgferry"
+
+[[restore_target]]
+namespace = "staging-*"
+url = "postgres://odoo:hunter2@pg.{{namespace}}.svc/postgres"
+owner = "app"
+hooks = ["/etc/pgferry/hooks/a.sql"]
+pg_bin_dir = "/opt/pg16/bin"
+
+[restore]
+spool_dir = "/srv/spool"
+
+[verify]
+url = "postgres://v:vpass@verify.svc/postgres"
+checks = ["SELECT true"]
+schedule = "0 3 * * *"
+pg_bin_dir = "/opt/pg15/bin"
+"#,
+        ca = fixture_ca()
+    )
+}
+
+#[test]
+fn config_check_shows_every_key_from_the_typed_config() {
+    let text = every_key();
+    let c = parse(&text).unwrap();
+    let shown = c.redacted_toml();
+    for secret in ["s3cret", "GKabc", "topsecretkey", "hunter2", "vpass"] {
+        assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+    }
+    // Every key of the file is shown (defaults too, such as target[1].max_parts).
+    let file: toml::Table = toml::from_str(&text).unwrap();
+    let out: toml::Table = toml::from_str(&shown).unwrap();
+    fn keys(prefix: &str, v: &toml::Value, into: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    keys(&format!("{prefix}.{k}"), v, into)
+                }
+            }
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+                for (i, v) in a.iter().enumerate() {
+                    keys(&format!("{prefix}[{i}]"), v, into)
+                }
+            }
+            _ => into.push(prefix.to_string()),
+        }
+    }
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    keys("", &toml::Value::Table(file), &mut want);
+    keys("", &toml::Value::Table(out.clone()), &mut got);
+    let missing: Vec<&String> = want.iter().filter(|k| !got.contains(k)).collect();
+    assert!(missing.is_empty(), "{missing:?} not shown:\n{shown}");
+    // Values other than secrets come out as written.
+    assert_eq!(
+        out["restore_target"][0]["pg_bin_dir"].as_str(),
+        Some("/opt/pg16/bin")
+    );
+    assert_eq!(out["verify"]["pg_bin_dir"].as_str(), Some("/opt/pg15/bin"));
+    assert_eq!(out["pipeline"]["stall_timeout"].as_str(), Some("120s"));
+    assert_eq!(
+        out["source"][0]["retention"]["monthly"].as_integer(),
+        Some(4)
+    );
+    assert_eq!(
+        out["target"][0]["secret_access_key"].as_str(),
+        Some("<redacted>")
+    );
+    // And it is itself a valid config, which shows the same once more.
+    let again = parse(&shown).unwrap().redacted_toml();
+    assert_eq!(again, shown);
+}
