@@ -160,13 +160,32 @@ pub fn parse_snapshot_id(id: &str) -> Option<DateTime<Utc>> {
 /// last line; only the explanation means anything to the operator.
 fn crate_message(error: &cron::error::Error) -> String {
     let message = error.to_string();
-    message
+    let last = message
         .lines()
         .rev()
         .map(str::trim)
         .find(|line| !line.is_empty())
-        .unwrap_or("not a cron expression")
-        .to_string()
+        .unwrap_or("not a cron expression");
+    inclusive_bound(last)
+}
+
+/// The `cron` crate says "Minutes must be less than 59. ('61' specified.)" where its bound is
+/// inclusive (59 is allowed): say "at most 59 (61 given)" instead.
+fn inclusive_bound(message: &str) -> String {
+    let Some((field, rest)) = message.split_once(" must be less than ") else {
+        return message.to_string();
+    };
+    let max = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap_or(rest);
+    match rest
+        .split_once("('")
+        .and_then(|(_, given)| given.split_once('\''))
+    {
+        Some((given, _)) => format!("{field} must be at most {max} ({given} given)"),
+        None => format!("{field} must be at most {max}"),
+    }
 }
 
 /// The `cron` crate's spelling of a supported `@` shorthand.
@@ -504,6 +523,18 @@ mod tests {
         assert!(reason("61 * * * * *").contains("expected 5 fields"));
         assert!(reason("60 * * * *").contains("expected 5 fields"));
         assert!(reason("0 24 * * *").contains("expected 5 fields"));
+        // The crate's bounds are inclusive; its "less than 59" was wrong.
+        let minutes = reason("61 * * * *");
+        assert!(
+            minutes.contains("Minutes must be at most 59 (61 given)"),
+            "{minutes}"
+        );
+        assert!(!minutes.contains("less than"), "{minutes}");
+        let hours = reason("0 25 * * *");
+        assert!(
+            hours.contains("Hours must be at most 23 (25 given)"),
+            "{hours}"
+        );
         assert!(reason("@fortnightly").contains("unknown shorthand"));
         assert!(reason("0 3 * * 8").contains("out of range"));
         assert!(reason("0 3 * * FUNDAY").contains("not a day of week"));

@@ -178,11 +178,19 @@ impl CliError {
 /// Runs a parsed command to completion.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let config = Config::load(&cli.config)?;
+    if !matches!(cli.command, Command::Config(ConfigCommand::Check)) {
+        for w in &config.warnings {
+            tracing::warn!(message = "Suspicious configuration.", warning = %w);
+        }
+    }
     match cli.command {
         Command::Config(ConfigCommand::Check) => {
             // Building the targets checks what can be checked offline (credentials shape, dirs).
             App::new(config.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
             print!("{}", config.redacted_toml());
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!("config OK: {}", config.path.display());
             Ok(())
         }

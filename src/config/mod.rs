@@ -44,12 +44,33 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
-    #[error("{path}: {key}: {message}")]
+    #[error("{}: {key}: {message}", at(path, *line))]
     Invalid {
         path: PathBuf,
+        /// 1-based line of the key, or of the entry it belongs to when it took its default.
+        line: Option<usize>,
         key: String,
         message: String,
     },
+}
+
+/// Something in a valid config that is probably not what the operator meant: printed by
+/// `config check` and logged when any other command loads the config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {message}", at(path, *line))]
+pub struct ConfigWarning {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+/// `file:line` for messages, or just `file` when the line is unknown.
+fn at(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
 }
 
 /// A string that must never be printed: passwords, S3 secret keys, tokens.
@@ -120,6 +141,7 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
+mod locate;
 mod raw;
 mod show;
 #[cfg(test)]
@@ -150,6 +172,9 @@ pub struct Config {
     pub restore_targets: Vec<RestoreTargetConfig>,
     pub restore: RestoreConfig,
     pub verify: VerifyConfig,
+    /// What validation accepted but found suspicious (see [`ConfigWarning`]).
+    #[serde(skip)]
+    pub warnings: Vec<ConfigWarning>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -188,6 +213,16 @@ impl PgUrl {
     /// Parses a URL or key/value connection string. Pure: certificate files are checked by
     /// [`PgTls::validate`].
     pub fn parse(raw: &str) -> Result<PgUrl, String> {
+        if let Some((scheme, _)) = raw.split_once("://") {
+            let is_scheme = scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            if is_scheme && !matches!(scheme, "postgres" | "postgresql") {
+                return Err(format!(
+                    "unknown URL scheme {scheme}; use postgres:// or postgresql://"
+                ));
+            }
+        }
         let (rest, tls) = crate::pgtls::split_params(raw)?;
         let mut parsed = tokio_postgres::Config::from_str(&rest)
             .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
@@ -402,11 +437,23 @@ impl Config {
                 message: scrub_toml_message(e.message()),
             }
         })?;
-        validate::validate(raw, path).map_err(|f| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key: f.key,
-            message: f.message,
-        })
+        let (mut config, warnings) =
+            validate::validate(raw, path).map_err(|f| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: locate::line_of(text, &f.key),
+                key: f.key,
+                message: f.message,
+            })?;
+        config.warnings = warnings
+            .into_iter()
+            .map(|f| ConfigWarning {
+                path: path.to_path_buf(),
+                line: locate::line_of(text, &f.key),
+                key: f.key,
+                message: f.message,
+            })
+            .collect();
+        Ok(config)
     }
 
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {

@@ -125,8 +125,10 @@ pub(super) struct RawSource {
     pub(super) exclude: Vec<Text>,
     #[serde(default = "default_schedule")]
     pub(super) schedule: Text,
+    /// Absent: [`RetentionPolicy::default`]. Given: each key it leaves out takes its default,
+    /// which validation says in a warning.
     #[serde(default)]
-    pub(super) retention: RetentionPolicy,
+    pub(super) retention: Option<RawRetention>,
     /// Directory holding pg_dump; default `/usr/lib/postgresql/<server major>/bin`.
     #[serde(default)]
     pub(super) pg_bin_dir: Option<Text>,
@@ -156,6 +158,17 @@ pub struct RetentionPolicy {
     pub weekly: u32,
     /// Likewise per calendar month.
     pub monthly: u32,
+}
+
+/// `retention = { ... }` as written: which keys were given matters (see [`RawSource`]).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetention {
+    pub(super) keep_last: Option<u32>,
+    pub(super) hourly: Option<u32>,
+    pub(super) daily: Option<u32>,
+    pub(super) weekly: Option<u32>,
+    pub(super) monthly: Option<u32>,
 }
 
 impl Default for RetentionPolicy {

@@ -334,7 +334,7 @@ url = "file:///var/lib/pgferry"
 namespace = "staging-*"
 url = "postgres://odoo:hunter2@pg.{{namespace}}.svc/postgres"
 owner = "app"
-hooks = ["/etc/pgferry/hooks/a.sql"]
+hooks = ["{hook}"]
 pg_bin_dir = "/opt/pg16/bin"
 
 [restore]
@@ -346,7 +346,11 @@ checks = ["SELECT true"]
 schedule = "0 3 * * *"
 pg_bin_dir = "/opt/pg15/bin"
 "#,
-        ca = fixture_ca()
+        ca = fixture_ca(),
+        hook = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/hooks/odoo-neutralize.sql"
+        ),
     )
 }
 
@@ -399,4 +403,192 @@ fn config_check_shows_every_key_from_the_typed_config() {
     // And it is itself a valid config, which shows the same once more.
     let again = parse(&shown).unwrap().redacted_toml();
     assert_eq!(again, shown);
+}
+
+/// The error for `text`, which must name `key` and the line of `needle`.
+fn error_at(text: &str, key: &str, needle: &str) -> String {
+    let err = parse(text).unwrap_err().to_string();
+    assert!(err.contains(key), "{key} not in {err}");
+    assert!(
+        err.contains(&format!("pgferry.toml:{}: ", line_of(text, needle))),
+        "no line of {needle:?} in {err}"
+    );
+    err
+}
+
+#[test]
+fn relative_file_urls_are_refused() {
+    for url in ["file:relative", "file:/var/lib/pgferry", "file:./x"] {
+        let text = MINIMAL.replace("file:///var/lib/pgferry", url);
+        let err = error_at(&text, "target[0].url", url);
+        assert!(err.contains("file:///absolute/dir"), "{err}");
+    }
+    let text = MINIMAL.replace("file:///var/lib/pgferry", "file:relative");
+    assert!(parse(&text)
+        .unwrap_err()
+        .to_string()
+        .contains("would mean /relative"));
+}
+
+#[test]
+fn missing_hook_files_and_directories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ok.sql"), "SELECT 1;").unwrap();
+    std::fs::create_dir(dir.path().join("hooks")).unwrap();
+    let with_hooks = |hooks: &str| {
+        format!(
+            "{MINIMAL}\n[[restore_target]]\nnamespace = \"s\"\nurl = \"postgres://u@h/postgres\"\nhooks = [\n  \"ok.sql\",\n  {hooks},\n]\n"
+        )
+    };
+    let at = |text: &str| Config::from_str_at(text, &dir.path().join("pgferry.toml"));
+    at(&with_hooks("\"ok.sql\"")).unwrap();
+    for (hook, says) in [
+        ("\"nope.sql\"", "does not exist"),
+        ("\"hooks\"", "is a directory"),
+    ] {
+        let text = with_hooks(hook);
+        let err = at(&text).unwrap_err().to_string();
+        assert!(err.contains("restore_target[0].hooks[1]"), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(
+            err.contains(&format!(":{}: ", line_of(&text, hook))),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn zero_and_absurd_durations_are_refused() {
+    for (section, key, value) in [
+        ("pipeline", "stall_timeout", "0s"),
+        ("pipeline", "stall_timeout", "9s"),
+        ("daemon", "shutdown_grace", "0s"),
+    ] {
+        let text = format!("{MINIMAL}\n[{section}]\n{key} = \"{value}\"\n");
+        let err = error_at(&text, &format!("{section}.{key}"), key);
+        assert!(err.contains("below the minimum"), "{err}");
+    }
+    parse(&format!("{MINIMAL}\n[pipeline]\nstall_timeout = \"10s\"\n")).unwrap();
+    parse(&format!("{MINIMAL}\n[daemon]\nshutdown_grace = \"1s\"\n")).unwrap();
+}
+
+#[test]
+fn placeholder_typos_are_refused() {
+    let restore = |url: &str| {
+        format!("{MINIMAL}\n[[restore_target]]\nnamespace = \"s-*\"\nurl = \"{url}\"\n")
+    };
+    for url in [
+        "postgres://u:pw@pg.{namepsace}.svc/postgres",
+        "postgres://u:pw@pg.{namespace}.svc/{database}",
+        "host=pg.{namespace}.svc dbname={namepsace} password=x",
+    ] {
+        let err = error_at(&restore(url), "restore_target[0].url", url);
+        assert!(err.contains("unknown placeholder {"), "{err}");
+        assert!(err.contains("the only one is {namespace}"), "{err}");
+    }
+    // A password may hold braces: it is not a template.
+    parse(&restore("postgres://u:p{w}@pg.{namespace}.svc/postgres")).unwrap();
+    // Sources, targets and the verify server have no placeholders at all.
+    let source = MINIMAL.replace("127.0.0.1:5432", "pg.{namespace}.svc");
+    let err = error_at(&source, "source[0].url", "{namespace}");
+    assert!(err.contains("only [[restore_target]] URLs"), "{err}");
+    let verify = format!("{MINIMAL}\n[verify]\nurl = \"postgres://v@{{namespace}}/postgres\"\n");
+    error_at(&verify, "verify.url", "{namespace}");
+}
+
+#[test]
+fn zstd_workers_are_capped() {
+    let text = format!("{MINIMAL}\n[pipeline]\nzstd_workers = 1000\n");
+    let err = error_at(&text, "pipeline.zstd_workers", "zstd_workers");
+    assert!(err.contains("more than 32"), "{err}");
+    parse(&format!("{MINIMAL}\n[pipeline]\nzstd_workers = 32\n")).unwrap();
+}
+
+#[test]
+fn empty_database_lists_are_refused_and_excluded_names_warned_about() {
+    let text = MINIMAL.replace("url = \"postgres:", "databases = []\nurl = \"postgres:");
+    let err = error_at(&text, "source[0].databases", "databases");
+    assert!(err.contains("selects no database"), "{err}");
+
+    let text = MINIMAL.replace(
+        "url = \"postgres:",
+        "databases = [\"acme\", \"postgres\"]\nurl = \"postgres:",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = c.warnings[0].to_string();
+    assert!(w.contains("source[0].databases[1]"), "{w}");
+    assert!(w.contains("\"postgres\" is also excluded"), "{w}");
+    assert!(
+        w.contains(&format!(":{}: ", line_of(&text, "databases"))),
+        "{w}"
+    );
+}
+
+#[test]
+fn duplicate_names_say_where() {
+    let text = format!("{MINIMAL}\n[[target]]\nname = \"local\"\nurl = \"file:///tmp/x\"\n");
+    let second = text.rfind("name = \"local\"").unwrap();
+    let line = text[..second].matches('\n').count() + 1;
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "/etc/pgferry/pgferry.toml:{line}: target[1].name: "
+        )),
+        "{err}"
+    );
+    assert!(err.contains("already the name of target[0]"), "{err}");
+}
+
+#[test]
+fn partial_retention_names_the_defaults_that_apply() {
+    let text = MINIMAL.replace(
+        "url = \"postgres:",
+        "retention = { keep_last = 2 }\nurl = \"postgres:",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.sources[0].retention.keep_last, 2);
+    assert_eq!(c.sources[0].retention.hourly, 48);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = c.warnings[0].to_string();
+    assert!(
+        w.starts_with(&format!(
+            "/etc/pgferry/pgferry.toml:{}: source[0].retention: ",
+            line_of(&text, "retention")
+        )),
+        "{w}"
+    );
+    assert!(
+        w.contains("hourly = 48, daily = 14, weekly = 8, monthly = 12"),
+        "{w}"
+    );
+    assert!(!w.contains("keep_last"), "{w}");
+    // All keys given, or none: nothing to say.
+    let full = MINIMAL.replace(
+        "url = \"postgres:",
+        "retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\nurl = \"postgres:",
+    );
+    assert!(parse(&full).unwrap().warnings.is_empty());
+    assert!(parse(MINIMAL).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn name_and_scheme_messages_say_what_is_wrong() {
+    for name in ["..", ".hidden"] {
+        let text = MINIMAL.replace("name = \"prod\"", &format!("name = \"{name}\""));
+        let err = error_at(&text, "source[0].name", "name =");
+        assert!(err.contains("must not start with '.'"), "{err}");
+        assert!(!err.contains("'-', '_', '.'"), "{err}");
+    }
+    let text = MINIMAL.replace("postgres://pgferry", "postgress://pgferry");
+    let err = error_at(&text, "source[0].url", "postgress");
+    assert!(
+        err.contains("unknown URL scheme postgress; use postgres:// or postgresql://"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+    let text = MINIMAL.replace("file:///var/lib/pgferry", "s3://key:topsecret@bucket/pg");
+    let err = error_at(&text, "target[0].url", "s3://");
+    assert!(err.contains("carries no credentials"), "{err}");
+    assert!(!err.contains("topsecret"), "{err}");
 }

@@ -1,19 +1,48 @@
 //! Raw file structs → typed [`Config`], one function per section (daemon, pipeline, source,
 //! target, restore_target, verify), then the checks that span sections (`min_targets`).
 //!
-//! Each check fails with a [`Finding`] naming the key (`source[1].name`); the caller adds the
-//! file and line. Pure but for the files a section names (CA certificates), which are read so
-//! that a missing one is a config error rather than a failure at 3 a.m.
+//! Each check fails with a [`Finding`] naming the key (`source[1].name`), or records one as a
+//! warning when the config is valid but probably not what was meant; the caller adds the file
+//! and line. Pure but for the files a section names (CA certificates, hooks), which are looked
+//! at so that a missing one is a config error rather than a failure at 3 a.m.
+//!
+//! The bounds below catch operator mistakes that the types let through (`stall_timeout =
+//! "0s"`, `zstd_workers = 1000`, `databases = []`): each is a named constant with its reason.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::raw::*;
 use super::{
-    parse_duration, Config, DaemonConfig, PgUrl, PipelineConfig, RestoreConfig,
-    RestoreTargetConfig, Secret, SourceConfig, TargetConfig, TargetKind, Text, VerifyConfig,
+    parse_duration, redact_url, Config, DaemonConfig, PgUrl, PipelineConfig, RestoreConfig,
+    RestoreTargetConfig, RetentionPolicy, Secret, SourceConfig, TargetConfig, TargetKind, Text,
+    VerifyConfig,
 };
 use crate::schedule::Schedule;
+
+/// The shortest `pipeline.stall_timeout`. A healthy target can accept nothing for a few
+/// seconds (a 5 MiB part on a congested link, a provider's 503 and the client's retry with
+/// backoff); below this such a target would be dropped from snapshots, and `"0s"` drops every
+/// target of every backup.
+const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shortest `daemon.shutdown_grace`. `"0s"` cancels every running backup the instant
+/// SIGTERM arrives, even one that is committing; one second still stops at once in practice
+/// while letting a commit in flight finish.
+const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// The most `pipeline.zstd_workers`. One pg_dump stream feeds the compressor, and each worker
+/// buffers about two 2 MiB jobs (`backup::pipeline`'s `ZSTD_JOB_SIZE`; zstd keeps workers + 3
+/// jobs of input), so 32 workers already hold ~140 MiB per running backup while compressing
+/// far faster than pg_dump writes (benches/RESULTS.md: two workers keep up at level 3);
+/// `1000` would ask for ~4 GiB and a thousand threads per backup. (zstd itself silently
+/// clamps at 200.)
+const MAX_ZSTD_WORKERS: u32 = 32;
+
+/// The placeholders a `[[restore_target]]` URL may hold: `{namespace}` is replaced by the
+/// namespace given with `--to` (see [`RestoreTargetConfig::url_for`]). No other URL has any.
+const RESTORE_URL_PLACEHOLDERS: &[&str] = &["{namespace}"];
 
 /// Something wrong with one key: the dotted path of the key (`target[0].url`) and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +60,18 @@ fn finding(key: impl Into<String>, message: impl Into<String>) -> Finding {
     }
 }
 
-/// What validation needs besides the raw values: where relative paths resolve.
+/// What validation needs besides the raw values: where relative paths resolve, and where
+/// warnings go.
 struct Ctx<'a> {
     base: &'a Path,
+    warnings: Vec<Finding>,
 }
 
 impl Ctx<'_> {
+    fn warn(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(finding(key, message));
+    }
+
     /// A path from the file, relative ones resolved against the config file's directory.
     fn resolve(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
@@ -48,19 +83,21 @@ impl Ctx<'_> {
     }
 }
 
-/// Validates every section of `raw`, read from `path`.
-pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config> {
-    let cx = Ctx {
+/// Validates every section of `raw`, read from `path`: the typed config and the warnings.
+pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Finding>)> {
+    let mut cx = Ctx {
         base: path.parent().unwrap_or(Path::new(".")),
+        warnings: Vec::new(),
     };
     let daemon = daemon(raw.daemon, &cx)?;
     let pipeline = pipeline(raw.pipeline)?;
-    let sources = sources(raw.source, &cx)?;
+    let sources = sources(raw.source, &mut cx)?;
     let targets = targets(raw.target, &cx)?;
     min_targets(&pipeline, &targets)?;
+    // Checks across targets (such as two targets whose locations overlap) go here.
     let restore_targets = restore_targets(raw.restore_target, &cx)?;
     let verify = verify(raw.verify, &cx)?;
-    Ok(Config {
+    let config = Config {
         path: path.to_path_buf(),
         daemon,
         pipeline,
@@ -71,7 +108,9 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<Config> {
             spool_dir: cx.resolve(&raw.restore.spool_dir.0),
         },
         verify,
-    })
+        warnings: Vec::new(),
+    };
+    Ok((config, cx.warnings))
 }
 
 fn daemon(raw: RawDaemon, cx: &Ctx) -> Result<DaemonConfig> {
@@ -92,8 +131,12 @@ fn daemon(raw: RawDaemon, cx: &Ctx) -> Result<DaemonConfig> {
             }
             n => n,
         },
-        shutdown_grace: parse_duration(&raw.shutdown_grace.0)
-            .map_err(|m| finding("daemon.shutdown_grace", m))?,
+        shutdown_grace: duration_at_least(
+            "daemon.shutdown_grace",
+            &raw.shutdown_grace,
+            MIN_SHUTDOWN_GRACE,
+            "running backups need a moment to finish or roll back on SIGTERM",
+        )?,
     })
 }
 
@@ -104,33 +147,65 @@ fn pipeline(raw: RawPipeline) -> Result<PipelineConfig> {
             format!("{} is outside 1..=22", raw.zstd_level),
         ));
     }
+    if raw.zstd_workers > MAX_ZSTD_WORKERS {
+        return Err(finding(
+            "pipeline.zstd_workers",
+            format!(
+                "{} is more than {MAX_ZSTD_WORKERS}: each worker buffers about 4 MiB and one \
+                 pg_dump stream cannot feed more; use 0 (one per core, at most 4) or a number \
+                 up to {MAX_ZSTD_WORKERS}",
+                raw.zstd_workers
+            ),
+        ));
+    }
     Ok(PipelineConfig {
         zstd_level: raw.zstd_level,
         zstd_workers: raw.zstd_workers,
         min_targets: raw.min_targets,
-        stall_timeout: parse_duration(&raw.stall_timeout.0)
-            .map_err(|m| finding("pipeline.stall_timeout", m))?,
+        stall_timeout: duration_at_least(
+            "pipeline.stall_timeout",
+            &raw.stall_timeout,
+            MIN_STALL_TIMEOUT,
+            "a healthy but briefly slow target would be dropped from the snapshot",
+        )?,
+        // A lower bound for orphan_grace (longer than any backup) belongs here too.
         orphan_grace: parse_duration(&raw.orphan_grace.0)
             .map_err(|m| finding("pipeline.orphan_grace", m))?,
     })
 }
 
-fn sources(raw: Vec<RawSource>, cx: &Ctx) -> Result<Vec<SourceConfig>> {
+/// A duration key that must be at least `min`, `why` saying what a smaller one would break.
+fn duration_at_least(key: &str, raw: &Text, min: Duration, why: &str) -> Result<Duration> {
+    let d = parse_duration(&raw.0).map_err(|m| finding(key, m))?;
+    if d < min {
+        return Err(finding(
+            key,
+            format!(
+                "{:?} is below the minimum of {}: {why}",
+                raw.0,
+                humantime::format_duration(min)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn sources(raw: Vec<RawSource>, cx: &mut Ctx) -> Result<Vec<SourceConfig>> {
     if raw.is_empty() {
         return Err(finding("source", "at least one [[source]] is required"));
     }
     let mut names = Names::new("source");
-    raw.into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            names.add(i, &s.name.0)?;
-            source(i, s, cx)
-        })
-        .collect()
+    let mut sources = Vec::with_capacity(raw.len());
+    for (i, s) in raw.into_iter().enumerate() {
+        names.add(i, &s.name.0)?;
+        sources.push(source(i, s, cx)?);
+    }
+    Ok(sources)
 }
 
-fn source(i: usize, s: RawSource, cx: &Ctx) -> Result<SourceConfig> {
+fn source(i: usize, s: RawSource, cx: &mut Ctx) -> Result<SourceConfig> {
     let key = |k: &str| format!("source[{i}].{k}");
+    no_placeholders(&key("url"), &s.url.0)?;
     let url = PgUrl::parse(&s.url.0).map_err(|m| finding(key("url"), m))?;
     url.tls.validate().map_err(|m| finding(key("url"), m))?;
     let globs = |v: &[Text], k: &str| -> Result<Vec<glob::Pattern>> {
@@ -143,15 +218,72 @@ fn source(i: usize, s: RawSource, cx: &Ctx) -> Result<SourceConfig> {
     };
     let schedule =
         Schedule::parse(&s.schedule.0).map_err(|e| finding(key("schedule"), e.to_string()))?;
+    if s.databases.is_empty() {
+        return Err(finding(
+            key("databases"),
+            "selects no database; list names or globs, or leave it out for [\"*\"] (all)",
+        ));
+    }
+    let databases = globs(&s.databases, "databases")?;
+    let exclude = globs(&s.exclude, "exclude")?;
+    for (j, name) in databases.iter().enumerate() {
+        let literal = !name.as_str().contains(['*', '?', '[']);
+        if let Some(by) = exclude.iter().find(|x| literal && x.matches(name.as_str())) {
+            cx.warn(
+                format!("source[{i}].databases[{j}]"),
+                format!(
+                    "{:?} is also excluded by {:?}, so it is never backed up; remove it from \
+                     one of databases and exclude",
+                    name.as_str(),
+                    by.as_str()
+                ),
+            );
+        }
+    }
     Ok(SourceConfig {
-        databases: globs(&s.databases, "databases")?,
-        exclude: globs(&s.exclude, "exclude")?,
+        databases,
+        exclude,
+        retention: retention(&key("retention"), s.retention, cx),
         name: s.name.0,
         url,
         schedule,
-        retention: s.retention,
         pg_bin_dir: s.pg_bin_dir.map(|d| cx.resolve(&d.0)),
     })
+}
+
+/// A source's retention: the keys given, the defaults for the rest. A partial table is
+/// legal but easy to misread (`{ keep_last = 2 }` still keeps 48 hourly snapshots and more),
+/// so the defaults it falls back on are named in a warning.
+fn retention(key: &str, raw: Option<RawRetention>, cx: &mut Ctx) -> RetentionPolicy {
+    let d = RetentionPolicy::default();
+    let Some(r) = raw else {
+        return d;
+    };
+    let mut defaulted = Vec::new();
+    let mut pick = |given: Option<u32>, name: &str, default: u32| {
+        given.unwrap_or_else(|| {
+            defaulted.push(format!("{name} = {default}"));
+            default
+        })
+    };
+    let policy = RetentionPolicy {
+        keep_last: pick(r.keep_last, "keep_last", d.keep_last),
+        hourly: pick(r.hourly, "hourly", d.hourly),
+        daily: pick(r.daily, "daily", d.daily),
+        weekly: pick(r.weekly, "weekly", d.weekly),
+        monthly: pick(r.monthly, "monthly", d.monthly),
+    };
+    if !defaulted.is_empty() {
+        cx.warn(
+            key,
+            format!(
+                "keys left out take their defaults: {}; set them (0 keeps none) if that is not \
+                 what you want",
+                defaulted.join(", ")
+            ),
+        );
+    }
+    policy
 }
 
 fn targets(raw: Vec<RawTarget>, cx: &Ctx) -> Result<Vec<TargetConfig>> {
@@ -170,6 +302,7 @@ fn targets(raw: Vec<RawTarget>, cx: &Ctx) -> Result<Vec<TargetConfig>> {
 
 fn target(i: usize, t: RawTarget, cx: &Ctx) -> Result<TargetConfig> {
     let key = |k: &str| format!("target[{i}].{k}");
+    no_placeholders(&key("url"), &t.url.0)?;
     let url = url::Url::parse(&t.url.0).map_err(|e| {
         finding(
             key("url"),
@@ -179,6 +312,12 @@ fn target(i: usize, t: RawTarget, cx: &Ctx) -> Result<TargetConfig> {
             ),
         )
     })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(finding(
+            key("url"),
+            "a target URL carries no credentials; set access_key_id and secret_access_key",
+        ));
+    }
     if !(1..=10_000).contains(&t.max_parts) {
         return Err(finding(
             key("max_parts"),
@@ -202,6 +341,24 @@ fn target(i: usize, t: RawTarget, cx: &Ctx) -> Result<TargetConfig> {
             let root = url
                 .to_file_path()
                 .map_err(|_| finding(key("url"), "file:// URLs need an absolute path"))?;
+            // `file:relative` and `file:/dir` parse as /relative and /dir: only the written
+            // form says whether the operator meant that.
+            if !t
+                .url
+                .0
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("file:///"))
+            {
+                return Err(finding(
+                    key("url"),
+                    format!(
+                        "{:?} is not written as an absolute file URL (it would mean {}); write \
+                         file:///absolute/dir, with three slashes",
+                        t.url.0,
+                        root.display()
+                    ),
+                ));
+            }
             (TargetKind::File { root }, String::new())
         }
         other => {
@@ -319,6 +476,7 @@ fn restore_targets(raw: Vec<RawRestoreTarget>, cx: &Ctx) -> Result<Vec<RestoreTa
 
 fn restore_target(i: usize, r: RawRestoreTarget, cx: &Ctx) -> Result<RestoreTargetConfig> {
     let key = |k: &str| format!("restore_target[{i}].{k}");
+    placeholders_among(&key("url"), &r.url.0, RESTORE_URL_PLACEHOLDERS)?;
     let namespace_glob = glob::Pattern::new(&r.namespace.0)
         .map_err(|e| finding(key("namespace"), format!("not a valid glob ({e})")))?;
     let example = PgUrl::parse(&r.url.0.replace("{namespace}", "example"))
@@ -332,17 +490,56 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &Ctx) -> Result<RestoreTarg
     if r.owner.0.is_empty() {
         return Err(finding(key("owner"), "must name a role"));
     }
+    let hooks = r
+        .hooks
+        .iter()
+        .enumerate()
+        .map(|(j, h)| hook(&format!("restore_target[{i}].hooks[{j}]"), cx.resolve(&h.0)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(RestoreTargetConfig {
         namespace: r.namespace.0,
         namespace_glob,
         url: Secret::new(r.url.0),
         owner: r.owner.0,
-        hooks: r.hooks.iter().map(|h| cx.resolve(&h.0)).collect(),
+        hooks,
         pg_bin_dir: r.pg_bin_dir.map(|d| cx.resolve(&d.0)),
     })
 }
 
+/// A hook must be a readable file now, not found missing after a whole dump was restored.
+fn hook(key: &str, path: PathBuf) -> Result<PathBuf> {
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Err(finding(
+            key,
+            format!(
+                "{} is a directory; list each SQL file to run, in order",
+                path.display()
+            ),
+        )),
+        Ok(_) => match std::fs::File::open(&path) {
+            Ok(_) => Ok(path),
+            Err(e) => Err(finding(
+                key,
+                format!("hook file {} cannot be read ({e})", path.display()),
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(finding(
+            key,
+            format!(
+                "hook file {} does not exist (relative paths resolve against the config \
+                 file's directory)",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(finding(
+            key,
+            format!("hook file {} cannot be read ({e})", path.display()),
+        )),
+    }
+}
+
 fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {
+    no_placeholders("verify.url", &raw.url.0)?;
     let url = PgUrl::parse(&raw.url.0).map_err(|m| finding("verify.url", m))?;
     url.tls.validate().map_err(|m| finding("verify.url", m))?;
     Ok(VerifyConfig {
@@ -377,10 +574,14 @@ impl Names {
     fn add(&mut self, i: usize, name: &str) -> Result<()> {
         let key = format!("{}[{i}].name", self.kind);
         check_name(name).map_err(|m| finding(&key, m))?;
-        if self.seen.insert(name.to_owned(), i).is_some() {
+        if let Some(first) = self.seen.insert(name.to_owned(), i) {
             return Err(finding(
                 key,
-                format!("duplicate {} name {name:?}", self.kind),
+                format!(
+                    "duplicate {} name {name:?}, already the name of {}[{first}]; names must \
+                     be unique",
+                    self.kind, self.kind
+                ),
             ));
         }
         Ok(())
@@ -393,11 +594,67 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        || name.starts_with('.')
     {
         return Err(format!(
             "{name:?} must be 1–64 characters of a-z, A-Z, 0-9, '-', '_', '.'"
         ));
     }
+    if name.starts_with('.') {
+        // "." and ".." would be path segments of every object key.
+        return Err(format!(
+            "{name:?} must not start with '.'; start it with a letter or digit"
+        ));
+    }
     Ok(())
+}
+
+/// `{word}` placeholders in a URL, the password left out (it may hold any character).
+fn placeholders(url: &str) -> Vec<String> {
+    // The redacted URL may percent-encode braces (in a path): decode them back.
+    let shown = redact_url(url)
+        .replace("%7B", "{")
+        .replace("%7b", "{")
+        .replace("%7D", "}")
+        .replace("%7d", "}");
+    let mut found = Vec::new();
+    let mut rest = shown.as_str();
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open..];
+        let Some(close) = rest.find('}') else { break };
+        let inner = &rest[1..close];
+        if !inner.is_empty() && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            found.push(rest[..=close].to_string());
+        }
+        rest = &rest[1..];
+    }
+    found
+}
+
+/// A URL with no `{placeholder}`: only `[[restore_target]]` URLs are templates.
+fn no_placeholders(key: &str, url: &str) -> Result<()> {
+    match placeholders(url).first() {
+        Some(p) => Err(finding(
+            key,
+            format!("{p} is not replaced here: only [[restore_target]] URLs have placeholders"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A URL template whose placeholders are all in `allowed` (a typo such as `{namepsace}` would
+/// otherwise reach the server as a host name).
+fn placeholders_among(key: &str, url: &str, allowed: &[&str]) -> Result<()> {
+    match placeholders(url)
+        .into_iter()
+        .find(|p| !allowed.contains(&p.as_str()))
+    {
+        Some(p) => Err(finding(
+            key,
+            format!(
+                "unknown placeholder {p}; the only one is {}",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
 }
