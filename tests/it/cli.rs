@@ -125,3 +125,152 @@ async fn usage_errors_exit_2() {
     r.assert_code(2);
     assert!(r.stderr.contains("configured: prod"), "{}", r.stderr);
 }
+
+/// 1-based line of the last occurrence of `needle`.
+fn last_line_of(text: &str, needle: &str) -> usize {
+    text[..text.rfind(needle).unwrap()].matches('\n').count() + 1
+}
+
+/// Issue 20 items 8 and 12: each operator mistake is refused by `config check` (exit 2) with
+/// the file, the line and the key, and a message saying what is wrong.
+#[tokio::test]
+async fn config_check_refuses_operator_mistakes_with_file_line_and_key() {
+    let restore_url = "url = \"postgres://odoo:staging-pw-4242@pg.{namespace}.svc/postgres\"";
+    let with_hooks =
+        |hooks: &str| GOOD.replace(restore_url, &format!("{restore_url}\nhooks = [{hooks}]"));
+    let cases: Vec<(&str, String, &str, &str, &str)> = vec![
+        (
+            "relative file URL",
+            format!("{GOOD}\n[[target]]\nname = \"disk\"\nurl = \"file:relative\"\n"),
+            "target[1].url",
+            "file:relative",
+            "write file:///absolute/dir",
+        ),
+        (
+            "missing hook",
+            with_hooks("\"missing.sql\""),
+            "restore_target[0].hooks[0]",
+            "missing.sql",
+            "does not exist",
+        ),
+        (
+            "directory as a hook",
+            with_hooks("\".\""),
+            "restore_target[0].hooks[0]",
+            "hooks = ",
+            "is a directory",
+        ),
+        (
+            "zero stall_timeout",
+            format!("{GOOD}\n[pipeline]\nstall_timeout = \"0s\"\n"),
+            "pipeline.stall_timeout",
+            "stall_timeout",
+            "below the minimum of 10s",
+        ),
+        (
+            "placeholder typo",
+            GOOD.replace("{namespace}", "{namepsace}"),
+            "restore_target[0].url",
+            "{namepsace}",
+            "unknown placeholder {namepsace}; the only one is {namespace}",
+        ),
+        (
+            "absurd zstd_workers",
+            format!("{GOOD}\n[pipeline]\nzstd_workers = 1000\n"),
+            "pipeline.zstd_workers",
+            "zstd_workers",
+            "more than 32",
+        ),
+        (
+            "empty database list",
+            GOOD.replace("name = \"prod\"", "name = \"prod\"\ndatabases = []"),
+            "source[0].databases",
+            "databases = []",
+            "selects no database",
+        ),
+        (
+            "duplicate source name",
+            format!("{GOOD}\n[[source]]\nname = \"prod\"\nurl = \"postgres://h/x\"\n"),
+            "source[1].name",
+            "name = \"prod\"",
+            "duplicate source name \"prod\", already the name of source[0]",
+        ),
+        (
+            "cron minute out of range",
+            GOOD.replace(
+                "name = \"prod\"",
+                "name = \"prod\"\nschedule = \"61 * * * *\"",
+            ),
+            "source[0].schedule",
+            "61 * * * *",
+            "Minutes must be at most 59 (61 given)",
+        ),
+        (
+            "'..' as a source name",
+            GOOD.replace("name = \"prod\"", "name = \"..\""),
+            "source[0].name",
+            "name = \"..\"",
+            "\"..\" must not start with '.'",
+        ),
+        (
+            "misspelt URL scheme",
+            GOOD.replace("postgres://pgferry", "postgress://pgferry"),
+            "source[0].url",
+            "postgress://",
+            "unknown URL scheme postgress; use postgres:// or postgresql://",
+        ),
+    ];
+    for (what, body, key, needle, says) in cases {
+        let r = run(&body, &["config", "check"]).await;
+        assert_eq!(r.code, 2, "{what}: expected exit 2\n{}", r.output());
+        let at = format!("pgferry.toml:{}: {key}: ", last_line_of(&body, needle));
+        assert!(r.stderr.contains(&at), "{what}: no {at:?} in\n{}", r.stderr);
+        assert!(
+            r.stderr.contains(says),
+            "{what}: no {says:?} in\n{}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("less than 59"), "{what}: {}", r.stderr);
+    }
+}
+
+/// `retention = { keep_last = 2 }` is valid, but keeps 48 hourly snapshots and more:
+/// `config check` says which defaults apply, with the line.
+#[tokio::test]
+async fn config_check_says_which_retention_defaults_apply() {
+    let body = GOOD.replace(
+        "name = \"prod\"",
+        "name = \"prod\"\nretention = { keep_last = 2 }",
+    );
+    let r = run(&body, &["config", "check"]).await;
+    r.assert_code(0);
+    let at = format!(
+        "warning: {}:{}: source[0].retention: ",
+        "pgferry.toml",
+        line_of(&body, "retention")
+    );
+    let warning = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("warning: ") && l.contains("source[0].retention"))
+        .unwrap_or_else(|| panic!("no retention warning in\n{}", r.stderr));
+    assert!(
+        warning.contains(&at[at.find("pgferry.toml").unwrap()..]),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("hourly = 48, daily = 14, weekly = 8, monthly = 12"),
+        "{warning}"
+    );
+    // The effective values are in the output too.
+    assert!(r.stdout.contains("keep_last = 2"), "{}", r.stdout);
+    assert!(r.stdout.contains("hourly = 48"), "{}", r.stdout);
+    // A complete policy: no warning.
+    let full = GOOD.replace(
+        "name = \"prod\"",
+        "name = \"prod\"\nretention = { keep_last = 2, hourly = 0, daily = 7, weekly = 0, monthly = 0 }",
+    );
+    let r = run(&full, &["config", "check"]).await;
+    r.assert_code(0);
+    assert!(!r.stderr.contains("warning:"), "{}", r.stderr);
+}
