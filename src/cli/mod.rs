@@ -191,7 +191,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             for w in &config.warnings {
                 eprintln!("warning: {w}");
             }
-            eprintln!("config OK: {}", config.path.display());
+            match config.warnings.len() {
+                0 => eprintln!("config OK: {}", config.path.display()),
+                n => eprintln!(
+                    "config OK: {} ({n} warning(s) above)",
+                    config.path.display()
+                ),
+            }
             Ok(())
         }
         Command::Backup(args) => {

@@ -1,17 +1,18 @@
 //! The configuration file: TOML → validated, typed values.
 //!
 //! Parsing happens in two steps (as garage's `util/config.rs` and ripgrep's low/high args do):
-//! serde structs that mirror the file exactly (`deny_unknown_fields`, defaults in functions,
-//! `${VAR}` expanded while deserializing so errors keep their line), then [`Config::validate`]
-//! turns them into typed values (durations, cron schedules, globs, parsed URLs) and checks
-//! what spans several entries (unique names, `min_targets`).
+//! serde structs that mirror the file exactly (`raw.rs`: `deny_unknown_fields`, defaults in
+//! functions, `${VAR}` expanded while deserializing so errors keep their line), then
+//! `validate.rs` turns them into typed values (durations, cron schedules, globs, parsed URLs),
+//! one function per section, and checks what spans several entries (unique names,
+//! `min_targets`); `rules.rs` holds the bounds and checks of single values. Errors and
+//! warnings name the key, and `locate.rs` finds its line in the text.
 //!
 //! This module owns secrets' redaction: [`Secret`] never prints its value, and
 //! [`Config::redacted_toml`] is what `pgferry config check` shows, serialized from the typed
-//! values (`show.rs`). Layout: `raw.rs` (the file as written), `validate.rs` (raw → typed, one
-//! function per section), `show.rs` (typed → redacted TOML), this file (typed values, load). It does no I/O beyond
-//! reading the file, the environment and the certificate files it names (so a missing CA is
-//! a config error); connecting to anything is left to `source`/`target`.
+//! values (`show.rs`). It does no I/O beyond reading the file, the environment and the files
+//! it names (so a missing CA or hook is a config error); connecting to anything is left to
+//! `source`/`target`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -143,6 +144,7 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
 
 mod locate;
 mod raw;
+mod rules;
 mod show;
 #[cfg(test)]
 mod tests;

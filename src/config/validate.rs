@@ -6,59 +6,23 @@
 //! and line. Pure but for the files a section names (CA certificates, hooks), which are looked
 //! at so that a missing one is a config error rather than a failure at 3 a.m.
 //!
-//! The bounds below catch operator mistakes that the types let through (`stall_timeout =
-//! "0s"`, `zstd_workers = 1000`, `databases = []`): each is a named constant with its reason.
+//! The bounds that catch operator mistakes the types let through (`stall_timeout = "0s"`,
+//! `zstd_workers = 1000`) live in `rules.rs`, each a named constant with its reason.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::raw::*;
+use super::rules::{
+    duration_at_least, finding, hook, no_placeholders, placeholders_among, Finding, Names, Result,
+    MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT, RESTORE_URL_PLACEHOLDERS,
+};
 use super::{
-    parse_duration, redact_url, Config, DaemonConfig, PgUrl, PipelineConfig, RestoreConfig,
+    parse_duration, Config, DaemonConfig, PgUrl, PipelineConfig, RestoreConfig,
     RestoreTargetConfig, RetentionPolicy, Secret, SourceConfig, TargetConfig, TargetKind, Text,
     VerifyConfig,
 };
 use crate::schedule::Schedule;
-
-/// The shortest `pipeline.stall_timeout`. A healthy target can accept nothing for a few
-/// seconds (a 5 MiB part on a congested link, a provider's 503 and the client's retry with
-/// backoff); below this such a target would be dropped from snapshots, and `"0s"` drops every
-/// target of every backup.
-const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The shortest `daemon.shutdown_grace`. `"0s"` cancels every running backup the instant
-/// SIGTERM arrives, even one that is committing; one second still stops at once in practice
-/// while letting a commit in flight finish.
-const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-
-/// The most `pipeline.zstd_workers`. One pg_dump stream feeds the compressor, and each worker
-/// buffers about two 2 MiB jobs (`backup::pipeline`'s `ZSTD_JOB_SIZE`; zstd keeps workers + 3
-/// jobs of input), so 32 workers already hold ~140 MiB per running backup while compressing
-/// far faster than pg_dump writes (benches/RESULTS.md: two workers keep up at level 3);
-/// `1000` would ask for ~4 GiB and a thousand threads per backup. (zstd itself silently
-/// clamps at 200.)
-const MAX_ZSTD_WORKERS: u32 = 32;
-
-/// The placeholders a `[[restore_target]]` URL may hold: `{namespace}` is replaced by the
-/// namespace given with `--to` (see [`RestoreTargetConfig::url_for`]). No other URL has any.
-const RESTORE_URL_PLACEHOLDERS: &[&str] = &["{namespace}"];
-
-/// Something wrong with one key: the dotted path of the key (`target[0].url`) and what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Finding {
-    pub(super) key: String,
-    pub(super) message: String,
-}
-
-type Result<T> = std::result::Result<T, Finding>;
-
-fn finding(key: impl Into<String>, message: impl Into<String>) -> Finding {
-    Finding {
-        key: key.into(),
-        message: message.into(),
-    }
-}
 
 /// What validation needs besides the raw values: where relative paths resolve, and where
 /// warnings go.
@@ -172,22 +136,6 @@ fn pipeline(raw: RawPipeline) -> Result<PipelineConfig> {
         orphan_grace: parse_duration(&raw.orphan_grace.0)
             .map_err(|m| finding("pipeline.orphan_grace", m))?,
     })
-}
-
-/// A duration key that must be at least `min`, `why` saying what a smaller one would break.
-fn duration_at_least(key: &str, raw: &Text, min: Duration, why: &str) -> Result<Duration> {
-    let d = parse_duration(&raw.0).map_err(|m| finding(key, m))?;
-    if d < min {
-        return Err(finding(
-            key,
-            format!(
-                "{:?} is below the minimum of {}: {why}",
-                raw.0,
-                humantime::format_duration(min)
-            ),
-        ));
-    }
-    Ok(d)
 }
 
 fn sources(raw: Vec<RawSource>, cx: &mut Ctx) -> Result<Vec<SourceConfig>> {
@@ -463,10 +411,13 @@ fn restore_targets(raw: Vec<RawRestoreTarget>, cx: &Ctx) -> Result<Vec<RestoreTa
     raw.into_iter()
         .enumerate()
         .map(|(i, r)| {
-            if namespaces.insert(r.namespace.0.clone(), i).is_some() {
+            if let Some(first) = namespaces.insert(r.namespace.0.clone(), i) {
                 return Err(finding(
                     format!("restore_target[{i}].namespace"),
-                    format!("duplicate namespace {:?}", r.namespace.0),
+                    format!(
+                        "duplicate namespace {:?}, already that of restore_target[{first}]",
+                        r.namespace.0
+                    ),
                 ));
             }
             restore_target(i, r, cx)
@@ -506,38 +457,6 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &Ctx) -> Result<RestoreTarg
     })
 }
 
-/// A hook must be a readable file now, not found missing after a whole dump was restored.
-fn hook(key: &str, path: PathBuf) -> Result<PathBuf> {
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => Err(finding(
-            key,
-            format!(
-                "{} is a directory; list each SQL file to run, in order",
-                path.display()
-            ),
-        )),
-        Ok(_) => match std::fs::File::open(&path) {
-            Ok(_) => Ok(path),
-            Err(e) => Err(finding(
-                key,
-                format!("hook file {} cannot be read ({e})", path.display()),
-            )),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(finding(
-            key,
-            format!(
-                "hook file {} does not exist (relative paths resolve against the config \
-                 file's directory)",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(finding(
-            key,
-            format!("hook file {} cannot be read ({e})", path.display()),
-        )),
-    }
-}
-
 fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {
     no_placeholders("verify.url", &raw.url.0)?;
     let url = PgUrl::parse(&raw.url.0).map_err(|m| finding("verify.url", m))?;
@@ -552,109 +471,4 @@ fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {
             .map_err(|e| finding("verify.schedule", e.to_string()))?,
         pg_bin_dir: raw.pg_bin_dir.map(|d| cx.resolve(&d.0)),
     })
-}
-
-/// Source and target names become object-key segments and metric labels: each is checked by
-/// [`check_name`] and must be unique within its section.
-struct Names {
-    kind: &'static str,
-    /// Name → index of the entry that has it.
-    seen: HashMap<String, usize>,
-}
-
-impl Names {
-    fn new(kind: &'static str) -> Self {
-        Names {
-            kind,
-            seen: HashMap::new(),
-        }
-    }
-
-    /// Checks the name of entry `i` and records it.
-    fn add(&mut self, i: usize, name: &str) -> Result<()> {
-        let key = format!("{}[{i}].name", self.kind);
-        check_name(name).map_err(|m| finding(&key, m))?;
-        if let Some(first) = self.seen.insert(name.to_owned(), i) {
-            return Err(finding(
-                key,
-                format!(
-                    "duplicate {} name {name:?}, already the name of {}[{first}]; names must \
-                     be unique",
-                    self.kind, self.kind
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn check_name(name: &str) -> std::result::Result<(), String> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(format!(
-            "{name:?} must be 1–64 characters of a-z, A-Z, 0-9, '-', '_', '.'"
-        ));
-    }
-    if name.starts_with('.') {
-        // "." and ".." would be path segments of every object key.
-        return Err(format!(
-            "{name:?} must not start with '.'; start it with a letter or digit"
-        ));
-    }
-    Ok(())
-}
-
-/// `{word}` placeholders in a URL, the password left out (it may hold any character).
-fn placeholders(url: &str) -> Vec<String> {
-    // The redacted URL may percent-encode braces (in a path): decode them back.
-    let shown = redact_url(url)
-        .replace("%7B", "{")
-        .replace("%7b", "{")
-        .replace("%7D", "}")
-        .replace("%7d", "}");
-    let mut found = Vec::new();
-    let mut rest = shown.as_str();
-    while let Some(open) = rest.find('{') {
-        rest = &rest[open..];
-        let Some(close) = rest.find('}') else { break };
-        let inner = &rest[1..close];
-        if !inner.is_empty() && inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            found.push(rest[..=close].to_string());
-        }
-        rest = &rest[1..];
-    }
-    found
-}
-
-/// A URL with no `{placeholder}`: only `[[restore_target]]` URLs are templates.
-fn no_placeholders(key: &str, url: &str) -> Result<()> {
-    match placeholders(url).first() {
-        Some(p) => Err(finding(
-            key,
-            format!("{p} is not replaced here: only [[restore_target]] URLs have placeholders"),
-        )),
-        None => Ok(()),
-    }
-}
-
-/// A URL template whose placeholders are all in `allowed` (a typo such as `{namepsace}` would
-/// otherwise reach the server as a host name).
-fn placeholders_among(key: &str, url: &str, allowed: &[&str]) -> Result<()> {
-    match placeholders(url)
-        .into_iter()
-        .find(|p| !allowed.contains(&p.as_str()))
-    {
-        Some(p) => Err(finding(
-            key,
-            format!(
-                "unknown placeholder {p}; the only one is {}",
-                allowed.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
 }
