@@ -16,20 +16,21 @@ use super::{parse_duration, redact_url, Text};
 pub(super) const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The shortest `daemon.shutdown_grace`. `"0s"` cancels every running backup the instant
-/// SIGTERM arrives, even one that is committing; one second still stops at once in practice
-/// while letting a commit in flight finish.
+/// SIGTERM arrives, so each deploy throws away the work of backups about to commit; a grace
+/// of at least a second is a choice, where zero is most likely a slip.
 pub(super) const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// The most `pipeline.zstd_workers`. One pg_dump stream feeds the compressor, and each worker
-/// buffers about two 2 MiB jobs (`backup::pipeline`'s `ZSTD_JOB_SIZE`; zstd keeps workers + 3
-/// jobs of input), so 32 workers already hold ~140 MiB per running backup while compressing
-/// far faster than pg_dump writes (benches/RESULTS.md: two workers keep up at level 3);
-/// `1000` would ask for ~4 GiB and a thousand threads per backup. (zstd itself silently
-/// clamps at 200.)
+/// The most `pipeline.zstd_workers`. One pg_dump stream feeds the compressor, and zstd
+/// buffers about (workers + 3) jobs of 2 MiB input plus one output buffer per worker
+/// (`backup::pipeline`'s `ZSTD_JOB_SIZE`), so 32 workers already hold ~140 MiB per running
+/// backup; `1000` would ask for ~4 GiB and a thousand threads per backup, on a host whose
+/// cores also serve PostgreSQL. (benches/RESULTS.md: level 1 with 2 workers compresses
+/// ~384 MB/s of raw dump on this 2-core machine.) zstd itself silently clamps at 200.
 pub(super) const MAX_ZSTD_WORKERS: u32 = 32;
 
 /// The placeholders a `[[restore_target]]` URL may hold: `{namespace}` is replaced by the
-/// namespace given with `--to` (see [`RestoreTargetConfig::url_for`]). No other URL has any.
+/// namespace given with `--to` (see [`super::RestoreTargetConfig::url_for`]). No other URL
+/// has any.
 pub(super) const RESTORE_URL_PLACEHOLDERS: &[&str] = &["{namespace}"];
 
 /// Something wrong with one key: the dotted path of the key (`target[0].url`) and what to do.

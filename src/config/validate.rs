@@ -115,9 +115,9 @@ fn pipeline(raw: RawPipeline) -> Result<PipelineConfig> {
         return Err(finding(
             "pipeline.zstd_workers",
             format!(
-                "{} is more than {MAX_ZSTD_WORKERS}: each worker buffers about 4 MiB and one \
-                 pg_dump stream cannot feed more; use 0 (one per core, at most 4) or a number \
-                 up to {MAX_ZSTD_WORKERS}",
+                "{} is more than {MAX_ZSTD_WORKERS}: zstd buffers about 4 MiB per worker for \
+                 each backup, and threads beyond the cores only compete with PostgreSQL; use 0 \
+                 (one per core, at most 4) or a number up to {MAX_ZSTD_WORKERS}",
                 raw.zstd_workers
             ),
         ));
