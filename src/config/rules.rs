@@ -4,16 +4,15 @@
 //! turns into an error with the file and line.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use super::{parse_duration, redact_url, Text};
 
-/// The shortest `pipeline.stall_timeout`. A healthy target can accept nothing for a few
-/// seconds (a 5 MiB part on a congested link, a provider's 503 and the client's retry with
-/// backoff); below this such a target would be dropped from snapshots, and `"0s"` drops every
-/// target of every backup.
-pub(super) const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest `pipeline.stall_timeout`. `"0s"` drops every target of every backup; below a
+/// second, ordinary scheduling and network jitter would drop healthy targets. (The fault
+/// tests use 3 s to see a stall quickly; production wants minutes, the default is 300 s.)
+pub(super) const MIN_STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The shortest `daemon.shutdown_grace`. `"0s"` cancels every running backup the instant
 /// SIGTERM arrives, so each deploy throws away the work of backups about to commit; a grace
@@ -70,9 +69,27 @@ pub(super) fn duration_at_least(
     Ok(d)
 }
 
-/// A hook must be a readable file now, not found missing after a whole dump was restored.
-pub(super) fn hook(key: &str, path: PathBuf) -> Result<PathBuf> {
-    match std::fs::metadata(&path) {
+/// A hook file, looked at when the config loads rather than after a whole dump was restored.
+/// A directory is an error (it is never a hook). A missing or unreadable file is `Ok(Some)`,
+/// a warning: the config may be checked away from where it runs (hooks ship in the image, at
+/// paths a workstation does not have), and restore reads the file again when it runs it.
+pub(super) fn hook(key: &str, path: &Path) -> Result<Option<String>> {
+    let unreadable = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "hook file {} does not exist here (relative paths resolve against the config \
+                 file's directory); a restore to this target would fail after loading the dump",
+                path.display()
+            )
+        } else {
+            format!(
+                "hook file {} cannot be read ({e}); a restore to this target would fail after \
+                 loading the dump",
+                path.display()
+            )
+        }
+    };
+    match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Err(finding(
             key,
             format!(
@@ -80,25 +97,8 @@ pub(super) fn hook(key: &str, path: PathBuf) -> Result<PathBuf> {
                 path.display()
             ),
         )),
-        Ok(_) => match std::fs::File::open(&path) {
-            Ok(_) => Ok(path),
-            Err(e) => Err(finding(
-                key,
-                format!("hook file {} cannot be read ({e})", path.display()),
-            )),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(finding(
-            key,
-            format!(
-                "hook file {} does not exist (relative paths resolve against the config \
-                 file's directory)",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(finding(
-            key,
-            format!("hook file {} cannot be read ({e})", path.display()),
-        )),
+        Ok(_) => Ok(std::fs::File::open(path).err().map(unreadable)),
+        Err(e) => Ok(Some(unreadable(e))),
     }
 }
 

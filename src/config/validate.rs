@@ -59,7 +59,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
     let targets = targets(raw.target, &cx)?;
     min_targets(&pipeline, &targets)?;
     // Checks across targets (such as two targets whose locations overlap) go here.
-    let restore_targets = restore_targets(raw.restore_target, &cx)?;
+    let restore_targets = restore_targets(raw.restore_target, &mut cx)?;
     let verify = verify(raw.verify, &cx)?;
     let config = Config {
         path: path.to_path_buf(),
@@ -406,26 +406,25 @@ fn min_targets(pipeline: &PipelineConfig, targets: &[TargetConfig]) -> Result<()
     Ok(())
 }
 
-fn restore_targets(raw: Vec<RawRestoreTarget>, cx: &Ctx) -> Result<Vec<RestoreTargetConfig>> {
+fn restore_targets(raw: Vec<RawRestoreTarget>, cx: &mut Ctx) -> Result<Vec<RestoreTargetConfig>> {
     let mut namespaces = HashMap::new();
-    raw.into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            if let Some(first) = namespaces.insert(r.namespace.0.clone(), i) {
-                return Err(finding(
-                    format!("restore_target[{i}].namespace"),
-                    format!(
-                        "duplicate namespace {:?}, already that of restore_target[{first}]",
-                        r.namespace.0
-                    ),
-                ));
-            }
-            restore_target(i, r, cx)
-        })
-        .collect()
+    let mut targets = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        if let Some(first) = namespaces.insert(r.namespace.0.clone(), i) {
+            return Err(finding(
+                format!("restore_target[{i}].namespace"),
+                format!(
+                    "duplicate namespace {:?}, already that of restore_target[{first}]",
+                    r.namespace.0
+                ),
+            ));
+        }
+        targets.push(restore_target(i, r, cx)?);
+    }
+    Ok(targets)
 }
 
-fn restore_target(i: usize, r: RawRestoreTarget, cx: &Ctx) -> Result<RestoreTargetConfig> {
+fn restore_target(i: usize, r: RawRestoreTarget, cx: &mut Ctx) -> Result<RestoreTargetConfig> {
     let key = |k: &str| format!("restore_target[{i}].{k}");
     placeholders_among(&key("url"), &r.url.0, RESTORE_URL_PLACEHOLDERS)?;
     let namespace_glob = glob::Pattern::new(&r.namespace.0)
@@ -441,12 +440,15 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &Ctx) -> Result<RestoreTarg
     if r.owner.0.is_empty() {
         return Err(finding(key("owner"), "must name a role"));
     }
-    let hooks = r
-        .hooks
-        .iter()
-        .enumerate()
-        .map(|(j, h)| hook(&format!("restore_target[{i}].hooks[{j}]"), cx.resolve(&h.0)))
-        .collect::<Result<Vec<_>>>()?;
+    let mut hooks = Vec::with_capacity(r.hooks.len());
+    for (j, h) in r.hooks.iter().enumerate() {
+        let key = format!("restore_target[{i}].hooks[{j}]");
+        let path = cx.resolve(&h.0);
+        if let Some(problem) = hook(&key, &path)? {
+            cx.warn(key, problem);
+        }
+        hooks.push(path);
+    }
     Ok(RestoreTargetConfig {
         namespace: r.namespace.0,
         namespace_glob,
