@@ -26,7 +26,7 @@ use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
 use crate::restore::TargetFailure;
 use crate::source::{self, SourceError};
-use crate::storage::catalog::{self, Filter, SnapshotEntry};
+use crate::storage::catalog::{Filter, SnapshotEntry};
 use crate::storage::manifest::TableEntry;
 use crate::storage::target::VERIFY_SUFFIX;
 
@@ -179,7 +179,7 @@ pub async fn verify_all(
         databases: req.databases.clone(),
         target: None,
     };
-    let cat = catalog::load(&app.targets, &filter).await;
+    let cat = app.catalog(&filter).await;
     let mut latest: Vec<&SnapshotEntry> = Vec::new();
     for s in &cat.snapshots {
         if !latest.iter().any(|l| {

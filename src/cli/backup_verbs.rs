@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::backup::pipeline::Progress;
 use crate::backup::{self, BackupReport};
 use crate::source;
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
 
 pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
     let sources: Vec<_> = match &args.source {
@@ -160,7 +160,7 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
         databases: args.database.clone(),
         target: args.target.clone(),
     };
-    let catalog = catalog::load(&app.targets, &filter).await;
+    let catalog = app.catalog(&filter).await;
     for w in &catalog.warnings {
         eprintln!("warning: {w}");
     }

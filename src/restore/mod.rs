@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::source::{self, SourceError};
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
 use choose::{ChooseError, SnapshotChoice};
 use guard::{Destination, GuardError};
 use load::{LoadError, LoadProgress, RestoreInto};
@@ -207,7 +207,7 @@ async fn run(
         databases: vec![req.database.clone()],
         target: None,
     };
-    let cat = catalog::load(&app.targets, &filter).await;
+    let cat = app.catalog(&filter).await;
     if cat.unreachable.len() == app.targets.len() && !app.targets.is_empty() {
         return Err(RestoreError::NoTargets {
             details: cat

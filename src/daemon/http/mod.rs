@@ -26,7 +26,7 @@ use crate::daemon::readiness::ReadinessCache;
 use crate::daemon::scheduler::Runner;
 use crate::daemon::state::StartError;
 use crate::daemon::DaemonScheduler;
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
 
 use auth::{AuthError, TokenFile};
 
@@ -117,7 +117,7 @@ async fn snapshots(State(s): State<HttpState>, Query(q): Query<SnapshotQuery>) -
         databases: q.database.into_iter().collect(),
         target: None,
     };
-    let c = catalog::load(&s.app.targets, &filter).await;
+    let c = s.app.catalog(&filter).await;
     Json(json!({
         "snapshots": c.snapshots,
         "warnings": c.warnings,
