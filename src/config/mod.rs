@@ -119,10 +119,12 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
+mod locations;
 mod raw;
 #[cfg(test)]
 mod tests;
 
+pub use locations::MIN_ORPHAN_GRACE;
 pub use raw::RetentionPolicy;
 use raw::*;
 
@@ -579,6 +581,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         stall_timeout: parse_duration(&raw.pipeline.stall_timeout.0)
             .map_err(|m| invalid("pipeline.stall_timeout".into(), m))?,
         orphan_grace: parse_duration(&raw.pipeline.orphan_grace.0)
+            .and_then(|g| locations::check_orphan_grace(g).map(|()| g))
             .map_err(|m| invalid("pipeline.orphan_grace".into(), m))?,
     };
 
@@ -735,6 +738,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             max_parts: t.max_parts,
         });
     }
+    locations::check_target_overlap(&targets)
+        .map_err(|(i, m)| invalid(format!("target[{i}].url"), m))?;
     if pipeline.min_targets == 0 || pipeline.min_targets > targets.len() {
         return Err(invalid(
             "pipeline.min_targets".into(),
