@@ -249,12 +249,6 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
     )
     .await;
     print!("{}", crate::retention::prune::render(&report, args.dry_run));
-    if !args.dry_run {
-        println!(
-            "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
-            report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads
-        );
-    }
     for e in &report.errors {
         eprintln!("error: {e}");
     }

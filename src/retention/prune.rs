@@ -410,7 +410,7 @@ async fn delete(t: &Target, key: &Path) -> Result<(), PruneError> {
     }
 }
 
-/// The plan as `pgferry prune` prints it.
+/// The plan as `pgferry prune` prints it, and (unless `dry_run`) what was done.
 pub fn render(report: &PruneReport, dry_run: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -452,6 +452,13 @@ pub fn render(report: &PruneReport, dry_run: bool) -> String {
     if report.plans.is_empty() && report.orphans.is_empty() && report.unfinished_uploads.is_empty()
     {
         let _ = writeln!(out, "nothing to prune: no committed snapshot selected");
+    }
+    if !dry_run {
+        let _ = writeln!(
+            out,
+            "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
+            report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads
+        );
     }
     out
 }

@@ -2,7 +2,9 @@
 //! deletion (manifest, verify report and dump of each expired snapshot), newest kept, young
 //! orphan dumps left alone.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::{ObjectStore, PutPayload};
 
@@ -109,4 +111,28 @@ async fn prune_applies_the_policy_on_s3() {
         "{}",
         run.stdout
     );
+}
+
+/// Runs prune in this process as `pgferry prune` would, `later` from now: how a test sees what
+/// prune does once the orphan grace (at least an hour) has passed. `vars` are the `${VAR}`
+/// values of `config` (inlined, so this process's environment is not touched). Returns what
+/// `pgferry prune` prints.
+pub(crate) async fn prune_later(
+    config: &Path,
+    vars: &[(String, String)],
+    later: Duration,
+) -> String {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    for (k, v) in vars {
+        text = text.replace(&format!("${{{k}}}"), v);
+    }
+    let config = pgferry::config::Config::from_str_at(&text, config).unwrap();
+    let app = pgferry::app::App::new(config).unwrap();
+    let now = chrono::Utc::now() + chrono::TimeDelta::from_std(later).unwrap();
+    let grace = app.config.pipeline.orphan_grace;
+    let selection = pgferry::retention::prune::Selection::default();
+    let report =
+        pgferry::retention::prune::prune(&app, &selection, &|_, _| None, now, grace, false).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    pgferry::retention::prune::render(&report, false)
 }
