@@ -406,15 +406,15 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
 
     for o in &listed.objects {
         match owned(&o.location) {
-            Some(OwnedName::Dump(id, _)) => {
-                if !named.contains(&o.location) && !unknown.contains(&id) {
-                    listing.orphans.push(Orphan {
-                        target: t.name.clone(),
-                        key: o.location.clone(),
-                        last_modified: o.last_modified,
-                        size: o.size,
-                    });
-                }
+            Some(OwnedName::Dump(id, _))
+                if !named.contains(&o.location) && !unknown.contains(&id) =>
+            {
+                listing.orphans.push(Orphan {
+                    target: t.name.clone(),
+                    key: o.location.clone(),
+                    last_modified: o.last_modified,
+                    size: o.size,
+                });
             }
             Some(OwnedName::UploadMarker(id, _)) => {
                 let Some(dump) = upload::dump_key(&o.location) else {
