@@ -492,6 +492,7 @@ async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
     let out = crate::retention::prune_later(
         &w.config,
         &w.env_vars(),
+        &Default::default(),
         pgferry::retention::DEFAULT_ORPHAN_GRACE + Duration::from_secs(60),
     )
     .await;

@@ -116,10 +116,11 @@ async fn prune_applies_the_policy_on_s3() {
 /// Runs prune in this process as `pgferry prune` would, `later` from now: how a test sees what
 /// prune does once the orphan grace (at least an hour) has passed. `vars` are the `${VAR}`
 /// values of `config` (inlined, so this process's environment is not touched). Returns what
-/// `pgferry prune` prints.
+/// `pgferry prune` prints. (`pgferry prune` itself always runs at the current time.)
 pub(crate) async fn prune_later(
     config: &Path,
     vars: &[(String, String)],
+    selection: &pgferry::retention::prune::Selection,
     later: Duration,
 ) -> String {
     let mut text = std::fs::read_to_string(config).unwrap();
@@ -130,9 +131,8 @@ pub(crate) async fn prune_later(
     let app = pgferry::app::App::new(config).unwrap();
     let now = chrono::Utc::now() + chrono::TimeDelta::from_std(later).unwrap();
     let grace = app.config.pipeline.orphan_grace;
-    let selection = pgferry::retention::prune::Selection::default();
     let report =
-        pgferry::retention::prune::prune(&app, &selection, &|_, _| None, now, grace, false).await;
+        pgferry::retention::prune::prune(&app, selection, &|_, _| None, now, grace, false).await;
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     pgferry::retention::prune::render(&report, false)
 }
