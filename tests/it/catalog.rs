@@ -22,12 +22,13 @@ async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
         .unwrap_or_else(|e| panic!("put {key}: {e}"));
 }
 
-/// Waits (polling the clock) until the wall clock is at least `after` past `id`'s second, so
-/// that the next manual snapshot gets a later id and a later start.
+/// Waits (polling the clock) until the wall clock has left `id`'s second and `after` more has
+/// passed, so that the next manual snapshot gets a later id and a later start.
 async fn wait_past(id: &str, after: Duration) {
     let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
         .unwrap()
         .and_utc()
+        + chrono::TimeDelta::seconds(1)
         + chrono::TimeDelta::from_std(after).unwrap();
     let deadline = std::time::Instant::now() + CLOCK_DEADLINE;
     while chrono::Utc::now() <= t {
@@ -264,7 +265,7 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
         .execute("acme", "INSERT INTO t SELECT generate_series(11, 15)")
         .await
         .unwrap();
-    wait_past(&previous, Duration::from_secs(2)).await;
+    wait_past(&previous, Duration::from_secs(1)).await;
     let late = w
         .pgferry(&["backup", "--source", "prod"])
         .await
@@ -315,7 +316,7 @@ async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
         env.source_toml("prod")
     ));
     let manual = committed_ids(&env.pgferry(&config, &["backup"]).await).remove(0);
-    wait_past(&manual, Duration::from_secs(1)).await;
+    wait_past(&manual, Duration::ZERO).await;
     let late = committed_ids(&env.pgferry(&config, &["backup"]).await).remove(0);
     // The newer data becomes a slot that started before the manual snapshot (07:00 caught up
     // at 07:39, beside a manual one of 07:18).
