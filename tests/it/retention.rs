@@ -38,7 +38,11 @@ async fn prune_applies_the_policy_on_s3() {
         .expect("a committed snapshot");
     // Older snapshots: copies of the real one under older ids.
     let manifest = get(&store, &format!("prod/acme/{now_id}.manifest.json")).await;
-    let dump = get(&store, &format!("prod/acme/{now_id}.dump.zst")).await;
+    let object_key = crate::support::env::manifest_of(&manifest)["object_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dump = get(&store, &object_key).await;
     let old = [
         "20260101T000000Z",
         "20260102T000000Z",
@@ -47,8 +51,16 @@ async fn prune_applies_the_policy_on_s3() {
     ];
     for id in old {
         let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        // Each names its own dump, and its data was read at its slot's start.
+        let own_object = object_key.replace(&now_id, id);
         m["snapshot_id"] = id.into();
-        put(&store, &format!("prod/acme/{id}.dump.zst"), dump.to_vec()).await;
+        m["object_key"] = own_object.clone().into();
+        m["started_at"] = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+            .unwrap()
+            .and_utc()
+            .to_rfc3339()
+            .into();
+        put(&store, &own_object, dump.to_vec()).await;
         put(
             &store,
             &format!("prod/acme/{id}.verify.json"),
@@ -93,9 +105,9 @@ async fn prune_applies_the_policy_on_s3() {
         run.stdout
     );
     let mut want = vec![
-        format!("prod/acme/{now_id}.dump.zst"),
+        object_key.clone(),
         format!("prod/acme/{now_id}.manifest.json"),
-        "prod/acme/20260103T000000Z.dump.zst".to_string(),
+        object_key.replace(&now_id, "20260103T000000Z"),
         "prod/acme/20260103T000000Z.manifest.json".to_string(),
         "prod/acme/20260103T000000Z.verify.json".to_string(),
         "prod/acme/20260104T000000Z.dump.zst".to_string(),
