@@ -189,18 +189,6 @@ async fn prune_leaves_alone_what_pgferry_did_not_write() {
         "{}databases = [\"acme\", \"globex\"]\n{s3}",
         env.source_toml("prod")
     ));
-    let r = env
-        .pgferry(
-            &env.write_config(&format!(
-                "{}[pipeline]\norphan_grace = \"0s\"\n{s3}",
-                env.source_toml("prod")
-            )),
-            &["config", "check"],
-        )
-        .await;
-    r.assert_code(2);
-    assert!(r.stderr.contains("pipeline.orphan_grace"), "{}", r.stderr);
-
     committed_ids(&env.pgferry(&config, &["backup"]).await);
     let foreign = [
         "otherteam/db1/x.dump.zst",
@@ -236,6 +224,19 @@ async fn prune_leaves_alone_what_pgferry_did_not_write() {
         out.contains("deleted 0 snapshot(s) and 1 orphan dump(s)"),
         "{out}"
     );
+
+    // A grace shorter than a backup would let prune abort uploads in progress.
+    let r = env
+        .pgferry(
+            &env.write_config(&format!(
+                "{}[pipeline]\norphan_grace = \"0s\"\n{s3}",
+                env.source_toml("prod")
+            )),
+            &["config", "check"],
+        )
+        .await;
+    r.assert_code(2);
+    assert!(r.stderr.contains("pipeline.orphan_grace"), "{}", r.stderr);
 }
 
 /// A production database whose contents change between two snapshots, so that a restore
