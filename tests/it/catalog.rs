@@ -82,16 +82,27 @@ fn committed_ids(run: &Run) -> Vec<String> {
         .collect()
 }
 
-/// The (snapshot, database, targets) rows `pgferry list` printed.
+/// The (snapshot, database, targets) rows `pgferry list --json` printed, newest data first.
 fn listed(run: &Run) -> Vec<(String, String, String)> {
     run.assert_code(0);
-    run.stdout
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // SNAPSHOT, DATA READ (2 words), SOURCE, DATABASE, STORED (2), RAW (2), AGE, TARGETS
-            (f[0].to_string(), f[4].to_string(), f[10].to_string())
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
+    v["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let m = &s["manifest"];
+            let targets: Vec<&str> = s["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect();
+            (
+                m["snapshot_id"].as_str().unwrap().to_string(),
+                m["database"].as_str().unwrap().to_string(),
+                targets.join(","),
+            )
         })
         .collect()
 }
@@ -151,7 +162,7 @@ async fn nested_prefixes_and_misplaced_manifests_never_cost_a_real_snapshot() {
     .await;
     let before = keys(&root).await;
 
-    let list = env.pgferry(&a, &["list"]).await;
+    let list = env.pgferry(&a, &["list", "--json"]).await;
     let mut want = Vec::new();
     for id in &ours {
         for db in ["acme", "globex"] {
@@ -175,7 +186,7 @@ async fn nested_prefixes_and_misplaced_manifests_never_cost_a_real_snapshot() {
         before,
         "nothing of A's or B's was deleted"
     );
-    let list = env.pgferry(&b, &["list"]).await;
+    let list = env.pgferry(&b, &["list", "--json"]).await;
     assert_eq!(listed(&list).len(), 4, "{}", list.stdout);
 }
 
@@ -341,7 +352,7 @@ async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
         !left.iter().any(|k| k.contains(&manual)),
         "the older data goes: {left:?}"
     );
-    let list = env.pgferry(&config, &["list"]).await;
+    let list = env.pgferry(&config, &["list", "--json"]).await;
     assert_eq!(listed(&list)[0].0, slot);
 }
 
