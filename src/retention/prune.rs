@@ -126,7 +126,7 @@ pub async fn prune(
             }
             let held: Vec<&SnapshotEntry> = catalog
                 .of(&source_name, &database)
-                .filter(|s| s.targets.contains(&t.name))
+                .filter(|s| s.objects.contains_key(&t.name))
                 .collect();
             let refs: Vec<SnapshotRef> = held
                 .iter()

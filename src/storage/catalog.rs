@@ -59,12 +59,14 @@ pub struct VerifySummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotEntry {
     pub manifest: Manifest,
-    /// Targets holding a valid manifest of this snapshot, in config order.
+    /// Targets holding a valid manifest of this snapshot that names the same object as
+    /// `manifest` (the copies restore may read), in config order.
     pub targets: Vec<String>,
     /// The newest verify report found on any target.
     pub verify: Option<VerifySummary>,
-    /// Per target, the full key of the dump object that target's manifest names: what prune
-    /// deletes with the snapshot, and nothing else.
+    /// Per target holding a valid manifest of this snapshot (even one naming another attempt's
+    /// object than `manifest`), the full key of the dump object that target's manifest names:
+    /// what prune deletes with the snapshot on that target, and nothing else.
     #[serde(skip)]
     pub objects: BTreeMap<String, Path>,
 }
@@ -210,13 +212,25 @@ pub async fn load(targets: &[Target], sources: &[&str], filter: &Filter) -> Cata
             let m = found.manifest;
             let key = (m.source.clone(), m.database.clone(), m.snapshot_id.clone());
             let entry = merged.entry(key).or_insert_with(|| SnapshotEntry {
-                manifest: m,
+                manifest: m.clone(),
                 targets: Vec::new(),
                 verify: None,
                 objects: BTreeMap::new(),
             });
-            entry.targets.push(t.name.clone());
+            // Every target's own object, for prune (which deletes that target's copy).
             entry.objects.insert(t.name.clone(), found.object);
+            // Two attempts at one slot can leave manifests naming different objects on
+            // different targets: a copy counts (for restore) only with the manifest it was
+            // written with, and the newest wins.
+            if entry.manifest.object_key != m.object_key {
+                if m.finished_at <= entry.manifest.finished_at {
+                    continue;
+                }
+                entry.manifest = m;
+                entry.targets.clear();
+                entry.verify = None;
+            }
+            entry.targets.push(t.name.clone());
             if let Some(v) = found.verify {
                 if entry
                     .verify
@@ -360,7 +374,7 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
                 why
             }
             Ok(m) => {
-                if let Ok(rel) = Path::parse(&m.object_key) {
+                if let Some(rel) = key::object_path(&m.object_key) {
                     named.insert(t.at(&rel));
                 }
                 match check_manifest(t, folder, &key, &id, &m) {
@@ -458,17 +472,16 @@ fn check_manifest(
             m.source, m.database
         ));
     }
-    let object = Path::parse(&m.object_key)
-        .map(|rel| t.at(&rel))
-        .map_err(|e| format!("its object_key {:?} is not a key ({e})", m.object_key))?;
-    let names_own_dump = parent(&object) == *folder
-        && matches!(owned(&object), Some(OwnedName::Dump(ref d, _)) if d == id);
-    if !names_own_dump {
+    let object = key::object_path(&m.object_key).map(|rel| t.at(&rel));
+    let names_own_dump = object.as_ref().is_some_and(|o| {
+        parent(o) == *folder && matches!(owned(o), Some(OwnedName::Dump(ref d, _)) if d == id)
+    });
+    let Some(object) = object.filter(|_| names_own_dump) else {
         return Err(format!(
             "its object_key {:?} is not a dump of this snapshot in its folder",
             m.object_key
         ));
-    }
+    };
     Ok(object)
 }
 

@@ -131,13 +131,13 @@ async fn nested_prefixes_and_misplaced_manifests_never_cost_a_real_snapshot() {
     ));
     let mut ours = Vec::new();
     for _ in 0..2 {
-        let ids = committed_ids(&env.pgferry(&a, &["backup"]).await);
+        let ids = committed_ids(&env.pgferry(&a, &["backup", "--force"]).await);
         assert_eq!(ids.len(), 2);
         wait_past(&ids[0], Duration::ZERO).await;
         ours.push(ids[0].clone());
     }
     for _ in 0..2 {
-        let ids = committed_ids(&env.pgferry(&b, &["backup"]).await);
+        let ids = committed_ids(&env.pgferry(&b, &["backup", "--force"]).await);
         wait_past(&ids[0], Duration::ZERO).await;
     }
     // A manifest in acme's folder whose body says globex, newer than everything; a copy of a
@@ -327,9 +327,9 @@ async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
         "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
         env.source_toml("prod")
     ));
-    let manual = committed_ids(&env.pgferry(&config, &["backup"]).await).remove(0);
+    let manual = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);
     wait_past(&manual, Duration::ZERO).await;
-    let late = committed_ids(&env.pgferry(&config, &["backup"]).await).remove(0);
+    let late = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);
     // The newer data becomes a slot that started before the manual snapshot (07:00 caught up
     // at 07:39, beside a manual one of 07:18).
     let slot = shift(&manual, -60);
