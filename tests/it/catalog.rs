@@ -269,7 +269,7 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
     )
     .await;
     let previous = w
-        .pgferry(&["backup", "--source", "prod"])
+        .pgferry(&["backup", "--source", "prod", "--force"])
         .await
         .snapshot_id();
     w.env
@@ -279,7 +279,7 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
         .unwrap();
     wait_past(&previous, Duration::from_secs(1)).await;
     let late = w
-        .pgferry(&["backup", "--source", "prod"])
+        .pgferry(&["backup", "--source", "prod", "--force"])
         .await
         .snapshot_id();
     // The later dump becomes the slot starting one second after `previous`: its id is earlier
