@@ -277,7 +277,7 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
         .execute("acme", "INSERT INTO t SELECT generate_series(11, 15)")
         .await
         .unwrap();
-    wait_past(&previous, Duration::from_secs(1)).await;
+    wait_past(&previous, Duration::from_secs(3)).await;
     let late = w
         .pgferry(&["backup", "--source", "prod", "--force"])
         .await
@@ -288,10 +288,27 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
     for s in &w.stores {
         relabel(s, "prod/acme", &late, &slot).await;
     }
-    let at = chrono::NaiveDateTime::parse_from_str(&slot, "%Y%m%dT%H%M%SZ")
+    // At the slot's start, or later once the previous snapshot's data was read (its read
+    // time trails its id by pg_dump's start), and before the slot's data was read.
+    let read_at = |id: &str| {
+        let store = w.stores[0].clone();
+        let key = format!("prod/acme/{id}.manifest.json");
+        async move {
+            let m = manifest_of(&get(&store, &key).await);
+            chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        }
+    };
+    let slot_time = chrono::NaiveDateTime::parse_from_str(&slot, "%Y%m%dT%H%M%SZ")
         .unwrap()
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
+        .and_utc();
+    let at_time = slot_time.max(read_at(&previous).await);
+    assert!(
+        at_time < read_at(&slot).await,
+        "the slot's data is read later"
+    );
+    let at = at_time.to_rfc3339();
     let run = w.restore(&["--at", &at]).await;
     run.assert_code(0);
     assert!(
