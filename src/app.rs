@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::storage::catalog::{self, Catalog, Filter};
 use crate::storage::target::{Target, TargetError};
 
 #[derive(Clone)]
@@ -35,5 +36,16 @@ impl App {
 
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The catalog of the configured sources on the configured targets (see `catalog`).
+    pub async fn catalog(&self, filter: &Filter) -> Catalog {
+        let sources: Vec<&str> = self
+            .config
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        catalog::load(&self.targets, &sources, filter).await
     }
 }

@@ -26,7 +26,7 @@ use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
 use crate::restore::TargetFailure;
 use crate::source::{self, SourceError};
-use crate::storage::catalog::{self, Filter, SnapshotEntry};
+use crate::storage::catalog::{Filter, SnapshotEntry};
 use crate::storage::manifest::TableEntry;
 use crate::storage::target::VERIFY_SUFFIX;
 
@@ -179,7 +179,7 @@ pub async fn verify_all(
         databases: req.databases.clone(),
         target: None,
     };
-    let cat = catalog::load(&app.targets, &filter).await;
+    let cat = app.catalog(&filter).await;
     // What the buckets say first: a database that fails tonight keeps its last success (the
     // pushed group replaces the previous one whole).
     crate::metrics::from_catalog::seed(&app.metrics, &cat, app.config.pipeline.min_targets);

@@ -1,5 +1,6 @@
 //! `backup`, `list` and `prune`: the verbs over sources and the snapshot catalog.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,62 +13,86 @@ use super::{
 use crate::app::App;
 use crate::backup::pipeline::Progress;
 use crate::backup::{self, SlotOutcome};
+use crate::config::SourceConfig;
 use crate::source;
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
 use crate::storage::key::{SnapshotId, SnapshotKey};
 
 pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
     let sources: Vec<_> = match &args.source {
-        Some(name) => vec![app.config.source(name).ok_or_else(|| {
-            CliError::Usage(format!(
-                "no source named {name:?} in {}; configured: {}",
-                app.config.path.display(),
-                names(app.config.sources.iter().map(|s| s.name.as_str()))
-            ))
-        })?],
+        Some(name) => vec![known_source(app, name)?],
         None => app.config.sources.iter().collect(),
     };
-    // Resolve the databases of each source first, so a typo fails before any dump starts.
+    // Resolve the databases of each source first, so a typo fails before any dump starts. A
+    // source that cannot be reached does not stop the others: it fails the run at the end.
     let mut jobs = Vec::new();
+    let mut unreachable: Vec<String> = Vec::new();
+    let mut found: BTreeSet<&str> = BTreeSet::new();
+    let mut refused = Vec::new();
+    let mut missing = Vec::new();
     for source in sources {
-        let client = source::connect(&source.url, None)
-            .await
-            .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?;
-        let selected = source::discover(&client, source)
-            .await
-            .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?;
-        let dbs = if args.database.is_empty() {
-            selected
-        } else {
-            let all: Vec<String> = client
-                .query(
-                    "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1",
-                    &[],
-                )
-                .await
-                .map_err(|e| CliError::Failed(format!("source {}: {e}", source.name)))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let mut dbs = Vec::new();
-            for d in &args.database {
-                if all.contains(d) {
-                    dbs.push(d.clone());
-                } else if args.source.is_some() {
-                    return Err(CliError::Failed(format!(
-                        "database {d:?} does not exist on source {}; it has: {}",
-                        source.name,
-                        names(all.iter().map(String::as_str))
-                    )));
-                }
+        let selection = match select_databases(source, &args.database).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "error: source {}: {e}; its databases are not backed up this run",
+                    source.name
+                );
+                unreachable.push(format!("{} ({e})", source.name));
+                continue;
             }
-            dbs
         };
-        for d in dbs {
+        for skipped in &selection.skipped {
+            eprintln!(
+                "skipped {}/{}: {}",
+                source.name, skipped.database, skipped.reason
+            );
+        }
+        for r in &selection.refused {
+            refused.push(format!("{}/{}: {}", source.name, r.database, r.reason));
+        }
+        found.extend(
+            args.database
+                .iter()
+                .filter(|d| !selection.missing.contains(d))
+                .map(String::as_str),
+        );
+        if !selection.missing.is_empty() {
+            missing.push(format!(
+                "source {} has no database {}; it has: {}",
+                source.name,
+                selection.missing.join(", "),
+                names(selection.available.iter().map(String::as_str))
+            ));
+        }
+        for d in selection.databases {
             jobs.push((source, d));
         }
     }
-    if jobs.is_empty() {
+    if !refused.is_empty() {
+        return Err(CliError::Usage(format!(
+            "cannot back up {}",
+            refused.join("; ")
+        )));
+    }
+    let unknown: Vec<&str> = args
+        .database
+        .iter()
+        .map(String::as_str)
+        .filter(|d| !found.contains(d))
+        .collect();
+    // An explicit name no source has is a typo: nothing is dumped. With --source, it must be on
+    // that source. (A source that could not be asked may have it: that fails at the end.)
+    if (!unknown.is_empty() && unreachable.is_empty())
+        || (args.source.is_some() && !missing.is_empty())
+    {
+        return Err(CliError::Usage(format!(
+            "--database {}: no such database; {}",
+            unknown.join(", --database "),
+            missing.join("; ")
+        )));
+    }
+    if jobs.is_empty() && unreachable.is_empty() {
         return Err(CliError::Failed(
             "no database selected: check the sources' databases/exclude globs and --database"
                 .into(),
@@ -114,12 +139,32 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
     .collect()
     .await;
     let failed = results.iter().filter(|ok| !**ok).count();
+    let mut problems = Vec::new();
     if failed > 0 {
-        return Err(CliError::Failed(format!(
+        problems.push(format!(
             "{failed} of {total} database backup(s) failed; see above"
-        )));
+        ));
     }
-    Ok(())
+    if !unreachable.is_empty() {
+        problems.push(format!(
+            "could not reach source(s) {}, so nothing of them was backed up; fix the connection and run `pgferry backup --source NAME` for each",
+            unreachable.join(", ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(problems.join("; ")))
+    }
+}
+
+/// The databases of `source` to back up: its globs' selection, or the explicit names.
+async fn select_databases(
+    source: &SourceConfig,
+    explicit: &[String],
+) -> Result<source::select::Selection, source::SourceError> {
+    let client = source::connect(&source.url, None).await?;
+    source::discover(&client, source, explicit).await
 }
 
 fn print_backup_line(snapshot: &SnapshotKey, r: &Result<SlotOutcome, backup::BackupError>) {
@@ -160,6 +205,9 @@ fn print_backup_line(snapshot: &SnapshotKey, r: &Result<SlotOutcome, backup::Bac
 }
 
 pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> {
+    if let Some(name) = &args.source {
+        known_source(app, name)?;
+    }
     if let Some(t) = &args.target {
         if app.target(t).is_none() {
             return Err(CliError::Usage(format!(
@@ -173,7 +221,7 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
         databases: args.database.clone(),
         target: args.target.clone(),
     };
-    let catalog = catalog::load(&app.targets, &filter).await;
+    let catalog = app.catalog(&filter).await;
     for w in &catalog.warnings {
         eprintln!("warning: {w}");
     }
@@ -204,8 +252,8 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
         );
     } else {
         println!(
-            "{:<18} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
-            "SNAPSHOT", "SOURCE", "DATABASE", "STORED", "RAW", "AGE", "TARGETS"
+            "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
+            "SNAPSHOT", "DATA READ", "SOURCE", "DATABASE", "STORED", "RAW", "AGE", "TARGETS"
         );
         let now = chrono::Utc::now();
         for s in &catalog.snapshots {
@@ -215,13 +263,14 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
                 None => "-".into(),
             };
             println!(
-                "{:<18} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} {}",
+                "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} {}",
                 m.snapshot_id,
+                m.started_at.format("%Y-%m-%d %H:%M:%SZ"),
                 m.source,
                 m.database,
                 human_bytes(m.stored_size),
                 human_bytes(m.raw_size),
-                human_age(now - m.finished_at),
+                human_age(now - m.started_at),
                 s.targets.join(","),
                 verified
             );
@@ -238,13 +287,7 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
 
 pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {
     if let Some(name) = &args.source {
-        if app.config.source(name).is_none() {
-            return Err(CliError::Usage(format!(
-                "no source named {name:?} in {}; configured: {}",
-                app.config.path.display(),
-                names(app.config.sources.iter().map(|s| s.name.as_str()))
-            )));
-        }
+        known_source(app, name)?;
     }
     let selection = crate::retention::prune::Selection {
         source: args.source.clone(),
@@ -262,12 +305,6 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
     )
     .await;
     print!("{}", crate::retention::prune::render(&report, args.dry_run));
-    if !args.dry_run {
-        println!(
-            "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
-            report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads
-        );
-    }
     for e in &report.errors {
         eprintln!("error: {e}");
     }
@@ -279,4 +316,15 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
             report.errors.len()
         )))
     }
+}
+
+/// The configured source `name`, or the usage error (exit 2) naming the configured ones.
+fn known_source<'a>(app: &'a App, name: &str) -> Result<&'a SourceConfig, CliError> {
+    app.config.source(name).ok_or_else(|| {
+        CliError::Usage(format!(
+            "no source named {name:?} in {}; configured: {}",
+            app.config.path.display(),
+            names(app.config.sources.iter().map(|s| s.name.as_str()))
+        ))
+    })
 }

@@ -45,16 +45,34 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// One backup run now; exit 0 only if every database committed.
+    #[command(
+        after_help = "Examples:\n  pgferry backup                                  every database of every source\n  pgferry backup --source prod --database acme    one database\n  pgferry backup --database acme --database globex\n\nA source that cannot be reached does not stop the others; the run then exits 1 naming it.\nAn unknown --database is an error (exit 2) before anything is dumped."
+    )]
     Backup(BackupArgs),
-    /// Committed snapshots, newest first.
+    /// Committed snapshots, newest data first.
+    #[command(
+        after_help = "Examples:\n  pgferry list\n  pgferry list --source prod --database acme\n  pgferry list --target ovh --json\n\nDATA READ is when pg_dump took the snapshot: what --at and \"latest\" go by."
+    )]
     List(ListArgs),
     /// Scheduler + HTTP server (/metrics, /healthz, /readyz, /api/v1/...); runs until SIGTERM.
+    #[command(
+        after_help = "Example:\n  pgferry daemon --config /etc/pgferry/pgferry.toml --log-format json"
+    )]
     Daemon,
     /// Apply retention on every target and print the plan.
+    #[command(
+        after_help = "Examples:\n  pgferry prune --dry-run                         print the plan, delete nothing\n  pgferry prune --source prod --database acme\n\nOnly objects pgferry wrote, in the configured sources' folders, are ever deleted."
+    )]
     Prune(PruneArgs),
     /// Load a snapshot into a configured staging target, verified, hooks applied, swapped in.
+    #[command(
+        after_help = "Examples:\n  pgferry restore --source prod --database acme --to staging-acme\n  pgferry restore --source prod --database acme --to staging-acme --at \"2026-11-27 09:00\"\n  pgferry restore --source prod --database acme --to sandbox-x --snapshot 20261127T090000Z --as acme_copy --jobs 4\n\n--at picks the newest snapshot whose data was read at or before the time (UTC unless an offset is given)."
+    )]
     Restore(RestoreArgs),
     /// Restore the latest snapshot(s) into a scratch database and prove them complete.
+    #[command(
+        after_help = "Examples:\n  pgferry verify\n  pgferry verify --source prod --database acme --json\n  pgferry verify --pushgateway http://pushgateway:9091"
+    )]
     Verify(VerifyArgs),
     /// Configuration commands.
     #[command(subcommand)]
@@ -152,6 +170,7 @@ pub struct RestoreArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate the config and print it with every secret redacted.
+    #[command(after_help = "Example:\n  pgferry config check --config ./pgferry.toml")]
     Check,
 }
 
@@ -329,5 +348,22 @@ mod tests {
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_verb_has_examples() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let mut verbs: Vec<clap::Command> = Vec::new();
+        for c in cli.get_subcommands_mut() {
+            verbs.extend(c.get_subcommands().cloned());
+            if c.get_subcommands().next().is_none() {
+                verbs.push(c.clone());
+            }
+        }
+        for mut v in verbs {
+            let help = v.render_long_help().to_string();
+            assert!(help.contains("Example"), "{} --help: {help}", v.get_name());
+        }
     }
 }

@@ -49,6 +49,7 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
                     serde_json::to_string_pretty(&out).expect("JSON values serialize")
                 );
             } else {
+                eprintln!("{}", report.chosen);
                 println!("{}", restore_line(&report));
             }
             Ok(())

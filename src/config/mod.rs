@@ -143,6 +143,7 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
 }
 
 mod locate;
+mod locations;
 mod raw;
 mod rules;
 mod show;
@@ -150,6 +151,7 @@ mod show;
 mod tests;
 mod validate;
 
+pub use locations::MIN_ORPHAN_GRACE;
 use raw::RawConfig;
 pub use raw::RetentionPolicy;
 

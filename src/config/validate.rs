@@ -58,7 +58,8 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
     let sources = sources(raw.source, &mut cx)?;
     let targets = targets(raw.target, &cx)?;
     min_targets(&pipeline, &targets)?;
-    // Checks across targets (such as two targets whose locations overlap) go here.
+    super::locations::check_target_overlap(&targets)
+        .map_err(|(i, m)| finding(format!("target[{i}].url"), m))?;
     let restore_targets = restore_targets(raw.restore_target, &mut cx)?;
     let verify = verify(raw.verify, &cx)?;
     let config = Config {
@@ -132,8 +133,8 @@ fn pipeline(raw: RawPipeline) -> Result<PipelineConfig> {
             MIN_STALL_TIMEOUT,
             "a healthy but briefly slow target would be dropped from the snapshot",
         )?,
-        // A lower bound for orphan_grace (longer than any backup) belongs here too.
         orphan_grace: parse_duration(&raw.orphan_grace.0)
+            .and_then(|g| super::locations::check_orphan_grace(g).map(|()| g))
             .map_err(|m| finding("pipeline.orphan_grace", m))?,
     })
 }

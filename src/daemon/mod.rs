@@ -56,9 +56,13 @@ impl Runner for PgRunner {
         let client = source::connect(&source.url, None)
             .await
             .map_err(discover_err)?;
-        source::discover(&client, source)
+        let selection = source::discover(&client, source, &[])
             .await
-            .map_err(discover_err)
+            .map_err(discover_err)?;
+        for s in &selection.skipped {
+            tracing::warn!(message = "Skipping a database the source's globs select.", source = %source.name, database = %s.database, reason = %s.reason);
+        }
+        Ok(selection.databases)
     }
 
     async fn attempt(

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use crate::app::App;
 use crate::metrics::{Metrics, Outcome};
-use crate::storage::catalog::{self, Catalog, Filter};
+use crate::storage::catalog::{Catalog, Filter};
 
 /// Sets the gauges of every database the catalog holds snapshots of.
 pub fn seed(metrics: &Metrics, catalog: &Catalog, min_targets: usize) {
@@ -55,7 +55,7 @@ pub async fn refresh(app: &App) {
             source: Some(source.name.clone()),
             ..Filter::default()
         };
-        let cat = catalog::load(&app.targets, &filter).await;
+        let cat = app.catalog(&filter).await;
         seed(&app.metrics, &cat, app.config.pipeline.min_targets);
     }
 }
@@ -91,11 +91,13 @@ mod tests {
                     manifest: newest.clone(),
                     targets: vec!["a".into()],
                     verify: Some(failed),
+                    objects: Default::default(),
                 },
                 SnapshotEntry {
                     manifest: older,
                     targets: vec!["a".into(), "b".into()],
                     verify: Some(passed.clone()),
+                    objects: Default::default(),
                 },
             ],
             ..Catalog::default()

@@ -1,9 +1,11 @@
 //! Snapshot choice: which committed snapshot a restore loads (`latest`, an id, or `--at`).
 //!
 //! Pure functions over catalog entries, so every rule is unit-tested. A snapshot's time is
-//! its id (the UTC start of its schedule slot), not when its upload finished: "the 09:00
-//! snapshot" is `20261127T090000Z` even though it committed at 09:00:41. This module does
-//! no I/O and does not decide where the snapshot is read from.
+//! when its data was read (the manifest's `started_at`, when pg_dump took its snapshot), not
+//! its id: the id names the schedule slot, and a slot the daemon caught up late (slot 07:00
+//! dumped at 07:39) holds data of 07:39, so `--at 07:30` must not pick it. "Latest" is the
+//! snapshot whose data was read last. This module does no I/O and does not decide where the
+//! snapshot is read from.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
@@ -41,7 +43,11 @@ impl std::fmt::Display for SnapshotChoice {
             SnapshotChoice::Latest => f.write_str("the latest snapshot"),
             SnapshotChoice::Id(id) => write!(f, "snapshot {id}"),
             SnapshotChoice::At(t) => {
-                write!(f, "the newest snapshot at or before {}", t.to_rfc3339())
+                write!(
+                    f,
+                    "the newest snapshot whose data was read at or before {}",
+                    t.to_rfc3339()
+                )
             }
         }
     }
@@ -79,9 +85,26 @@ pub fn parse_at(raw: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
-/// The time a snapshot stands for: its id, else (an id not made by pgferry) its start.
+/// The time a snapshot stands for: when its data was read.
 pub fn snapshot_time(entry: &SnapshotEntry) -> DateTime<Utc> {
-    parse_snapshot_id(&entry.manifest.snapshot_id).unwrap_or(entry.manifest.started_at)
+    entry.data_time()
+}
+
+/// What was picked, for the operator: "snapshot 20261127T070000Z (data read at
+/// 2026-11-27T07:39:00Z)", and for `--at`, the time asked for.
+pub fn describe(entry: &SnapshotEntry, choice: &SnapshotChoice) -> String {
+    let picked = format!(
+        "snapshot {} (data read at {})",
+        entry.id(),
+        entry.data_time().to_rfc3339()
+    );
+    match choice {
+        SnapshotChoice::At(t) => format!(
+            "--at {}: {picked}, the newest whose data was read at or before it",
+            t.to_rfc3339()
+        ),
+        _ => picked,
+    }
 }
 
 /// Why no snapshot matched; carries what exists so the message can list it.
@@ -130,13 +153,15 @@ pub fn choose<'a>(
             database: database.into(),
         });
     }
+    // Ties (two snapshots read in the same instant): the greater id.
+    let newest = |e: &&&SnapshotEntry| (snapshot_time(e), e.manifest.snapshot_id.clone());
     let found = match choice {
-        SnapshotChoice::Latest => entries.iter().max_by_key(|e| snapshot_time(e)),
+        SnapshotChoice::Latest => entries.iter().max_by_key(newest),
         SnapshotChoice::Id(id) => entries.iter().find(|e| e.manifest.snapshot_id == *id),
         SnapshotChoice::At(t) => entries
             .iter()
             .filter(|e| snapshot_time(e) <= *t)
-            .max_by_key(|e| snapshot_time(e)),
+            .max_by_key(newest),
     };
     found.copied().ok_or_else(|| ChooseError::NotFound {
         source_name: source.into(),
@@ -144,7 +169,13 @@ pub fn choose<'a>(
         wanted: choice.to_string(),
         available: entries
             .iter()
-            .map(|e| e.manifest.snapshot_id.clone())
+            .map(|e| {
+                format!(
+                    "{} (data read at {})",
+                    e.manifest.snapshot_id,
+                    e.data_time().format("%Y-%m-%d %H:%M:%SZ")
+                )
+            })
             .collect(),
     })
 }
@@ -157,11 +188,20 @@ mod tests {
     fn entry(id: &str) -> SnapshotEntry {
         let mut m = sample();
         m.snapshot_id = id.into();
+        m.started_at = parse_snapshot_id(id).unwrap();
         SnapshotEntry {
             manifest: m,
             targets: vec!["a".into()],
             verify: None,
+            objects: Default::default(),
         }
+    }
+
+    /// A snapshot of slot `id` whose data was read at `read`.
+    fn late(id: &str, read: &str) -> SnapshotEntry {
+        let mut e = entry(id);
+        e.manifest.started_at = utc(read);
+        e
     }
 
     fn utc(s: &str) -> DateTime<Utc> {
@@ -230,12 +270,37 @@ mod tests {
         let unknown = pick(SnapshotChoice::Id("20200101T000000Z".into())).unwrap_err();
         let msg = unknown.to_string();
         assert!(
-            msg.contains("20261127T100000Z, 20261127T090000Z, 20261127T080000Z"),
+            msg.contains("20261127T100000Z (data read at 2026-11-27 10:00:00Z), 20261127T090000Z"),
             "{msg}"
         );
         assert!(
             msg.contains("pgferry list --source prod --database acme"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn time_is_when_the_data_was_read() {
+        // Slot 07:00 caught up at 07:39; a manual snapshot at 07:18; slot 06:00 on time.
+        let (slot, manual, six) = (
+            late("20261127T070000Z", "2026-11-27T07:39:00Z"),
+            entry("20261127T071800Z"),
+            late("20261127T060000Z", "2026-11-27T06:00:05Z"),
+        );
+        let all = vec![&manual, &slot, &six];
+        let pick = |ch: SnapshotChoice| choose(&all, &ch, "prod", "acme").map(|e| e.id());
+        assert_eq!(pick(SnapshotChoice::Latest), Ok("20261127T070000Z"));
+        let at = SnapshotChoice::At(utc("2026-11-27T07:30:00Z"));
+        assert_eq!(pick(at.clone()), Ok("20261127T071800Z"));
+        assert_eq!(
+            pick(SnapshotChoice::At(utc("2026-11-27T07:10:00Z"))),
+            Ok("20261127T060000Z")
+        );
+        let said = describe(&manual, &at);
+        assert!(said.contains("--at 2026-11-27T07:30:00+00:00"), "{said}");
+        assert!(
+            said.contains("snapshot 20261127T071800Z (data read at 2026-11-27T07:18:00+00:00)"),
+            "{said}"
         );
     }
 

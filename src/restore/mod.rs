@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::source::{self, SourceError};
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
 use choose::{ChooseError, SnapshotChoice};
 use guard::{Destination, GuardError};
 use load::{LoadError, LoadProgress, RestoreInto};
@@ -59,6 +59,10 @@ pub struct RestoreReport {
     pub source: String,
     pub database: String,
     pub snapshot_id: String,
+    /// When the snapshot's data was read (its time for `--at` and "latest").
+    pub data_read_at: chrono::DateTime<Utc>,
+    /// Which snapshot was picked and why, for the operator (see `choose::describe`).
+    pub chosen: String,
     pub namespace: String,
     pub destination: String,
     /// The target whose copy was restored.
@@ -207,7 +211,7 @@ async fn run(
         databases: vec![req.database.clone()],
         target: None,
     };
-    let cat = catalog::load(&app.targets, &filter).await;
+    let cat = app.catalog(&filter).await;
     if cat.unreachable.len() == app.targets.len() && !app.targets.is_empty() {
         return Err(RestoreError::NoTargets {
             details: cat
@@ -243,7 +247,7 @@ async fn run(
     };
     let manifest = &entry.manifest;
     tracing::Span::current().record("snapshot_id", manifest.snapshot_id.as_str());
-    tracing::info!(message = "Snapshot chosen.", targets = %entry.targets.join(","), destination = %dest.database);
+    tracing::info!(message = "Snapshot chosen.", chosen = %choose::describe(entry, &req.snapshot), targets = %entry.targets.join(","), destination = %dest.database);
 
     // 3. The destination server: lock, clean leftovers, the right pg_restore.
     let server = Server::lock(&dest.url, &dest.database).await?;
@@ -371,6 +375,8 @@ async fn run(
         source: req.source.clone(),
         database: req.database.clone(),
         snapshot_id: manifest.snapshot_id.clone(),
+        data_read_at: manifest.started_at,
+        chosen: choose::describe(entry, &req.snapshot),
         namespace: dest.namespace.clone(),
         destination: dest.database.clone(),
         target: target_used,

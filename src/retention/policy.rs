@@ -45,7 +45,9 @@ pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 pub struct SnapshotRef {
     /// The snapshot id, `20261127T140000Z`.
     pub id: String,
-    /// The snapshot's time (the start of its schedule slot), used for bucketing.
+    /// When the snapshot's data was read (its manifest's `started_at`), used for ordering and
+    /// bucketing: not its id, which names the schedule slot (a slot caught up late, or a
+    /// manual snapshot's second, would otherwise interleave wrongly).
     pub time: DateTime<Utc>,
 }
 

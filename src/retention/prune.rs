@@ -1,25 +1,29 @@
 //! The retention executor: applies `retention::plan` to the snapshots on the targets.
 //!
-//! Per source, database and target: read the catalog, ask [`retention::prune_allowed`],
-//! plan, then delete each expired snapshot manifest first (so a crash leaves an orphan dump,
-//! never a manifest pointing at nothing), then its verify report, then its dump; finally remove
-//! the dumps without a manifest older than the orphan grace, and abort the multipart uploads
-//! whose markers (see `upload`) are that old without a manifest. The decisions are
-//! `retention`'s; this module only lists, aborts and deletes. A target that cannot be listed
-//! is skipped and reported.
+//! Per source, database and target: read the catalog (only the selected, configured source
+//! and database folders; only manifests that belong at their key, see `catalog`), ask
+//! [`retention::prune_allowed`], plan by when each snapshot's data was read, then delete each
+//! expired snapshot's manifest first (so a crash leaves an orphan dump, never a manifest
+//! pointing at nothing), then its verify report, then the object that manifest names (never a
+//! key derived from the id); finally remove the dumps no manifest names that are older than
+//! the orphan grace, and abort the multipart uploads whose markers (see `upload`) are that old
+//! without a manifest. Only keys of the shapes pgferry writes, inside the selected folders, are
+//! ever deleted; nothing a manifest names is deleted except with that manifest's snapshot. The
+//! decisions are `retention`'s; this module only lists, aborts and deletes. A target that
+//! cannot be listed is skipped and reported.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use object_store::ObjectStore;
+use object_store::path::Path;
 use serde::Serialize;
 
 use crate::app::App;
 use crate::retention::{self, BackupOutcome, KeepReason, SkipReason, SnapshotRef};
-use crate::schedule;
-use crate::storage::catalog::{self, Filter};
-use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
+use crate::storage::catalog::{self, Filter, SnapshotEntry};
+use crate::storage::key::{self, OwnedName, SnapshotId, SnapshotKey};
+use crate::storage::target::Target;
 use crate::storage::upload::{self, CleanError, Cleaned};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +84,6 @@ pub struct PruneReport {
     pub unfinished_uploads: Vec<(String, String)>,
     /// Unfinished uploads aborted (with their marker and any dump object deleted).
     pub aborted_uploads: usize,
-    /// Snapshots of sources no longer in the config: never touched.
-    pub unknown_sources: BTreeSet<String>,
     pub errors: Vec<PruneError>,
 }
 
@@ -100,7 +102,7 @@ pub async fn prune(
         databases: selection.database.iter().cloned().collect(),
         target: None,
     };
-    let catalog = catalog::load(&app.targets, &filter).await;
+    let catalog = app.catalog(&filter).await;
     let mut report = PruneReport::default();
     for (target, error) in &catalog.unreachable {
         report.errors.push(PruneError::Unreachable {
@@ -114,20 +116,23 @@ pub async fn prune(
         .map(|s| (s.manifest.source.clone(), s.manifest.database.clone()))
         .collect();
     for (source_name, database) in databases {
+        // The catalog holds configured sources only.
         let Some(source) = app.config.source(&source_name) else {
-            report.unknown_sources.insert(source_name);
             continue;
         };
         for t in app.targets.iter() {
             if catalog.unreachable.iter().any(|(n, _)| n == &t.name) {
                 continue;
             }
-            let refs: Vec<SnapshotRef> = catalog
+            let held: Vec<&SnapshotEntry> = catalog
                 .of(&source_name, &database)
-                .filter(|s| s.targets.contains(&t.name))
+                .filter(|s| s.objects.contains_key(&t.name))
+                .collect();
+            let refs: Vec<SnapshotRef> = held
+                .iter()
                 .map(|s| SnapshotRef {
                     id: s.id().to_string(),
-                    time: schedule::parse_snapshot_id(s.id()).unwrap_or(s.manifest.started_at),
+                    time: s.data_time(),
                 })
                 .collect();
             if refs.is_empty() {
@@ -152,11 +157,10 @@ pub async fn prune(
             plan.delete = p.delete.into_iter().map(|r| r.id).collect();
             if !dry_run {
                 for id in &plan.delete {
-                    let object = catalog
-                        .of(&source_name, &database)
-                        .find(|s| s.id() == id)
-                        .map(|s| s.manifest.object_key.clone());
-                    match delete_snapshot(t, &source_name, &database, id, object.as_deref()).await {
+                    let Some(entry) = held.iter().find(|s| s.id() == id) else {
+                        continue;
+                    };
+                    match delete_snapshot(t, entry).await {
                         Ok(()) => {
                             report.deleted_snapshots += 1;
                             app.metrics
@@ -189,7 +193,14 @@ pub async fn prune(
             if dry_run {
                 continue;
             }
-            match delete(t, &object_store::path::Path::from(key.as_str())).await {
+            let Some(orphan) = catalog
+                .orphans
+                .iter()
+                .find(|o| o.target == t.name && o.key.as_ref() == key)
+            else {
+                continue;
+            };
+            match delete(t, &orphan.key).await {
                 Ok(()) => {
                     report.deleted_orphans += 1;
                     tracing::info!(message = "Retention removed a dump left without a manifest.", target = %t.name, key = %key);
@@ -198,24 +209,86 @@ pub async fn prune(
             }
         }
         clean_uploads(t, &catalog, now, orphan_grace, dry_run, &mut report).await;
-        clean_staging_files(t, selection, now, orphan_grace, dry_run, &mut report).await;
+        let sources: Vec<String> = app
+            .config
+            .sources
+            .iter()
+            .filter(|s| selection.source.as_ref().is_none_or(|n| *n == s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        clean_staging_files(
+            t,
+            sources,
+            selection.database.clone(),
+            now,
+            orphan_grace,
+            dry_run,
+            &mut report,
+        )
+        .await;
     }
     report
 }
 
-/// Removes the staging files that killed uploads left in a directory target, past the grace:
-/// under the selected source's folder, or the whole target.
+/// The database folders of a directory target in which prune may remove staging files: the
+/// selected database's, or every folder directly under each selected configured source's.
+/// Blocking (reads directories): call it off the async threads.
+fn staging_folders(
+    sources: &[String],
+    root: &std::path::Path,
+    t: &Target,
+    database: Option<&str>,
+) -> Vec<std::path::PathBuf> {
+    let mut folders = Vec::new();
+    for source in sources {
+        match database {
+            Some(d) => folders.push(root.join(t.at(&key::database_folder(source, d)).as_ref())),
+            None => {
+                let dir = root.join(t.folder(Some(source), None).as_ref());
+                for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|k| k.is_dir()) {
+                        folders.push(e.path());
+                    }
+                }
+            }
+        }
+    }
+    folders
+}
+
+/// Removes the staging files that killed uploads left in a directory target's selected
+/// database folders (see [`staging_folders`]), past the grace: only those of dump names
+/// pgferry writes, directly in a database folder.
 async fn clean_staging_files(
     t: &Target,
-    selection: &Selection,
+    sources: Vec<String>,
+    database: Option<String>,
     now: DateTime<Utc>,
     orphan_grace: Duration,
     dry_run: bool,
     report: &mut PruneReport,
 ) {
-    let Some(root) = &t.root else { return };
-    let root = root.join(t.folder(selection.source.as_deref(), None).as_ref());
-    let listed = tokio::task::spawn_blocking(move || upload::staging_files(&root)).await;
+    let Some(root) = t.root.clone() else { return };
+    let target = t.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        for folder in staging_folders(&sources, &root, &target, database.as_deref()) {
+            for (path, modified) in upload::staging_files(&folder)? {
+                let owned_here = path.parent() == Some(folder.as_path())
+                    && path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.rsplit_once('#'))
+                        .and_then(|(stem, _)| key::parse_name(stem))
+                        .is_some_and(|n| matches!(n, OwnedName::Dump(..)));
+                if owned_here {
+                    found.push((path, modified));
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(found)
+    })
+    .await;
     let files = match listed {
         Ok(Ok(files)) => files,
         Ok(Err(error)) => {
@@ -307,30 +380,26 @@ async fn clean_uploads(
     }
 }
 
-/// Deletes one snapshot from a target: manifest first, then verify report and the object the
-/// manifest names (`object`, relative to the prefix; write-once keys), and the format-2 dump
-/// key and an upload marker its completed upload may have left.
-pub async fn delete_snapshot(
-    t: &Target,
-    source: &str,
-    database: &str,
-    snapshot_id: &str,
-    object: Option<&str>,
-) -> Result<(), PruneError> {
-    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX] {
-        delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
-    }
-    if let Some(object) = object.and_then(crate::storage::key::object_path) {
-        delete(t, &t.at(&object)).await?;
-    }
-    for suffix in [DUMP_SUFFIX, UPLOAD_SUFFIX] {
-        delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
+/// Deletes one snapshot from a target: its manifest first, then its verify report, then the
+/// object that target's manifest names and the marker its completed upload may have left.
+pub async fn delete_snapshot(t: &Target, entry: &SnapshotEntry) -> Result<(), PruneError> {
+    let Some(id) = SnapshotId::parse(entry.id()) else {
+        return Ok(());
+    };
+    let sk = SnapshotKey::new(&entry.manifest.source, &entry.manifest.database, id);
+    delete(t, &t.at(&sk.manifest())).await?;
+    delete(t, &t.at(&sk.verify())).await?;
+    if let Some(object) = entry.objects.get(&t.name) {
+        delete(t, object).await?;
+        if let Some(marker) = upload::marker_key(object) {
+            delete(t, &marker).await?;
+        }
     }
     Ok(())
 }
 
 /// Deletes one object; one that is already gone is fine.
-async fn delete(t: &Target, key: &object_store::path::Path) -> Result<(), PruneError> {
+async fn delete(t: &Target, key: &Path) -> Result<(), PruneError> {
     match t.store.delete(key).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(source) => Err(PruneError::Delete {
@@ -341,7 +410,7 @@ async fn delete(t: &Target, key: &object_store::path::Path) -> Result<(), PruneE
     }
 }
 
-/// The plan as `pgferry prune` prints it.
+/// The plan as `pgferry prune` prints it, and (unless `dry_run`) what was done.
 pub fn render(report: &PruneReport, dry_run: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -380,279 +449,20 @@ pub fn render(report: &PruneReport, dry_run: bool) -> String {
             "unfinished upload on {t} (no manifest, older than the grace): {abort} the upload of {key}"
         );
     }
-    for s in &report.unknown_sources {
-        let _ = writeln!(
-            out,
-            "source {s} is not in the config: its snapshots are left alone"
-        );
-    }
     if report.plans.is_empty() && report.orphans.is_empty() && report.unfinished_uploads.is_empty()
     {
         let _ = writeln!(out, "nothing to prune: no committed snapshot selected");
+    }
+    if !dry_run {
+        let _ = writeln!(
+            out,
+            "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
+            report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads
+        );
     }
     out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-    use crate::storage::manifest::tests::sample;
-    use crate::storage::target::Target;
-    use object_store::memory::InMemory;
-    use object_store::PutPayload;
-    use std::sync::Arc;
-
-    fn app(targets: Vec<Target>) -> App {
-        let text = r#"
-[[source]]
-name = "prod"
-url = "postgres://pgferry@127.0.0.1:1/postgres"
-retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }
-
-[[target]]
-name = "a"
-url = "file:///nonexistent/a"
-"#;
-        let config =
-            Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
-        App {
-            config: Arc::new(config),
-            targets: Arc::new(targets),
-            metrics: crate::metrics::Metrics::new(),
-        }
-    }
-
-    async fn put_snapshot(t: &Target, id: &str) {
-        let mut m = sample();
-        m.snapshot_id = id.into();
-        m.object_key =
-            crate::storage::target::snapshot_path("prod", "acme", id, DUMP_SUFFIX).to_string();
-        for (suffix, body) in [
-            (DUMP_SUFFIX, b"dump".to_vec()),
-            (
-                VERIFY_SUFFIX,
-                br#"{"result":"ok","finished_at":"2026-11-27T15:00:00Z"}"#.to_vec(),
-            ),
-            (MANIFEST_SUFFIX, m.to_json().to_vec()),
-        ] {
-            t.store
-                .put(&t.key("prod", "acme", id, suffix), PutPayload::from(body))
-                .await
-                .unwrap();
-        }
-    }
-
-    async fn keys(t: &Target) -> Vec<String> {
-        use futures::TryStreamExt;
-        let mut v: Vec<String> = t
-            .store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
-    }
-
-    const IDS: [&str; 4] = [
-        "20261127T110000Z",
-        "20261127T120000Z",
-        "20261127T130000Z",
-        "20261127T140000Z",
-    ];
-
-    #[tokio::test]
-    async fn deletes_expired_snapshots_on_every_target_and_old_orphans() {
-        let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
-        let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
-        for id in IDS {
-            put_snapshot(&a, id).await;
-        }
-        for id in &IDS[2..] {
-            put_snapshot(&b, id).await;
-        }
-        // A dump without a manifest on b.
-        let orphan = b.key("prod", "acme", "20261126T000000Z", DUMP_SUFFIX);
-        b.store
-            .put(&orphan, PutPayload::from_static(b"x"))
-            .await
-            .unwrap();
-        let app = app(vec![a.clone(), b.clone()]);
-        let now = Utc::now();
-
-        // Dry run: plans, deletes nothing; the orphan is younger than the grace.
-        let r = prune(
-            &app,
-            &Selection::default(),
-            &|_, _| None,
-            now,
-            retention::DEFAULT_ORPHAN_GRACE,
-            true,
-        )
-        .await;
-        assert_eq!(r.plans.len(), 2);
-        assert_eq!(r.plans[0].delete, vec![IDS[1], IDS[0]]);
-        assert!(r.plans[1].delete.is_empty());
-        assert!(r.orphans.is_empty());
-        assert_eq!(keys(&a).await.len(), 12);
-        assert!(render(&r, true).contains("would delete 20261127T110000Z"));
-
-        // For real, with a grace that makes the orphan old.
-        let r = prune(
-            &app,
-            &Selection::default(),
-            &|_, _| None,
-            now,
-            Duration::ZERO,
-            false,
-        )
-        .await;
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(r.deleted_snapshots, 2);
-        assert_eq!(r.deleted_orphans, 1);
-        let left = keys(&a).await;
-        assert_eq!(left.len(), 6, "{left:?}");
-        assert!(left
-            .iter()
-            .all(|k| k.contains("T130000Z") || k.contains("T140000Z")));
-        assert_eq!(keys(&b).await.len(), 6);
-        assert_eq!(
-            app.metrics
-                .retention_deleted_total
-                .with_label_values(&["a"])
-                .get(),
-            2
-        );
-        // Idempotent.
-        let r = prune(
-            &app,
-            &Selection::default(),
-            &|_, _| None,
-            now,
-            Duration::ZERO,
-            false,
-        )
-        .await;
-        assert_eq!(r.deleted_snapshots, 0);
-    }
-
-    #[tokio::test]
-    async fn unfinished_uploads_past_the_grace_are_aborted_and_stale_markers_removed() {
-        use object_store::multipart::MultipartStore;
-        let store = Arc::new(InMemory::new());
-        let a = Target::new("a", store.clone(), "pg", 10_000).with_multipart(store.clone());
-        put_snapshot(&a, IDS[0]).await;
-        // A marker left beside a committed snapshot (its deletion failed after completion).
-        let stale = a.key(
-            "prod",
-            "acme",
-            IDS[0],
-            crate::storage::target::UPLOAD_SUFFIX,
-        );
-        a.store
-            .put(&stale, PutPayload::from_static(b"{}"))
-            .await
-            .unwrap();
-        // An upload whose process died after one part.
-        let dump = a.key("prod", "acme", IDS[1], DUMP_SUFFIX);
-        let mut open = crate::storage::upload::start(&a, &dump).await.unwrap();
-        open.put_part(PutPayload::from_static(b"part"))
-            .await
-            .unwrap();
-        drop(open);
-        let marker = a.key(
-            "prod",
-            "acme",
-            IDS[1],
-            crate::storage::target::UPLOAD_SUFFIX,
-        );
-        let id: crate::storage::upload::UploadMarker =
-            serde_json::from_slice(&a.store.get(&marker).await.unwrap().bytes().await.unwrap())
-                .unwrap();
-        let app = app(vec![a.clone()]);
-        let all = Selection::default();
-        let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
-
-        // Within the grace it may be a live upload: left alone, not even reported.
-        let r = run(retention::DEFAULT_ORPHAN_GRACE, false).await;
-        assert!(r.unfinished_uploads.is_empty());
-        assert_eq!(r.aborted_uploads, 0);
-        assert_eq!(keys(&a).await.len(), 5);
-
-        let r = run(Duration::ZERO, true).await;
-        assert_eq!(
-            r.unfinished_uploads,
-            vec![("a".to_string(), marker.to_string())]
-        );
-        assert!(render(&r, true).contains(&format!("would abort the upload of {marker}")));
-        assert_eq!(keys(&a).await.len(), 5, "a dry run touches nothing");
-
-        let r = run(Duration::ZERO, false).await;
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(r.aborted_uploads, 1);
-        let left = keys(&a).await;
-        assert_eq!(left.len(), 3, "{left:?}");
-        assert!(left
-            .iter()
-            .all(|k| k.contains(IDS[0]) && !k.ends_with(".upload.json")));
-        assert!(
-            store.abort_multipart(&dump, &id.upload_id).await.is_err(),
-            "the upload is still open"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_failed_last_backup_blocks_pruning_and_the_newest_always_stays() {
-        let a = Target::new("a", Arc::new(InMemory::new()), "", 10_000);
-        for id in IDS {
-            put_snapshot(&a, id).await;
-        }
-        let app = app(vec![a.clone()]);
-        let failed = |_: &str, _: &str| Some(BackupOutcome::Failed);
-        let r = prune(
-            &app,
-            &Selection::default(),
-            &failed,
-            Utc::now(),
-            Duration::ZERO,
-            false,
-        )
-        .await;
-        assert_eq!(r.deleted_snapshots, 0);
-        assert_eq!(r.plans[0].skipped, Some(SkipReason::LastBackupFailed));
-        assert_eq!(keys(&a).await.len(), 12);
-
-        let mut cfg = (*app.config).clone();
-        cfg.sources[0].retention = crate::config::RetentionPolicy {
-            keep_last: 0,
-            hourly: 0,
-            daily: 0,
-            weekly: 0,
-            monthly: 0,
-        };
-        let app = App {
-            config: Arc::new(cfg),
-            ..app
-        };
-        let sel = Selection {
-            source: Some("prod".into()),
-            database: Some("acme".into()),
-        };
-        let r = prune(
-            &app,
-            &sel,
-            &|_, _| Some(BackupOutcome::Committed),
-            Utc::now(),
-            Duration::ZERO,
-            false,
-        )
-        .await;
-        assert_eq!(r.deleted_snapshots, 3);
-        let left = keys(&a).await;
-        assert_eq!(left.len(), 3);
-        assert!(left.iter().all(|k| k.contains(IDS[3])));
-        assert_eq!(r.plans[0].keep[0].1, vec![KeepReason::Newest]);
-    }
-}
+#[path = "prune_tests.rs"]
+mod tests;

@@ -13,8 +13,12 @@ use tokio::io::AsyncReadExt;
 use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 
-use crate::config::{PgUrl, SourceConfig};
+use crate::config::PgUrl;
 use crate::pgtls::SslMode;
+
+pub mod select;
+
+pub use select::discover;
 
 /// How much of a child's stderr is kept for the error message (its tail).
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
@@ -261,25 +265,6 @@ pub async fn system_identifier(client: &Client, url: &PgUrl) -> Result<String, S
             source,
         })?;
     Ok(row.get(0))
-}
-
-/// The databases of a source that its `databases`/`exclude` globs select, sorted.
-pub async fn discover(client: &Client, source: &SourceConfig) -> Result<Vec<String>, SourceError> {
-    let rows = client
-        .query(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname",
-            &[],
-        )
-        .await
-        .map_err(|source_err| SourceError::Query {
-            url: source.url.redacted(),
-            source: source_err,
-        })?;
-    Ok(rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|d| source.selects(d))
-        .collect())
 }
 
 /// On-disk size of a database, to size upload parts.

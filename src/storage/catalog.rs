@@ -1,27 +1,46 @@
 //! The catalog: which snapshots exist, read from the manifests on every target.
 //!
-//! A snapshot exists on a target iff its manifest does. The catalog lists each target,
-//! reads the manifests (bounded concurrency), merges them by (source, database, snapshot id)
-//! and notes on which targets each one is. Unreadable manifests are skipped with a warning
-//! naming the key; an unreachable target is reported, not fatal. Dump objects that have no
-//! manifest are reported as orphans, and the markers of open multipart uploads (see
-//! `upload`) as uploads, for retention to clean. This module never writes.
+//! A snapshot exists on a target iff its manifest does, and a manifest counts only where
+//! pgferry writes it: at exactly `<prefix>/<source>/<database>/<snapshot_id>.manifest.json`
+//! for a configured source, with a body whose source, database and snapshot id match that key
+//! and whose `object_key` names a dump of that snapshot in the same folder. Anything else (a
+//! manifest copied into a subfolder, a body that says another database, another deployment's
+//! objects under a nested prefix) is a warning naming the key, and is ignored by `list`,
+//! `restore` and `prune` alike.
+//!
+//! Listing is per configured source and database folder, never recursive over a prefix: the
+//! source folder is listed with a delimiter to find its database folders, and each database
+//! folder with a delimiter to find the objects directly in it. Only names
+//! [`key::parse_name`] recognises are looked at. Manifests are read with bounded concurrency
+//! and merged by (source, database, snapshot id), noting on which targets each one is and
+//! which object each target's manifest names. Dump objects that no manifest in their folder
+//! names are reported as orphans, and the markers of open multipart uploads (see `upload`) as
+//! uploads, for retention to clean. An unreachable target is reported, not fatal. Snapshots
+//! are ordered by when their data was read (`started_at`), newest first. This module never
+//! writes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
+use object_store::path::{Path, PathPart};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::key::{self, OwnedName, SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
-use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
+use crate::storage::target::{error_text, Target};
+use crate::storage::upload;
 
 /// Manifests fetched at once per target.
 const FETCH_CONCURRENCY: usize = 16;
 
+/// Database folders listed at once per target: a fleet has hundreds, each one request.
+const LIST_CONCURRENCY: usize = 8;
+
 /// Which snapshots to look at.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
+    /// One configured source; `None` = every configured source.
     pub source: Option<String>,
     /// Empty = every database.
     pub databases: Vec<String>,
@@ -40,23 +59,36 @@ pub struct VerifySummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotEntry {
     pub manifest: Manifest,
-    /// Targets holding a readable manifest of this snapshot, in config order.
+    /// Targets holding a valid manifest of this snapshot that names the same object as
+    /// `manifest` (the copies restore may read), in config order.
     pub targets: Vec<String>,
     /// The newest verify report found on any target.
     pub verify: Option<VerifySummary>,
+    /// Per target holding a valid manifest of this snapshot (even one naming another attempt's
+    /// object than `manifest`), the full key of the dump object that target's manifest names:
+    /// what prune deletes with the snapshot on that target, and nothing else.
+    #[serde(skip)]
+    pub objects: BTreeMap<String, Path>,
 }
 
 impl SnapshotEntry {
     pub fn id(&self) -> &str {
         &self.manifest.snapshot_id
     }
+
+    /// When the snapshot's data was read (pg_dump's snapshot): its time for "latest", `--at`
+    /// and retention. The id only names the schedule slot.
+    pub fn data_time(&self) -> DateTime<Utc> {
+        self.manifest.started_at
+    }
 }
 
-/// A dump object without a manifest: an upload in flight, or a leftover of a crash.
+/// A dump object that no manifest in its folder names: an upload in flight, or a leftover of
+/// a crash.
 #[derive(Debug, Clone)]
 pub struct Orphan {
     pub target: String,
-    pub key: object_store::path::Path,
+    pub key: Path,
     pub last_modified: DateTime<Utc>,
     pub size: u64,
 }
@@ -66,27 +98,28 @@ pub struct Orphan {
 #[derive(Debug, Clone)]
 pub struct OpenUploadMarker {
     pub target: String,
-    /// The marker's key (`<snapshot_id>.upload.json`).
-    pub key: object_store::path::Path,
+    /// The marker's key (`<snapshot_id>-<run>.upload.json`).
+    pub key: Path,
     pub last_modified: DateTime<Utc>,
-    /// Whether the snapshot has a manifest on this target (then the marker is stale).
+    /// Whether a manifest names the marker's dump (then the upload completed and the marker
+    /// is stale).
     pub committed: bool,
 }
 
-/// A manifest that exists but could not be read or parsed.
+/// A manifest that exists but could not be read, or whose body does not belong at its key.
 #[derive(Debug, Clone)]
 pub struct Unreadable {
     pub target: String,
-    pub key: object_store::path::Path,
+    pub key: Path,
     /// Why, for humans (names the key).
     pub error: String,
 }
 
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// Newest first.
+    /// Newest data first.
     pub snapshots: Vec<SnapshotEntry>,
-    /// Manifests that could not be read, with why.
+    /// Manifests that could not be read or were ignored, with why.
     pub warnings: Vec<String>,
     /// The same manifests, structured: what `restore` looks at to explain a missing snapshot.
     pub unreadable: Vec<Unreadable>,
@@ -97,7 +130,7 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Snapshots of one database, newest first.
+    /// Snapshots of one database, newest data first.
     pub fn of<'a>(
         &'a self,
         source: &'a str,
@@ -109,8 +142,8 @@ impl Catalog {
     }
 
     /// Why a snapshot missing from the catalog is missing, if its objects say so: one line per
-    /// unreadable manifest and per dump object left without a manifest, on `targets`. Empty
-    /// when nothing of that snapshot was seen.
+    /// unreadable or ignored manifest and per dump object left without a manifest, on
+    /// `targets`. Empty when nothing of that snapshot was seen.
     pub fn damage_of(
         &self,
         targets: &[Target],
@@ -118,10 +151,14 @@ impl Catalog {
         database: &str,
         snapshot_id: &str,
     ) -> Vec<String> {
+        let Some(id) = SnapshotId::parse(snapshot_id) else {
+            return Vec::new();
+        };
+        let sk = SnapshotKey::new(source, database, id.clone());
         let mut damage = Vec::new();
         for t in targets {
-            let manifest = t.key(source, database, snapshot_id, MANIFEST_SUFFIX);
-            let dump = t.key(source, database, snapshot_id, DUMP_SUFFIX);
+            let manifest = t.at(&sk.manifest());
+            let folder = t.at(&sk.folder());
             damage.extend(
                 self.unreadable
                     .iter()
@@ -131,7 +168,11 @@ impl Catalog {
             damage.extend(
                 self.orphans
                     .iter()
-                    .filter(|o| o.target == t.name && o.key == dump)
+                    .filter(|o| {
+                        o.target == t.name
+                            && parent(&o.key) == folder
+                            && owned(&o.key).is_some_and(|n| *n.snapshot_id() == id)
+                    })
                     .map(|o| format!("target {}: {} has no manifest", t.name, o.key)),
             );
         }
@@ -139,23 +180,27 @@ impl Catalog {
     }
 }
 
-/// Reads the catalog from `targets` (those the filter selects).
-pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
+/// Reads the catalog of the configured `sources` from `targets` (those the filter selects).
+pub async fn load(targets: &[Target], sources: &[&str], filter: &Filter) -> Catalog {
+    let sources: Vec<&str> = sources
+        .iter()
+        .copied()
+        .filter(|s| filter.source.as_deref().is_none_or(|f| f == *s))
+        .collect();
     let mut catalog = Catalog::default();
     let mut merged: BTreeMap<(String, String, String), SnapshotEntry> = BTreeMap::new();
     let selected: Vec<&Target> = targets
         .iter()
         .filter(|t| filter.target.as_deref().is_none_or(|n| n == t.name))
         .collect();
-    let listings = futures::future::join_all(selected.iter().map(|t| load_target(t, filter))).await;
+    let listings =
+        futures::future::join_all(selected.iter().map(|t| load_target(t, &sources, filter))).await;
     for (t, listing) in selected.iter().zip(listings) {
         let listing = match listing {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %crate::storage::target::error_text(&e));
-                catalog
-                    .unreachable
-                    .push((t.name.clone(), crate::storage::target::error_text(&e)));
+                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %error_text(&e));
+                catalog.unreachable.push((t.name.clone(), error_text(&e)));
                 continue;
             }
         };
@@ -163,30 +208,30 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
         catalog.unreadable.extend(listing.unreadable);
         catalog.orphans.extend(listing.orphans);
         catalog.uploads.extend(listing.uploads);
-        for (manifest, verify) in listing.manifests {
-            let key = (
-                manifest.source.clone(),
-                manifest.database.clone(),
-                manifest.snapshot_id.clone(),
-            );
+        for found in listing.manifests {
+            let m = found.manifest;
+            let key = (m.source.clone(), m.database.clone(), m.snapshot_id.clone());
             let entry = merged.entry(key).or_insert_with(|| SnapshotEntry {
-                manifest: manifest.clone(),
+                manifest: m.clone(),
                 targets: Vec::new(),
                 verify: None,
+                objects: BTreeMap::new(),
             });
+            // Every target's own object, for prune (which deletes that target's copy).
+            entry.objects.insert(t.name.clone(), found.object);
             // Two attempts at one slot can leave manifests naming different objects on
-            // different targets (one of them failed on a target that still had the other's):
-            // a copy counts only with the manifest it was written with, and the newest wins.
-            if entry.manifest.object_key != manifest.object_key {
-                if manifest.finished_at <= entry.manifest.finished_at {
+            // different targets: a copy counts (for restore) only with the manifest it was
+            // written with, and the newest wins.
+            if entry.manifest.object_key != m.object_key {
+                if m.finished_at <= entry.manifest.finished_at {
                     continue;
                 }
-                entry.manifest = manifest;
+                entry.manifest = m;
                 entry.targets.clear();
                 entry.verify = None;
             }
             entry.targets.push(t.name.clone());
-            if let Some(v) = verify {
+            if let Some(v) = found.verify {
                 if entry
                     .verify
                     .as_ref()
@@ -199,160 +244,268 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
     }
     catalog.snapshots = merged.into_values().collect();
     catalog.snapshots.sort_by(|a, b| {
-        b.manifest
-            .snapshot_id
-            .cmp(&a.manifest.snapshot_id)
+        b.data_time()
+            .cmp(&a.data_time())
+            .then_with(|| b.manifest.snapshot_id.cmp(&a.manifest.snapshot_id))
             .then_with(|| a.manifest.source.cmp(&b.manifest.source))
             .then_with(|| a.manifest.database.cmp(&b.manifest.database))
     });
     catalog
 }
 
+/// A valid manifest on one target.
+struct Found {
+    manifest: Manifest,
+    /// Full key of the dump it names.
+    object: Path,
+    verify: Option<VerifySummary>,
+}
+
+#[derive(Default)]
 struct Listing {
-    manifests: Vec<(Manifest, Option<VerifySummary>)>,
+    manifests: Vec<Found>,
     warnings: Vec<String>,
     unreadable: Vec<Unreadable>,
     orphans: Vec<Orphan>,
     uploads: Vec<OpenUploadMarker>,
 }
 
-async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_store::Error> {
-    let folders = if filter.databases.is_empty() {
-        vec![t.folder(filter.source.as_deref(), None)]
-    } else if let Some(source) = &filter.source {
-        filter
-            .databases
-            .iter()
-            .map(|d| t.folder(Some(source), Some(d)))
-            .collect()
-    } else {
-        // Databases without a source: list everything, filter by the manifests' fields.
-        vec![t.folder(None, None)]
-    };
-    let mut objects = Vec::new();
-    for folder in folders {
-        let mut listed: Vec<object_store::ObjectMeta> =
-            t.store.list(Some(&folder)).try_collect().await?;
-        objects.append(&mut listed);
+impl Listing {
+    fn append(&mut self, mut other: Listing) {
+        self.manifests.append(&mut other.manifests);
+        self.warnings.append(&mut other.warnings);
+        self.unreadable.append(&mut other.unreadable);
+        self.orphans.append(&mut other.orphans);
+        self.uploads.append(&mut other.uploads);
     }
-    let names: HashSet<String> = objects.iter().map(|o| o.location.to_string()).collect();
-    let mut orphans = Vec::new();
-    let mut uploads = Vec::new();
-    let mut manifest_keys = Vec::new();
-    for o in &objects {
-        let key = o.location.to_string();
-        if let Some(stem) = key.strip_suffix(MANIFEST_SUFFIX) {
-            manifest_keys.push((o.location.clone(), format!("{stem}{VERIFY_SUFFIX}")));
-        } else if key.ends_with(DUMP_SUFFIX) {
-            // An orphan unless a manifest names it (checked once the manifests are read).
-            orphans.push(Orphan {
-                target: t.name.clone(),
-                key: o.location.clone(),
-                last_modified: o.last_modified,
-                size: o.size,
-            });
-        } else if let Some(stem) = key.strip_suffix(UPLOAD_SUFFIX) {
-            uploads.push(OpenUploadMarker {
-                target: t.name.clone(),
-                key: o.location.clone(),
-                last_modified: o.last_modified,
-                committed: names.contains(&format!("{stem}{MANIFEST_SUFFIX}")),
-            });
+}
+
+/// The database folders of the selected sources on `t`: the filter's databases, or every
+/// folder directly under each source's folder.
+async fn database_folders(
+    t: &Target,
+    sources: &[&str],
+    filter: &Filter,
+) -> Result<Vec<Path>, object_store::Error> {
+    let mut folders = Vec::new();
+    for source in sources {
+        if filter.databases.is_empty() {
+            let source_folder = t.at(&Path::from_iter([PathPart::from(*source)]));
+            folders.extend(list_folder(t, &source_folder).await?.common_prefixes);
+        } else {
+            folders.extend(
+                filter
+                    .databases
+                    .iter()
+                    .map(|d| t.at(&key::database_folder(source, d))),
+            );
         }
     }
-    let results: Vec<_> =
-        futures::stream::iter(manifest_keys.into_iter().map(|(key, verify_key)| {
-            let has_verify = names.contains(&verify_key);
-            async move {
-                let manifest = read_manifest(t, &key).await;
-                let verify = if has_verify && manifest.is_ok() {
-                    read_verify(t, &object_store::path::Path::from(verify_key)).await
-                } else {
-                    None
-                };
-                (key, manifest, verify)
-            }
+    Ok(folders)
+}
+
+/// The objects directly in `folder` and its subfolders' names; a folder that does not exist
+/// is empty.
+async fn list_folder(
+    t: &Target,
+    folder: &Path,
+) -> Result<object_store::ListResult, object_store::Error> {
+    match t.store.list_with_delimiter(Some(folder)).await {
+        Err(object_store::Error::NotFound { .. }) => Ok(object_store::ListResult {
+            common_prefixes: Vec::new(),
+            objects: Vec::new(),
+        }),
+        other => other,
+    }
+}
+
+async fn load_target(
+    t: &Target,
+    sources: &[&str],
+    filter: &Filter,
+) -> Result<Listing, object_store::Error> {
+    let folders = database_folders(t, sources, filter).await?;
+    let loads = folders
+        .into_iter()
+        .map(|f| async move { load_folder(t, &f).await });
+    let results: Vec<_> = futures::stream::iter(loads)
+        .buffer_unordered(LIST_CONCURRENCY)
+        .collect()
+        .await;
+    let mut listing = Listing::default();
+    for r in results {
+        listing.append(r?);
+    }
+    Ok(listing)
+}
+
+/// The object names pgferry owns directly in one database folder, read and checked.
+async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store::Error> {
+    let listed = list_folder(t, folder).await?;
+    let names: HashSet<&Path> = listed.objects.iter().map(|o| &o.location).collect();
+    let manifest_keys: Vec<(Path, SnapshotId)> = listed
+        .objects
+        .iter()
+        .filter_map(|o| match owned(&o.location)? {
+            OwnedName::Manifest(id) => Some((o.location.clone(), id)),
+            _ => None,
+        })
+        .collect();
+    let read: Vec<_> =
+        futures::stream::iter(manifest_keys.into_iter().map(|(key, id)| async move {
+            let manifest = read_manifest(t, &key).await.map_err(|e| e.to_string());
+            (key, id, manifest)
         }))
         .buffer_unordered(FETCH_CONCURRENCY)
         .collect()
         .await;
-    let mut manifests = Vec::new();
-    let mut warnings = Vec::new();
-    let mut unreadable = Vec::new();
-    let mut named = HashSet::new();
-    for (key, manifest, verify) in results {
-        let manifest = manifest.and_then(|m| {
-            let owns = crate::storage::key::SnapshotId::parse(&m.snapshot_id).is_some_and(|id| {
-                crate::storage::key::SnapshotKey::new(&m.source, &m.database, id)
-                    .owns_object(&m.object_key)
-            });
-            if owns {
-                Ok(m)
-            } else {
-                Err(format!(
-                    "manifest {key} names object {:?}, which is not a dump key of snapshot {}/{}/{}; ignored (pgferry never follows it)",
-                    m.object_key, m.source, m.database, m.snapshot_id
-                )
-                .into())
+
+    let mut listing = Listing::default();
+    // Dumps named by any manifest body in this folder (valid or not): never orphans.
+    let mut named: HashSet<Path> = HashSet::new();
+    // Snapshots with a manifest that could not be read: we cannot know what it names, so their
+    // dumps and markers are left alone.
+    let mut unknown: HashSet<SnapshotId> = HashSet::new();
+    let mut valid = Vec::new();
+    for (key, id, manifest) in read {
+        let why = match manifest {
+            Err(why) => {
+                unknown.insert(id);
+                why
             }
-        });
-        match manifest {
             Ok(m) => {
-                if let Some(object) = crate::storage::key::object_path(&m.object_key) {
-                    named.insert(t.at(&object));
+                if let Some(rel) = key::object_path(&m.object_key) {
+                    named.insert(t.at(&rel));
                 }
-                let wanted = filter.source.as_deref().is_none_or(|s| s == m.source)
-                    && (filter.databases.is_empty() || filter.databases.contains(&m.database));
-                if wanted {
-                    manifests.push((m, verify));
+                match check_manifest(t, folder, &key, &id, &m) {
+                    Ok(object) => {
+                        valid.push((m, object, id));
+                        continue;
+                    }
+                    Err(why) => why,
                 }
             }
-            Err(e) => {
-                let w = format!("target {}: skipping {key}: {e}", t.name);
-                tracing::warn!(message = "Skipping an unreadable manifest.", target = %t.name, key = %key, error = %e);
-                warnings.push(w);
-                unreadable.push(Unreadable {
-                    target: t.name.clone(),
-                    key,
-                    error: e.to_string(),
-                });
+        };
+        tracing::warn!(message = "Ignoring a manifest.", target = %t.name, key = %key, error = %why);
+        listing
+            .warnings
+            .push(format!("target {}: ignoring {key}: {why}", t.name));
+        listing.unreadable.push(Unreadable {
+            target: t.name.clone(),
+            key,
+            error: why,
+        });
+    }
+    let verify_reads = valid.into_iter().map(|(m, object, id)| {
+        let sk = SnapshotKey::new(&m.source, &m.database, id);
+        let verify_key = t.at(&sk.verify());
+        let has_verify = names.contains(&verify_key);
+        async move {
+            let verify = if has_verify {
+                read_verify(t, &verify_key).await
+            } else {
+                None
+            };
+            Found {
+                manifest: m,
+                object,
+                verify,
             }
         }
-    }
-    // A dump that a manifest names is that snapshot's (write-once keys: `<id>-<run>`), and
-    // one whose snapshot has an unreadable manifest may be too: neither is an orphan.
-    let unreadable_keys: HashSet<String> = unreadable.iter().map(|u| u.key.to_string()).collect();
-    orphans.retain(|o| {
-        let manifest_of_its_slot = o.key.as_ref().rsplit_once('/').and_then(|(dir, name)| {
-            match crate::storage::key::parse_name(name)? {
-                crate::storage::key::OwnedName::Dump(id, _) => {
-                    Some(format!("{dir}/{id}{MANIFEST_SUFFIX}"))
-                }
-                _ => None,
-            }
-        });
-        !named.contains(&o.key)
-            && manifest_of_its_slot.is_none_or(|m| !unreadable_keys.contains(&m))
     });
-    Ok(Listing {
-        manifests,
-        warnings,
-        unreadable,
-        orphans,
-        uploads,
-    })
+    listing.manifests = futures::stream::iter(verify_reads)
+        .buffer_unordered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
+
+    for o in &listed.objects {
+        match owned(&o.location) {
+            Some(OwnedName::Dump(id, _))
+                if !named.contains(&o.location) && !unknown.contains(&id) =>
+            {
+                listing.orphans.push(Orphan {
+                    target: t.name.clone(),
+                    key: o.location.clone(),
+                    last_modified: o.last_modified,
+                    size: o.size,
+                });
+            }
+            Some(OwnedName::UploadMarker(id, _)) => {
+                let Some(dump) = upload::dump_key(&o.location) else {
+                    continue;
+                };
+                if unknown.contains(&id) {
+                    continue;
+                }
+                listing.uploads.push(OpenUploadMarker {
+                    target: t.name.clone(),
+                    key: o.location.clone(),
+                    last_modified: o.last_modified,
+                    committed: named.contains(&dump),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(listing)
+}
+
+/// Whether manifest `m`, read from `key` in `folder` under the name of snapshot `id`, belongs
+/// there; if so, the full key of the dump it names.
+fn check_manifest(
+    t: &Target,
+    folder: &Path,
+    key: &Path,
+    id: &SnapshotId,
+    m: &Manifest,
+) -> Result<Path, String> {
+    if m.snapshot_id != id.as_str() {
+        return Err(format!(
+            "its body says snapshot {:?}, its name {id}",
+            m.snapshot_id
+        ));
+    }
+    let own_key = t.at(&SnapshotKey::new(&m.source, &m.database, id.clone()).manifest());
+    if own_key != *key {
+        return Err(format!(
+            "its body says {}/{}, whose manifest would be {own_key}; a manifest counts only at its own key (a copy or a misplaced file?)",
+            m.source, m.database
+        ));
+    }
+    let object = key::object_path(&m.object_key).map(|rel| t.at(&rel));
+    let names_own_dump = object.as_ref().is_some_and(|o| {
+        parent(o) == *folder && matches!(owned(o), Some(OwnedName::Dump(ref d, _)) if d == id)
+    });
+    let Some(object) = object.filter(|_| names_own_dump) else {
+        return Err(format!(
+            "its object_key {:?} is not a dump of this snapshot in its folder",
+            m.object_key
+        ));
+    };
+    Ok(object)
+}
+
+/// What pgferry object `key` is, by its file name; `None`: not pgferry's.
+fn owned(key: &Path) -> Option<OwnedName> {
+    key::parse_name(key.filename()?)
+}
+
+/// The folder holding `key`.
+fn parent(key: &Path) -> Path {
+    let parts: Vec<PathPart<'_>> = key.parts().collect();
+    Path::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
 }
 
 /// Reads and parses one manifest.
 pub async fn read_manifest(
     t: &Target,
-    key: &object_store::path::Path,
+    key: &Path,
 ) -> Result<Manifest, Box<dyn std::error::Error + Send + Sync>> {
     let bytes = t.store.get(key).await?.bytes().await?;
     Ok(Manifest::from_json(key.as_ref(), &bytes)?)
 }
 
-async fn read_verify(t: &Target, key: &object_store::path::Path) -> Option<VerifySummary> {
+async fn read_verify(t: &Target, key: &Path) -> Option<VerifySummary> {
     let bytes = t.store.get(key).await.ok()?.bytes().await.ok()?;
     match serde_json::from_slice::<VerifySummary>(&bytes) {
         Ok(mut v) => {
@@ -366,7 +519,7 @@ async fn read_verify(t: &Target, key: &object_store::path::Path) -> Option<Verif
     }
 }
 
-/// Groups snapshots by (source, database), each group newest first.
+/// Groups snapshots by (source, database), each group newest data first.
 pub fn by_database(snapshots: &[SnapshotEntry]) -> HashMap<(String, String), Vec<&SnapshotEntry>> {
     let mut map: HashMap<(String, String), Vec<&SnapshotEntry>> = HashMap::new();
     for s in snapshots {
@@ -378,95 +531,5 @@ pub fn by_database(snapshots: &[SnapshotEntry]) -> HashMap<(String, String), Vec
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::manifest::tests::sample;
-    use object_store::memory::InMemory;
-    use object_store::{ObjectStore, PutPayload};
-    use std::sync::Arc;
-
-    async fn put(t: &Target, m: &Manifest) {
-        let mut m = m.clone();
-        m.object_key = crate::storage::target::snapshot_path(
-            &m.source,
-            &m.database,
-            &m.snapshot_id,
-            DUMP_SUFFIX,
-        )
-        .to_string();
-        let m = &m;
-        let key = t.key(&m.source, &m.database, &m.snapshot_id, MANIFEST_SUFFIX);
-        t.store
-            .put(&key, PutPayload::from(m.to_json()))
-            .await
-            .unwrap();
-        let dump = t.key(&m.source, &m.database, &m.snapshot_id, DUMP_SUFFIX);
-        t.store
-            .put(&dump, PutPayload::from_static(b"x"))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn merges_targets_newest_first_and_skips_bad_manifests() {
-        let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
-        let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
-        let m1 = sample();
-        let mut m2 = sample();
-        m2.snapshot_id = "20261127T150000Z".into();
-        put(&a, &m1).await;
-        put(&a, &m2).await;
-        put(&b, &m1).await;
-        // A truncated manifest and an orphan dump on b.
-        let bad = b.key("prod", "acme", "20261127T160000Z", MANIFEST_SUFFIX);
-        b.store
-            .put(&bad, PutPayload::from_static(b"{\"format_version\": 2, "))
-            .await
-            .unwrap();
-        let marker = b.key("prod", "acme", "20261127T180000Z", UPLOAD_SUFFIX);
-        b.store
-            .put(&marker, PutPayload::from_static(b"{}"))
-            .await
-            .unwrap();
-        let orphan = b.key("prod", "acme", "20261127T170000Z", DUMP_SUFFIX);
-        b.store
-            .put(&orphan, PutPayload::from_static(b"x"))
-            .await
-            .unwrap();
-
-        let c = load(&[a.clone(), b.clone()], &Filter::default()).await;
-        let ids: Vec<_> = c
-            .snapshots
-            .iter()
-            .map(|s| (s.id(), s.targets.clone()))
-            .collect();
-        assert_eq!(
-            ids,
-            vec![
-                ("20261127T150000Z", vec!["a".to_string()]),
-                ("20261127T140000Z", vec!["a".to_string(), "b".to_string()]),
-            ]
-        );
-        assert_eq!(c.warnings.len(), 1);
-        assert!(
-            c.warnings[0].contains("20261127T160000Z.manifest.json"),
-            "{:?}",
-            c.warnings
-        );
-        assert_eq!(c.orphans.len(), 1);
-        assert_eq!(c.uploads.len(), 1);
-        assert!(!c.uploads[0].committed);
-        assert_eq!(c.orphans[0].key, orphan);
-
-        let only_b = load(
-            &[a, b],
-            &Filter {
-                source: Some("prod".into()),
-                databases: vec!["acme".into()],
-                target: Some("b".into()),
-            },
-        )
-        .await;
-        assert_eq!(only_b.snapshots.len(), 1);
-    }
-}
+#[path = "catalog_tests.rs"]
+mod tests;

@@ -2,6 +2,7 @@
 //! servers started by `support` on loopback ports.
 
 mod backup;
+mod catalog;
 mod cli;
 mod daemon;
 mod deploy;

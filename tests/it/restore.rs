@@ -440,19 +440,6 @@ async fn unknown_namespace_and_production_destinations_are_refused() {
     );
 }
 
-fn at_text(id: &str) -> String {
-    // 20261127T090000Z → "2026-11-27 09:00:00"
-    format!(
-        "{}-{}-{} {}:{}:{}",
-        &id[0..4],
-        &id[4..6],
-        &id[6..8],
-        &id[9..11],
-        &id[11..13],
-        &id[13..15]
-    )
-}
-
 async fn version_in(pg: &PgCluster, db: &str) -> i32 {
     pg.client(db)
         .await
@@ -484,14 +471,24 @@ async fn at_picks_the_right_snapshot_and_unknown_ids_list_what_exists() {
             .unwrap();
         ids.push(w.backup().await);
     }
-    // Exactly at the second snapshot: that one.
-    w.restore(&["--at", &at_text(&ids[1])]).await.assert_code(0);
+    // --at goes by when each snapshot's data was read (its manifest's started_at, a moment
+    // after its id).
+    let read_at = |id: &str| {
+        let store = w.stores[0].clone();
+        let key = format!("prod/acme/{id}.manifest.json");
+        async move {
+            let m = env::manifest_of(&env::get(&store, &key).await);
+            chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        }
+    };
+    // Exactly when the second snapshot's data was read: that one.
+    let second = read_at(&ids[1]).await.to_rfc3339();
+    w.restore(&["--at", &second]).await.assert_code(0);
     assert_eq!(version_in(&w.staging, "acme").await, 2);
-    // RFC 3339, just before the second: the first.
-    let first = chrono::NaiveDateTime::parse_from_str(&ids[0], "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc();
-    let rfc = (first + chrono::TimeDelta::milliseconds(500)).to_rfc3339();
+    // RFC 3339, just before it: the first.
+    let rfc = (read_at(&ids[1]).await - chrono::TimeDelta::milliseconds(1)).to_rfc3339();
     w.restore(&["--at", &rfc]).await.assert_code(0);
     assert_eq!(version_in(&w.staging, "acme").await, 1);
     w.restore(&["--snapshot", &ids[2]]).await.assert_code(0);
@@ -501,8 +498,14 @@ async fn at_picks_the_right_snapshot_and_unknown_ids_list_what_exists() {
 
     let unknown = w.restore(&["--snapshot", "20200101T000000Z"]).await;
     unknown.assert_code(1);
-    let expected = format!("{}, {}, {}", ids[2], ids[1], ids[0]);
-    assert!(unknown.stderr.contains(&expected), "{}", unknown.stderr);
+    // Listed newest first, each with when its data was read.
+    let at = |id: &String| {
+        unknown
+            .stderr
+            .find(&format!("{id} (data read at "))
+            .unwrap_or_else(|| panic!("{id} not listed: {}", unknown.stderr))
+    };
+    assert!(at(&ids[2]) < at(&ids[1]) && at(&ids[1]) < at(&ids[0]));
     assert!(
         unknown
             .stderr
@@ -512,11 +515,13 @@ async fn at_picks_the_right_snapshot_and_unknown_ids_list_what_exists() {
     );
     let before_all = w.restore(&["--at", "2001-01-01 00:00"]).await;
     before_all.assert_code(1);
-    assert!(
-        before_all.stderr.contains(&expected),
-        "{}",
-        before_all.stderr
-    );
+    for id in &ids {
+        assert!(
+            before_all.stderr.contains(&format!("{id} (data read at ")),
+            "{}",
+            before_all.stderr
+        );
+    }
 }
 
 fn crate_snapshot_now() -> String {

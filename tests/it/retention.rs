@@ -2,7 +2,9 @@
 //! deletion (manifest, verify report and dump of each expired snapshot), newest kept, young
 //! orphan dumps left alone.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::{ObjectStore, PutPayload};
 
@@ -36,8 +38,11 @@ async fn prune_applies_the_policy_on_s3() {
         .expect("a committed snapshot");
     // Older snapshots: copies of the real one under older ids.
     let manifest = get(&store, &format!("prod/acme/{now_id}.manifest.json")).await;
-    let now_dump = crate::support::env::dump_key(&store, &now_id).await;
-    let dump = get(&store, &now_dump).await;
+    let object_key = crate::support::env::manifest_of(&manifest)["object_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dump = get(&store, &object_key).await;
     let old = [
         "20260101T000000Z",
         "20260102T000000Z",
@@ -46,10 +51,16 @@ async fn prune_applies_the_policy_on_s3() {
     ];
     for id in old {
         let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        // Each names its own dump, and its data was read at its slot's start.
+        let own_object = object_key.replace(&now_id, id);
         m["snapshot_id"] = id.into();
-        // Format-2 style copies: one dump key per slot.
-        m["object_key"] = format!("prod/acme/{id}.dump.zst").into();
-        put(&store, &format!("prod/acme/{id}.dump.zst"), dump.to_vec()).await;
+        m["object_key"] = own_object.clone().into();
+        m["started_at"] = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+            .unwrap()
+            .and_utc()
+            .to_rfc3339()
+            .into();
+        put(&store, &own_object, dump.to_vec()).await;
         put(
             &store,
             &format!("prod/acme/{id}.verify.json"),
@@ -94,9 +105,9 @@ async fn prune_applies_the_policy_on_s3() {
         run.stdout
     );
     let mut want = vec![
-        now_dump.clone(),
+        object_key.clone(),
         format!("prod/acme/{now_id}.manifest.json"),
-        "prod/acme/20260103T000000Z.dump.zst".to_string(),
+        object_key.replace(&now_id, "20260103T000000Z"),
         "prod/acme/20260103T000000Z.manifest.json".to_string(),
         "prod/acme/20260103T000000Z.verify.json".to_string(),
         "prod/acme/20260104T000000Z.dump.zst".to_string(),
@@ -112,4 +123,28 @@ async fn prune_applies_the_policy_on_s3() {
         "{}",
         run.stdout
     );
+}
+
+/// Runs prune in this process as `pgferry prune` would, `later` from now: how a test sees what
+/// prune does once the orphan grace (at least an hour) has passed. `vars` are the `${VAR}`
+/// values of `config` (inlined, so this process's environment is not touched). Returns what
+/// `pgferry prune` prints. (`pgferry prune` itself always runs at the current time.)
+pub(crate) async fn prune_later(
+    config: &Path,
+    vars: &[(String, String)],
+    selection: &pgferry::retention::prune::Selection,
+    later: Duration,
+) -> String {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    for (k, v) in vars {
+        text = text.replace(&format!("${{{k}}}"), v);
+    }
+    let config = pgferry::config::Config::from_str_at(&text, config).unwrap();
+    let app = pgferry::app::App::new(config).unwrap();
+    let now = chrono::Utc::now() + chrono::TimeDelta::from_std(later).unwrap();
+    let grace = app.config.pipeline.orphan_grace;
+    let report =
+        pgferry::retention::prune::prune(&app, selection, &|_, _| None, now, grace, false).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    pgferry::retention::prune::render(&report, false)
 }

@@ -24,11 +24,17 @@ use serde_json::json;
 use crate::app::App;
 use crate::daemon::readiness::ReadinessCache;
 use crate::daemon::scheduler::Runner;
-use crate::daemon::state::StartError;
+use crate::daemon::state::{DbStatus, StartError};
 use crate::daemon::DaemonScheduler;
-use crate::storage::catalog::{self, Filter};
+use crate::storage::catalog::Filter;
+use crate::storage::key::{SnapshotId, SnapshotKey};
+use crate::storage::target::Target;
+use futures::StreamExt;
 
 use auth::{AuthError, TokenFile};
+
+/// Manifests checked at once by `/api/v1/status` (one HEAD per database per target at most).
+const STATUS_CHECK_CONCURRENCY: usize = 16;
 
 /// The Prometheus text format's content type.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -98,11 +104,45 @@ async fn readyz(State(s): State<HttpState>) -> Response {
 }
 
 async fn status(State(s): State<HttpState>) -> Response {
+    let mut databases = s.scheduler.state().snapshot();
+    forget_pruned(&s.app.targets, &mut databases).await;
     Json(json!({
-        "databases": s.scheduler.state().snapshot(),
+        "databases": databases,
         "shutting_down": s.scheduler.is_shutting_down(),
     }))
     .into_response()
+}
+
+/// Clears `last_snapshot_id` where no target holds that snapshot's manifest any more: retention
+/// (this daemon's, another replica's or `pgferry prune`) deleted it. A target that cannot
+/// answer counts as holding it.
+async fn forget_pruned(targets: &[Target], databases: &mut [DbStatus]) {
+    let keys: Vec<Option<object_store::path::Path>> = databases
+        .iter()
+        .map(|d| {
+            let id = SnapshotId::parse(d.last_snapshot_id.as_deref()?)?;
+            Some(SnapshotKey::new(&d.source, &d.database, id).manifest())
+        })
+        .collect();
+    let checks = keys.into_iter().map(|key| async move {
+        let Some(key) = key else { return true };
+        for t in targets {
+            match t.store.head(&t.at(&key)).await {
+                Err(object_store::Error::NotFound { .. }) => continue,
+                _ => return true,
+            }
+        }
+        false
+    });
+    let held: Vec<bool> = futures::stream::iter(checks)
+        .buffered(STATUS_CHECK_CONCURRENCY)
+        .collect()
+        .await;
+    for (d, held) in databases.iter_mut().zip(held) {
+        if !held {
+            d.last_snapshot_id = None;
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +157,7 @@ async fn snapshots(State(s): State<HttpState>, Query(q): Query<SnapshotQuery>) -
         databases: q.database.into_iter().collect(),
         target: None,
     };
-    let c = catalog::load(&s.app.targets, &filter).await;
+    let c = s.app.catalog(&filter).await;
     Json(json!({
         "snapshots": c.snapshots,
         "warnings": c.warnings,
@@ -210,4 +250,42 @@ async fn index(State(s): State<HttpState>) -> Html<String> {
         &s.readiness.get(),
         chrono::Utc::now(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::PutPayload;
+
+    #[tokio::test]
+    async fn status_never_names_a_pruned_snapshot() {
+        let (a, b) = (
+            Target::new("a", Arc::new(InMemory::new()), "pg", 10_000),
+            Target::new("b", Arc::new(InMemory::new()), "", 10_000),
+        );
+        let status = |db: &str, id: Option<&str>| DbStatus {
+            source: "prod".into(),
+            database: db.into(),
+            last_snapshot_id: id.map(String::from),
+            ..DbStatus::default()
+        };
+        let kept = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        b.store
+            .put(&b.at(&kept.manifest()), PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
+        let mut dbs = vec![
+            status("acme", Some("20261127T140000Z")),
+            status("globex", Some("20261127T140000Z")),
+            status("initech", None),
+        ];
+        forget_pruned(&[a, b], &mut dbs).await;
+        let ids: Vec<Option<&str>> = dbs.iter().map(|d| d.last_snapshot_id.as_deref()).collect();
+        assert_eq!(ids, vec![Some("20261127T140000Z"), None, None]);
+    }
 }

@@ -1,0 +1,187 @@
+//! Checks on where targets put things, spanning several `[[target]]` entries or keys:
+//! overlapping target locations and the orphan grace's floor.
+//!
+//! Two targets whose locations overlap (the same bucket on the same endpoint with one prefix
+//! inside the other, or one directory inside another) are one copy, not two, and each would
+//! list the other's objects as its own. A grace shorter than a backup lets `prune` abort an
+//! upload still in progress. Pure: no I/O.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::{TargetConfig, TargetKind};
+
+/// The shortest `pipeline.orphan_grace` accepted: a dump or upload marker younger than this
+/// may belong to a backup still uploading (the grace must exceed the longest backup), and
+/// prune would abort it. An hour is the floor; the default is a day.
+pub const MIN_ORPHAN_GRACE: Duration = Duration::from_secs(60 * 60);
+
+/// `Err(message)` when `grace` is below [`MIN_ORPHAN_GRACE`].
+pub(super) fn check_orphan_grace(grace: Duration) -> Result<(), String> {
+    if grace < MIN_ORPHAN_GRACE {
+        return Err(format!(
+            "{} is too short: a dump or upload younger than the grace may belong to a backup still running, which prune would then abort; use at least 1h, and more than your longest backup (default 24h)",
+            humantime::format_duration(grace)
+        ));
+    }
+    Ok(())
+}
+
+/// The first pair of targets whose locations overlap: `Err((index of the later one,
+/// message))`.
+pub(super) fn check_target_overlap(targets: &[TargetConfig]) -> Result<(), (usize, String)> {
+    for (i, later) in targets.iter().enumerate() {
+        for earlier in &targets[..i] {
+            if overlap(earlier, later) {
+                return Err((
+                    i,
+                    format!(
+                        "{:?} overlaps target {:?} ({:?}): one location inside the other is one copy, not two, and each target would take the other's objects for its own; give each target its own bucket, prefix or directory, neither inside the other",
+                        later.url, earlier.name, earlier.url
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn overlap(a: &TargetConfig, b: &TargetConfig) -> bool {
+    match (&a.kind, &b.kind) {
+        (
+            TargetKind::S3 {
+                bucket: ba,
+                endpoint: ea,
+                ..
+            },
+            TargetKind::S3 {
+                bucket: bb,
+                endpoint: eb,
+                ..
+            },
+        ) => {
+            ba == bb
+                && endpoint_id(ea.as_deref()) == endpoint_id(eb.as_deref())
+                && nested(&segments(&a.prefix), &segments(&b.prefix))
+        }
+        (TargetKind::File { root: ra }, TargetKind::File { root: rb }) => {
+            let (ra, rb) = (normalize(ra), normalize(rb));
+            ra.starts_with(&rb) || rb.starts_with(&ra)
+        }
+        _ => false,
+    }
+}
+
+/// An endpoint as a comparable string: scheme and host lowercased, no trailing slash.
+fn endpoint_id(endpoint: Option<&str>) -> String {
+    endpoint
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_ascii_lowercase()
+}
+
+fn segments(prefix: &str) -> Vec<&str> {
+    prefix.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// Whether one segment list is a prefix of the other (equal included).
+fn nested(a: &[&str], b: &[&str]) -> bool {
+    let n = a.len().min(b.len());
+    a[..n] == b[..n]
+}
+
+/// `dir` without `.` segments and with `..` applied, lexically (the directories may not exist
+/// yet).
+fn normalize(dir: &Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for c in dir.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn check(targets: &str) -> Result<Config, String> {
+        let text =
+            format!("[[source]]\nname = \"prod\"\nurl = \"postgres://u@h/postgres\"\n{targets}");
+        Config::from_str_at(&text, std::path::Path::new("/etc/pgferry/x.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    fn s3(name: &str, url: &str, endpoint: &str) -> String {
+        format!("[[target]]\nname = \"{name}\"\nurl = \"{url}\"\nendpoint = \"{endpoint}\"\n")
+    }
+
+    fn file(name: &str, dir: &str) -> String {
+        format!("[[target]]\nname = \"{name}\"\nurl = \"file://{dir}\"\n")
+    }
+
+    #[test]
+    fn overlapping_targets_are_refused() {
+        let e1 = "http://s3.one:3900";
+        let e2 = "https://s3.two";
+        for (a, b) in [
+            (
+                s3("a", "s3://bkt/nest", e1),
+                s3("b", "s3://bkt/nest/eu", e1),
+            ),
+            (
+                s3("a", "s3://bkt/nest/eu/", e1),
+                s3("b", "s3://bkt/nest", e1),
+            ),
+            (s3("a", "s3://bkt/pg", e1), s3("b", "s3://bkt/pg", e1)),
+            (s3("a", "s3://bkt", e1), s3("b", "s3://bkt/pg", e1)),
+            (
+                file("a", "/var/lib/pgferry"),
+                file("b", "/var/lib/pgferry/eu"),
+            ),
+            (
+                file("a", "/var/lib/pgferry"),
+                file("b", "/var/lib/pgferry/"),
+            ),
+            (
+                file("a", "/var/lib/x/../pgferry/a"),
+                file("b", "/var/lib/pgferry"),
+            ),
+        ] {
+            let err = check(&format!("{a}{b}")).unwrap_err();
+            assert!(err.contains("target[1].url"), "{err}");
+            assert!(err.contains("overlaps target \"a\""), "{err}");
+        }
+        for (a, b) in [
+            (
+                s3("a", "s3://bkt/nest", e1),
+                s3("b", "s3://bkt/nesting", e1),
+            ),
+            (s3("a", "s3://bkt/pg", e1), s3("b", "s3://other/pg", e1)),
+            (s3("a", "s3://bkt/pg", e1), s3("b", "s3://bkt/pg", e2)),
+            (
+                file("a", "/var/lib/pgferry"),
+                file("b", "/var/lib/pgferry2"),
+            ),
+            (s3("a", "s3://bkt/pg", e1), file("b", "/bkt/pg")),
+        ] {
+            check(&format!("{a}{b}")).unwrap();
+        }
+    }
+
+    #[test]
+    fn orphan_grace_below_an_hour_is_refused() {
+        let t = file("a", "/var/lib/pgferry");
+        for bad in ["0s", "59m"] {
+            let err = check(&format!("[pipeline]\norphan_grace = \"{bad}\"\n{t}")).unwrap_err();
+            assert!(err.contains("pipeline.orphan_grace"), "{err}");
+            assert!(err.contains("at least 1h"), "{err}");
+        }
+        check(&format!("[pipeline]\norphan_grace = \"1h\"\n{t}")).unwrap();
+    }
+}
