@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::pgtls::PgTls;
 use crate::schedule::Schedule;
+use crate::source::conninfo::{self, ConnInfo};
 
 /// Where the config is read from when neither `--config` nor `PGFERRY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgferry/pgferry.toml";
@@ -84,6 +85,21 @@ impl<'de> Deserialize<'de> for Text {
         expand_env(&raw, |name| std::env::var(name).ok())
             .map(Text)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A string value from the file kept as written: connection strings, whose `${VAR}` are
+/// expanded only after parsing, into the part they were written in (see `source::conninfo`).
+/// Its variables are checked while deserializing (a missing one is an error with its line),
+/// but not substituted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawText(pub String);
+
+impl<'de> Deserialize<'de> for RawText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok()).map_err(serde::de::Error::custom)?;
+        Ok(RawText(raw))
     }
 }
 
@@ -163,9 +179,13 @@ pub struct PipelineConfig {
 }
 
 /// A PostgreSQL connection string, parsed, whose Display never shows the password.
+///
+/// Parsed once by `source::conninfo` (URL with any number of hosts, or key/value), with
+/// `${VAR}` expanded into the part it was written in; the same parse gives tokio-postgres its
+/// config, the tools their `PG*` environment, and the redacted form every message shows.
 #[derive(Clone)]
 pub struct PgUrl {
-    raw: Secret,
+    info: ConnInfo,
     /// Everything but the TLS settings (tokio-postgres' `sslmode` is set from `tls`).
     pub parsed: tokio_postgres::Config,
     /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, with libpq's meaning.
@@ -173,12 +193,23 @@ pub struct PgUrl {
 }
 
 impl PgUrl {
-    /// Parses a URL or key/value connection string. Pure: certificate files are checked by
-    /// [`PgTls::validate`].
+    /// Parses a URL or key/value connection string, `${VAR}` from the environment. Pure
+    /// otherwise: certificate files are checked by [`PgTls::validate`].
     pub fn parse(raw: &str) -> Result<PgUrl, String> {
-        let (rest, tls) = crate::pgtls::split_params(raw)?;
-        let mut parsed = tokio_postgres::Config::from_str(&rest)
-            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
+        PgUrl::parse_with(raw, &|name| std::env::var(name).ok())
+    }
+
+    /// [`PgUrl::parse`] with `${VAR}` looked up by `lookup`.
+    pub fn parse_with(raw: &str, lookup: conninfo::Lookup<'_>) -> Result<PgUrl, String> {
+        let info = ConnInfo::parse(raw, lookup).map_err(|e| e.to_string())?;
+        let mut rest = info.clone();
+        let ssl: Vec<(String, String)> = ["sslmode", "sslrootcert", "sslcert", "sslkey"]
+            .into_iter()
+            .filter_map(|k| rest.take(k).map(|v| (k.to_string(), v)))
+            .collect();
+        let tls = PgTls::from_pairs(ssl)?;
+        let mut parsed = tokio_postgres::Config::from_str(&rest.to_key_values())
+            .map_err(|e| format!("not a valid PostgreSQL connection string ({e})"))?;
         if parsed.get_hosts().is_empty() {
             return Err("the URL names no host".into());
         }
@@ -192,21 +223,17 @@ impl PgUrl {
         } else {
             tls.tokio_mode()
         });
-        Ok(PgUrl {
-            raw: Secret::new(raw),
-            parsed,
-            tls,
-        })
+        Ok(PgUrl { info, parsed, tls })
     }
 
-    /// The URL as written, for handing to a client; never log it.
-    pub fn expose(&self) -> &str {
-        self.raw.expose()
+    /// The parsed parameters (the password among them: never log them).
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
     }
 
-    /// The URL with any password replaced by `<redacted>`.
+    /// The connection string with every secret replaced by `<redacted>`.
     pub fn redacted(&self) -> String {
-        redact_url(self.raw.expose())
+        self.info.redacted()
     }
 }
 
@@ -222,50 +249,10 @@ impl fmt::Display for PgUrl {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host` URL, and any `password=` key of a
-/// key/value connection string, with `<redacted>`.
+/// Any connection string with its secrets replaced, by structure (see `source::conninfo`):
+/// a string that does not parse is not shown at all.
 pub fn redact_url(raw: &str) -> String {
-    if let Ok(mut url) = url::Url::parse(raw) {
-        if url.password().is_some() {
-            let _ = url.set_password(Some("<redacted>"));
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if pairs.iter().any(|(k, _)| k == "password") {
-                redact_query(&mut url, &pairs);
-            }
-            return url.to_string().replacen("%3Credacted%3E", "<redacted>", 1);
-        }
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        if pairs.iter().any(|(k, _)| k == "password") {
-            redact_query(&mut url, &pairs);
-            return url.to_string();
-        }
-        return raw.to_string();
-    }
-    raw.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some(("password", _)) => "password=<redacted>".to_string(),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn redact_query(url: &mut url::Url, pairs: &[(String, String)]) {
-    let mut q = url.query_pairs_mut();
-    q.clear();
-    for (k, v) in pairs {
-        if k == "password" {
-            q.append_pair(k, "<redacted>");
-        } else {
-            q.append_pair(k, v);
-        }
-    }
+    conninfo::redact(raw)
 }
 
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Text;
+use super::{RawText, Text};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +118,7 @@ fn default_orphan_grace() -> Text {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
     pub(super) name: Text,
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default = "default_databases")]
     pub(super) databases: Vec<Text>,
     #[serde(default = "default_exclude")]
@@ -198,7 +198,7 @@ fn default_max_parts() -> u32 {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRestoreTarget {
     pub(super) namespace: Text,
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default = "default_owner")]
     pub(super) owner: Text,
     #[serde(default)]
@@ -235,7 +235,7 @@ fn default_spool_dir() -> Text {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVerify {
     #[serde(default = "default_verify_url")]
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default)]
     pub(super) checks: Vec<Text>,
     /// When the daemon runs verify by itself; unset = only the CronJob does.
@@ -256,6 +256,6 @@ impl Default for RawVerify {
     }
 }
 
-fn default_verify_url() -> Text {
-    Text("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
+fn default_verify_url() -> RawText {
+    RawText("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
 }

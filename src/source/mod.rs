@@ -14,6 +14,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 
 use crate::config::{PgUrl, SourceConfig};
+
+pub mod conninfo;
 use crate::pgtls::SslMode;
 
 /// How much of a child's stderr is kept for the error message (its tail).
@@ -376,25 +378,28 @@ fn parse_tool_version(printed: &str) -> Option<(String, u32)> {
 /// would show them); so do the TLS settings, the same our own connections use.
 pub fn libpq_env(url: &PgUrl, database: &str) -> Vec<(&'static str, String)> {
     let cfg = &with_database(url, database);
+    let info = url.info();
     let mut env = Vec::new();
-    if let Some(host) = cfg.get_hosts().first() {
-        env.push((
-            "PGHOST",
-            match host {
-                Host::Tcp(h) => h.clone(),
-                Host::Unix(p) => p.display().to_string(),
-            },
-        ));
+    // Every host, port and hostaddr of the list, as libpq reads them: the tools reach the
+    // same servers, in the same order, as our own connections.
+    for (var, key) in [
+        ("PGHOST", "host"),
+        ("PGPORT", "port"),
+        ("PGHOSTADDR", "hostaddr"),
+        ("PGUSER", "user"),
+        ("PGOPTIONS", "options"),
+        ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ] {
+        if let Some(v) = info.get(key).filter(|v| !v.is_empty()) {
+            let v = if key == "host" {
+                info.hosts().join(",")
+            } else {
+                v.to_string()
+            };
+            env.push((var, v));
+        }
     }
-    if let Some(port) = cfg.get_ports().first() {
-        env.push(("PGPORT", port.to_string()));
-    }
-    if let Some(user) = cfg.get_user() {
-        env.push(("PGUSER", user.to_string()));
-    }
-    if let Some(db) = cfg.get_dbname() {
-        env.push(("PGDATABASE", db.to_string()));
-    }
+    env.push(("PGDATABASE", database.to_string()));
     if let Some(p) = resolve_password(cfg) {
         env.push(("PGPASSWORD", String::from_utf8_lossy(&p).into_owned()));
     }
