@@ -127,6 +127,19 @@ impl Server {
             .is_some())
     }
 
+    /// Whether `database` exists and is a template (`datistemplate`).
+    pub async fn is_template(&self, database: &str) -> Result<bool, SwapError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT datistemplate FROM pg_database WHERE datname = $1",
+                &[&database],
+            )
+            .await
+            .map_err(self.sql_err("looking up a database"))?
+            .is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     /// Drops a database of ours if it exists, ending any session still in it.
     pub async fn drop_database(&self, database: &str) -> Result<(), SwapError> {
         if !self.exists(database).await? {

@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod production_guard;
 mod restore;
 mod retention;
 mod security;
