@@ -176,6 +176,12 @@ pub struct PipelineConfig {
     /// How long a dump object or upload marker may sit without a manifest before `prune`
     /// treats it as left by a run that died (see `retention::orphan_dumps`).
     pub orphan_grace: Duration,
+    /// pg_dump's `--lock-wait-timeout`.
+    pub lock_wait_timeout: Duration,
+    /// A pg_dump silent this long is killed.
+    pub idle_timeout: Duration,
+    /// Bytes the buffers of one backup's pipeline may hold.
+    pub memory_budget: u64,
 }
 
 /// A PostgreSQL connection string, parsed, whose Display never shows the password.
@@ -403,6 +409,21 @@ impl Config {
             "orphan_grace = {}",
             q(&format!("{}s", p.orphan_grace.as_secs_f64()))
         );
+        let _ = writeln!(
+            s,
+            "lock_wait_timeout = {}",
+            q(&format!("{}s", p.lock_wait_timeout.as_secs_f64()))
+        );
+        let _ = writeln!(
+            s,
+            "idle_timeout = {}",
+            q(&format!("{}s", p.idle_timeout.as_secs_f64()))
+        );
+        let _ = writeln!(
+            s,
+            "memory_budget = {}",
+            q(&format!("{}MiB", p.memory_budget >> 20))
+        );
         for src in &self.sources {
             let pats = |v: &[glob::Pattern]| {
                 list(&v.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>())
@@ -507,6 +528,38 @@ fn scrub_toml_message(message: &str) -> String {
     out.trim_end().to_string()
 }
 
+/// The smallest `pipeline.memory_budget`: the raw buffers (4 MiB), two parts of the smallest
+/// size in flight on one target, and one queued, with room for zstd's own buffers.
+pub const MIN_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// A duration above zero (a zero timeout would fail every run at once).
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d.is_zero() {
+        return Err(format!("{raw:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// Parses a byte size: `67108864`, `64MiB`, `64MB` (both binary), `1GiB`, `512KiB`.
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like \"64MiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{raw:?} is not a size like \"64MiB\"")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{raw:?} is too large"))
+}
+
 /// Parses `90s`, `5m`, `1h`, `250ms` (humantime syntax).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim())
@@ -567,6 +620,22 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             .map_err(|m| invalid("pipeline.stall_timeout".into(), m))?,
         orphan_grace: parse_duration(&raw.pipeline.orphan_grace.0)
             .map_err(|m| invalid("pipeline.orphan_grace".into(), m))?,
+        lock_wait_timeout: positive_duration(&raw.pipeline.lock_wait_timeout.0)
+            .map_err(|m| invalid("pipeline.lock_wait_timeout".into(), m))?,
+        idle_timeout: positive_duration(&raw.pipeline.idle_timeout.0)
+            .map_err(|m| invalid("pipeline.idle_timeout".into(), m))?,
+        memory_budget: parse_size(&raw.pipeline.memory_budget.0)
+            .and_then(|b| {
+                if b < MIN_MEMORY_BUDGET {
+                    Err(format!(
+                        "{b} bytes is below the minimum of {} MiB (a few parts and raw buffers)",
+                        MIN_MEMORY_BUDGET >> 20
+                    ))
+                } else {
+                    Ok(b)
+                }
+            })
+            .map_err(|m| invalid("pipeline.memory_budget".into(), m))?,
     };
 
     if raw.source.is_empty() {
