@@ -442,9 +442,11 @@ pub fn spawn_pg_dump(
 }
 
 /// Whether pg_dump's stderr says it gave up waiting for a table lock.
+/// pg_dump implements `--lock-wait-timeout` with `statement_timeout` around its `LOCK TABLE`.
 pub fn is_lock_timeout(stderr: &str) -> bool {
     stderr.contains("could not obtain lock on relation")
-        || stderr.contains("canceling statement due to lock timeout")
+        || (stderr.contains("LOCK TABLE")
+            && (stderr.contains("statement timeout") || stderr.contains("lock timeout")))
 }
 
 /// Sessions holding or waiting-before-us for a lock that conflicts with pg_dump's

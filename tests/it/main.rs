@@ -2,6 +2,7 @@
 //! servers started by `support` on loopback ports.
 
 mod backup;
+mod bounded_waits;
 mod cli;
 mod daemon;
 mod deploy;
