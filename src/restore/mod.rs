@@ -362,7 +362,12 @@ async fn run(
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks).await?;
+        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks, &cancel)
+            .await
+            .map_err(|e| match e {
+                SwapError::HookCancelled { .. } => RestoreError::Cancelled,
+                e => e.into(),
+            })?;
         let tables = swap::count_tables(&dest.url, &tmp).await?;
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);

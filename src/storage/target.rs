@@ -119,11 +119,17 @@ impl Target {
                 Target::new(&cfg.name, s3.clone(), &cfg.prefix, cfg.max_parts).with_multipart(s3)
             }
             TargetKind::File { root } => {
-                std::fs::create_dir_all(root).map_err(|source| TargetError::CreateDir {
-                    target: cfg.name.clone(),
-                    dir: root.display().to_string(),
-                    source,
-                })?;
+                use std::os::unix::fs::DirBuilderExt;
+                // Owner only, whatever the umask (main sets 0077 for the objects below).
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .map_err(|source| TargetError::CreateDir {
+                        target: cfg.name.clone(),
+                        dir: root.display().to_string(),
+                        source,
+                    })?;
                 let store = LocalFileSystem::new_with_prefix(root)
                     .map_err(|source| TargetError::Build {
                         target: cfg.name.clone(),

@@ -9,6 +9,7 @@ mod deploy;
 mod faults;
 mod production_guard;
 mod restore;
+mod restore_signals;
 mod retention;
 mod security;
 mod source_faults;
