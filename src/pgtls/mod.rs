@@ -47,10 +47,20 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
+            // A typo of a mode is echoed; anything else (it may be a misplaced secret) is not.
             other => {
+                let looks_like_a_mode = other.len() <= 16
+                    && other
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_');
+                let shown = if looks_like_a_mode {
+                    format!("={other:?}")
+                } else {
+                    String::new()
+                };
                 return Err(format!(
-                    "sslmode={other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                ))
+                    "sslmode{shown} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ));
             }
         })
     }

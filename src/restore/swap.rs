@@ -167,9 +167,30 @@ impl Server {
         }
     }
 
-    /// Drops temporary and set-aside databases a killed run left for this destination.
-    /// Returns their names.
+    /// Drops temporary and set-aside databases a killed run left for this destination, and
+    /// reopens the destination itself if a run was killed between closing it to connections
+    /// and the rename. Returns the names dropped.
     pub async fn clean_leftovers(&self, database: &str) -> Result<Vec<String>, SwapError> {
+        let closed = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1 AND NOT datallowconn AND NOT datistemplate",
+                &[&database],
+            )
+            .await
+            .map_err(self.sql_err("looking up the destination"))?
+            .is_some();
+        if closed {
+            tracing::warn!(message = "The destination was left closed to connections by an interrupted restore; reopening it.", database = %database);
+            self.exec(
+                &format!("reopening {database}"),
+                &format!(
+                    "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                    quote_ident(database)
+                ),
+            )
+            .await?;
+        }
         let rows = self
             .client
             .query(
@@ -297,15 +318,10 @@ impl Server {
         }
         .await;
         if let Err(e) = renamed {
+            // The maintenance connection may be what failed: reopen from a fresh one.
             let _ = self.client.batch_execute("ROLLBACK").await;
-            if let Err(reopen) = self
-                .exec(
-                    "reopening the old database",
-                    &format!("ALTER DATABASE {qd} ALLOW_CONNECTIONS true"),
-                )
-                .await
-            {
-                tracing::error!(message = "Cannot reopen the old destination to connections; run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
+            if let Err(reopen) = reopen_connections(&self.url, dest).await {
+                tracing::error!(message = "Cannot reopen the old destination to connections; the next restore of it will, or run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
             }
             return Err(e);
         }
@@ -324,6 +340,25 @@ impl Server {
             Ok(None)
         }
     }
+}
+
+/// `ALTER DATABASE … ALLOW_CONNECTIONS true` over a fresh connection, bounded in time.
+async fn reopen_connections(url: &PgUrl, database: &str) -> Result<(), String> {
+    let reopen = async {
+        let client = source::connect(url, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                quote_ident(database)
+            ))
+            .await
+            .map_err(|e| source::pg_message(&e))
+    };
+    tokio::time::timeout(CANCEL_TIMEOUT, reopen)
+        .await
+        .map_err(|_| format!("no answer within {CANCEL_TIMEOUT:?}"))?
 }
 
 /// Runs the hook files, in order, each in one transaction, in the temporary database. When

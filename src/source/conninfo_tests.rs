@@ -208,3 +208,36 @@ fn hostaddr_and_sockets() {
     let url = PgUrl::parse_with("postgres://u@h/db?hostaddr=127.0.0.1", &|_| None).unwrap();
     assert_eq!(url.parsed.get_hostaddrs().len(), 1);
 }
+
+/// `config check`'s output, the config's Debug and its load errors never show a password,
+/// in any spelling, for sources, restore targets and the verify server alike.
+#[test]
+fn config_check_output_never_shows_a_password() {
+    let path = std::path::Path::new("/etc/pgferry/pgferry.toml");
+    for pw in passwords() {
+        let var = "PGFERRY_CONNINFO_TEST_PW";
+        // Edition 2021: set_var is safe; a name no other test reads.
+        std::env::set_var(var, &pw);
+        for (raw, _) in spellings(&pw) {
+            let raw = raw.replace("${PW}", &format!("${{{var}}}"));
+            let restore = raw.replace("127.0.0.1", "pg.{namespace}.svc");
+            let toml = format!(
+                "[[source]]\nname = \"prod\"\nurl = {raw:?}\n[[target]]\nname = \"t\"\nurl = \"file:///tmp/x\"\n\
+                 [[restore_target]]\nnamespace = \"staging-*\"\nurl = {restore:?}\n[verify]\nurl = {raw:?}\n"
+            );
+            let c = crate::config::Config::from_str_at(&toml, path)
+                .unwrap_or_else(|e| panic!("{}", e.to_string().replace(MARK, "*")));
+            for shown in [c.redacted_toml(), format!("{c:?}")] {
+                assert!(!shown.contains(MARK), "leak:\n{shown}");
+            }
+            // A broken URL's error names the key, not the value.
+            let broken = toml.replace(
+                &format!("url = {raw:?}"),
+                &format!("url = {:?}", format!("{raw} {MARK}")),
+            );
+            if let Err(e) = crate::config::Config::from_str_at(&broken, path) {
+                assert!(!e.to_string().contains(MARK), "{e}");
+            }
+        }
+    }
+}

@@ -69,7 +69,7 @@ async fn pg_dump_child_of(parent: u32) -> i32 {
                 continue;
             };
             // "pid (comm) state ppid ..."
-            let Some((comm_end, rest)) = stat.rsplit_once(')').map(|(a, b)| (a, b)) else {
+            let Some((comm_end, rest)) = stat.rsplit_once(")") else {
                 continue;
             };
             let ppid = rest

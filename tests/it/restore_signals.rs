@@ -150,3 +150,22 @@ async fn file_target_objects_and_the_spool_are_private() {
     let mode = std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "spool dir is {mode:o}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_left_closed_by_a_killed_swap_is_reopened_by_the_next_run() {
+    let w = World::start("", &[], "").await;
+    let run = w.pgferry(&["backup", "--source", "prod"]).await;
+    run.assert_code(0);
+    let id = run.snapshot_id();
+    let before = w.staging.table_fingerprints("acme").await.unwrap();
+    // What a restore killed between ALLOW_CONNECTIONS false and the rename leaves.
+    w.staging
+        .execute("postgres", "ALTER DATABASE acme ALLOW_CONNECTIONS false")
+        .await
+        .unwrap();
+    // The next run fails (every copy is damaged) but reopens the destination first.
+    w.corrupt(0, &id).await;
+    w.corrupt(1, &id).await;
+    w.restore(&[]).await.assert_code(1);
+    assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+}
