@@ -8,6 +8,7 @@ mod daemon;
 mod deploy;
 mod faults;
 mod production_guard;
+mod redaction;
 mod restore;
 mod restore_signals;
 mod retention;
