@@ -84,6 +84,9 @@ impl BackupError {
     }
 }
 
+/// How long reading the previous snapshot's size may take (it only sizes the first part).
+const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The stored size of the newest committed snapshot of `database`, to size the first part.
 async fn previous_stored_size(app: &App, source: &str, database: &str) -> Option<u64> {
     let filter = crate::storage::catalog::Filter {
@@ -207,7 +210,16 @@ async fn run(
     // One part stream feeds every target: sized for the smallest part limit, first part from
     // the previous snapshot's stored size (see `target::PartSizer`).
     let max_parts = app.targets.iter().map(|t| t.max_parts).min().unwrap_or(1);
-    let previous = previous_stored_size(app, &source.name, database).await;
+    // Bounded: a stalled or unreachable target must not hold the backup before it starts.
+    let previous = tokio::time::timeout(
+        cfg.pipeline.stall_timeout.min(HISTORY_TIMEOUT),
+        previous_stored_size(app, &source.name, database),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!(message = "The targets did not list the previous snapshot in time; sizing parts from the database size.");
+        None
+    });
     // No history: the on-disk size, an upper bound of what the compressed dump stores.
     let parts = target::PartSizer::new(previous.or(Some(db_size)), max_parts);
     let settings = PipelineSettings {

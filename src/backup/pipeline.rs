@@ -66,6 +66,10 @@ const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
 /// zstd's own job size is kept: jobs smaller than a window would cost ratio.
 const SMALL_JOB_MAX_LEVEL: i32 = 7;
 
+/// A part's buffer starts at most this large and grows as it fills: a part sized for a huge
+/// object (up to 5 GiB) must not reserve that much up front, where the kernel may refuse it.
+const PART_ALLOC_CHUNK: usize = 16 * 1024 * 1024;
+
 /// Settings of one pipeline run.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
@@ -438,7 +442,7 @@ fn compress<T: RawTap>(
     let writer = PartWriter {
         part_size,
         sizer,
-        current: BytesMut::with_capacity(part_size),
+        current: BytesMut::with_capacity(part_size.min(PART_ALLOC_CHUNK)),
         hasher: Sha256::new(),
         stored_bytes: 0,
         parts: 0,
@@ -504,7 +508,10 @@ impl PartWriter<'_> {
         }
         self.sizer.advance(self.current.len() as u64);
         self.part_size = self.sizer.next_size() as usize;
-        let part = std::mem::replace(&mut self.current, BytesMut::with_capacity(self.part_size));
+        let part = std::mem::replace(
+            &mut self.current,
+            BytesMut::with_capacity(self.part_size.min(PART_ALLOC_CHUNK)),
+        );
         self.parts += 1;
         self.part_tx
             .blocking_send(part.freeze())

@@ -95,6 +95,13 @@ async fn a_silent_pg_dump_is_killed_after_idle_timeout() {
         "{}databases = [\"big\"]\n{s3}\n[pipeline]\nidle_timeout = \"3s\"\n",
         env.source_toml("prod")
     ));
+    // A forgotten transaction keeps pg_dump at its LOCK TABLE (lock_wait_timeout is 2 min by
+    // default), so it is still running when stopped, however fast the machine.
+    let holder = env.pg.client("big").await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let log = env.dir.path().join("idle-backup.log");
     let child = env
         .command(&config, &["backup"])
@@ -114,6 +121,7 @@ async fn a_silent_pg_dump_is_killed_after_idle_timeout() {
         "{:?}",
         stopped.elapsed()
     );
+    drop(holder);
     // pg_dump is gone (killed and reaped), and nothing was committed.
     assert!(!std::path::Path::new(&format!("/proc/{dump}")).exists());
     assert!(env::keys(&store)
