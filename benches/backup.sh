@@ -10,13 +10,16 @@
 # of the command and of the S3 server, pgferry's peak RSS, and the stored size per level. For $RSS_SIZES GB (a bigger
 # database) it measures only the source bound and pgferry to 2 targets, for the memory figure.
 # Usage: benches/backup.sh [rounds]
-#   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1
+#   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1,
+#        MAX_PARTS="10000 1000 100" (the memory runs: 2 targets with each max_parts; 100 sizes
+#        parts as a 60 GB database would at 1000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 ROUNDS="${1:-3}"
 SIZES="${SIZES-2}"
 RSS_SIZES="${RSS_SIZES-6}"
+MAX_PARTS="${MAX_PARTS-10000 1000 100}"
 LEVELS="${LEVELS:-1 3}"
 WORK_DIR="${WORK_DIR:-/var/tmp/pgferry-bench}"
 PG_PORT="${PG_PORT:-54339}"
@@ -58,6 +61,10 @@ TOML
     } > "$WORK_DIR/pgferry-$1-$2.toml"
 }
 for level in $LEVELS; do for n in 1 2 3; do config "$n" "$level"; done; done
+config_parts() { # $1 = max_parts, $2 = zstd level: 2 targets, each allowing $1 parts
+    sed "s/^\(url = \"s3:.*\)$/\1\nmax_parts = $1/" "$WORK_DIR/pgferry-2-$2.toml" > "$WORK_DIR/pgferry-2-$2-mp$1.toml"
+}
+for level in $LEVELS; do for mp in $MAX_PARTS; do config_parts "$mp" "$level"; done; done
 
 TICKS=$(getconf CLK_TCK)
 garage_cpu() { # CPU seconds (user+sys) the S3 server has used so far
@@ -144,9 +151,11 @@ for gb in $RSS_SIZES; do
     echo
     echo "## database $db (memory): raw dump $((raw / 1024 / 1024)) MiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     labels=("pg_dump -Z0 > /dev/null")
-    for level in $LEVELS; do labels+=("pgferry backup, zstd -$level, 2 S3 target(s)"); done
+    for level in $LEVELS; do for mp in $MAX_PARTS; do labels+=("pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp"); done; done
     measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
-    for level in $LEVELS; do pgferry_backup 2 "$level" "$db"; done
+    for level in $LEVELS; do for mp in $MAX_PARTS; do
+        measure "pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$level-mp$mp.toml" --log-format json backup --database "$db"
+    done; done
     table "${labels[@]}"
     unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU
     psql_ -d postgres -c "DROP DATABASE $db"

@@ -193,8 +193,10 @@ async fn run_pipeline<T: RawTap>(input: &Bytes, level: i32, targets: usize, tap:
     let settings = PipelineSettings {
         zstd_level: level,
         zstd_workers: ZSTD_WORKERS,
-        part_size: target::part_size(input.len() as u64, 10_000) as usize,
+        parts: target::PartSizer::new(Some(input.len() as u64 / 4), 10_000),
         stall_timeout: Duration::from_secs(300),
+        idle_timeout: Duration::from_secs(600),
+        memory_budget: 64 << 20,
     };
     let sinks = (0..targets)
         .map(|i| {

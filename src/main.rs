@@ -7,7 +7,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgferry::cli::{self, Cli, LogFormat};
 
+/// Everything pgferry writes locally (file-target objects, the `--jobs` spool: production data)
+/// is private to its user: files 0600, directories 0700.
+const PRIVATE_UMASK: libc::mode_t = 0o077;
+
 fn main() -> ExitCode {
+    // SAFETY: umask(2) only sets the process's file-creation mask; no thread exists yet.
+    unsafe { libc::umask(PRIVATE_UMASK) };
     let cli = Cli::parse();
     let json = match cli.log_format {
         Some(LogFormat::Json) => true,

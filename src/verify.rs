@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::restore::guard::{self, quote_ident};
+use crate::restore::identity::{self, IdentityError};
 use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
 use crate::restore::TargetFailure;
@@ -29,6 +30,9 @@ use crate::source::{self, SourceError};
 use crate::storage::catalog::{Filter, SnapshotEntry};
 use crate::storage::manifest::TableEntry;
 use crate::storage::target::VERIFY_SUFFIX;
+
+/// The manifest format from which every manifest records table statistics.
+const TABLE_STATS_FORMAT: u32 = 2;
 
 /// Version of the verify report format.
 pub const REPORT_FORMAT_VERSION: u32 = 1;
@@ -46,8 +50,52 @@ pub enum VerifyError {
     Server(#[from] SwapError),
     #[error("verify server: {0}")]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Guard(#[from] IdentityError),
     #[error("verify cancelled; the scratch database was dropped")]
     Cancelled,
+}
+
+/// Refuses a verify server that is a configured source or the server any of these snapshots
+/// was taken from, whatever name reaches it (see `restore::identity`).
+async fn guard_server(app: &App, latest: &[&SnapshotEntry]) -> Result<(), VerifyError> {
+    let url = &app.config.verify.url;
+    let what = "the [verify] server";
+    let client = source::connect(url, None)
+        .await
+        .map_err(|source| IdentityError::Connect {
+            what: what.into(),
+            source,
+        })?;
+    let server_id = identity::read(&client, url, what).await?;
+    let sources = identity::source_identifiers(&app.config).await;
+    let mut matched = identity::matches_production(&server_id, None, &sources);
+    for entry in latest {
+        let m = &entry.manifest;
+        if matched.is_some() {
+            break;
+        }
+        let label = format!(
+            "the server snapshot {} of {}/{} was taken from",
+            m.snapshot_id, m.source, m.database
+        );
+        matched = identity::matches_production(
+            &server_id,
+            m.system_identifier
+                .as_deref()
+                .map(|id| (label.as_str(), id)),
+            &[],
+        );
+    }
+    match matched {
+        Some(matched) => Err(IdentityError::IsProduction {
+            what: what.into(),
+            matched,
+            system_identifier: server_id,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// One table's comparison.
@@ -194,6 +242,9 @@ pub async fn verify_all(
     latest.sort_by(|a, b| {
         (&a.manifest.source, &a.manifest.database).cmp(&(&b.manifest.source, &b.manifest.database))
     });
+    if !latest.is_empty() {
+        guard_server(app, &latest).await?;
+    }
     let mut out = Vec::new();
     for d in &req.databases {
         if !latest.iter().any(|l| l.manifest.database == *d) {
@@ -441,6 +492,12 @@ async fn inspect(
                 large_objects = Some(LargeObjectCheck { expected, actual });
             }
         }
+        // Format 2 on always records them: a manifest of this format without them proves
+        // nothing about completeness, so it cannot pass.
+        None if m.format_version >= TABLE_STATS_FORMAT => problems.push(format!(
+            "the manifest (format {}) has no table statistics, so no row count could be compared; back up again to get a snapshot that can be verified",
+            m.format_version
+        )),
         None => tracing::warn!(
             message = "This snapshot's manifest has no table statistics (written by an older pgferry); only the checks run."
         ),

@@ -120,6 +120,39 @@ impl BackupError {
     }
 }
 
+/// How long reading the previous snapshot's size may take (it only sizes the first part).
+const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The stored size of the newest committed snapshot of `database`, to size the first part.
+async fn previous_stored_size(app: &App, source: &str, database: &str) -> Option<u64> {
+    let filter = crate::storage::catalog::Filter {
+        source: Some(source.into()),
+        databases: vec![database.into()],
+        target: None,
+    };
+    let cat = app.catalog(&filter).await;
+    let newest = cat.of(source, database).next();
+    newest.map(|e| e.manifest.stored_size)
+}
+
+/// What held the lock pg_dump gave up on, for its error message.
+async fn lock_diagnosis(
+    source: &SourceConfig,
+    database: &str,
+    waited: std::time::Duration,
+) -> String {
+    match source::lock_blockers(&source.url, database).await {
+        Ok(b) if b.is_empty() => format!(
+            "\n(pg_dump waited {waited:?}, pipeline.lock_wait_timeout; the lock was released since)"
+        ),
+        Ok(b) => format!(
+            "\npg_dump waited {waited:?} (pipeline.lock_wait_timeout) for a table lock: {}. End that transaction (SELECT pg_terminate_backend(<pid>)) or raise pipeline.lock_wait_timeout",
+            b.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        ),
+        Err(e) => format!("\n(could not read who holds the lock: {e})"),
+    }
+}
+
 /// What a committed backup did.
 #[derive(Debug)]
 pub struct BackupReport {
@@ -285,16 +318,28 @@ async fn run(
         },
     };
 
+    // One part stream feeds every target: sized for the smallest part limit, first part from
+    // the previous snapshot's stored size (see `target::PartSizer`).
+    let max_parts = app.targets.iter().map(|t| t.max_parts).min().unwrap_or(1);
+    // Bounded: a stalled or unreachable target must not hold the backup before it starts.
+    let previous = tokio::time::timeout(
+        cfg.pipeline.stall_timeout.min(HISTORY_TIMEOUT),
+        previous_stored_size(app, &source.name, database),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!(message = "The targets did not list the previous snapshot in time; sizing parts from the database size.");
+        None
+    });
+    // No history: the on-disk size, an upper bound of what the compressed dump stores.
+    let parts = target::PartSizer::new(previous.or(Some(db_size)), max_parts);
     let settings = PipelineSettings {
         zstd_level: cfg.pipeline.zstd_level,
         zstd_workers: cfg.pipeline.zstd_workers,
-        part_size: app
-            .targets
-            .iter()
-            .map(|t| target::part_size(db_size, t.max_parts))
-            .max()
-            .unwrap_or(crate::config::MIN_PART_SIZE) as usize,
+        parts: parts.clone(),
         stall_timeout: cfg.pipeline.stall_timeout,
+        idle_timeout: cfg.pipeline.idle_timeout,
+        memory_budget: cfg.pipeline.memory_budget,
     };
     let run_id = RunId::random();
     let object = snapshot.dump(&run_id);
@@ -312,28 +357,40 @@ async fn run(
         pg_dump = %tool.path.display(),
         server_version = %server.text,
         database_bytes = db_size,
-        part_size = settings.part_size,
+        part_size = parts.first(),
+        previous_stored_bytes = previous,
         run = %run_id
     );
-    let mut child = source::spawn_pg_dump(&tool, &source.url, database)?;
+    let mut child =
+        source::spawn_pg_dump(&tool, &source.url, database, cfg.pipeline.lock_wait_timeout)?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let password = source::resolve_password(&source.url.parsed);
     let stderr_task = tokio::spawn(source::read_stderr_tail(stderr, password));
 
+    // A failed pipeline (a silent pg_dump past idle_timeout, every target gone) kills pg_dump:
+    // a stopped or blocked child would otherwise be waited for forever.
+    let kill = stop.child_token();
     let (piped, status) = tokio::join!(
-        pipeline::run(
-            stdout,
-            &settings,
-            sinks,
-            DumpStatsTap::new(),
-            progress,
-            stop.clone()
-        ),
+        async {
+            let r = pipeline::run(
+                stdout,
+                &settings,
+                sinks,
+                DumpStatsTap::new(),
+                progress,
+                stop.clone(),
+            )
+            .await;
+            if r.is_err() {
+                kill.cancel();
+            }
+            r
+        },
         async {
             tokio::select! {
                 s = child.wait() => s,
-                _ = stop.cancelled() => {
+                _ = kill.cancelled() => {
                     let _ = child.start_kill();
                     child.wait().await
                 }
@@ -341,7 +398,10 @@ async fn run(
         }
     );
     relay.abort();
-    let stderr = stderr_task.await.unwrap_or_default();
+    let mut stderr = stderr_task.await.unwrap_or_default();
+    if source::is_lock_timeout(&stderr) {
+        stderr.push_str(&lock_diagnosis(source, database, cfg.pipeline.lock_wait_timeout).await);
+    }
     let dump_failed = |status: String| BackupError::DumpFailed {
         database: database.to_string(),
         status,
@@ -406,7 +466,7 @@ async fn run(
         stored_size: output.stored_bytes,
         raw_size: output.raw_bytes,
         sha256: output.sha256.clone(),
-        part_size: settings.part_size as u64,
+        part_size: parts.first(),
         targets: Vec::new(),
         tables: stats.as_ref().map(|s| {
             s.tables

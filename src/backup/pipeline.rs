@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::storage::target::Target;
+use crate::storage::target::{PartSizer, Target};
 
 /// Bytes read from pg_dump per buffer: big enough that the per-buffer overhead (a channel
 /// hop, a zstd call) is negligible, small enough to keep the pool cheap.
@@ -66,14 +66,24 @@ const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
 /// zstd's own job size is kept: jobs smaller than a window would cost ratio.
 const SMALL_JOB_MAX_LEVEL: i32 = 7;
 
+/// A part's buffer starts at most this large and grows as it fills: a part sized for a huge
+/// object (up to 5 GiB) must not reserve that much up front, where the kernel may refuse it.
+const PART_ALLOC_CHUNK: usize = 16 * 1024 * 1024;
+
 /// Settings of one pipeline run.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
     pub zstd_level: i32,
     /// 0 = one per core (at most 4).
     pub zstd_workers: u32,
-    pub part_size: usize,
+    /// Sizes the parts: small first, growing only as the targets' `max_parts` requires.
+    pub parts: PartSizer,
     pub stall_timeout: Duration,
+    /// A dump stream that sends nothing for this long fails the run (`pipeline.idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Bytes the pipeline's buffers may hold (`pipeline.memory_budget`): parts in flight per
+    /// target shrink as parts grow to stay under it (at least one is always in flight).
+    pub memory_budget: u64,
 }
 
 impl PipelineSettings {
@@ -217,6 +227,8 @@ pub struct PipelineOutput<T> {
 pub enum PipelineError {
     #[error("reading the dump stream failed: {0}")]
     Read(#[source] std::io::Error),
+    #[error("pg_dump sent nothing for {after:?} (pipeline.idle_timeout); it was killed. Look for a blocked or stuck session on the source (pg_stat_activity)")]
+    Idle { after: Duration },
     #[error("compression failed: {0}")]
     Compress(#[source] std::io::Error),
     #[error("every target failed: {}", describe(.0))]
@@ -264,6 +276,7 @@ where
             .expect("the pool channel holds every buffer");
     }
     let (part_tx, part_rx) = mpsc::channel::<Bytes>(PART_CHANNEL_CAP);
+    let inflight_limit = inflight_bytes_per_target(settings.memory_budget, sinks.len());
 
     // Per-target upload tasks.
     let uploads_cancel = cancel.child_token();
@@ -280,12 +293,20 @@ where
         });
         let span = tracing::info_span!("upload", target = %sink.target.name);
         upload_tasks.push(tokio::spawn(
-            upload_target(sink, rx, token, settings.stall_timeout).instrument(span),
+            upload_target(sink, rx, token, settings.stall_timeout, inflight_limit).instrument(span),
         ));
     }
 
-    let reader_task =
-        tokio::spawn(read_stream(reader, full_tx, free_rx, cancel.clone()).in_current_span());
+    let reader_task = tokio::spawn(
+        read_stream(
+            reader,
+            full_tx,
+            free_rx,
+            settings.idle_timeout,
+            cancel.clone(),
+        )
+        .in_current_span(),
+    );
     let compressor = {
         let settings = settings.clone();
         let progress = progress.clone();
@@ -340,7 +361,15 @@ where
         if uploads.is_empty() {
             return Err(PipelineError::NoTargetLeft(std::mem::take(&mut failures)));
         }
-        read.map_err(PipelineError::Read)?;
+        read.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                PipelineError::Idle {
+                    after: settings.idle_timeout,
+                }
+            } else {
+                PipelineError::Read(e)
+            }
+        })?;
         let c = compressed.map_err(PipelineError::Compress)?;
         Ok(c)
     })();
@@ -363,11 +392,22 @@ where
     }
 }
 
-/// Reads `reader` to EOF into pooled buffers. Ok only at EOF; cancellation is an error.
+/// Bytes of parts one target may have in flight: the budget less the raw buffer pool, shared
+/// by the targets and by the two parts every run holds besides (the one being cut and the one
+/// queued for the fan-out).
+fn inflight_bytes_per_target(budget: u64, targets: usize) -> u64 {
+    let pool = (RAW_BUFFERS * READ_CHUNK) as u64;
+    budget.saturating_sub(pool) / (targets as u64 + 2)
+}
+
+/// Reads `reader` to EOF into pooled buffers. Ok only at EOF; cancellation is an error, and
+/// so is a reader that sends nothing for `idle_timeout` (kind `TimedOut`). Only the wait for
+/// the reader counts: waiting for a free buffer is our own backpressure.
 async fn read_stream<R: AsyncRead + Unpin>(
     mut reader: R,
     full_tx: mpsc::Sender<Vec<u8>>,
     mut free_rx: mpsc::Receiver<Vec<u8>>,
+    idle_timeout: Duration,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let closed = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipeline closed");
@@ -383,6 +423,10 @@ async fn read_stream<R: AsyncRead + Unpin>(
             // because the loop stops once the buffer holds READ_CHUNK bytes.
             let n = tokio::select! {
                 _ = cancel.cancelled() => return Err(std::io::Error::other("cancelled")),
+                _ = tokio::time::sleep(idle_timeout) => return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the dump stream sent nothing for {idle_timeout:?}"),
+                )),
                 n = reader.read_buf(&mut buf) => n?,
             };
             if n == 0 {
@@ -417,9 +461,12 @@ fn compress<T: RawTap>(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> std::io::Result<Compressed<T>> {
+    let mut sizer = settings.parts.clone();
+    let part_size = sizer.next_size() as usize;
     let writer = PartWriter {
-        part_size: settings.part_size,
-        current: BytesMut::with_capacity(settings.part_size),
+        part_size,
+        sizer,
+        current: BytesMut::with_capacity(part_size.min(PART_ALLOC_CHUNK)),
         hasher: Sha256::new(),
         stored_bytes: 0,
         parts: 0,
@@ -467,7 +514,9 @@ fn compress<T: RawTap>(
 
 /// Receives zstd's output: hashes it, counts it, and cuts it into parts of `part_size`.
 struct PartWriter<'a> {
+    /// The size of the part being filled.
     part_size: usize,
+    sizer: PartSizer,
     current: BytesMut,
     hasher: Sha256,
     stored_bytes: u64,
@@ -481,7 +530,12 @@ impl PartWriter<'_> {
         if self.current.is_empty() {
             return Ok(());
         }
-        let part = std::mem::replace(&mut self.current, BytesMut::with_capacity(self.part_size));
+        self.sizer.advance(self.current.len() as u64);
+        self.part_size = self.sizer.next_size() as usize;
+        let part = std::mem::replace(
+            &mut self.current,
+            BytesMut::with_capacity(self.part_size.min(PART_ALLOC_CHUNK)),
+        );
         self.parts += 1;
         self.part_tx
             .blocking_send(part.freeze())
@@ -563,6 +617,7 @@ async fn upload_target(
     mut rx: mpsc::Receiver<Bytes>,
     cancel: CancellationToken,
     stall_timeout: Duration,
+    inflight_limit: u64,
 ) -> Result<OpenUpload, TargetFailure> {
     let Sink { target, key } = sink;
     let fail = |error| TargetFailure {
@@ -589,6 +644,10 @@ async fn upload_target(
     let mut sent = 0u64;
     let mut bytes = 0u64;
     let mut closed = false;
+    // Bytes of the parts in flight, and the size of the last part received (parts only grow,
+    // so the next is at least as large).
+    let mut inflight_bytes = 0u64;
+    let mut last_len = 0u64;
     let result: Result<(), UploadError> = loop {
         if closed && in_flight.is_empty() {
             break Ok(());
@@ -596,23 +655,28 @@ async fn upload_target(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break Err(UploadError::Cancelled),
-            Some((part, res)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((part, len, res)) = in_flight.next(), if !in_flight.is_empty() => {
+                inflight_bytes -= len;
                 if let Err(source) = res {
                     break Err(UploadError::Part { key: key.to_string(), part, source });
                 }
                 stall_deadline = tokio::time::Instant::now() + stall_timeout;
             }
             _ = tokio::time::sleep_until(stall_deadline), if !in_flight.is_empty() => break Err(stalled()),
-            part = rx.recv(), if !closed && in_flight.len() < PARTS_IN_FLIGHT => match part {
+            part = rx.recv(), if !closed && (in_flight.is_empty()
+                || (in_flight.len() < PARTS_IN_FLIGHT && inflight_bytes + last_len <= inflight_limit)) => match part {
                 Some(p) => {
                     if in_flight.is_empty() {
                         stall_deadline = tokio::time::Instant::now() + stall_timeout;
                     }
                     sent += 1;
-                    bytes += p.len() as u64;
+                    let len = p.len() as u64;
+                    bytes += len;
+                    inflight_bytes += len;
+                    last_len = len;
                     let fut = upload.put_part(PutPayload::from_bytes(p));
                     let n = sent;
-                    in_flight.push(async move { (n, fut.await) });
+                    in_flight.push(async move { (n, len, fut.await) });
                 }
                 None => closed = true,
             }
@@ -647,8 +711,10 @@ mod tests {
         PipelineSettings {
             zstd_level: 3,
             zstd_workers: 2,
-            part_size,
+            parts: PartSizer::with_first(part_size as u64, 10_000),
             stall_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            memory_budget: 64 << 20,
         }
     }
 
@@ -669,6 +735,39 @@ mod tests {
         fn feed(&mut self, b: &[u8]) {
             self.0 += b.iter().filter(|&&c| c == b'\n').count() as u64;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_stream_fails_after_idle_timeout() {
+        // The writer half stays open and sends nothing: a stopped pg_dump.
+        let (_writer, reader) = tokio::io::duplex(1024);
+        let store = Arc::new(InMemory::new());
+        let target = Target::new("t", store, "p", 10_000);
+        let sinks = vec![Sink {
+            key: target.key("src", "db", "id", crate::storage::target::DUMP_SUFFIX),
+            target,
+        }];
+        let mut s = settings(5 << 20);
+        s.idle_timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let r = run(
+            reader,
+            &s,
+            sinks,
+            (),
+            Arc::new(Progress::default()),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(r, Err(PipelineError::Idle { .. })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_budget_bounds_bytes_in_flight() {
+        // 64 MiB less the 4 MiB pool, over 2 targets and the 2 parts every run holds.
+        assert_eq!(inflight_bytes_per_target(64 << 20, 2), 15 << 20);
+        assert_eq!(inflight_bytes_per_target(1, 3), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,7 +110,12 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
     let cancel = cancel_on_signals();
     let results = crate::verify::verify_all(app, &req, cancel)
         .await
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+        .map_err(|e| match &e {
+            crate::verify::VerifyError::Guard(g) if !g.is_usage() => {
+                CliError::Failed(e.to_string())
+            }
+            _ => CliError::Usage(e.to_string()),
+        })?;
     if results.is_empty() {
         return Err(CliError::Failed(
             "no committed snapshot to verify; run `pgferry list`".into(),

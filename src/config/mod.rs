@@ -24,6 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::pgtls::PgTls;
 use crate::schedule::Schedule;
+use crate::source::conninfo::{self, ConnInfo};
 
 /// Where the config is read from when neither `--config` nor `PGFERRY_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgferry/pgferry.toml";
@@ -107,6 +108,21 @@ impl<'de> Deserialize<'de> for Text {
         expand_env(&raw, |name| std::env::var(name).ok())
             .map(Text)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A string value from the file kept as written: connection strings, whose `${VAR}` are
+/// expanded only after parsing, into the part they were written in (see `source::conninfo`).
+/// Its variables are checked while deserializing (a missing one is an error with its line),
+/// but not substituted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawText(pub String);
+
+impl<'de> Deserialize<'de> for RawText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok()).map_err(serde::de::Error::custom)?;
+        Ok(RawText(raw))
     }
 }
 
@@ -201,12 +217,25 @@ pub struct PipelineConfig {
     /// treats it as left by a run that died (see `retention::orphan_dumps`).
     #[serde(serialize_with = "show::duration")]
     pub orphan_grace: Duration,
+    /// pg_dump's `--lock-wait-timeout`.
+    #[serde(serialize_with = "show::duration")]
+    pub lock_wait_timeout: Duration,
+    /// A pg_dump silent this long is killed.
+    #[serde(serialize_with = "show::duration")]
+    pub idle_timeout: Duration,
+    /// Bytes the buffers of one backup's pipeline may hold.
+    #[serde(serialize_with = "show::size")]
+    pub memory_budget: u64,
 }
 
 /// A PostgreSQL connection string, parsed, whose Display never shows the password.
+///
+/// Parsed once by `source::conninfo` (URL with any number of hosts, or key/value), with
+/// `${VAR}` expanded into the part it was written in; the same parse gives tokio-postgres its
+/// config, the tools their `PG*` environment, and the redacted form every message shows.
 #[derive(Clone)]
 pub struct PgUrl {
-    raw: Secret,
+    info: ConnInfo,
     /// Everything but the TLS settings (tokio-postgres' `sslmode` is set from `tls`).
     pub parsed: tokio_postgres::Config,
     /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, with libpq's meaning.
@@ -214,9 +243,14 @@ pub struct PgUrl {
 }
 
 impl PgUrl {
-    /// Parses a URL or key/value connection string. Pure: certificate files are checked by
-    /// [`PgTls::validate`].
+    /// Parses a URL or key/value connection string, `${VAR}` from the environment. Pure
+    /// otherwise: certificate files are checked by [`PgTls::validate`].
     pub fn parse(raw: &str) -> Result<PgUrl, String> {
+        PgUrl::parse_with(raw, &|name| std::env::var(name).ok())
+    }
+
+    /// [`PgUrl::parse`] with `${VAR}` looked up by `lookup`.
+    pub fn parse_with(raw: &str, lookup: conninfo::Lookup<'_>) -> Result<PgUrl, String> {
         if let Some((scheme, _)) = raw.split_once("://") {
             let is_scheme = scheme
                 .chars()
@@ -227,9 +261,15 @@ impl PgUrl {
                 ));
             }
         }
-        let (rest, tls) = crate::pgtls::split_params(raw)?;
-        let mut parsed = tokio_postgres::Config::from_str(&rest)
-            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
+        let info = ConnInfo::parse(raw, lookup).map_err(|e| e.to_string())?;
+        let mut rest = info.clone();
+        let ssl: Vec<(String, String)> = ["sslmode", "sslrootcert", "sslcert", "sslkey"]
+            .into_iter()
+            .filter_map(|k| rest.take(k).map(|v| (k.to_string(), v)))
+            .collect();
+        let tls = PgTls::from_pairs(ssl)?;
+        let mut parsed = tokio_postgres::Config::from_str(&rest.to_key_values())
+            .map_err(|e| format!("not a valid PostgreSQL connection string ({e})"))?;
         if parsed.get_hosts().is_empty() {
             return Err("the URL names no host".into());
         }
@@ -243,21 +283,17 @@ impl PgUrl {
         } else {
             tls.tokio_mode()
         });
-        Ok(PgUrl {
-            raw: Secret::new(raw),
-            parsed,
-            tls,
-        })
+        Ok(PgUrl { info, parsed, tls })
     }
 
-    /// The URL as written, for handing to a client; never log it.
-    pub fn expose(&self) -> &str {
-        self.raw.expose()
+    /// The parsed parameters (the password among them: never log them).
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
     }
 
-    /// The URL with any password replaced by `<redacted>`.
+    /// The connection string with every secret replaced by `<redacted>`.
     pub fn redacted(&self) -> String {
-        redact_url(self.raw.expose())
+        self.info.redacted()
     }
 }
 
@@ -273,50 +309,10 @@ impl fmt::Display for PgUrl {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host` URL, and any `password=` key of a
-/// key/value connection string, with `<redacted>`.
+/// Any connection string with its secrets replaced, by structure (see `source::conninfo`):
+/// a string that does not parse is not shown at all.
 pub fn redact_url(raw: &str) -> String {
-    if let Ok(mut url) = url::Url::parse(raw) {
-        if url.password().is_some() {
-            let _ = url.set_password(Some("<redacted>"));
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            if pairs.iter().any(|(k, _)| k == "password") {
-                redact_query(&mut url, &pairs);
-            }
-            return url.to_string().replacen("%3Credacted%3E", "<redacted>", 1);
-        }
-        let pairs: Vec<(String, String)> = url
-            .query_pairs()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        if pairs.iter().any(|(k, _)| k == "password") {
-            redact_query(&mut url, &pairs);
-            return url.to_string();
-        }
-        return raw.to_string();
-    }
-    raw.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some(("password", _)) => "password=<redacted>".to_string(),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn redact_query(url: &mut url::Url, pairs: &[(String, String)]) {
-    let mut q = url.query_pairs_mut();
-    q.clear();
-    for (k, v) in pairs {
-        if k == "password" {
-            q.append_pair(k, "<redacted>");
-        } else {
-            q.append_pair(k, v);
-        }
-    }
+    conninfo::redact(raw)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -503,6 +499,38 @@ fn scrub_toml_message(message: &str) -> String {
         }
     }
     out.trim_end().to_string()
+}
+
+/// The smallest `pipeline.memory_budget`: the raw buffers (4 MiB), two parts of the smallest
+/// size in flight on one target, and one queued, with room for zstd's own buffers.
+pub const MIN_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// A duration above zero (a zero timeout would fail every run at once).
+pub(crate) fn positive_duration(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d.is_zero() {
+        return Err(format!("{raw:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// Parses a byte size: `67108864`, `64MiB`, `64MB` (both binary), `1GiB`, `512KiB`.
+pub fn parse_size(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like \"64MiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{raw:?} is not a size like \"64MiB\"")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{raw:?} is too large"))
 }
 
 /// Parses `90s`, `5m`, `1h`, `250ms` (humantime syntax).

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Text;
+use super::{RawText, Text};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +87,17 @@ pub(super) struct RawPipeline {
     /// that died, and `prune` removes it (aborting the upload). Longer than any backup run.
     #[serde(default = "default_orphan_grace")]
     pub(super) orphan_grace: Text,
+    /// pg_dump's `--lock-wait-timeout`: a dump waiting longer for a table lock fails, naming
+    /// the session that holds it, instead of hanging.
+    #[serde(default = "default_lock_wait_timeout")]
+    pub(super) lock_wait_timeout: Text,
+    /// A pg_dump that sends nothing for this long is killed and the run fails.
+    #[serde(default = "default_idle_timeout")]
+    pub(super) idle_timeout: Text,
+    /// Bytes the pipeline's buffers of one backup may hold (e.g. "64MiB"); parts in flight
+    /// shrink as parts grow to stay under it.
+    #[serde(default = "default_memory_budget")]
+    pub(super) memory_budget: Text,
 }
 
 impl Default for RawPipeline {
@@ -97,6 +108,9 @@ impl Default for RawPipeline {
             min_targets: default_min_targets(),
             stall_timeout: default_stall_timeout(),
             orphan_grace: default_orphan_grace(),
+            lock_wait_timeout: default_lock_wait_timeout(),
+            idle_timeout: default_idle_timeout(),
+            memory_budget: default_memory_budget(),
         }
     }
 }
@@ -113,12 +127,21 @@ fn default_stall_timeout() -> Text {
 fn default_orphan_grace() -> Text {
     Text("24h".into())
 }
+fn default_lock_wait_timeout() -> Text {
+    Text("2m".into())
+}
+fn default_idle_timeout() -> Text {
+    Text("10m".into())
+}
+fn default_memory_budget() -> Text {
+    Text("64MiB".into())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
     pub(super) name: Text,
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default = "default_databases")]
     pub(super) databases: Vec<Text>,
     #[serde(default = "default_exclude")]
@@ -211,7 +234,7 @@ fn default_max_parts() -> u32 {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRestoreTarget {
     pub(super) namespace: Text,
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default = "default_owner")]
     pub(super) owner: Text,
     #[serde(default)]
@@ -248,7 +271,7 @@ fn default_spool_dir() -> Text {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVerify {
     #[serde(default = "default_verify_url")]
-    pub(super) url: Text,
+    pub(super) url: RawText,
     #[serde(default)]
     pub(super) checks: Vec<Text>,
     /// When the daemon runs verify by itself; unset = only the CronJob does.
@@ -269,6 +292,6 @@ impl Default for RawVerify {
     }
 }
 
-fn default_verify_url() -> Text {
-    Text("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
+fn default_verify_url() -> RawText {
+    RawText("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
 }

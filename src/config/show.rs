@@ -45,6 +45,15 @@ pub(super) fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&format!("{}s", d.as_secs_f64()))
 }
 
+/// A byte count as `parse_size` reads it back: whole MiB where it is one, bytes otherwise.
+pub(super) fn size<S: Serializer>(b: &u64, s: S) -> Result<S::Ok, S::Error> {
+    if b % (1 << 20) == 0 {
+        s.serialize_str(&format!("{}MiB", b >> 20))
+    } else {
+        s.serialize_str(&format!("{b}B"))
+    }
+}
+
 pub(super) fn globs<S: Serializer>(v: &[glob::Pattern], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(glob::Pattern::as_str))
 }

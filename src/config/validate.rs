@@ -136,6 +136,22 @@ fn pipeline(raw: RawPipeline) -> Result<PipelineConfig> {
         orphan_grace: parse_duration(&raw.orphan_grace.0)
             .and_then(|g| super::locations::check_orphan_grace(g).map(|()| g))
             .map_err(|m| finding("pipeline.orphan_grace", m))?,
+        lock_wait_timeout: super::positive_duration(&raw.lock_wait_timeout.0)
+            .map_err(|m| finding("pipeline.lock_wait_timeout", m))?,
+        idle_timeout: super::positive_duration(&raw.idle_timeout.0)
+            .map_err(|m| finding("pipeline.idle_timeout", m))?,
+        memory_budget: super::parse_size(&raw.memory_budget.0)
+            .and_then(|b| {
+                if b < super::MIN_MEMORY_BUDGET {
+                    Err(format!(
+                        "{b} bytes is below the minimum of {} MiB (a few parts and raw buffers)",
+                        super::MIN_MEMORY_BUDGET >> 20
+                    ))
+                } else {
+                    Ok(b)
+                }
+            })
+            .map_err(|m| finding("pipeline.memory_budget", m))?,
     })
 }
 

@@ -47,10 +47,20 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
+            // A typo of a mode is echoed; anything else (it may be a misplaced secret) is not.
             other => {
+                let looks_like_a_mode = other.len() <= 16
+                    && other
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_');
+                let shown = if looks_like_a_mode {
+                    format!("={other:?}")
+                } else {
+                    String::new()
+                };
                 return Err(format!(
-                    "sslmode={other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                ))
+                    "sslmode{shown} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ));
             }
         })
     }
@@ -232,9 +242,16 @@ pub fn split_params(raw: &str) -> Result<(String, PgTls), String> {
         }
         kept.join(" ")
     };
-    let mut tls = PgTls::default();
-    for (key, value) in found {
-        match key.as_str() {
+    Ok((rest, PgTls::from_pairs(found)?))
+}
+
+impl PgTls {
+    /// The TLS settings from libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` pairs (any
+    /// other key is ignored): `source::conninfo` hands over what it parsed.
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Result<PgTls, String> {
+        let mut tls = PgTls::default();
+        for (key, value) in pairs {
+            match key.as_str() {
             "sslmode" => tls.mode = SslMode::parse(&value)?,
             "sslrootcert" if value == "system" => {
                 return Err(
@@ -245,10 +262,11 @@ pub fn split_params(raw: &str) -> Result<(String, PgTls), String> {
             "sslrootcert" => tls.root_cert = non_empty_path(value),
             "sslcert" => tls.client_cert = non_empty_path(value),
             "sslkey" => tls.client_key = non_empty_path(value),
-            _ => unreachable!("only OWN_PARAMS are collected"),
+            _ => {}
         }
+        }
+        Ok(tls)
     }
-    Ok((rest, tls))
 }
 
 fn non_empty_path(value: String) -> Option<PathBuf> {

@@ -7,6 +7,11 @@
 //! addresses, `127.0.0.1` and `::1`, count as one machine) and ports (5432 when omitted). A destination on a source's server whose name the source does not back up
 //! is allowed: that database is not production as far as pgferry knows it.
 //!
+//! That address comparison is the first, offline layer; `identity` is the one that cannot be
+//! fooled by another name (it compares `system_identifier`s over real connections). Here too:
+//! `--to` must be an RFC 1123 label before it is matched or substituted into a URL, and
+//! `template0`, `template1`, `postgres` are refused as destination names on every server.
+//!
 //! Also owns identifier quoting and the temporary / set-aside database names (≤ 63 bytes,
 //! recognizable by their prefix so a later run can clean them). It connects to nothing.
 
@@ -57,14 +62,71 @@ pub enum GuardError {
         port: u16,
         database: String,
     },
-    #[error("cannot resolve host {host:?} of {what}: {source}")]
-    Resolve {
-        what: String,
-        host: String,
-        source: std::io::Error,
-    },
     #[error("database name {name:?} is not usable: {reason}")]
     BadName { name: String, reason: String },
+    #[error("--to {namespace:?} is not a namespace name: {reason}. A Kubernetes namespace is 1–63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit")]
+    BadNamespace { namespace: String, reason: String },
+    #[error("refusing to restore into {database:?}: it is a template database on that server (every database created afterwards would start from it). Choose another name with --as")]
+    Template { database: String },
+    #[error(transparent)]
+    Identity(Box<super::identity::IdentityError>),
+}
+
+impl From<super::identity::IdentityError> for GuardError {
+    fn from(e: super::identity::IdentityError) -> Self {
+        GuardError::Identity(Box::new(e))
+    }
+}
+
+impl GuardError {
+    /// A usage or configuration problem (exit 2), as opposed to an operational failure.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            GuardError::Identity(e) => e.is_usage(),
+            _ => true,
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            GuardError::Identity(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Databases no restore may replace on any server: the templates every `CREATE DATABASE`
+/// copies, and the maintenance database tools and operators connect to.
+pub const RESERVED_DATABASES: &[&str] = &["template0", "template1", "postgres"];
+
+/// Longest Kubernetes namespace name (an RFC 1123 label).
+const MAX_NAMESPACE_BYTES: usize = 63;
+
+/// Refuses anything but an RFC 1123 label, before `--to` is matched or substituted into a URL
+/// (where `/`, `?`, `@`, `,` or `:` would change which server is reached).
+pub fn check_namespace(namespace: &str) -> Result<(), GuardError> {
+    let bad = |reason: &str| {
+        Err(GuardError::BadNamespace {
+            namespace: namespace.chars().take(80).collect(),
+            reason: reason.into(),
+        })
+    };
+    if namespace.is_empty() {
+        return bad("it is empty");
+    }
+    if namespace.len() > MAX_NAMESPACE_BYTES {
+        return bad("it is longer than 63 characters");
+    }
+    if !namespace
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return bad("it holds a character other than a-z, 0-9 and '-'");
+    }
+    if namespace.starts_with('-') || namespace.ends_with('-') {
+        return bad("it starts or ends with '-'");
+    }
+    Ok(())
 }
 
 /// Where a restore writes: a configured target, its server, and the database name.
@@ -84,6 +146,7 @@ pub fn resolve(
     namespace: &str,
     database: &str,
 ) -> Result<Destination, GuardError> {
+    check_namespace(namespace)?;
     let target = config
         .restore_targets
         .iter()
@@ -140,6 +203,9 @@ fn check_name(name: &str) -> Result<(), GuardError> {
     if name.contains('\0') {
         return bad("contains a NUL byte");
     }
+    if RESERVED_DATABASES.contains(&name) {
+        return bad("template0, template1 and postgres are never replaced by a restore; choose another name with --as");
+    }
     if name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX) {
         return bad("pgferry_tmp_ and pgferry_old_ are reserved for restore's own databases");
     }
@@ -181,85 +247,97 @@ impl Endpoint {
     }
 }
 
-/// Resolves the first host of `url` (names through DNS, as libpq would).
-pub async fn endpoint(url: &PgUrl, what: &str) -> Result<Endpoint, GuardError> {
+/// Resolves every host of `url` (names through DNS, as libpq would; a `hostaddr` entry is
+/// the address libpq connects to for the host at the same position).
+pub async fn endpoints(url: &PgUrl, what: &str) -> Vec<Endpoint> {
     let cfg = &url.parsed;
-    let port = cfg.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
-    let Some(host) = cfg.get_hosts().first() else {
-        return Ok(Endpoint {
+    let ports = cfg.get_ports();
+    let port_of = |i: usize| {
+        ports
+            .get(i)
+            .or(ports.first().filter(|_| ports.len() == 1))
+            .copied()
+            .unwrap_or(DEFAULT_PORT)
+    };
+    let hostaddrs = cfg.get_hostaddrs();
+    if cfg.get_hosts().is_empty() {
+        return vec![Endpoint {
             host: "localhost".into(),
             addrs: HashSet::new(),
             socket_dir: Some("/var/run/postgresql".into()),
-            port,
-        });
-    };
-    match host {
-        Host::Unix(p) => Ok(Endpoint {
-            host: p.display().to_string(),
-            addrs: HashSet::new(),
-            socket_dir: Some(p.display().to_string()),
-            port,
-        }),
-        Host::Tcp(h) => {
-            let bare = h.trim_start_matches('[').trim_end_matches(']');
-            let addrs: HashSet<IpAddr> = match bare.parse::<IpAddr>() {
-                Ok(ip) => [ip].into(),
-                Err(_) => tokio::net::lookup_host((bare, port))
-                    .await
-                    .map_err(|source| GuardError::Resolve {
-                        what: what.into(),
-                        host: h.clone(),
-                        source,
-                    })?
-                    .map(|a| a.ip())
-                    .collect(),
-            };
-            Ok(Endpoint {
-                host: h.clone(),
-                addrs,
-                socket_dir: None,
+            port: port_of(0),
+        }];
+    }
+    let mut out = Vec::new();
+    for (i, host) in cfg.get_hosts().iter().enumerate() {
+        let port = port_of(i);
+        out.push(match host {
+            Host::Unix(p) => Endpoint {
+                host: p.display().to_string(),
+                addrs: HashSet::new(),
+                socket_dir: Some(p.display().to_string()),
                 port,
-            })
-        }
+            },
+            Host::Tcp(h) => {
+                let bare = h.trim_start_matches('[').trim_end_matches(']');
+                let addrs: HashSet<IpAddr> = if let Some(a) = hostaddrs.get(i) {
+                    [*a].into()
+                } else {
+                    match bare.parse::<IpAddr>() {
+                        Ok(ip) => [ip].into(),
+                        // A name that does not resolve here (a staging cluster cannot resolve
+                        // production's) is compared by name; `identity` compares the servers.
+                        Err(_) => match tokio::net::lookup_host((bare, port)).await {
+                            Ok(found) => found.map(|a| a.ip()).collect(),
+                            Err(error) => {
+                                tracing::debug!(message = "Host does not resolve; comparing by name.", what = %what, host = %h, error = %error);
+                                HashSet::new()
+                            }
+                        },
+                    }
+                };
+                Endpoint {
+                    host: h.clone(),
+                    addrs,
+                    socket_dir: None,
+                    port,
+                }
+            }
+        });
     }
+    out
 }
 
-/// The endpoint of a URL whose host did not resolve: its name and port only.
-fn unresolved(url: &PgUrl) -> Endpoint {
-    let host = match url.parsed.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    Endpoint {
-        host,
-        addrs: HashSet::new(),
-        socket_dir: None,
-        port: url
-            .parsed
-            .get_ports()
-            .first()
-            .copied()
-            .unwrap_or(DEFAULT_PORT),
-    }
+/// The first endpoint of `url` (see [`endpoints`]).
+pub async fn endpoint(url: &PgUrl, what: &str) -> Endpoint {
+    endpoints(url, what)
+        .await
+        .into_iter()
+        .next()
+        .expect("endpoints returns at least one")
 }
 
-/// The pure part of the guard: refuses `dest` when a source with the same server selects
-/// the destination database. `sources` pairs each source with its resolved endpoint.
+/// The pure part of the offline guard: refuses `dest` when any of its endpoints is on the
+/// server of a source that selects the destination database. `sources` pairs each source with
+/// its endpoints.
 pub fn check_not_production(
-    dest: &Endpoint,
+    dest: &[Endpoint],
     database: &str,
-    sources: &[(&SourceConfig, Endpoint)],
+    sources: &[(&SourceConfig, Vec<Endpoint>)],
 ) -> Result<(), GuardError> {
-    for (source, ep) in sources {
+    for (source, eps) in sources {
         let source_own_db = source.url.parsed.get_dbname().unwrap_or("postgres");
-        if dest.same_server(ep) && (source.selects(database) || database == source_own_db) {
-            return Err(GuardError::IsProduction {
-                source_name: source.name.clone(),
-                host: dest.host.clone(),
-                port: dest.port,
-                database: database.into(),
-            });
+        for d in dest {
+            if eps.iter().any(|ep| d.same_server(ep))
+                && (source.selects(database) || database == source_own_db)
+            {
+                return Err(GuardError::IsProduction {
+                    source_name: source.name.clone(),
+                    host: d.host.clone(),
+                    port: d.port,
+                    database: database.into(),
+                });
+            }
         }
     }
     Ok(())
@@ -267,21 +345,13 @@ pub fn check_not_production(
 
 /// Resolves every source and the destination, then applies [`check_not_production`].
 pub async fn check_destination(config: &Config, dest: &Destination) -> Result<(), GuardError> {
-    let dest_ep = endpoint(&dest.url, &format!("restore target {:?}", dest.namespace)).await?;
+    let dest_eps = endpoints(&dest.url, &format!("restore target {:?}", dest.namespace)).await;
     let mut sources = Vec::new();
     for s in &config.sources {
-        let ep = match endpoint(&s.url, &format!("source {:?}", s.name)).await {
-            Ok(ep) => ep,
-            // A staging cluster often cannot resolve production's names: then the destination
-            // (which resolved) cannot be reached under that name; compare names only.
-            Err(error) => {
-                tracing::warn!(message = "Cannot resolve a source's host; comparing by name only.", source = %s.name, error = %error);
-                unresolved(&s.url)
-            }
-        };
-        sources.push((s, ep));
+        let eps = endpoints(&s.url, &format!("source {:?}", s.name)).await;
+        sources.push((s, eps));
     }
-    check_not_production(&dest_ep, &dest.database, &sources)
+    check_not_production(&dest_eps, &dest.database, &sources)
 }
 
 /// `"name"` with embedded quotes doubled: safe for any name, spaces and non-ASCII included.
@@ -445,7 +515,12 @@ mod tests {
         let v4 = ep("127.0.0.1", &["127.0.0.1"], 5432);
         assert!(v4.same_server(&ep("::1", &["::1"], 5432)));
         // A source that did not resolve still matches by name.
-        let unresolved = unresolved(&PgUrl::parse("postgres://u@pg.prod.svc/postgres").unwrap());
+        let unresolved = Endpoint {
+            host: "pg.prod.svc".into(),
+            addrs: HashSet::new(),
+            socket_dir: None,
+            port: 5432,
+        };
         assert!(unresolved.same_server(&ep("PG.prod.svc", &["10.0.0.9"], 5432)));
         assert!(!unresolved.same_server(&ep("pg.staging.svc", &["10.0.0.9"], 5432)));
     }
@@ -458,17 +533,17 @@ mod tests {
             &["staging_*", "template*"],
         );
         let prod = ep("127.0.0.1", &["127.0.0.1"], 5432);
-        let srcs = vec![(&s, prod.clone())];
-        let dest = ep("localhost", &["127.0.0.1", "::1"], 5432);
+        let srcs = vec![(&s, vec![prod.clone()])];
+        let dest = [ep("localhost", &["127.0.0.1", "::1"], 5432)];
         let err = check_not_production(&dest, "acme", &srcs).unwrap_err();
         assert!(matches!(err, GuardError::IsProduction { .. }));
         assert!(err.to_string().contains("never writes to production"));
         // The source's own maintenance database is production too.
-        assert!(check_not_production(&dest, "postgres", &srcs).is_err());
+        assert!(check_not_production(&dest, "odoo_main", &[(&s, vec![])]).is_ok());
         // Excluded by the source: not production.
         assert!(check_not_production(&dest, "staging_acme", &srcs).is_ok());
         // Another server: fine whatever the name.
-        let other = ep("staging", &["10.1.2.3"], 5432);
+        let other = [ep("staging", &["10.1.2.3"], 5432)];
         assert!(check_not_production(&other, "acme", &srcs).is_ok());
     }
 
@@ -484,6 +559,8 @@ mod tests {
             "postgres://odoo:pw@127.0.0.1/template1",
             "postgresql://other@127.0.0.1:5432/postgres?sslmode=disable&application_name=x",
             "postgres://odoo@[::1]:5432/postgres",
+            "postgres://odoo@staging.invalid:5433,127.0.0.1:5432/postgres",
+            "host=staging.invalid hostaddr=127.0.0.1 port=5432 user=odoo",
             "postgres://odoo@localhost:5432/postgres?connect_timeout=5",
             "host=localhost port=5432 user=odoo dbname=postgres",
             "host=127.0.0.1 user=odoo",
@@ -530,10 +607,10 @@ mod tests {
     #[tokio::test]
     async fn localhost_resolves_to_loopback() {
         let url = PgUrl::parse("postgres://u@localhost/postgres").unwrap();
-        let e = endpoint(&url, "test").await.unwrap();
+        let e = endpoint(&url, "test").await;
         assert_eq!(e.port, DEFAULT_PORT);
         assert!(e.addrs.iter().any(IpAddr::is_loopback), "{e:?}");
         let ip = PgUrl::parse("postgres://u@127.0.0.1:5432/postgres").unwrap();
-        assert!(e.same_server(&endpoint(&ip, "test").await.unwrap()));
+        assert!(e.same_server(&endpoint(&ip, "test").await));
     }
 }

@@ -31,6 +31,12 @@ use crate::storage::target::Target;
 /// that memory never depends on the database size.
 const COPY_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Mode of the spool directories restore creates: owner only.
+const SPOOL_DIR_MODE: u32 = 0o700;
+
+/// Mode of the spool file (a decompressed production dump): owner read/write only.
+const SPOOL_FILE_MODE: u32 = 0o600;
+
 /// Free space required on the spool filesystem beyond the archive itself, so a spool never
 /// fills a disk to the last byte.
 const SPOOL_HEADROOM_BYTES: u64 = 256 * 1024 * 1024;
@@ -504,7 +510,12 @@ pub async fn spooled(
         let path = path.to_path_buf();
         move |source| LoadError::Spool { path, source }
     };
-    tokio::fs::create_dir_all(spool_dir)
+    // The spool holds a decompressed production dump: directories we create are 0700 and
+    // the file 0600, whatever the umask (an existing directory is left as the operator set it).
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(SPOOL_DIR_MODE)
+        .create(spool_dir)
         .await
         .map_err(spool_err(spool_dir))?;
     let available = free_bytes(spool_dir).map_err(spool_err(spool_dir))?;
@@ -525,6 +536,7 @@ pub async fn spooled(
     let file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(SPOOL_FILE_MODE)
         .open(&path)
         .await
         .map_err(spool_err(&path))?;

@@ -11,6 +11,7 @@
 
 pub mod choose;
 pub mod guard;
+pub mod identity;
 pub mod load;
 pub mod swap;
 
@@ -138,8 +139,7 @@ impl RestoreError {
     pub fn is_usage(&self) -> bool {
         match self {
             RestoreError::UnknownSource { .. } => true,
-            RestoreError::Guard(GuardError::Resolve { .. }) => false,
-            RestoreError::Guard(_) => true,
+            RestoreError::Guard(e) => e.is_usage(),
             _ => false,
         }
     }
@@ -154,7 +154,7 @@ impl RestoreError {
             RestoreError::NoTargets { .. } | RestoreError::AllTargetsFailed { .. } => true,
             RestoreError::Destination { source, .. } => source.is_retryable(),
             RestoreError::Swap(e) => e.is_retryable(),
-            RestoreError::Guard(GuardError::Resolve { .. }) => true,
+            RestoreError::Guard(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -249,8 +249,31 @@ async fn run(
     tracing::Span::current().record("snapshot_id", manifest.snapshot_id.as_str());
     tracing::info!(message = "Snapshot chosen.", chosen = %choose::describe(entry, &req.snapshot), targets = %entry.targets.join(","), destination = %dest.database);
 
-    // 3. The destination server: lock, clean leftovers, the right pg_restore.
+    // 3. The destination server: not production (by identity), not a template; then lock,
+    //    clean leftovers, the right pg_restore.
     let server = Server::lock(&dest.url, &dest.database).await?;
+    let snapshot_label = format!(
+        "the server snapshot {} of {}/{} was taken from",
+        manifest.snapshot_id, manifest.source, manifest.database
+    );
+    identity::check(
+        config,
+        &server.client,
+        &dest.url,
+        &format!("restore target {:?}", dest.namespace),
+        manifest
+            .system_identifier
+            .as_deref()
+            .map(|id| (snapshot_label.as_str(), id)),
+    )
+    .await
+    .map_err(GuardError::from)?;
+    if server.is_template(&dest.database).await? {
+        return Err(GuardError::Template {
+            database: dest.database.clone(),
+        }
+        .into());
+    }
     let cleaned = server.clean_leftovers(&dest.database).await?;
     let version = source::server_version(&server.client, &dest.url)
         .await
@@ -343,7 +366,12 @@ async fn run(
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks).await?;
+        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks, &cancel)
+            .await
+            .map_err(|e| match e {
+                SwapError::HookCancelled { .. } => RestoreError::Cancelled,
+                e => e.into(),
+            })?;
         let tables = swap::count_tables(&dest.url, &tmp).await?;
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);

@@ -30,6 +30,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Polling interval while waiting for terminated sessions to exit.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
+/// How long cancelling a hook's query may take: a signal must end a restore within seconds.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// PostgreSQL 13 added `DROP DATABASE … WITH (FORCE)`.
 const FORCE_DROP_MIN_VERSION: u32 = 130_000;
 
@@ -55,6 +58,8 @@ pub enum SwapError {
         path: PathBuf,
         source: tokio_postgres::Error,
     },
+    #[error("cancelled while hook {path} ran; its query was cancelled (pg_cancel_backend)")]
+    HookCancelled { path: PathBuf },
     #[error("sessions of {database:?} did not end within {DRAIN_TIMEOUT:?} after pg_terminate_backend; the old database is untouched")]
     Busy { database: String },
 }
@@ -127,6 +132,19 @@ impl Server {
             .is_some())
     }
 
+    /// Whether `database` exists and is a template (`datistemplate`).
+    pub async fn is_template(&self, database: &str) -> Result<bool, SwapError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT datistemplate FROM pg_database WHERE datname = $1",
+                &[&database],
+            )
+            .await
+            .map_err(self.sql_err("looking up a database"))?
+            .is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     /// Drops a database of ours if it exists, ending any session still in it.
     pub async fn drop_database(&self, database: &str) -> Result<(), SwapError> {
         if !self.exists(database).await? {
@@ -149,9 +167,30 @@ impl Server {
         }
     }
 
-    /// Drops temporary and set-aside databases a killed run left for this destination.
-    /// Returns their names.
+    /// Drops temporary and set-aside databases a killed run left for this destination, and
+    /// reopens the destination itself if a run was killed between closing it to connections
+    /// and the rename. Returns the names dropped.
     pub async fn clean_leftovers(&self, database: &str) -> Result<Vec<String>, SwapError> {
+        let closed = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1 AND NOT datallowconn AND NOT datistemplate",
+                &[&database],
+            )
+            .await
+            .map_err(self.sql_err("looking up the destination"))?
+            .is_some();
+        if closed {
+            tracing::warn!(message = "The destination was left closed to connections by an interrupted restore; reopening it.", database = %database);
+            self.exec(
+                &format!("reopening {database}"),
+                &format!(
+                    "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                    quote_ident(database)
+                ),
+            )
+            .await?;
+        }
         let rows = self
             .client
             .query(
@@ -279,15 +318,10 @@ impl Server {
         }
         .await;
         if let Err(e) = renamed {
+            // The maintenance connection may be what failed: reopen from a fresh one.
             let _ = self.client.batch_execute("ROLLBACK").await;
-            if let Err(reopen) = self
-                .exec(
-                    "reopening the old database",
-                    &format!("ALTER DATABASE {qd} ALLOW_CONNECTIONS true"),
-                )
-                .await
-            {
-                tracing::error!(message = "Cannot reopen the old destination to connections; run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
+            if let Err(reopen) = reopen_connections(&self.url, dest).await {
+                tracing::error!(message = "Cannot reopen the old destination to connections; the next restore of it will, or run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
             }
             return Err(e);
         }
@@ -308,12 +342,48 @@ impl Server {
     }
 }
 
-/// Runs the hook files, in order, each in one transaction, in the temporary database.
-pub async fn run_hooks(url: &PgUrl, tmp: &str, hooks: &[PathBuf]) -> Result<(), SwapError> {
+/// `ALTER DATABASE … ALLOW_CONNECTIONS true` over a fresh connection, bounded in time.
+async fn reopen_connections(url: &PgUrl, database: &str) -> Result<(), String> {
+    let reopen = async {
+        let client = source::connect(url, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                quote_ident(database)
+            ))
+            .await
+            .map_err(|e| source::pg_message(&e))
+    };
+    tokio::time::timeout(CANCEL_TIMEOUT, reopen)
+        .await
+        .map_err(|_| format!("no answer within {CANCEL_TIMEOUT:?}"))?
+}
+
+/// Runs the hook files, in order, each in one transaction, in the temporary database. When
+/// `cancel` fires, the running hook's query is cancelled (`pg_cancel_backend` from a fresh
+/// connection) and [`SwapError::HookCancelled`] returned at once; the caller drops the
+/// temporary database.
+pub async fn run_hooks(
+    url: &PgUrl,
+    tmp: &str,
+    hooks: &[PathBuf],
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), SwapError> {
     if hooks.is_empty() {
         return Ok(());
     }
     let mut client = source::connect(url, Some(tmp)).await?;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(|source| SwapError::Sql {
+            what: "reading the hook session's pid".into(),
+            url: url.redacted(),
+            source,
+        })?
+        .get(0);
     for path in hooks {
         let sql = tokio::fs::read_to_string(path)
             .await
@@ -325,12 +395,45 @@ pub async fn run_hooks(url: &PgUrl, tmp: &str, hooks: &[PathBuf]) -> Result<(), 
             path: path.clone(),
             source,
         };
-        let tx = client.transaction().await.map_err(hook_err)?;
-        tx.batch_execute(&sql).await.map_err(hook_err)?;
-        tx.commit().await.map_err(hook_err)?;
+        let run = async {
+            let tx = client.transaction().await?;
+            tx.batch_execute(&sql).await?;
+            tx.commit().await
+        };
+        tokio::select! {
+            r = run => r.map_err(hook_err)?,
+            _ = cancel.cancelled() => {
+                cancel_backend(url, pid).await;
+                return Err(SwapError::HookCancelled { path: path.clone() });
+            }
+        }
         tracing::info!(message = "Hook applied.", hook = %path.display());
     }
     Ok(())
+}
+
+/// Cancels the query of backend `pid` from a fresh connection, bounded in time: the caller
+/// drops the database (ending the session) whatever happens here.
+async fn cancel_backend(url: &PgUrl, pid: i32) {
+    let cancel = async {
+        let client = source::connect(url, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+            .await
+            .map_err(|e| source::pg_message(&e))
+    };
+    match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+        Ok(Ok(_)) => tracing::info!(message = "Hook query cancelled.", pid),
+        Ok(Err(error)) => {
+            tracing::warn!(message = "Cannot cancel the hook's query; dropping the database ends it.", pid, error = %error)
+        }
+        Err(_) => tracing::warn!(
+            message = "Cancelling the hook's query timed out; dropping the database ends it.",
+            pid
+        ),
+    }
 }
 
 /// Counts the user tables of a database (for the summary line).

@@ -14,6 +14,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 
 use crate::config::PgUrl;
+
+pub mod conninfo;
 use crate::pgtls::SslMode;
 
 pub mod select;
@@ -361,25 +363,28 @@ fn parse_tool_version(printed: &str) -> Option<(String, u32)> {
 /// would show them); so do the TLS settings, the same our own connections use.
 pub fn libpq_env(url: &PgUrl, database: &str) -> Vec<(&'static str, String)> {
     let cfg = &with_database(url, database);
+    let info = url.info();
     let mut env = Vec::new();
-    if let Some(host) = cfg.get_hosts().first() {
-        env.push((
-            "PGHOST",
-            match host {
-                Host::Tcp(h) => h.clone(),
-                Host::Unix(p) => p.display().to_string(),
-            },
-        ));
+    // Every host, port and hostaddr of the list, as libpq reads them: the tools reach the
+    // same servers, in the same order, as our own connections.
+    for (var, key) in [
+        ("PGHOST", "host"),
+        ("PGPORT", "port"),
+        ("PGHOSTADDR", "hostaddr"),
+        ("PGUSER", "user"),
+        ("PGOPTIONS", "options"),
+        ("PGTARGETSESSIONATTRS", "target_session_attrs"),
+    ] {
+        if let Some(v) = info.get(key).filter(|v| !v.is_empty()) {
+            let v = if key == "host" {
+                info.hosts().join(",")
+            } else {
+                v.to_string()
+            };
+            env.push((var, v));
+        }
     }
-    if let Some(port) = cfg.get_ports().first() {
-        env.push(("PGPORT", port.to_string()));
-    }
-    if let Some(user) = cfg.get_user() {
-        env.push(("PGUSER", user.to_string()));
-    }
-    if let Some(db) = cfg.get_dbname() {
-        env.push(("PGDATABASE", db.to_string()));
-    }
+    env.push(("PGDATABASE", database.to_string()));
     if let Some(p) = resolve_password(cfg) {
         env.push(("PGPASSWORD", String::from_utf8_lossy(&p).into_owned()));
     }
@@ -390,13 +395,20 @@ pub fn libpq_env(url: &PgUrl, database: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Starts `pg_dump -Fc -Z0` of `database`; stdout is the archive, stderr is captured.
+/// `lock_wait_timeout` becomes `--lock-wait-timeout`: pg_dump fails instead of waiting
+/// forever for a table lock another session holds (see [`lock_blockers`]).
 pub fn spawn_pg_dump(
     tool: &PgTool,
     url: &PgUrl,
     database: &str,
+    lock_wait_timeout: std::time::Duration,
 ) -> Result<tokio::process::Child, SourceError> {
     let mut cmd = tokio::process::Command::new(&tool.path);
     cmd.args(["--format=custom", "--compress=0", "--no-password"])
+        .arg(format!(
+            "--lock-wait-timeout={}",
+            lock_wait_timeout.as_millis().max(1)
+        ))
         .env_clear()
         .envs(libpq_env(url, database))
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -412,6 +424,77 @@ pub fn spawn_pg_dump(
         enlarge_pipe(stdout);
     }
     Ok(child)
+}
+
+/// Whether pg_dump's stderr says it gave up waiting for a table lock.
+/// pg_dump implements `--lock-wait-timeout` with `statement_timeout` around its `LOCK TABLE`.
+pub fn is_lock_timeout(stderr: &str) -> bool {
+    stderr.contains("could not obtain lock on relation")
+        || (stderr.contains("LOCK TABLE")
+            && (stderr.contains("statement timeout") || stderr.contains("lock timeout")))
+}
+
+/// Sessions holding or waiting-before-us for a lock that conflicts with pg_dump's
+/// `ACCESS SHARE`, in `database`: who blocks a dump, and since when.
+const LOCK_BLOCKERS_SQL: &str = "\
+SELECT DISTINCT ON (a.pid) \
+       coalesce(n.nspname || '.' || c.relname, l.relation::text), a.pid, \
+       coalesce(a.usename::text, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), \
+       coalesce(to_char(coalesce(a.xact_start, a.query_start) AT TIME ZONE 'UTC', \
+                'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '') \
+FROM pg_locks l \
+JOIN pg_database d ON d.oid = l.database AND d.datname = $1 \
+JOIN pg_stat_activity a ON a.pid = l.pid \
+LEFT JOIN pg_class c ON c.oid = l.relation \
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
+WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'AccessExclusiveLock' \
+  AND a.pid <> pg_backend_pid() \
+ORDER BY a.pid";
+
+/// One session that holds a lock a dump cannot get past.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockBlocker {
+    pub table: String,
+    pub pid: i32,
+    pub user: String,
+    pub application_name: String,
+    pub state: String,
+    /// When its transaction (or else its query) started, UTC.
+    pub since: String,
+}
+
+impl std::fmt::Display for LockBlocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "table {} is locked by pid {} (user {:?}, application {:?}, state {:?}, since {})",
+            self.table, self.pid, self.user, self.application_name, self.state, self.since
+        )
+    }
+}
+
+/// The sessions holding `ACCESS EXCLUSIVE` table locks in `database` (what makes pg_dump's
+/// `--lock-wait-timeout` expire), read from `pg_locks` and `pg_stat_activity`.
+pub async fn lock_blockers(url: &PgUrl, database: &str) -> Result<Vec<LockBlocker>, SourceError> {
+    let client = connect(url, None).await?;
+    let rows = client
+        .query(LOCK_BLOCKERS_SQL, &[&database])
+        .await
+        .map_err(|source| SourceError::Query {
+            url: url.redacted(),
+            source,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| LockBlocker {
+            table: r.get(0),
+            pid: r.get(1),
+            user: r.get(2),
+            application_name: r.get(3),
+            state: r.get(4),
+            since: r.get(5),
+        })
+        .collect())
 }
 
 /// Pipe buffer we ask the kernel for between pg_dump and us (Linux's default is 64 KiB;

@@ -119,11 +119,17 @@ impl Target {
                 Target::new(&cfg.name, s3.clone(), &cfg.prefix, cfg.max_parts).with_multipart(s3)
             }
             TargetKind::File { root } => {
-                std::fs::create_dir_all(root).map_err(|source| TargetError::CreateDir {
-                    target: cfg.name.clone(),
-                    dir: root.display().to_string(),
-                    source,
-                })?;
+                use std::os::unix::fs::DirBuilderExt;
+                // Owner only, whatever the umask (main sets 0077 for the objects below).
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .map_err(|source| TargetError::CreateDir {
+                        target: cfg.name.clone(),
+                        dir: root.display().to_string(),
+                        source,
+                    })?;
                 let store = LocalFileSystem::new_with_prefix(root)
                     .map_err(|source| TargetError::Build {
                         target: cfg.name.clone(),
@@ -251,14 +257,121 @@ fn retry_config() -> RetryConfig {
     }
 }
 
-/// The part size for a database of `estimated_raw_size` bytes on a target allowing
-/// `max_parts` parts: at least `MIN_PART_SIZE` (S3's minimum, and few enough requests), and
-/// big enough that the whole dump fits, with headroom. Rounded up to a whole MiB.
-pub fn part_size(estimated_raw_size: u64, max_parts: u32) -> u64 {
-    let needed = (estimated_raw_size as f64 * SIZE_HEADROOM / f64::from(max_parts.max(1))) as u64;
+/// S3's largest object (5 TiB): no dump object can be larger, so no sizing aims higher.
+pub const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+
+/// The smallest object size the sizing keeps room for, whatever the history says: a
+/// database that grows tenfold between two runs still fits without giant parts.
+const MIN_GOAL: u64 = 64 * 1024 * 1024 * 1024;
+
+/// The sizing keeps room for this many times the expected stored size (the previous
+/// snapshot's), and for twice what was actually written so far.
+const GOAL_FACTOR: u64 = 4;
+
+/// The part size when nothing is known yet, and the floor: twice S3's minimum, so a part
+/// never falls under it and small databases take few requests.
+pub const DEFAULT_FIRST_PART: u64 = 2 * MIN_PART_SIZE;
+
+/// Sizes the parts of one object: they start at `first` (from the previous snapshot's stored
+/// size, else the database's size, else [`DEFAULT_FIRST_PART`]) and double only when the
+/// parts left (up to `max_parts`) could otherwise no longer hold the goal — `GOAL_FACTOR` ×
+/// the expected size, at least [`MIN_GOAL`], at most [`MAX_OBJECT_SIZE`] — even if every
+/// later part doubled until [`MAX_PART_SIZE`]. Parts stay small for as long as the limit
+/// allows, so memory follows the part size, not the database; S3 allows parts of different
+/// sizes. An object larger than the goal keeps doubling its parts up to the cap, which may
+/// still not fit `max_parts`: the goal is what is guaranteed. (Guaranteeing 5 TB whatever
+/// the expectation is possible only by ramping up within the first ~60 parts of a
+/// 1000-part target, which would give a 6 GB database parts of hundreds of MiB.)
+#[derive(Debug, Clone)]
+pub struct PartSizer {
+    size: u64,
+    max_parts: u32,
+    /// The size the parts left must always be able to hold.
+    expected_goal: u64,
+    parts: u32,
+    written: u64,
+}
+
+impl PartSizer {
+    /// A sizer for an object expected to be about `expected_stored` bytes (None: unknown)
+    /// on targets allowing `max_parts` parts (the smallest limit of the targets written to).
+    pub fn new(expected_stored: Option<u64>, max_parts: u32) -> PartSizer {
+        let max_parts = max_parts.max(1);
+        let size = match expected_stored {
+            Some(bytes) => {
+                let needed = (bytes as f64 * SIZE_HEADROOM / f64::from(max_parts)) as u64;
+                round_mib(needed).clamp(DEFAULT_FIRST_PART, MAX_PART_SIZE)
+            }
+            None => DEFAULT_FIRST_PART,
+        };
+        let expected_goal = expected_stored
+            .unwrap_or(0)
+            .saturating_mul(GOAL_FACTOR)
+            .clamp(MIN_GOAL, MAX_OBJECT_SIZE);
+        PartSizer {
+            size,
+            max_parts,
+            expected_goal,
+            parts: 0,
+            written: 0,
+        }
+    }
+
+    /// A sizer whose first part is `first` bytes (tests and benchmarks pick it).
+    pub fn with_first(first: u64, max_parts: u32) -> PartSizer {
+        PartSizer {
+            size: first.max(1),
+            ..PartSizer::new(None, max_parts)
+        }
+    }
+
+    /// The size of the first part (for logs and the manifest's `part_size`).
+    pub fn first(&self) -> u64 {
+        self.size
+    }
+
+    /// The size of the next part; call [`PartSizer::advance`] once it is cut.
+    pub fn next_size(&mut self) -> u64 {
+        let goal = self.expected_goal;
+        while self.size < MAX_PART_SIZE {
+            let left_after = self.max_parts.saturating_sub(self.parts + 1);
+            let reachable = self
+                .written
+                .saturating_add(self.size)
+                .saturating_add(fastest(left_after, self.size.saturating_mul(2)));
+            if reachable >= goal {
+                break;
+            }
+            self.size = (self.size * 2).min(MAX_PART_SIZE);
+        }
+        self.size
+    }
+
+    /// Records a part of `bytes` as cut.
+    pub fn advance(&mut self, bytes: u64) {
+        self.parts += 1;
+        self.written += bytes;
+    }
+}
+
+/// The most `parts` parts can hold when the first is `size` and each doubles up to
+/// [`MAX_PART_SIZE`].
+fn fastest(parts: u32, mut size: u64) -> u64 {
+    let mut total = 0u64;
+    for i in 0..parts {
+        if size >= MAX_PART_SIZE {
+            // Every remaining part is at the cap.
+            return total.saturating_add(u64::from(parts - i).saturating_mul(MAX_PART_SIZE));
+        }
+        total = total.saturating_add(size);
+        size = size.saturating_mul(2).min(MAX_PART_SIZE);
+    }
+    total
+}
+
+fn round_mib(bytes: u64) -> u64 {
     let mib = 1024 * 1024;
-    let rounded = needed.div_ceil(mib) * mib;
-    rounded.clamp(MIN_PART_SIZE * 2, MAX_PART_SIZE)
+    bytes.div_ceil(mib) * mib
 }
 
 #[cfg(test)]
@@ -284,16 +397,69 @@ mod tests {
         );
     }
 
-    #[test]
-    fn part_size_fits_large_databases_in_max_parts() {
-        assert_eq!(part_size(0, 10_000), 10 * 1024 * 1024);
-        assert_eq!(part_size(1 << 30, 10_000), 10 * 1024 * 1024);
-        let two_tb = 2u64 << 40;
-        for max_parts in [1_000, 10_000] {
-            let p = part_size(two_tb, max_parts);
-            assert!(p * u64::from(max_parts) >= two_tb, "{max_parts}: {p}");
-            assert_eq!(p % (1024 * 1024), 0);
+    /// Cuts an object of `total` bytes with `sizer`; returns the part sizes.
+    fn cut(mut sizer: PartSizer, total: u64) -> Vec<u64> {
+        let mut parts = Vec::new();
+        let mut left = total;
+        while left > 0 {
+            let size = sizer.next_size().min(left);
+            sizer.advance(size);
+            parts.push(size);
+            left -= size;
         }
-        assert_eq!(part_size(u64::MAX / 2, 1), MAX_PART_SIZE);
+        parts
+    }
+
+    #[test]
+    fn sizing_reaches_5_tb_within_1000_and_10000_parts() {
+        let five_tb = 5_000_000_000_000u64;
+        for max_parts in [1_000u32, 10_000] {
+            // With an expectation of 5 TB, and of a quarter of it (the database grew
+            // fourfold since the last snapshot).
+            for expected in [Some(five_tb), Some(five_tb / GOAL_FACTOR)] {
+                let parts = cut(PartSizer::new(expected, max_parts), five_tb);
+                assert!(
+                    parts.len() <= max_parts as usize,
+                    "{max_parts} parts, expected {expected:?}: {} parts",
+                    parts.len()
+                );
+                assert!(parts.iter().all(|p| *p <= MAX_PART_SIZE));
+                let n = parts.len();
+                assert!(parts[..n - 1].iter().all(|p| *p >= MIN_PART_SIZE));
+                assert!(parts
+                    .windows(2)
+                    .all(|w| w[0] <= w[1] || w[1] == *parts.last().unwrap()));
+            }
+        }
+    }
+
+    #[test]
+    fn parts_stay_small_while_the_limit_allows() {
+        // A 6 GB database stores about 1 GB: every part stays at the first size on a target
+        // of 1000 parts and on one of 10 000, with or without history.
+        for max_parts in [1_000u32, 10_000] {
+            for expected in [Some(1_000_000_000u64), None] {
+                let parts = cut(PartSizer::new(expected, max_parts), 1_200_000_000);
+                assert!(
+                    parts
+                        .iter()
+                        .all(|p| *p == DEFAULT_FIRST_PART || p == parts.last().unwrap()),
+                    "{max_parts}: {:?}",
+                    &parts[..4]
+                );
+            }
+        }
+        // As a 60 GB database at 1000 parts would: 100 parts for ~10 GB stored. Parts grow,
+        // but only as far as needed.
+        let parts = cut(PartSizer::new(Some(10_000_000_000), 100), 10_000_000_000);
+        assert!(parts.len() <= 100);
+        assert!(
+            *parts.iter().max().unwrap() <= 1024 * 1024 * 1024,
+            "{parts:?}"
+        );
+        // History decides the first part: 5 TB over 10 000 parts starts at ~750 MB.
+        let s = PartSizer::new(Some(5_000_000_000_000), 10_000);
+        assert!(s.first() >= 700 * 1024 * 1024, "{}", s.first());
+        assert_eq!(s.first() % (1024 * 1024), 0);
     }
 }

@@ -2,12 +2,16 @@
 //! servers started by `support` on loopback ports.
 
 mod backup;
+mod bounded_waits;
 mod catalog;
 mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod production_guard;
+mod redaction;
 mod restore;
+mod restore_signals;
 mod retention;
 mod security;
 mod source_faults;

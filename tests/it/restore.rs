@@ -153,7 +153,7 @@ impl World {
     }
 
     /// Overwrites the dump object of `snapshot_id` in bucket `i` with bytes of the same length.
-    async fn corrupt(&self, i: usize, snapshot_id: &str) {
+    pub(crate) async fn corrupt(&self, i: usize, snapshot_id: &str) {
         env::corrupt_dump(&self.stores[i], snapshot_id).await;
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::env::{self, get, keys, TestEnv};
+use crate::support::postgres::PgCluster;
 use crate::support::proxy::Proxy;
 use crate::support::running_as_root;
 
@@ -60,10 +61,14 @@ impl Drop for Tmpfs {
 const PREVIOUS_SQL: &str =
     "CREATE TABLE previous_contents AS SELECT g AS id, 'kept ' || g AS note FROM generate_series(1, 100) g;";
 
-/// Production `acme` backed up through `proxy`; the staging copy `acme_staging` (same
-/// server, a database the source does not back up) holds older contents. Returns the config
-/// and the manifest's raw size.
-async fn world(env: &TestEnv, proxy: &Proxy, spool: &Path) -> (PathBuf, u64) {
+/// Production `acme` backed up through `proxy`; the staging copy `acme_staging`, on a staging
+/// server of its own (restore refuses the source's server), holds older contents. Returns the
+/// config, the manifest's raw size and the staging server.
+async fn world(env: &TestEnv, proxy: &Proxy, spool: &Path) -> (PathBuf, u64, PgCluster) {
+    let staging = PgCluster::start()
+        .await
+        .expect("start the staging PostgreSQL");
+    env.add_secret_var(STAGING_PW_VAR, staging.superuser_password());
     env.pg.create_database("acme").await.unwrap();
     env.pg
         .execute(
@@ -72,15 +77,15 @@ async fn world(env: &TestEnv, proxy: &Proxy, spool: &Path) -> (PathBuf, u64) {
         )
         .await
         .unwrap();
-    env.pg.create_database("acme_staging").await.unwrap();
-    env.pg.execute("acme_staging", PREVIOUS_SQL).await.unwrap();
+    staging.create_database("acme_staging").await.unwrap();
+    staging.execute("acme_staging", PREVIOUS_SQL).await.unwrap();
     let (s3, store) = env.s3_target("s3").await;
     let config = env.write_config(&format!(
         "{}databases = [\"acme\"]\n{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{}}}@127.0.0.1:{}/postgres\"\nowner = \"postgres\"\n\n[restore]\nspool_dir = {:?}\n",
         env.source_toml("prod"),
         proxy.reroute(&s3),
-        env::PG_PASSWORD_VAR,
-        env.pg.port(),
+        STAGING_PW_VAR,
+        staging.port(),
         spool.display().to_string(),
     ));
     env.pgferry(&config, &["backup"]).await.snapshot_id();
@@ -91,8 +96,11 @@ async fn world(env: &TestEnv, proxy: &Proxy, spool: &Path) -> (PathBuf, u64) {
         .expect("a manifest");
     let manifest: serde_json::Value =
         serde_json::from_slice(&get(&store, &manifest_key).await).unwrap();
-    (config, manifest["raw_size"].as_u64().unwrap())
+    (config, manifest["raw_size"].as_u64().unwrap(), staging)
 }
+
+/// Carries the staging server's password into the config.
+const STAGING_PW_VAR: &str = "PGFERRY_TEST_SPOOL_STAGING_PASSWORD";
 
 const RESTORE: &[&str] = &[
     "restore",
@@ -110,14 +118,14 @@ const RESTORE: &[&str] = &[
 
 /// Staging holds what it held before, and no temporary database is left.
 async fn assert_staging_untouched(
-    env: &TestEnv,
+    staging: &PgCluster,
     before: &std::collections::BTreeMap<String, (i64, String)>,
 ) {
     assert_eq!(
-        &env.pg.table_fingerprints("acme_staging").await.unwrap(),
+        &staging.table_fingerprints("acme_staging").await.unwrap(),
         before
     );
-    let dbs = env.pg.databases().await;
+    let dbs = staging.databases().await;
     assert!(
         dbs.iter().all(|d| !d.starts_with("pgferry_")),
         "leftover databases: {dbs:?}"
@@ -129,9 +137,9 @@ async fn a_spool_too_small_is_refused_before_the_download() {
     let env = TestEnv::start().await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
     let spool = env.dir.path().join("spool");
-    let (config, raw_size) = world(&env, &proxy, &spool).await;
+    let (config, raw_size, staging) = world(&env, &proxy, &spool).await;
     let tmpfs = Tmpfs::mount(&spool, 16 << 20);
-    let before = env.pg.table_fingerprints("acme_staging").await.unwrap();
+    let before = staging.table_fingerprints("acme_staging").await.unwrap();
     let down_before = proxy.bytes_down();
 
     let run = env.pgferry(&config, RESTORE).await;
@@ -149,7 +157,7 @@ async fn a_spool_too_small_is_refused_before_the_download() {
         "read {read} bytes of a {raw_size}-byte dump"
     );
     assert_eq!(tmpfs.entries(), Vec::<String>::new());
-    assert_staging_untouched(&env, &before).await;
+    assert_staging_untouched(&staging, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,10 +165,10 @@ async fn a_spool_filling_up_during_the_download_fails_cleanly() {
     let env = TestEnv::start().await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
     let spool = env.dir.path().join("spool");
-    let (config, raw_size) = world(&env, &proxy, &spool).await;
+    let (config, raw_size, staging) = world(&env, &proxy, &spool).await;
     // Just enough for the up-front check (the archive + 256 MiB of headroom).
     let tmpfs = Tmpfs::mount(&spool, raw_size + (256 << 20) + (8 << 20));
-    let before = env.pg.table_fingerprints("acme_staging").await.unwrap();
+    let before = staging.table_fingerprints("acme_staging").await.unwrap();
     proxy.throttle_down(512 << 10); // the download takes seconds
 
     let child = env.command(&config, RESTORE).spawn().unwrap();
@@ -204,5 +212,5 @@ async fn a_spool_filling_up_during_the_download_fails_cleanly() {
     assert!(stderr.contains("the destination is untouched"), "{stderr}");
     // The spool file is gone; only the test's filler remains.
     assert_eq!(tmpfs.entries(), vec!["filler".to_string()]);
-    assert_staging_untouched(&env, &before).await;
+    assert_staging_untouched(&staging, &before).await;
 }
