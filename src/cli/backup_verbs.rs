@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
+use super::output;
 use super::{
     cancel_on_signals, human_age, human_bytes, names, spawn_ticker, BackupArgs, CliError, ListArgs,
     PruneArgs,
@@ -96,14 +97,24 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
             let r = backup::backup_database(app, source, &database, &snapshot_id, progress, cancel)
                 .await;
             ticker.cancel();
-            print_backup_line(&source.name, &database, &snapshot_id, &r);
-            r.is_ok()
+            if !args.json {
+                print_backup_line(&source.name, &database, &snapshot_id, &r);
+            }
+            let entry = output::backup_entry(&source.name, &database, &snapshot_id, &r);
+            (r.is_ok(), entry)
         }
     }))
     .buffer_unordered(app.config.daemon.max_concurrent_backups)
     .collect()
     .await;
-    let failed = results.iter().filter(|ok| !**ok).count();
+    let failed = results.iter().filter(|(ok, _)| !*ok).count();
+    if args.json {
+        output::json_line(&serde_json::json!({
+            "result": if failed == 0 { "success" } else { "failure" },
+            "snapshot_id": snapshot_id,
+            "databases": results.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+        }));
+    }
     if failed > 0 {
         return Err(CliError::Failed(format!(
             "{failed} of {total} database backup(s) failed; see above"
@@ -181,14 +192,12 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
     }
     if args.json {
         let out = serde_json::json!({
+            "result": if !catalog.unreachable.is_empty() && catalog.snapshots.is_empty() { "failure" } else { "success" },
             "snapshots": catalog.snapshots,
             "warnings": catalog.warnings,
             "unreachable_targets": catalog.unreachable.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("JSON values serialize")
-        );
+        output::json_line(&out);
     } else {
         println!(
             "{:<18} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
@@ -248,8 +257,19 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
         args.dry_run,
     )
     .await;
-    print!("{}", crate::retention::prune::render(&report, args.dry_run));
-    if !args.dry_run {
+    if args.json {
+        output::json_line(&serde_json::json!({
+            "result": if report.errors.is_empty() { "success" } else { "failure" },
+            "dry_run": args.dry_run,
+            "deleted_snapshots": report.deleted_snapshots,
+            "deleted_orphans": report.deleted_orphans,
+            "aborted_uploads": report.aborted_uploads,
+            "errors": report.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        }));
+    } else {
+        print!("{}", crate::retention::prune::render(&report, args.dry_run));
+    }
+    if !args.dry_run && !args.json {
         println!(
             "deleted {} snapshot(s) and {} orphan dump(s), aborted {} unfinished upload(s)",
             report.deleted_snapshots, report.deleted_orphans, report.aborted_uploads

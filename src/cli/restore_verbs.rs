@@ -44,10 +44,7 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
         Ok(report) => {
             if args.json {
                 let out = serde_json::json!({"result": "success", "restore": report});
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
-                );
+                super::output::json_line(&out);
             } else {
                 println!("{}", restore_line(&report));
             }
@@ -56,10 +53,7 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
         Err(e) => {
             if args.json {
                 let out = serde_json::json!({"result": if e.is_cancelled() { "cancelled" } else { "failure" }, "error": e.to_string()});
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
-                );
+                super::output::json_line(&out);
             }
             if e.is_usage() {
                 Err(CliError::Usage(e.to_string()))
@@ -166,10 +160,10 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
         }
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reports).expect("JSON values serialize")
-        );
+        super::output::json_line(&serde_json::json!({
+            "result": if failed == 0 { "success" } else { "failure" },
+            "reports": reports,
+        }));
     }
     if let Some(gateway) = &args.pushgateway {
         crate::verify::push_metrics(app, gateway)

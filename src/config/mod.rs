@@ -119,10 +119,12 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
     Ok(out)
 }
 
+mod ops;
 mod raw;
 #[cfg(test)]
 mod tests;
 
+pub use ops::{redact_http_url, NotifyConfig, S3Options, Sse};
 pub use raw::RetentionPolicy;
 use raw::*;
 
@@ -141,6 +143,7 @@ pub struct Config {
     pub restore_targets: Vec<RestoreTargetConfig>,
     pub restore: RestoreConfig,
     pub verify: VerifyConfig,
+    pub notify: NotifyConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +280,8 @@ pub struct SourceConfig {
     pub schedule: Schedule,
     pub retention: RetentionPolicy,
     pub pg_bin_dir: Option<PathBuf>,
+    /// Dead-man's-switch URL (see `notify`).
+    pub ping: Option<Secret>,
 }
 
 impl SourceConfig {
@@ -297,6 +302,7 @@ pub enum TargetKind {
         secret_access_key: Option<Secret>,
         /// PEM CA certificates trusted for the endpoint, added to the system's roots.
         ca_file: Option<PathBuf>,
+        options: S3Options,
     },
     File {
         root: PathBuf,
@@ -435,6 +441,7 @@ impl Config {
             if let Some(dir) = &src.pg_bin_dir {
                 let _ = writeln!(s, "pg_bin_dir = {}", q(&dir.display().to_string()));
             }
+            s.push_str(&ops::redacted_ping(&src.ping));
         }
         for t in &self.targets {
             let _ = writeln!(s, "\n[[target]]");
@@ -446,9 +453,11 @@ impl Config {
                 access_key_id,
                 secret_access_key,
                 ca_file,
+                options,
                 ..
             } = &t.kind
             {
+                s.push_str(&ops::redacted_s3_options(options));
                 if let Some(e) = endpoint {
                     let _ = writeln!(s, "endpoint = {}", q(e));
                 }
@@ -486,6 +495,7 @@ impl Config {
         if let Some(sched) = &v.schedule {
             let _ = writeln!(s, "schedule = {}", q(sched.expr()));
         }
+        s.push_str(&ops::redacted_notify(&self.notify));
         s
     }
 }
@@ -614,6 +624,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             schedule,
             retention: s.retention,
             pg_bin_dir: s.pg_bin_dir.map(|d| resolve(&d.0)),
+            ping: ops::ping(s.ping).map_err(|m| invalid(key("ping"), m))?,
         });
     }
 
@@ -643,6 +654,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 format!("{} is outside 1..=10000", t.max_parts),
             ));
         }
+        let s3_options = ops::s3_options(&t);
         let (kind, prefix) = match url.scheme() {
             "s3" => {
                 let bucket = url
@@ -691,11 +703,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                         "access_key_id and secret_access_key go together".into(),
                     ));
                 }
+                let options = s3_options.map_err(|(k, m)| invalid(key(k), m))?;
                 (
                     TargetKind::S3 {
                         bucket,
                         endpoint,
                         region: t.region.map_or_else(|| "us-east-1".to_string(), |r| r.0),
+                        options,
                         access_key_id: t.access_key_id.map(|v| Secret(v.0)),
                         secret_access_key: t.secret_access_key.map(|v| Secret(v.0)),
                         ca_file,
@@ -714,6 +728,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                     if present {
                         return Err(invalid(key(k), "only applies to s3:// targets".into()));
                     }
+                }
+                if let Some(k) = ops::s3_only_keys(&t) {
+                    return Err(invalid(key(k), "only applies to s3:// targets".into()));
                 }
                 let root = url.to_file_path().map_err(|_| {
                     invalid(key("url"), "file:// URLs need an absolute path".into())
@@ -808,6 +825,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             spool_dir: resolve(&raw.restore.spool_dir.0),
         },
         verify,
+        notify: ops::notify(raw.notify).map_err(|(k, m)| invalid(k.into(), m))?,
     })
 }
 
