@@ -104,6 +104,7 @@ pub async fn backup_database(
 ) -> Result<BackupReport, BackupError> {
     let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot_id);
     let started = Instant::now();
+    let running = crate::metrics::RunningGuard::new(&app.metrics, &source.name, database);
     let result = run(app, source, database, snapshot_id, progress, cancel)
         .instrument(span.clone())
         .await;
@@ -151,6 +152,7 @@ pub async fn backup_database(
         .backups_total
         .with_label_values(&[&source.name, database, outcome.as_str()])
         .inc();
+    drop(running);
     result.map(|mut r| {
         r.duration = elapsed;
         r

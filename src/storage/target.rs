@@ -399,6 +399,102 @@ mod tests {
         );
     }
 
+    fn s3_target(keys: bool) -> TargetConfig {
+        let keys = if keys {
+            "access_key_id = \"AKIA\"\nsecret_access_key = \"s3cret\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[[source]]\nname = \"p\"\nurl = \"postgres://u@h/postgres\"\n\
+             [[target]]\nname = \"t\"\nurl = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:1\"\n{keys}"
+        );
+        crate::config::Config::from_str_at(&text, std::path::Path::new("/x.toml"))
+            .unwrap()
+            .targets
+            .remove(0)
+    }
+
+    #[test]
+    fn credential_source_follows_object_stores_order() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let web: &'static [(&str, &str)] = &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/eks/token"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::1:role/pgferry"),
+        ];
+        // Keys in the config win over everything in the environment.
+        assert_eq!(
+            credential_source(&s3_target(true), env(web)),
+            CredentialSource::Config
+        );
+        assert_eq!(
+            credential_source(&s3_target(false), env(web)),
+            CredentialSource::WebIdentity {
+                role_arn: "arn:aws:iam::1:role/pgferry".into()
+            }
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[
+                    ("AWS_ACCESS_KEY_ID", "AKIA"),
+                    ("AWS_SECRET_ACCESS_KEY", "x"),
+                    ("AWS_ROLE_ARN", "arn:r"),
+                    ("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+                ])
+            ),
+            CredentialSource::Environment
+        );
+        // A role without a token file is not web identity.
+        assert_eq!(
+            credential_source(&s3_target(false), env(&[("AWS_ROLE_ARN", "arn:r")])),
+            CredentialSource::InstanceMetadata
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/creds")])
+            ),
+            CredentialSource::Container
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[
+                    ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://169.254.170.23/v1/credentials"),
+                    ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "/t"),
+                ])
+            ),
+            CredentialSource::PodIdentity
+        );
+        // What config check prints names the variables, never a value.
+        let shown = credential_source(&s3_target(true), env(web)).to_string();
+        assert!(!shown.contains("s3cret") && !shown.contains("AKIA"), "{shown}");
+    }
+
+    #[test]
+    fn virtual_hosted_style_puts_the_bucket_in_the_endpoint_host() {
+        assert_eq!(
+            bucket_endpoint("https://s3.example.net", "acme"),
+            "https://acme.s3.example.net"
+        );
+        assert_eq!(
+            bucket_endpoint("https://acme.s3.example.net/", "acme"),
+            "https://acme.s3.example.net"
+        );
+        assert_eq!(
+            bucket_endpoint("http://127.0.0.1:3900", "b"),
+            "http://127.0.0.1:3900",
+            "an IP address cannot take a bucket label: left as written"
+        );
+    }
+
     #[test]
     fn part_size_fits_large_databases_in_max_parts() {
         assert_eq!(part_size(0, 10_000), 10 * 1024 * 1024);
