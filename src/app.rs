@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::storage::target::{Target, TargetError};
 
 #[derive(Clone)]
@@ -13,6 +14,8 @@ pub struct App {
     pub config: Arc<Config>,
     pub targets: Arc<Vec<Target>>,
     pub metrics: Metrics,
+    /// `[notify] webhook` and the sources' pings.
+    pub notifier: Notifier,
 }
 
 impl App {
@@ -27,6 +30,7 @@ impl App {
             metrics.init_target(&t.name);
         }
         Ok(App {
+            notifier: Notifier::new(&config.notify),
             config: Arc::new(config),
             targets: Arc::new(targets),
             metrics,

@@ -21,6 +21,7 @@ use crate::app::App;
 use crate::archive::DumpStatsTap;
 use crate::config::SourceConfig;
 use crate::metrics::{now_seconds, Outcome};
+use crate::notify;
 use crate::source::{self, SourceError};
 use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
 use crate::storage::target::{self, DUMP_SUFFIX, MANIFEST_SUFFIX};
@@ -104,6 +105,9 @@ pub async fn backup_database(
 ) -> Result<BackupReport, BackupError> {
     let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot_id);
     let started = Instant::now();
+    app.notifier
+        .ping(source.ping.as_ref(), notify::Ping::Start)
+        .await;
     let running = crate::metrics::RunningGuard::new(&app.metrics, &source.name, database);
     let result = run(app, source, database, snapshot_id, progress, cancel)
         .instrument(span.clone())
@@ -153,10 +157,48 @@ pub async fn backup_database(
         .with_label_values(&[&source.name, database, outcome.as_str()])
         .inc();
     drop(running);
+    notify_finished(app, source, database, snapshot_id, outcome, elapsed, &result).await;
     result.map(|mut r| {
         r.duration = elapsed;
         r
     })
+}
+
+/// The webhook report and the source's ping of one finished backup (a cancelled run pings
+/// nothing: it neither succeeded nor failed).
+async fn notify_finished(
+    app: &App,
+    source: &SourceConfig,
+    database: &str,
+    snapshot_id: &str,
+    outcome: Outcome,
+    elapsed: std::time::Duration,
+    result: &Result<BackupReport, BackupError>,
+) {
+    let mut report = notify::RunReport::new(
+        notify::RunKind::Backup,
+        &source.name,
+        database,
+        outcome.as_str(),
+    );
+    report.snapshot_id = Some(snapshot_id.to_string());
+    report.duration_seconds = elapsed.as_secs_f64();
+    match result {
+        Ok(r) => {
+            report.raw_bytes = Some(r.manifest.raw_size);
+            report.stored_bytes = Some(r.manifest.stored_size);
+        }
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    app.notifier.report(&report).await;
+    let ping = match outcome {
+        Outcome::Success => Some(notify::Ping::Success),
+        Outcome::Failure => Some(notify::Ping::Fail),
+        Outcome::Skipped | Outcome::Cancelled => None,
+    };
+    if let Some(p) = ping {
+        app.notifier.ping(source.ping.as_ref(), p).await;
+    }
 }
 
 async fn run(

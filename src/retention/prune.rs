@@ -408,6 +408,7 @@ url = "file:///nonexistent/a"
             config: Arc::new(config),
             targets: Arc::new(targets),
             metrics: crate::metrics::Metrics::new(),
+            notifier: Default::default(),
         }
     }
 

@@ -6,6 +6,8 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod notify;
+mod ops;
 mod restore;
 mod retention;
 mod security;
