@@ -244,7 +244,10 @@ mod tests {
             timeout: Duration::from_secs(2),
         });
         let err = n
-            .send(&format!("http://127.0.0.1:{port}/T0K3N"), Some(b"{}".to_vec()))
+            .send(
+                &format!("http://127.0.0.1:{port}/T0K3N"),
+                Some(b"{}".to_vec()),
+            )
             .await
             .unwrap_err();
         assert!(err.contains("after 3 attempts"), "{err}");

@@ -157,7 +157,16 @@ pub async fn backup_database(
         .with_label_values(&[&source.name, database, outcome.as_str()])
         .inc();
     drop(running);
-    notify_finished(app, source, database, snapshot_id, outcome, elapsed, &result).await;
+    notify_finished(
+        app,
+        source,
+        database,
+        snapshot_id,
+        outcome,
+        elapsed,
+        &result,
+    )
+    .await;
     result.map(|mut r| {
         r.duration = elapsed;
         r

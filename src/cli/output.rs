@@ -123,7 +123,9 @@ mod tests {
         let mut bash = Vec::new();
         clap_complete::generate(Shell::Bash, &mut Cli::command(), "pgferry", &mut bash);
         let bash = String::from_utf8(bash).unwrap();
-        for verb in ["backup", "list", "restore", "verify", "prune", "daemon", "config"] {
+        for verb in [
+            "backup", "list", "restore", "verify", "prune", "daemon", "config",
+        ] {
             assert!(man.contains(verb), "man page lacks {verb}");
             assert!(bash.contains(verb), "bash completion lacks {verb}");
         }

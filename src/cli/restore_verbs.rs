@@ -110,7 +110,8 @@ async fn notify_restore(
         Err(e) if e.is_cancelled() => "cancelled",
         Err(_) => "failure",
     };
-    let mut n = notify::RunReport::new(notify::RunKind::Restore, &req.source, &req.database, result);
+    let mut n =
+        notify::RunReport::new(notify::RunKind::Restore, &req.source, &req.database, result);
     n.duration_seconds = elapsed.as_secs_f64();
     match r {
         Ok(rep) => {

@@ -177,7 +177,10 @@ pub(super) fn redacted_s3_options(o: &S3Options) -> String {
     if let Some(sse) = &o.sse {
         s.push_str(&format!("sse = \"{}\"\n", sse.as_str()));
         if let Sse::Kms { key_id: Some(k) } = sse {
-            s.push_str(&format!("sse_kms_key_id = {}\n", toml::Value::from(k.as_str())));
+            s.push_str(&format!(
+                "sse_kms_key_id = {}\n",
+                toml::Value::from(k.as_str())
+            ));
         }
     }
     if o.session_token.is_some() {

@@ -240,7 +240,9 @@ fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
     match url::Url::parse(endpoint) {
         Ok(mut u) => {
             let host = u.host_str().unwrap_or_default().to_string();
-            if !host.starts_with(&format!("{bucket}.")) && u.set_host(Some(&format!("{bucket}.{host}"))).is_err() {
+            if !host.starts_with(&format!("{bucket}."))
+                && u.set_host(Some(&format!("{bucket}.{host}"))).is_err()
+            {
                 return endpoint.to_string();
             }
             u.as_str().trim_end_matches('/').to_string()
@@ -308,7 +310,8 @@ pub fn credential_source(
         CredentialSource::Config
     } else if set("AWS_ACCESS_KEY_ID") || set("AWS_SECRET_ACCESS_KEY") {
         CredentialSource::Environment
-    } else if let (true, Some(role_arn)) = (set("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN")) {
+    } else if let (true, Some(role_arn)) = (set("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN"))
+    {
         CredentialSource::WebIdentity { role_arn }
     } else if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
         CredentialSource::Container
@@ -467,7 +470,10 @@ mod tests {
             credential_source(
                 &s3_target(false),
                 env(&[
-                    ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://169.254.170.23/v1/credentials"),
+                    (
+                        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                        "http://169.254.170.23/v1/credentials"
+                    ),
                     ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "/t"),
                 ])
             ),
@@ -475,7 +481,10 @@ mod tests {
         );
         // What config check prints names the variables, never a value.
         let shown = credential_source(&s3_target(true), env(web)).to_string();
-        assert!(!shown.contains("s3cret") && !shown.contains("AKIA"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("AKIA"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -490,13 +490,18 @@ async fn readyz_stays_200_while_the_s3_server_is_down_and_target_up_goes_0() {
     .await;
     assert_eq!(d.get("/readyz").await.0, 200);
     let metrics = d.get("/metrics").await.1;
-    assert!(metrics.contains("process_resident_memory_bytes"), "{metrics}");
+    assert!(
+        metrics.contains("process_resident_memory_bytes"),
+        "{metrics}"
+    );
     assert!(metrics.contains("pgferry_backup_running{"), "{metrics}");
 
     env.s3.stop().await.unwrap();
-    d.wait_until("target_up 0 while S3 is down", Duration::from_secs(30), || async {
-        up("pgferry_target_up", &[("target", "s3")]).await == Some(0.0)
-    })
+    d.wait_until(
+        "target_up 0 while S3 is down",
+        Duration::from_secs(30),
+        || async { up("pgferry_target_up", &[("target", "s3")]).await == Some(0.0) },
+    )
     .await;
     let (code, body) = d.get("/readyz").await;
     assert_eq!(code, 200, "still ready: the process works: {body}");
@@ -505,7 +510,8 @@ async fn readyz_stays_200_while_the_s3_server_is_down_and_target_up_goes_0() {
     // The dependency state is there for people, not for the probe.
     let why = v["dependencies"]["reasons"].as_array().unwrap();
     assert!(
-        why.iter().any(|r| r.as_str().unwrap().contains("target s3")),
+        why.iter()
+            .any(|r| r.as_str().unwrap().contains("target s3")),
         "{body}"
     );
     assert_eq!(
@@ -515,9 +521,11 @@ async fn readyz_stays_200_while_the_s3_server_is_down_and_target_up_goes_0() {
     assert_no_secret(&body, &env.secrets());
 
     env.s3.start_again().await.unwrap();
-    d.wait_until("target_up 1 once S3 is back", Duration::from_secs(60), || async {
-        up("pgferry_target_up", &[("target", "s3")]).await == Some(1.0)
-    })
+    d.wait_until(
+        "target_up 1 once S3 is back",
+        Duration::from_secs(60),
+        || async { up("pgferry_target_up", &[("target", "s3")]).await == Some(1.0) },
+    )
     .await;
     let (code, _, _) = d.stop(Duration::from_secs(40)).await;
     assert_eq!(code, 0);

@@ -110,7 +110,10 @@ async fn the_webhook_gets_one_post_per_run_and_the_ping_start_and_success() {
         .collect();
     assert_eq!(
         pings,
-        [format!("ping/{ping_uuid}/start"), format!("ping/{ping_uuid}")],
+        [
+            format!("ping/{ping_uuid}/start"),
+            format!("ping/{ping_uuid}")
+        ],
         "start, then success"
     );
 
@@ -155,8 +158,7 @@ async fn a_dead_receiver_does_not_fail_the_backup() {
     ));
     let run = env.pgferry(&config, &["backup", "--json"]).await;
     run.assert_code(0);
-    let last: serde_json::Value =
-        serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(last["result"], "success", "{last}");
     assert!(
         run.stderr.contains("Webhook failed") && run.stderr.contains("Ping failed"),

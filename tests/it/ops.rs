@@ -177,5 +177,9 @@ async fn completions_and_man_page_need_no_config() {
     assert!(run.stdout.contains("restore"), "{}", run.stdout);
     let run = env::pgferry_with_env(missing, &["man"], &[]).await;
     run.assert_code(0);
-    assert!(run.stdout.starts_with(".ie") || run.stdout.contains(".TH"), "{}", run.stdout);
+    assert!(
+        run.stdout.starts_with(".ie") || run.stdout.contains(".TH"),
+        "{}",
+        run.stdout
+    );
 }
