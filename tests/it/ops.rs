@@ -183,3 +183,104 @@ async fn completions_and_man_page_need_no_config() {
         run.stdout
     );
 }
+
+/// IRSA: a web identity token file and a role ARN in the environment, exchanged for
+/// temporary keys at an STS endpoint (here a fake one, behind TLS: object_store talks to STS
+/// over https only), then used against the real S3 server. Garage has no STS; the fake answers
+/// AssumeRoleWithWebIdentity with Garage's own key plus a session token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_credentials_from_a_web_identity_token_file() {
+    use std::sync::{Arc, Mutex};
+
+    use crate::support::tls::{TestCa, TlsProxy};
+
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (target, store) = env.s3_target("s3").await;
+    let keyless: String = target
+        .lines()
+        .filter(|l| !l.starts_with("access_key_id") && !l.starts_with("secret_access_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+
+    // The fake STS: records the token and role it was given, answers with Garage's key.
+    let seen: Arc<Mutex<Vec<String>>> = Default::default();
+    let answer = format!(
+        "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+         <SessionToken>session-token-e2e</SessionToken><SecretAccessKey>{}</SecretAccessKey>\
+         <AccessKeyId>{}</AccessKeyId><Expiration>2099-01-01T00:00:00Z</Expiration>\
+         </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>",
+        env.s3.secret_access_key(),
+        env.s3.access_key_id()
+    );
+    let sts = {
+        let seen = seen.clone();
+        axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let seen = seen.clone();
+            let answer = answer.clone();
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push(uri.query().unwrap_or_default().to_string());
+                answer
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sts_addr = listener.local_addr().unwrap();
+    let _sts = tokio::spawn(async move { axum::serve(listener, sts).await.unwrap() });
+    let ca = TestCa::new("pgferry-sts-ca").await.expect("test CA");
+    let cert = ca
+        .issue("sts.test", &["DNS:localhost", "IP:127.0.0.1"])
+        .await
+        .unwrap();
+    let proxy = TlsProxy::start(&cert, sts_addr).await.expect("TLS proxy");
+
+    let token_file = env.dir.path().join("web-identity-token");
+    std::fs::write(&token_file, "projected-sa-token-77").unwrap();
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{keyless}",
+        env.source_toml("prod")
+    ));
+    let mut vars = env.env_vars();
+    for (k, v) in [
+        (
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+        (
+            "AWS_ROLE_ARN",
+            "arn:aws:iam::123456789012:role/pgferry".into(),
+        ),
+        ("AWS_ENDPOINT_URL_STS", proxy.endpoint()),
+        // rustls-native-certs reads the trusted roots from here: the fake STS's CA.
+        ("SSL_CERT_FILE", ca.ca_pem().display().to_string()),
+    ] {
+        vars.push((k.to_string(), v));
+    }
+
+    let check = env::pgferry_with_env(&config, &["config", "check", "--json"], &vars).await;
+    check.assert_code(0);
+    let creds = last_json(&check)["targets"][0]["credentials"].clone();
+    assert!(
+        creds.as_str().unwrap().starts_with("web identity"),
+        "{creds}"
+    );
+
+    let run = env::pgferry_with_env(&config, &["backup", "--json"], &vars).await;
+    env::assert_no_secret(&run.output(), &env.secrets());
+    run.assert_code(0);
+    let id = last_json(&run)["snapshot_id"].as_str().unwrap().to_string();
+    assert!(env::keys(&store)
+        .await
+        .iter()
+        .any(|k| k.ends_with(&format!("{id}.manifest.json"))));
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty(), "STS was never asked");
+    assert!(
+        seen[0].contains("AssumeRoleWithWebIdentity")
+            && seen[0].contains("projected-sa-token-77")
+            && seen[0].contains("role%2Fpgferry"),
+        "{seen:?}"
+    );
+}
