@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::metrics::{now_seconds, Outcome};
+use crate::metrics::Outcome;
 use crate::restore::guard::{self, quote_ident};
 use crate::restore::load::{self, LoadError, LoadProgress, RestoreInto};
 use crate::restore::swap::{Server, SwapError};
@@ -180,6 +180,9 @@ pub async fn verify_all(
         target: None,
     };
     let cat = catalog::load(&app.targets, &filter).await;
+    // What the buckets say first: a database that fails tonight keeps its last success (the
+    // pushed group replaces the previous one whole).
+    crate::metrics::from_catalog::seed(&app.metrics, &cat, app.config.pipeline.min_targets);
     let mut latest: Vec<&SnapshotEntry> = Vec::new();
     for s in &cat.snapshots {
         if !latest.iter().any(|l| {
@@ -222,10 +225,11 @@ pub async fn verify_all(
 fn record(app: &App, source: &str, database: &str, r: &Result<VerifyReport, VerifyError>) {
     let outcome = match r {
         Ok(rep) if rep.passed() => {
+            // The report's own time, as written to the buckets (what a later run seeds).
             app.metrics
                 .verify_last_success
                 .with_label_values(&[source, database])
-                .set(now_seconds());
+                .set(rep.finished_at.timestamp_millis() as f64 / 1000.0);
             Outcome::Success
         }
         Err(VerifyError::Cancelled) => Outcome::Cancelled,
@@ -482,26 +486,67 @@ async fn write_report(app: &App, entry: &SnapshotEntry, report: &VerifyReport) {
 }
 
 /// Pushes the verify metrics to a Prometheus Pushgateway (for the CronJob, which is gone
-/// before any scrape): `PUT <url>/metrics/job/pgferry_verify`.
-pub async fn push_metrics(app: &App, gateway: &str) -> Result<(), String> {
+/// before any scrape). A push replaces its whole group, so each database's
+/// `verify_last_success` goes to a group of its own
+/// (`/metrics/job/pgferry_verify/source@base64/…/database@base64/…`), holding the value the
+/// buckets say (seeded from the catalog): a database that fails tonight keeps its last
+/// success, and one not verified tonight is not touched. The run's counters go to the job's
+/// group.
+pub async fn push_metrics(
+    app: &App,
+    gateway: &str,
+    databases: &[(String, String)],
+) -> Result<(), String> {
     use prometheus::Encoder;
     let families: Vec<_> = app
         .metrics
         .registry
         .gather()
         .into_iter()
-        .filter(|f| f.name().starts_with("pgferry_verif") || f.name() == "pgferry_build_info")
+        .filter(|f| f.name() == "pgferry_verifies_total" || f.name() == "pgferry_build_info")
         .collect();
     let mut body = Vec::new();
     prometheus::TextEncoder::new()
         .encode(&families, &mut body)
         .map_err(|e| e.to_string())?;
-    let url = format!(
+    let base = format!(
         "{}/metrics/job/pgferry_verify",
         gateway.trim_end_matches('/')
     );
+    put_group(&base, body).await?;
+    for (source, database) in databases {
+        let last = app
+            .metrics
+            .verify_last_success
+            .with_label_values(&[source, database])
+            .get();
+        if last <= 0.0 {
+            continue; // never verified: no series, as on a scrape
+        }
+        let name = "pgferry_verify_last_success_timestamp_seconds";
+        let body = format!("# TYPE {name} gauge\n{name} {last}\n");
+        let url = format!(
+            "{base}/source@base64/{}/database@base64/{}",
+            b64(source),
+            b64(database)
+        );
+        put_group(&url, body.into_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// Label values in a Pushgateway path: base64url, so any database name fits.
+fn b64(value: &str) -> String {
+    use base64::Engine;
+    if value.is_empty() {
+        return "=".into(); // the Pushgateway's spelling of an empty value
+    }
+    base64::engine::general_purpose::URL_SAFE.encode(value)
+}
+
+async fn put_group(url: &str, body: Vec<u8>) -> Result<(), String> {
     let resp = reqwest::Client::new()
-        .put(&url)
+        .put(url)
         .header("Content-Type", "text/plain; version=0.0.4")
         .body(body)
         .timeout(std::time::Duration::from_secs(30))

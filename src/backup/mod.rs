@@ -1,19 +1,20 @@
-//! One backup of one database: pg_dump → pipeline → commit protocol.
+//! One backup of one database: pg_dump → pipeline → commit.
 //!
-//! The commit protocol: uploads complete only after pg_dump exited 0 and every pipeline
-//! stage succeeded; a manifest is written on each target whose upload completed, last; the
-//! snapshot counts when at least `pipeline.min_targets` manifests exist. If fewer, whatever
-//! was completed or written is deleted again, so nothing half-committed remains. Scheduling,
-//! locking across replicas and retention are the caller's (`schedule`, `daemon`).
+//! [`backup_slot`] is what the daemon and `pgferry backup` call: it takes the database's
+//! advisory lock (`lock`), skips a slot that is already committed, and runs
+//! [`backup_database`]: connect, spawn pg_dump, stream it through the `pipeline` (zstd,
+//! sha256, fan-out to every target), and once pg_dump exited 0, hand the open uploads to the
+//! `commit` (write-once objects, manifests last, copies kept below `min_targets`). Scheduling
+//! and retention are the caller's (`schedule`, `daemon`).
 
+pub mod commit;
+pub mod lock;
 pub mod pipeline;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use futures::future::join_all;
-use object_store::PutPayload;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -23,9 +24,12 @@ use crate::config::SourceConfig;
 use crate::metrics::{now_seconds, Outcome};
 use crate::notify;
 use crate::source::{self, SourceError};
+use crate::storage::key::{RunId, SnapshotKey};
 use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
-use crate::storage::target::{self, DUMP_SUFFIX, MANIFEST_SUFFIX};
-use pipeline::{OpenUpload, PipelineError, PipelineSettings, Progress, Sink};
+use crate::storage::target;
+use commit::{Commit, Stopped};
+use lock::{DumpLock, Presence};
+use pipeline::{PipelineError, PipelineSettings, Progress, Sink, TargetFailure};
 
 impl pipeline::RawTap for DumpStatsTap {
     fn feed(&mut self, bytes: &[u8]) {
@@ -37,6 +41,11 @@ impl pipeline::RawTap for DumpStatsTap {
 pub enum BackupError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("cannot take the advisory lock of {database}: {source}")]
+    Lock {
+        database: String,
+        source: SourceError,
+    },
     #[error(
         "pg_dump of {database} failed ({status}): {stderr}{}",
         privilege_hint(stderr)
@@ -51,15 +60,31 @@ pub enum BackupError {
         database: String,
         source: PipelineError,
     },
-    #[error("backup of {database} committed on {committed} target(s), fewer than pipeline.min_targets = {min}; nothing was kept. Failures: {failures}")]
-    TooFewTargets {
+    #[error(
+        "backup of {database} was committed on no target: {}",
+        describe(failures)
+    )]
+    NotCommitted {
         database: String,
-        committed: usize,
-        min: usize,
-        failures: String,
+        failures: Vec<TargetFailure>,
     },
+    #[error("backup of {database} committed on only {} target(s) ({}), fewer than pipeline.min_targets = {}; the copies are kept (the run counts as failed). Failures: {}", .commit.committed.len(), .commit.manifest.targets.join(","), .commit.min_targets, describe(&.commit.failures))]
+    Degraded {
+        database: String,
+        commit: Box<Commit>,
+    },
+    #[error("backup of {database} stopped: the advisory lock's session on the source ended, so another replica may be dumping it; nothing was committed by this run")]
+    LockLost { database: String },
     #[error("backup of {database} was cancelled; nothing was committed")]
     Cancelled { database: String },
+}
+
+fn describe(failures: &[TargetFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| format!("{}: {}", f.target, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl BackupError {
@@ -77,39 +102,95 @@ impl BackupError {
     /// Whether a later attempt in the same slot may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BackupError::Source(e) => e.is_retryable(),
-            BackupError::DumpFailed { .. } | BackupError::TooFewTargets { .. } => true,
+            BackupError::Source(e) | BackupError::Lock { source: e, .. } => e.is_retryable(),
+            BackupError::DumpFailed { .. }
+            | BackupError::NotCommitted { .. }
+            | BackupError::Degraded { .. }
+            | BackupError::LockLost { .. } => true,
             BackupError::Pipeline { source, .. } => !matches!(source, PipelineError::Cancelled),
             BackupError::Cancelled { .. } => false,
+        }
+    }
+
+    /// The manifest this failed run committed anyway (below `min_targets`).
+    pub fn committed_manifest(&self) -> Option<&Manifest> {
+        match self {
+            BackupError::Degraded { commit, .. } => Some(&commit.manifest),
+            _ => None,
         }
     }
 }
 
 /// What a committed backup did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BackupReport {
     pub manifest: Manifest,
     /// Targets that did not get the snapshot, and why.
-    pub failed_targets: Vec<(String, String)>,
+    pub failed_targets: Vec<TargetFailure>,
     pub duration: std::time::Duration,
 }
 
-/// Backs up `database` of `source` as snapshot `snapshot_id`.
+/// How one slot of one database went.
+#[derive(Debug)]
+// One value per backup run: its size does not matter, and boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
+pub enum SlotOutcome {
+    Committed(BackupReport),
+    /// Every target that answered holds the slot's manifest: nothing to do.
+    AlreadyCommitted(Presence),
+    /// Another session (another replica, a manual run) holds the database's lock.
+    LockedElsewhere,
+}
+
+/// Backs up one slot of `database` the way every caller must: under the database's advisory
+/// lock (watched while held), and only when the slot is not committed yet (`force` skips that
+/// check; the caller then passes a snapshot id of its own).
+pub async fn backup_slot(
+    app: &App,
+    source: &SourceConfig,
+    snapshot: &SnapshotKey,
+    force: bool,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<SlotOutcome, BackupError> {
+    let lock = lock::try_lock(source, &snapshot.database)
+        .await
+        .map_err(|source| BackupError::Lock {
+            database: snapshot.database.clone(),
+            source,
+        })?;
+    let Some(lock) = lock else {
+        return Ok(SlotOutcome::LockedElsewhere);
+    };
+    if !force {
+        let presence =
+            lock::presence(&app.targets, snapshot, app.config.pipeline.stall_timeout).await;
+        if presence.is_committed() {
+            return Ok(SlotOutcome::AlreadyCommitted(presence));
+        }
+    }
+    let report = backup_database(app, source, snapshot, &lock, progress, cancel).await;
+    drop(lock);
+    report.map(SlotOutcome::Committed)
+}
+
+/// Backs up `snapshot` (of a database of `source`) while `lock` is held.
 pub async fn backup_database(
     app: &App,
     source: &SourceConfig,
-    database: &str,
-    snapshot_id: &str,
+    snapshot: &SnapshotKey,
+    lock: &DumpLock,
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupReport, BackupError> {
-    let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot_id);
+    let database = snapshot.database.as_str();
+    let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot.id);
     let started = Instant::now();
     app.notifier
         .ping(source.ping.as_ref(), notify::Ping::Start)
         .await;
     let running = crate::metrics::RunningGuard::new(&app.metrics, &source.name, database);
-    let result = run(app, source, database, snapshot_id, progress, cancel)
+    let result = run(app, source, snapshot, lock, progress, cancel)
         .instrument(span.clone())
         .await;
     let _enter = span.enter();
@@ -119,21 +200,17 @@ pub async fn backup_database(
         .backup_duration
         .with_label_values(&labels)
         .observe(elapsed.as_secs_f64());
+    if let Some(m) = result.as_ref().map(|r| &r.manifest).ok().or_else(|| {
+        result
+            .as_ref()
+            .err()
+            .and_then(BackupError::committed_manifest)
+    }) {
+        app.metrics.record_committed(m, result.is_err());
+    }
     let outcome = match &result {
         Ok(report) => {
             let m = &report.manifest;
-            app.metrics
-                .backup_last_success
-                .with_label_values(&labels)
-                .set(now_seconds());
-            app.metrics
-                .backup_stored_bytes
-                .with_label_values(&labels)
-                .set(m.stored_size as i64);
-            app.metrics
-                .backup_raw_bytes
-                .with_label_values(&labels)
-                .set(m.raw_size as i64);
             tracing::info!(
                 message = "Backup committed.",
                 raw_bytes = m.raw_size,
@@ -141,11 +218,18 @@ pub async fn backup_database(
                 targets = %m.targets.join(","),
                 seconds = elapsed.as_secs_f64()
             );
+            for f in &report.failed_targets {
+                tracing::warn!(message = "Snapshot not committed on a target.", target = %f.target, error = %f.error);
+            }
             Outcome::Success
         }
         Err(e) if e.is_cancelled() => {
             tracing::info!(message = "Backup cancelled; nothing committed.");
             Outcome::Cancelled
+        }
+        Err(e @ BackupError::Degraded { .. }) => {
+            tracing::error!(message = "Backup committed on fewer targets than pipeline.min_targets; the copies are kept.", error = %e);
+            Outcome::Failure
         }
         Err(e) => {
             tracing::error!(message = "Backup failed; nothing committed.", error = %e);
@@ -157,16 +241,7 @@ pub async fn backup_database(
         .with_label_values(&[&source.name, database, outcome.as_str()])
         .inc();
     drop(running);
-    notify_finished(
-        app,
-        source,
-        database,
-        snapshot_id,
-        outcome,
-        elapsed,
-        &result,
-    )
-    .await;
+    notify_finished(app, source, snapshot, outcome, elapsed, &result).await;
     result.map(|mut r| {
         r.duration = elapsed;
         r
@@ -178,8 +253,7 @@ pub async fn backup_database(
 async fn notify_finished(
     app: &App,
     source: &SourceConfig,
-    database: &str,
-    snapshot_id: &str,
+    snapshot: &SnapshotKey,
     outcome: Outcome,
     elapsed: std::time::Duration,
     result: &Result<BackupReport, BackupError>,
@@ -187,10 +261,10 @@ async fn notify_finished(
     let mut report = notify::RunReport::new(
         notify::RunKind::Backup,
         &source.name,
-        database,
+        &snapshot.database,
         outcome.as_str(),
     );
-    report.snapshot_id = Some(snapshot_id.to_string());
+    report.snapshot_id = Some(snapshot.id.to_string());
     report.duration_seconds = elapsed.as_secs_f64();
     match result {
         Ok(r) => {
@@ -210,15 +284,17 @@ async fn notify_finished(
     }
 }
 
+/// connect → pg_dump → pipeline → commit.
 async fn run(
     app: &App,
     source: &SourceConfig,
-    database: &str,
-    snapshot_id: &str,
+    snapshot: &SnapshotKey,
+    lock: &DumpLock,
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupReport, BackupError> {
     let cfg = &app.config;
+    let database = snapshot.database.as_str();
     let started_at = Utc::now();
     let client = source::connect(&source.url, None).await?;
     let server = source::server_version(&client, &source.url).await?;
@@ -227,23 +303,51 @@ async fn run(
     let system_identifier = source::system_identifier(&client, &source.url).await?;
     drop(client);
 
-    let min_part = app
-        .targets
-        .iter()
-        .map(|t| target::part_size(db_size, t.max_parts))
-        .max()
-        .unwrap_or(crate::config::MIN_PART_SIZE);
+    // The pipeline stops when the run is cancelled or the lock is lost.
+    let stop = cancel.child_token();
+    let relay = {
+        let (lost, stop) = (lock.lost().clone(), stop.clone());
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            stop.cancel();
+        })
+    };
+    let stopped = || {
+        if lock.is_lost() {
+            Some(Stopped::LockLost)
+        } else if cancel.is_cancelled() {
+            Some(Stopped::Cancelled)
+        } else {
+            None
+        }
+    };
+    let stopped_error = |why: Stopped| match why {
+        Stopped::LockLost => BackupError::LockLost {
+            database: database.to_string(),
+        },
+        Stopped::Cancelled => BackupError::Cancelled {
+            database: database.to_string(),
+        },
+    };
+
     let settings = PipelineSettings {
         zstd_level: cfg.pipeline.zstd_level,
         zstd_workers: cfg.pipeline.zstd_workers,
-        part_size: min_part as usize,
+        part_size: app
+            .targets
+            .iter()
+            .map(|t| target::part_size(db_size, t.max_parts))
+            .max()
+            .unwrap_or(crate::config::MIN_PART_SIZE) as usize,
         stall_timeout: cfg.pipeline.stall_timeout,
     };
+    let run_id = RunId::random();
+    let object = snapshot.dump(&run_id);
     let sinks: Vec<Sink> = app
         .targets
         .iter()
         .map(|t| Sink {
-            key: t.key(&source.name, database, snapshot_id, DUMP_SUFFIX),
+            key: t.at(&object),
             target: t.clone(),
         })
         .collect();
@@ -253,7 +357,8 @@ async fn run(
         pg_dump = %tool.path.display(),
         server_version = %server.text,
         database_bytes = db_size,
-        part_size = settings.part_size
+        part_size = settings.part_size,
+        run = %run_id
     );
     let mut child = source::spawn_pg_dump(&tool, &source.url, database)?;
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -268,18 +373,19 @@ async fn run(
             sinks,
             DumpStatsTap::new(),
             progress,
-            cancel.clone()
+            stop.clone()
         ),
         async {
             tokio::select! {
                 s = child.wait() => s,
-                _ = cancel.cancelled() => {
+                _ = stop.cancelled() => {
                     let _ = child.start_kill();
                     child.wait().await
                 }
             }
         }
     );
+    relay.abort();
     let stderr = stderr_task.await.unwrap_or_default();
     let dump_failed = |status: String| BackupError::DumpFailed {
         database: database.to_string(),
@@ -297,31 +403,22 @@ async fn run(
             for u in out.uploads {
                 u.abort().await;
             }
-            if cancel.is_cancelled() {
-                return Err(BackupError::Cancelled {
-                    database: database.into(),
-                });
+            count_failures(app, &out.failures);
+            if let Some(why) = stopped() {
+                return Err(stopped_error(why));
             }
             return Err(dump_failed(describe_status(&status)));
         }
         Err(PipelineError::Cancelled) => {
-            return Err(BackupError::Cancelled {
-                database: database.into(),
-            })
+            return Err(stopped_error(stopped().unwrap_or(Stopped::Cancelled)))
         }
         // pg_dump's own failure is the root cause when the stream broke because it died.
         Err(PipelineError::Read(_)) if !status_ok => {
             return Err(dump_failed(describe_status(&status)))
         }
         Err(e) => {
-            // Every target failed: each is a failed upload, as when only some do.
             if let PipelineError::NoTargetLeft(failures) = &e {
-                for f in failures {
-                    app.metrics
-                        .target_uploads_total
-                        .with_label_values(&[&f.target, Outcome::Failure.as_str()])
-                        .inc();
-                }
+                count_failures(app, failures);
             }
             return Err(BackupError::Pipeline {
                 database: database.into(),
@@ -337,34 +434,9 @@ async fn run(
             None
         }
     };
-
-    let mut failed: Vec<(String, String)> = output
-        .failures
-        .iter()
-        .map(|f| (f.target.clone(), f.error.to_string()))
-        .collect();
-    for f in &output.failures {
-        app.metrics
-            .target_uploads_total
-            .with_label_values(&[&f.target, Outcome::Failure.as_str()])
-            .inc();
-    }
-
-    // Complete every open upload.
-    let completions = join_all(output.uploads.into_iter().map(complete)).await;
-    let mut completed = Vec::new();
-    for (upload, result) in completions {
-        match result {
-            Ok(()) => completed.push(upload),
-            Err(e) => failed.push((upload.0.name.clone(), e)),
-        }
-    }
-    let min = cfg.pipeline.min_targets;
-    let object_key =
-        target::snapshot_path(&source.name, database, snapshot_id, DUMP_SUFFIX).to_string();
-    let mut manifest = Manifest {
+    let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        snapshot_id: snapshot_id.to_string(),
+        snapshot_id: snapshot.id.to_string(),
         source: source.name.clone(),
         database: database.to_string(),
         started_at,
@@ -375,12 +447,12 @@ async fn run(
             algorithm: "zstd".into(),
             level: cfg.pipeline.zstd_level,
         },
-        object_key,
+        object_key: object.to_string(),
         stored_size: output.stored_bytes,
         raw_size: output.raw_bytes,
         sha256: output.sha256.clone(),
         part_size: settings.part_size as u64,
-        targets: completed.iter().map(|c| c.0.name.clone()).collect(),
+        targets: Vec::new(),
         tables: stats.as_ref().map(|s| {
             s.tables
                 .iter()
@@ -397,121 +469,67 @@ async fn run(
         system_identifier: Some(system_identifier),
     };
 
-    let too_few = |committed: usize, failed: &[(String, String)]| BackupError::TooFewTargets {
-        database: database.to_string(),
-        committed,
-        min,
-        failures: failed
-            .iter()
-            .map(|(t, e)| format!("{t}: {e}"))
-            .collect::<Vec<_>>()
-            .join("; "),
-    };
-    if completed.len() < min {
-        delete_all(&completed, source, database, snapshot_id, false).await;
-        return Err(too_few(completed.len(), &failed));
-    }
-
-    // The commit: manifests, last.
-    let body = manifest.to_json();
-    let writes = join_all(completed.iter().map(|(t, _)| {
-        let key = t.key(&source.name, database, snapshot_id, MANIFEST_SUFFIX);
-        let body = body.clone();
-        async move { t.store.put(&key, PutPayload::from(body)).await }
-    }))
-    .await;
-    let mut committed = Vec::new();
-    let mut uncommitted = Vec::new();
-    for (c, w) in completed.into_iter().zip(writes) {
-        match w {
-            Ok(_) => committed.push(c),
-            Err(e) => {
-                failed.push((
-                    c.0.name.clone(),
-                    format!("writing the manifest failed: {e}"),
-                ));
-                uncommitted.push(c);
-            }
+    if !lock.confirm().await {
+        for u in output.uploads {
+            u.abort().await;
         }
+        return Err(stopped_error(Stopped::LockLost));
     }
-    delete_all(&uncommitted, source, database, snapshot_id, false).await;
-    if committed.len() < min {
-        delete_all(&committed, source, database, snapshot_id, true).await;
-        return Err(too_few(committed.len(), &failed));
-    }
-    if !uncommitted.is_empty() {
-        // Rewrite the manifests so that they name only the targets that hold the snapshot.
-        manifest.targets = committed.iter().map(|c| c.0.name.clone()).collect();
-        let body = manifest.to_json();
-        for (t, _) in &committed {
-            let key = t.key(&source.name, database, snapshot_id, MANIFEST_SUFFIX);
-            if let Err(error) = t.store.put(&key, PutPayload::from(body.clone())).await {
-                tracing::warn!(message = "Could not rewrite a manifest's target list.", target = %t.name, error = %error);
-            }
-        }
-    }
+    let mut done = commit::commit(
+        output.uploads,
+        snapshot,
+        manifest,
+        cfg.pipeline.min_targets,
+        stopped,
+    )
+    .await
+    .map_err(stopped_error)?;
+    let mut failures = output.failures;
+    failures.append(&mut done.failures);
+    count_failures(app, &failures);
     let now = now_seconds();
-    for (t, bytes) in &committed {
+    for c in &done.committed {
+        let t = c.target.name.as_str();
         app.metrics
             .target_uploads_total
-            .with_label_values(&[&t.name, Outcome::Success.as_str()])
+            .with_label_values(&[t, Outcome::Success.as_str()])
             .inc();
         app.metrics
             .target_uploaded_bytes_total
-            .with_label_values(&[&t.name])
-            .inc_by(*bytes);
+            .with_label_values(&[t])
+            .inc_by(c.bytes);
         app.metrics
             .target_last_success
-            .with_label_values(&[&t.name])
+            .with_label_values(&[t])
             .set(now);
     }
-    for (t, error) in &failed {
-        tracing::warn!(message = "Snapshot not committed on a target.", target = %t, error = %error);
+    if done.committed.is_empty() {
+        return Err(BackupError::NotCommitted {
+            database: database.to_string(),
+            failures,
+        });
+    }
+    if done.is_degraded() {
+        done.failures = failures;
+        return Err(BackupError::Degraded {
+            database: database.to_string(),
+            commit: Box::new(done),
+        });
     }
     Ok(BackupReport {
-        manifest,
-        failed_targets: failed,
+        manifest: done.manifest,
+        failed_targets: failures,
         duration: Default::default(),
     })
 }
 
-async fn complete(u: OpenUpload) -> ((target::Target, u64), Result<(), String>) {
-    let OpenUpload {
-        target,
-        mut upload,
-        bytes,
-        key,
-    } = u;
-    let r = upload
-        .complete()
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("completing the upload of {key} failed: {e}"));
-    if r.is_err() {
-        let _ = upload.abort().await;
-    }
-    ((target, bytes), r)
-}
-
-/// Deletes the dump objects (and the manifests first, when `manifests`) of a snapshot.
-async fn delete_all(
-    on: &[(target::Target, u64)],
-    source: &SourceConfig,
-    database: &str,
-    snapshot_id: &str,
-    manifests: bool,
-) {
-    for (t, _) in on {
-        let mut keys = Vec::new();
-        if manifests {
-            keys.push(t.key(&source.name, database, snapshot_id, MANIFEST_SUFFIX));
-        }
-        keys.push(t.key(&source.name, database, snapshot_id, DUMP_SUFFIX));
-        for key in keys {
-            if let Err(error) = t.store.delete(&key).await {
-                tracing::warn!(message = "Could not delete an uncommitted object; retention will.", target = %t.name, key = %key, error = %error);
-            }
-        }
+/// Counts each failed target's upload, once, here.
+fn count_failures(app: &App, failures: &[TargetFailure]) {
+    for f in failures {
+        app.metrics
+            .target_uploads_total
+            .with_label_values(&[&f.target, Outcome::Failure.as_str()])
+            .inc();
     }
 }
 

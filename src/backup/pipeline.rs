@@ -127,6 +127,30 @@ pub enum UploadError {
     },
     #[error("accepted no data for {after:?} (pipeline.stall_timeout); dropped so it cannot stall the other targets")]
     Stalled { after: Duration },
+    #[error(
+        "completing the upload of {key} failed: {}",
+        crate::storage::target::error_text(source)
+    )]
+    Complete {
+        key: String,
+        source: object_store::Error,
+    },
+    #[error(
+        "{key}: the target holds {got} bytes, the stream had {expected}; the copy was discarded"
+    )]
+    SizeMismatch {
+        key: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error(
+        "writing the manifest {key} failed: {}; the object stays for prune to judge",
+        crate::storage::target::error_text(source)
+    )]
+    Manifest {
+        key: String,
+        source: object_store::Error,
+    },
     #[error("cancelled")]
     Cancelled,
 }

@@ -12,9 +12,10 @@ use super::{
 };
 use crate::app::App;
 use crate::backup::pipeline::Progress;
-use crate::backup::{self, BackupReport};
+use crate::backup::{self, SlotOutcome};
 use crate::source;
 use crate::storage::catalog::{self, Filter};
+use crate::storage::key::{SnapshotId, SnapshotKey};
 
 pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
     let sources: Vec<_> = match &args.source {
@@ -73,12 +74,19 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
                 .into(),
         ));
     }
-    let snapshot_id = crate::schedule::snapshot_id(chrono::Utc::now());
+    // Without --force, the current slot of the source's schedule: the same id the daemon
+    // uses, so a committed slot is not dumped again and a replica skips what this run did.
+    let now = chrono::Utc::now();
     let cancel = cancel_on_signals();
     let total = jobs.len();
+    let force = args.force;
     let results: Vec<_> = futures::stream::iter(jobs.into_iter().map(|(source, database)| {
         let cancel = cancel.clone();
-        let snapshot_id = snapshot_id.clone();
+        let id = match source.schedule.slot_at_or_before(now) {
+            Some(slot) if !force => SnapshotId::from_time(slot),
+            _ => SnapshotId::from_time(now),
+        };
+        let snapshot = SnapshotKey::new(&source.name, &database, id);
         async move {
             let progress = Arc::new(Progress::default());
             let ticker = {
@@ -94,14 +102,16 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
                     )
                 })
             };
-            let r = backup::backup_database(app, source, &database, &snapshot_id, progress, cancel)
-                .await;
+            let r = backup::backup_slot(app, source, &snapshot, force, progress, cancel).await;
             ticker.cancel();
             if !args.json {
-                print_backup_line(&source.name, &database, &snapshot_id, &r);
+                print_backup_line(&snapshot, &r);
             }
-            let entry = output::backup_entry(&source.name, &database, &snapshot_id, &r);
-            (r.is_ok(), entry)
+            let ok = matches!(
+                r,
+                Ok(SlotOutcome::Committed(_) | SlotOutcome::AlreadyCommitted(_))
+            );
+            (ok, output::backup_entry(&snapshot, &r))
         }
     }))
     .buffer_unordered(app.config.daemon.max_concurrent_backups)
@@ -111,7 +121,6 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
     if args.json {
         output::json_line(&serde_json::json!({
             "result": if failed == 0 { "success" } else { "failure" },
-            "snapshot_id": snapshot_id,
             "databases": results.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
         }));
     }
@@ -123,17 +132,13 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
     Ok(())
 }
 
-fn print_backup_line(
-    source: &str,
-    database: &str,
-    snapshot_id: &str,
-    r: &Result<BackupReport, backup::BackupError>,
-) {
+fn print_backup_line(snapshot: &SnapshotKey, r: &Result<SlotOutcome, backup::BackupError>) {
+    let (source, database, id) = (&snapshot.source, &snapshot.database, &snapshot.id);
     match r {
-        Ok(report) => {
+        Ok(SlotOutcome::Committed(report)) => {
             let m = &report.manifest;
             let mut line = format!(
-                "{source}/{database} {snapshot_id} committed: raw {} stored {} ratio {:.2}x in {:.1}s on {}",
+                "{source}/{database} {id} committed: raw {} stored {} ratio {:.2}x in {:.1}s on {}",
                 human_bytes(m.raw_size),
                 human_bytes(m.stored_size),
                 m.ratio(),
@@ -146,14 +151,21 @@ fn print_backup_line(
                     report
                         .failed_targets
                         .iter()
-                        .map(|(t, e)| format!("{t}: {e}"))
+                        .map(|f| format!("{}: {}", f.target, f.error))
                         .collect::<Vec<_>>()
                         .join("; ")
                 ));
             }
             println!("{line}");
         }
-        Err(e) => println!("{source}/{database} {snapshot_id} FAILED: {e}"),
+        Ok(SlotOutcome::AlreadyCommitted(p)) => println!(
+            "{source}/{database} {id} already committed (on {}); nothing to do. Use --force for a new snapshot now",
+            p.holding.join(",")
+        ),
+        Ok(SlotOutcome::LockedElsewhere) => println!(
+            "{source}/{database} {id} FAILED: another pgferry (a daemon replica or a manual run) is backing it up right now; try again when it is done"
+        ),
+        Err(e) => println!("{source}/{database} {id} FAILED: {e}"),
     }
 }
 

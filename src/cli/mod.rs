@@ -97,6 +97,10 @@ pub struct BackupArgs {
     /// Only these databases (repeatable); they must exist on the selected sources.
     #[arg(long)]
     pub database: Vec<String>,
+    /// Take a new snapshot now, under the current second's id, even when the current
+    /// schedule slot is already committed (without it, a committed slot is left alone).
+    #[arg(long)]
+    pub force: bool,
     /// Print one JSON object (result and one entry per database) as the last line of stdout.
     #[arg(long)]
     pub json: bool,

@@ -47,31 +47,42 @@ pub(crate) fn error_line(e: &CliError) {
 
 /// One database's entry in `backup --json`.
 pub(crate) fn backup_entry(
-    source: &str,
-    database: &str,
-    snapshot_id: &str,
-    r: &Result<crate::backup::BackupReport, crate::backup::BackupError>,
+    snapshot: &crate::storage::key::SnapshotKey,
+    r: &Result<crate::backup::SlotOutcome, crate::backup::BackupError>,
 ) -> serde_json::Value {
-    match r {
-        Ok(report) => serde_json::json!({
-            "source": source,
-            "database": database,
-            "snapshot_id": snapshot_id,
+    use crate::backup::SlotOutcome;
+    let mut v = serde_json::json!({
+        "source": snapshot.source,
+        "database": snapshot.database,
+        "snapshot_id": snapshot.id.to_string(),
+    });
+    let extra = match r {
+        Ok(SlotOutcome::Committed(report)) => serde_json::json!({
             "result": "success",
             "raw_bytes": report.manifest.raw_size,
             "stored_bytes": report.manifest.stored_size,
             "duration_seconds": report.duration.as_secs_f64(),
             "targets": report.manifest.targets,
-            "failed_targets": report.failed_targets.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "failed_targets": report.failed_targets.iter().map(|f| serde_json::json!({"target": f.target, "error": f.error.to_string()})).collect::<Vec<_>>(),
+        }),
+        Ok(SlotOutcome::AlreadyCommitted(p)) => serde_json::json!({
+            "result": "success",
+            "already_committed": true,
+            "targets": p.holding,
+        }),
+        Ok(SlotOutcome::LockedElsewhere) => serde_json::json!({
+            "result": "failure",
+            "error": "another pgferry is backing this database up right now; try again when it is done",
         }),
         Err(e) => serde_json::json!({
-            "source": source,
-            "database": database,
-            "snapshot_id": snapshot_id,
             "result": if e.is_cancelled() { "cancelled" } else { "failure" },
             "error": e.to_string(),
         }),
+    };
+    if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
     }
+    v
 }
 
 /// `pgferry completions SHELL`: the completion script on stdout.

@@ -196,7 +196,11 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
         }));
     }
     if let Some(gateway) = &args.pushgateway {
-        crate::verify::push_metrics(app, gateway)
+        let databases: Vec<(String, String)> = results
+            .iter()
+            .map(|(s, d, _)| (s.clone(), d.clone()))
+            .collect();
+        crate::verify::push_metrics(app, gateway, &databases)
             .await
             .map_err(CliError::Failed)?;
     }

@@ -6,7 +6,6 @@
 //! reports not ready, lets running backups finish for `daemon.shutdown_grace`, cancels what is left
 //! (pg_dump killed, uploads aborted, no manifest) and returns once everything has ended.
 
-pub mod ha;
 pub mod http;
 pub mod readiness;
 pub mod scheduler;
@@ -18,12 +17,13 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::backup;
 use crate::backup::pipeline::Progress;
+use crate::backup::{self, SlotOutcome};
 use crate::config::SourceConfig;
 use crate::retention::prune::{self, Selection};
 use crate::retention::BackupOutcome;
 use crate::source;
+use crate::storage::key::{SnapshotId, SnapshotKey};
 
 use scheduler::{Attempt, RetryPolicy, RunError, Runner, Scheduler, SchedulerParts, SystemClock};
 use state::StateMap;
@@ -68,29 +68,16 @@ impl Runner for PgRunner {
         snapshot_id: &str,
         cancel: CancellationToken,
     ) -> Result<Attempt, RunError> {
-        let lock = ha::try_lock(source, database)
-            .await
-            .map_err(|error| RunError::Lock {
-                source_name: source.name.clone(),
-                database: database.to_string(),
-                error,
-            })?;
-        let Some(lock) = lock else {
-            return Ok(Attempt::LockedElsewhere);
-        };
-        let min = self.app.config.pipeline.min_targets;
-        if ha::is_committed(&self.app.targets, &source.name, database, snapshot_id, min).await {
-            return Ok(Attempt::AlreadyCommitted);
-        }
+        let id = SnapshotId::parse(snapshot_id).expect("the scheduler names slots by SnapshotId");
+        let snapshot = SnapshotKey::new(&source.name, database, id);
         let progress = Arc::new(Progress::default());
-        let report =
-            backup::backup_database(&self.app, source, database, snapshot_id, progress, cancel)
-                .await;
-        drop(lock);
-        let report = report?;
-        Ok(Attempt::Committed {
-            finished_at: report.manifest.finished_at,
-        })
+        match backup::backup_slot(&self.app, source, &snapshot, false, progress, cancel).await? {
+            SlotOutcome::Committed(report) => Ok(Attempt::Committed {
+                finished_at: report.manifest.finished_at,
+            }),
+            SlotOutcome::AlreadyCommitted(_) => Ok(Attempt::AlreadyCommitted),
+            SlotOutcome::LockedElsewhere => Ok(Attempt::LockedElsewhere),
+        }
     }
 
     async fn after_commit(
@@ -166,6 +153,7 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
         targets = app.targets.len()
     );
     let checker = tokio::spawn(readiness::run(app.clone(), readiness.clone(), stop.clone()));
+    let bucket_metrics = tokio::spawn(bucket_metrics_loop(app.clone(), stop.clone()));
     let verifier = app
         .config
         .verify
@@ -192,6 +180,7 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
     http_stop.cancel();
     let served = server.await;
     let _ = checker.await;
+    let _ = bucket_metrics.await;
     if let Some(v) = verifier {
         let _ = v.await;
     }
@@ -200,6 +189,27 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(DaemonError::Serve(e)),
         Err(join) => Err(DaemonError::Serve(std::io::Error::other(join.to_string()))),
+    }
+}
+
+/// How often the last-success gauges are read again from the buckets: what another replica
+/// (or a manual run, or a verify) committed shows within this. Each refresh lists every
+/// configured source's folders on every target.
+const BUCKET_METRICS_REFRESH: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Sets the last-success gauges from the buckets at start, then every
+/// [`BUCKET_METRICS_REFRESH`], so that every replica exports them and a restart never loses a
+/// failing database's series.
+async fn bucket_metrics_loop(app: App, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = crate::metrics::from_catalog::refresh(&app) => {}
+            _ = stop.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BUCKET_METRICS_REFRESH) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

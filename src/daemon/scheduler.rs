@@ -166,12 +166,6 @@ pub enum RunError {
         source_name: String,
         error: SourceError,
     },
-    #[error("cannot take the advisory lock of {source_name}/{database}: {error}")]
-    Lock {
-        source_name: String,
-        database: String,
-        error: SourceError,
-    },
     #[error(transparent)]
     Backup(#[from] BackupError),
 }
@@ -183,7 +177,7 @@ impl RunError {
 
     pub fn is_retryable(&self) -> bool {
         match self {
-            RunError::Discover { error, .. } | RunError::Lock { error, .. } => error.is_retryable(),
+            RunError::Discover { error, .. } => error.is_retryable(),
             RunError::Backup(e) => e.is_retryable(),
         }
     }
@@ -511,7 +505,7 @@ async fn database_run<R: Runner, C: Clock>(
                 break;
             }
             Ok(Attempt::AlreadyCommitted) => {
-                tracing::debug!(message = "Slot already committed; skipping.", source = %name, database = %database, snapshot_id = %snapshot_id);
+                tracing::info!(message = "Slot already committed on every target that answers; skipping.", source = %name, database = %database, snapshot_id = %snapshot_id);
                 break;
             }
             Err(e) if e.is_cancelled() => break,

@@ -25,7 +25,7 @@ use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
 use crate::source::{self, PgTool};
 use crate::storage::manifest::Manifest;
-use crate::storage::target::{Target, DUMP_SUFFIX};
+use crate::storage::target::Target;
 
 /// Decompressed bytes moved per read/write: large enough for few syscalls, small enough
 /// that memory never depends on the database size.
@@ -73,6 +73,10 @@ pub enum LoadError {
         needed: u64,
         available: u64,
     },
+    #[error(
+        "the manifest names {key:?}, which is not an object key; this copy's manifest is damaged"
+    )]
+    ObjectKey { key: String },
     #[error("cancelled")]
     Cancelled,
 }
@@ -130,12 +134,14 @@ async fn open(
     tap: Arc<Mutex<Tap>>,
     progress: Arc<LoadProgress>,
 ) -> Result<ZstdDecoder<ObjectReader>, LoadError> {
-    let key = target.key(
-        &manifest.source,
-        &manifest.database,
-        &manifest.snapshot_id,
-        DUMP_SUFFIX,
-    );
+    // The object the manifest names (write-once: `<id>-<run>.dump.zst`, or `<id>.dump.zst`
+    // for format ≤ 2), never a key derived from the id.
+    let object = crate::storage::key::object_path(&manifest.object_key).ok_or_else(|| {
+        LoadError::ObjectKey {
+            key: manifest.object_key.clone(),
+        }
+    })?;
+    let key = target.at(&object);
     let got = target
         .store
         .get(&key)

@@ -152,7 +152,11 @@ pub async fn prune(
             plan.delete = p.delete.into_iter().map(|r| r.id).collect();
             if !dry_run {
                 for id in &plan.delete {
-                    match delete_snapshot(t, &source_name, &database, id).await {
+                    let object = catalog
+                        .of(&source_name, &database)
+                        .find(|s| s.id() == id)
+                        .map(|s| s.manifest.object_key.clone());
+                    match delete_snapshot(t, &source_name, &database, id, object.as_deref()).await {
                         Ok(()) => {
                             report.deleted_snapshots += 1;
                             app.metrics
@@ -303,15 +307,23 @@ async fn clean_uploads(
     }
 }
 
-/// Deletes one snapshot from a target: manifest first, then verify report and dump, and an
-/// upload marker its completed upload may have left.
+/// Deletes one snapshot from a target: manifest first, then verify report and the object the
+/// manifest names (`object`, relative to the prefix; write-once keys), and the format-2 dump
+/// key and an upload marker its completed upload may have left.
 pub async fn delete_snapshot(
     t: &Target,
     source: &str,
     database: &str,
     snapshot_id: &str,
+    object: Option<&str>,
 ) -> Result<(), PruneError> {
-    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX, DUMP_SUFFIX, UPLOAD_SUFFIX] {
+    for suffix in [MANIFEST_SUFFIX, VERIFY_SUFFIX] {
+        delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
+    }
+    if let Some(object) = object.and_then(crate::storage::key::object_path) {
+        delete(t, &t.at(&object)).await?;
+    }
+    for suffix in [DUMP_SUFFIX, UPLOAD_SUFFIX] {
         delete(t, &t.key(source, database, snapshot_id, suffix)).await?;
     }
     Ok(())
@@ -415,6 +427,8 @@ url = "file:///nonexistent/a"
     async fn put_snapshot(t: &Target, id: &str) {
         let mut m = sample();
         m.snapshot_id = id.into();
+        m.object_key =
+            crate::storage::target::snapshot_path("prod", "acme", id, DUMP_SUFFIX).to_string();
         for (suffix, body) in [
             (DUMP_SUFFIX, b"dump".to_vec()),
             (

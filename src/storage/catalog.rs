@@ -170,10 +170,21 @@ pub async fn load(targets: &[Target], filter: &Filter) -> Catalog {
                 manifest.snapshot_id.clone(),
             );
             let entry = merged.entry(key).or_insert_with(|| SnapshotEntry {
-                manifest,
+                manifest: manifest.clone(),
                 targets: Vec::new(),
                 verify: None,
             });
+            // Two attempts at one slot can leave manifests naming different objects on
+            // different targets (one of them failed on a target that still had the other's):
+            // a copy counts only with the manifest it was written with, and the newest wins.
+            if entry.manifest.object_key != manifest.object_key {
+                if manifest.finished_at <= entry.manifest.finished_at {
+                    continue;
+                }
+                entry.manifest = manifest;
+                entry.targets.clear();
+                entry.verify = None;
+            }
             entry.targets.push(t.name.clone());
             if let Some(v) = verify {
                 if entry
@@ -232,15 +243,14 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
         let key = o.location.to_string();
         if let Some(stem) = key.strip_suffix(MANIFEST_SUFFIX) {
             manifest_keys.push((o.location.clone(), format!("{stem}{VERIFY_SUFFIX}")));
-        } else if let Some(stem) = key.strip_suffix(DUMP_SUFFIX) {
-            if !names.contains(&format!("{stem}{MANIFEST_SUFFIX}")) {
-                orphans.push(Orphan {
-                    target: t.name.clone(),
-                    key: o.location.clone(),
-                    last_modified: o.last_modified,
-                    size: o.size,
-                });
-            }
+        } else if key.ends_with(DUMP_SUFFIX) {
+            // An orphan unless a manifest names it (checked once the manifests are read).
+            orphans.push(Orphan {
+                target: t.name.clone(),
+                key: o.location.clone(),
+                last_modified: o.last_modified,
+                size: o.size,
+            });
         } else if let Some(stem) = key.strip_suffix(UPLOAD_SUFFIX) {
             uploads.push(OpenUploadMarker {
                 target: t.name.clone(),
@@ -269,9 +279,28 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
     let mut manifests = Vec::new();
     let mut warnings = Vec::new();
     let mut unreadable = Vec::new();
+    let mut named = HashSet::new();
     for (key, manifest, verify) in results {
+        let manifest = manifest.and_then(|m| {
+            let owns = crate::storage::key::SnapshotId::parse(&m.snapshot_id).is_some_and(|id| {
+                crate::storage::key::SnapshotKey::new(&m.source, &m.database, id)
+                    .owns_object(&m.object_key)
+            });
+            if owns {
+                Ok(m)
+            } else {
+                Err(format!(
+                    "manifest {key} names object {:?}, which is not a dump key of snapshot {}/{}/{}; ignored (pgferry never follows it)",
+                    m.object_key, m.source, m.database, m.snapshot_id
+                )
+                .into())
+            }
+        });
         match manifest {
             Ok(m) => {
+                if let Some(object) = crate::storage::key::object_path(&m.object_key) {
+                    named.insert(t.at(&object));
+                }
                 let wanted = filter.source.as_deref().is_none_or(|s| s == m.source)
                     && (filter.databases.is_empty() || filter.databases.contains(&m.database));
                 if wanted {
@@ -290,6 +319,21 @@ async fn load_target(t: &Target, filter: &Filter) -> Result<Listing, object_stor
             }
         }
     }
+    // A dump that a manifest names is that snapshot's (write-once keys: `<id>-<run>`), and
+    // one whose snapshot has an unreadable manifest may be too: neither is an orphan.
+    let unreadable_keys: HashSet<String> = unreadable.iter().map(|u| u.key.to_string()).collect();
+    orphans.retain(|o| {
+        let manifest_of_its_slot = o.key.as_ref().rsplit_once('/').and_then(|(dir, name)| {
+            match crate::storage::key::parse_name(name)? {
+                crate::storage::key::OwnedName::Dump(id, _) => {
+                    Some(format!("{dir}/{id}{MANIFEST_SUFFIX}"))
+                }
+                _ => None,
+            }
+        });
+        !named.contains(&o.key)
+            && manifest_of_its_slot.is_none_or(|m| !unreadable_keys.contains(&m))
+    });
     Ok(Listing {
         manifests,
         warnings,
@@ -342,6 +386,15 @@ mod tests {
     use std::sync::Arc;
 
     async fn put(t: &Target, m: &Manifest) {
+        let mut m = m.clone();
+        m.object_key = crate::storage::target::snapshot_path(
+            &m.source,
+            &m.database,
+            &m.snapshot_id,
+            DUMP_SUFFIX,
+        )
+        .to_string();
+        let m = &m;
         let key = t.key(&m.source, &m.database, &m.snapshot_id, MANIFEST_SUFFIX);
         t.store
             .put(&key, PutPayload::from(m.to_json()))

@@ -209,6 +209,34 @@ pub fn parse_name(name: &str) -> Option<OwnedName> {
     None
 }
 
+impl SnapshotKey {
+    /// Whether `object_key` (relative to a target's prefix, as a manifest names it) is one of
+    /// this snapshot's dump keys: in its folder, with its id. A manifest naming anything else
+    /// (another database's object, another folder) is not pgferry's and is never followed.
+    pub fn owns_object(&self, object_key: &str) -> bool {
+        let Some(key) = object_path(object_key) else {
+            return false;
+        };
+        let parts: Vec<PathPart<'_>> = key.parts().collect();
+        let [source, database, name] = parts.as_slice() else {
+            return false;
+        };
+        let folder = self.folder();
+        let want: Vec<PathPart<'_>> = folder.parts().collect();
+        if want.as_slice() != [source.clone(), database.clone()] {
+            return false;
+        }
+        matches!(parse_name(name.as_ref()), Some(OwnedName::Dump(id, _)) if id == self.id)
+    }
+}
+
+/// A manifest's `object_key` (a key as `Path` displays it: percent-encoded segments) as a
+/// path; `None` unless it is in canonical form (no `..`, no empty segment, valid encoding).
+pub fn object_path(object_key: &str) -> Option<Path> {
+    let key = Path::parse(object_key).ok()?;
+    (key.as_ref() == object_key && !object_key.is_empty()).then_some(key)
+}
+
 /// `<id>` or `<id>-<run>`.
 fn parse_attempt(stem: &str) -> Option<(SnapshotId, Option<RunId>)> {
     match stem.split_once('-') {
@@ -281,6 +309,32 @@ mod tests {
         ] {
             assert!(RunId::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_owns_only_its_own_dump_keys() {
+        let k = key();
+        let run = RunId::parse("0123456789ab").unwrap();
+        assert!(k.owns_object(k.dump(&run).as_ref()));
+        assert!(k.owns_object(k.legacy_dump().as_ref()));
+        for other in [
+            "prod/globex/20261127T140000Z.dump.zst",
+            "prod/acme/20261127T150000Z.dump.zst",
+            "otherteam/db1/x.dump.zst",
+            "prod/acme/old/20261127T140000Z.dump.zst",
+            "prod/acme/../acme/20261127T140000Z.dump.zst",
+            "/prod/acme/20261127T140000Z.dump.zst",
+            "prod/acme/20261127T140000Z.manifest.json",
+            "",
+        ] {
+            assert!(!k.owns_object(other), "{other}");
+        }
+        // Odd database names: the key is percent-encoded, and still owned.
+        let odd = SnapshotKey::new("prod", "café/日本 \"x\"", k.id.clone());
+        let dump = odd.dump(&run);
+        assert!(dump.as_ref().contains('%'), "{dump}");
+        assert!(odd.owns_object(dump.as_ref()));
+        assert_eq!(object_path(dump.as_ref()), Some(dump));
     }
 
     #[test]

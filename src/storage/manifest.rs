@@ -8,8 +8,11 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The format written by this build. Version 2 adds `tables` and `large_objects`.
-pub const FORMAT_VERSION: u32 = 2;
+/// The format written by this build. Version 2 adds `tables` and `large_objects`; version 3
+/// names a write-once object per attempt (`<snapshot_id>-<run>.dump.zst`, older ones name
+/// `<snapshot_id>.dump.zst`) and records the source's `system_identifier`. An older pgferry
+/// refuses a version-3 manifest ("upgrade pgferry") instead of looking for the wrong object.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Manifests larger than this are refused unread (a real one is a few KiB per 100 tables).
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
@@ -168,6 +171,16 @@ pub(crate) mod tests {
         let m = sample();
         assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
         assert_eq!(m.ratio(), 3.0);
+    }
+
+    #[test]
+    fn version_2_naming_the_slot_key_still_reads() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format_version"] = 2.into();
+        v.as_object_mut().unwrap().remove("system_identifier");
+        let m = Manifest::from_json("k", v.to_string().as_bytes()).unwrap();
+        assert_eq!(m.object_key, "prod/acme/20261127T140000Z.dump.zst");
+        assert_eq!(m.system_identifier, None);
     }
 
     #[test]

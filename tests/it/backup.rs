@@ -85,11 +85,14 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
     for store in &stores {
         let k = keys(store).await;
         assert_eq!(k.len(), 2, "{k:?}");
-        let id = k[0]
+        // `<id>-<run>.dump.zst` (write-once, one key per attempt) and `<id>.manifest.json`.
+        let (id, run) = k[0]
             .strip_prefix("prod/shop/")
             .and_then(|r| r.strip_suffix(".dump.zst"))
-            .unwrap_or_else(|| panic!("unexpected key layout: {k:?}"))
-            .to_string();
+            .and_then(|r| r.split_once('-'))
+            .unwrap_or_else(|| panic!("unexpected key layout: {k:?}"));
+        assert_eq!(run.len(), 12, "{k:?}");
+        let id = id.to_string();
         assert_eq!(k[1], format!("prod/shop/{id}.manifest.json"));
         let manifest = manifest_of(&get(store, &k[1]).await);
         let dump = get(store, &k[0]).await;
@@ -108,7 +111,7 @@ async fn backup_to_two_buckets_and_a_directory_restores_exactly() {
     assert!(ids.iter().all(|i| *i == ids[0]));
 
     // Restore by hand from the S3 copy: exactly the source's rows, table by table.
-    let dump = get(&stores[0], &format!("prod/shop/{}.dump.zst", ids[0])).await;
+    let dump = get(&stores[0], &env::dump_key(&stores[0], &ids[0]).await).await;
     let path = env.dir.path().join("shop.dump.zst");
     std::fs::write(&path, &dump).unwrap();
     restore_by_hand(&env.pg, &path, "shop_restored").await;
@@ -177,25 +180,34 @@ async fn a_stopped_s3_server_is_dropped_and_min_targets_is_enforced() {
         env.source_toml("prod")
     );
 
-    // min_targets = 3 cannot be met: exit 1, nothing anywhere.
+    // min_targets = 3 cannot be met: exit 1, but the two copies that completed stay
+    // committed (a degraded snapshot), and their manifests don't name the dead target.
     let strict = env.write_config(&format!("[pipeline]\nmin_targets = 3\n{base}"));
     let run = env.pgferry(&strict, &["backup"]).await;
     run.assert_code(1);
     assert!(run.output().contains("dead"), "{}", run.output());
     assert!(run.output().contains("min_targets"), "{}", run.output());
     let file_store = file_store(&file_dir);
-    assert_eq!(keys(&alive_store).await, Vec::<String>::new());
-    assert_eq!(keys(&file_store).await, Vec::<String>::new());
-
-    // Default min_targets = 1: commits on the two live targets; manifests don't name the dead one.
-    let lenient = env.write_config(&base);
-    let run = env.pgferry(&lenient, &["backup"]).await;
-    run.assert_code(0);
     for store in [&alive_store, &file_store] {
         let k = keys(store).await;
         assert_eq!(k.len(), 2, "{k:?}");
         let manifest = manifest_of(&get(store, &k[1]).await);
         assert_eq!(manifest["targets"], serde_json::json!(["alive", "local"]));
+    }
+
+    // Default min_targets = 1: the next run (a new snapshot) commits on the two live targets.
+    let lenient = env.write_config(&base);
+    let run = env.pgferry(&lenient, &["backup", "--force"]).await;
+    run.assert_code(0);
+    for store in [&alive_store, &file_store] {
+        let k = keys(store).await;
+        assert_eq!(k.len(), 4, "{k:?}");
+        assert_eq!(
+            env::assert_every_manifest_names_an_intact_object(store)
+                .await
+                .len(),
+            2
+        );
     }
     dead_garage.start_again().await.unwrap();
     assert_eq!(keys(&dead_store).await, Vec::<String>::new());
@@ -424,11 +436,16 @@ async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
 
     let marker: serde_json::Value =
         serde_json::from_slice(&get(&w.stores[0], &markers[0]).await).expect("the marker is JSON");
-    let id = markers[0]
+    let attempt = markers[0]
         .strip_prefix("prod/acme/")
         .and_then(|k| k.strip_suffix(".upload.json"))
         .unwrap()
         .to_string();
+    assert!(
+        attempt.contains('-'),
+        "the marker names the attempt: {attempt}"
+    );
+    let id = attempt;
     assert_eq!(marker["key"], format!("backups/prod/acme/{id}.dump.zst"));
     assert!(marker["upload_id"].as_str().is_some_and(|u| !u.is_empty()));
     for (b, s) in w.buckets.iter().zip(&w.stores) {
@@ -559,17 +576,19 @@ async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
         assert_eq!(
             k,
             [
-                format!("prod/acme/{new_id}.dump.zst"),
+                env::dump_key(s, &new_id).await,
                 format!("prod/acme/{new_id}.manifest.json")
             ],
             "the marker goes once the upload completes"
         );
     }
     let dir = disk.path().join("prod").join("acme");
+    let disk_store = file_store(disk.path());
+    let object = env::dump_key(&disk_store, &new_id).await;
     assert_eq!(
         files_under(disk.path()),
         [
-            dir.join(format!("{new_id}.dump.zst")),
+            dir.join(object.rsplit('/').next().unwrap()),
             dir.join(format!("{new_id}.manifest.json"))
         ]
     );

@@ -680,3 +680,106 @@ async fn an_s3_server_killed_and_back_shows_in_the_metrics() {
     assert_eq!(code, 0);
     assert_no_secret(&log, &env.secrets());
 }
+
+/// A config for the restart tests: a yearly slot (the same one for the whole test), acme only.
+fn yearly(env: &TestEnv, port: u16, extra: &str, targets: &str) -> PathBuf {
+    env.write_config(&format!(
+        "{extra}{}{}schedule = \"0 0 1 1 *\"\ndatabases = [\"acme\"]\n{targets}",
+        daemon_toml(port, &token_path(env), "30s"),
+        env.source_toml("prod"),
+    ))
+}
+
+/// The value of a gauge line `name{database="acme",source="prod"} V` in a scrape.
+fn acme_gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{database=\"acme\",source=\"prod\"}}")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_target_down_never_rewrites_a_committed_slot() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (a, a_store) = env.s3_target("a").await;
+    let mut other = crate::support::garage::Garage::start()
+        .await
+        .expect("second Garage");
+    let (b, _) = env.s3_target_on(&other, "b").await;
+    let port = free_port();
+    let config = yearly(
+        &env,
+        port,
+        "[pipeline]\nmin_targets = 2\n",
+        &format!("{a}{b}"),
+    );
+    // The slot commits on both targets.
+    let id = env.pgferry(&config, &["backup"]).await.snapshot_id();
+    let manifest_key = format!("prod/acme/{id}.manifest.json");
+    let before = env::get(&a_store, &manifest_key).await;
+
+    // A rollout while b is down: the new daemon catches up the slot, and must leave it be.
+    other.stop().await.unwrap();
+    let d = Daemon::start(&env, &config, port).await;
+    d.wait_until(
+        "the daemon looked at the slot",
+        Duration::from_secs(60),
+        || async {
+            let log = d.log_text();
+            log.contains("Slot already committed") || log.contains("Backup started.")
+        },
+    )
+    .await;
+    // This process committed nothing, yet it exports acme's last success from the bucket.
+    let (_, metrics) = d.get("/metrics").await;
+    let last = acme_gauge(&metrics, "pgferry_backup_last_success_timestamp_seconds");
+    let (code, _, log) = d.stop(Duration::from_secs(40)).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("Slot already committed"), "{log}");
+    assert!(!log.contains("Backup started."), "{log}");
+    assert_eq!(env::get(&a_store, &manifest_key).await, before);
+    env::assert_every_manifest_names_an_intact_object(&a_store).await;
+    let finished = env::manifest_of(&before)["finished_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let finished = chrono::DateTime::parse_from_rfc3339(&finished).unwrap();
+    assert_eq!(
+        last,
+        Some(finished.timestamp_millis() as f64 / 1000.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_failing_database_keeps_its_last_success_in_the_metrics() {
+    let mut env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (s3, _) = env.s3_target("s3").await;
+    let port = free_port();
+    let config = yearly(&env, port, "", &s3);
+    env.pgferry(&config, &["backup"]).await.snapshot_id();
+    // The source is down from now on: every run of the new process fails.
+    env.pg.stop().await.unwrap();
+    let d = Daemon::start(&env, &config, port).await;
+    d.wait_until(
+        "the last success is exported from the bucket",
+        Duration::from_secs(60),
+        || async {
+            let (_, m) = d.get("/metrics").await;
+            acme_gauge(&m, "pgferry_backup_last_success_timestamp_seconds").is_some()
+        },
+    )
+    .await;
+    let (_, metrics) = d.get("/metrics").await;
+    promtool_check(&metrics);
+    assert_eq!(
+        acme_gauge(&metrics, "pgferry_backup_degraded"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let (code, _, log) = d.stop(Duration::from_secs(40)).await;
+    assert_eq!(code, 0, "{log}");
+}

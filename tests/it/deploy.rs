@@ -256,7 +256,7 @@ fn every_alert_is_explained_tested_both_ways_and_linked_to_its_runbook_section()
 }
 
 fn exported_metrics() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap();
+    let source = std::fs::read_to_string(repo().join("src/metrics/mod.rs")).unwrap();
     let names = promql::exported_metrics(&source);
     assert!(names.contains("pgferry_backup_last_success_timestamp_seconds"));
     assert!(names.contains("pgferry_backup_duration_seconds_bucket"));

@@ -76,7 +76,7 @@ impl World {
 
     /// Backs up `acme` (version `v` in its table) and returns the snapshot id.
     async fn backup(&self, v: i32, after: Option<&str>) -> String {
-        // Snapshot ids of manual runs are seconds: wait for the next one.
+        // Snapshot ids of forced manual runs are seconds: wait for the next one.
         while after.is_some_and(|prev| snapshot_now() == prev) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -85,7 +85,7 @@ impl World {
             .execute("acme", &format!("UPDATE version SET v = {v}"))
             .await
             .unwrap();
-        self.pgferry(&["backup", "--source", "prod"])
+        self.pgferry(&["backup", "--source", "prod", "--force"])
             .await
             .snapshot_id()
     }

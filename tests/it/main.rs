@@ -16,3 +16,4 @@ mod spool_faults;
 mod support;
 mod target_faults;
 mod verify;
+mod write_once;

@@ -57,7 +57,7 @@ async fn s3_credentials_come_from_the_aws_environment() {
     run.assert_code(0);
     let v = last_json(&run);
     assert_eq!(v["result"], "success", "{v}");
-    let id = v["snapshot_id"].as_str().unwrap();
+    let id = v["databases"][0]["snapshot_id"].as_str().unwrap();
     assert!(
         env::keys(&store)
             .await
@@ -270,7 +270,10 @@ async fn s3_credentials_from_a_web_identity_token_file() {
     let run = env::pgferry_with_env(&config, &["backup", "--json"], &vars).await;
     env::assert_no_secret(&run.output(), &env.secrets());
     run.assert_code(0);
-    let id = last_json(&run)["snapshot_id"].as_str().unwrap().to_string();
+    let id = last_json(&run)["databases"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(env::keys(&store)
         .await
         .iter()

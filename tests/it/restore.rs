@@ -124,7 +124,7 @@ impl World {
 
     /// Backs up `acme` and returns the new snapshot id.
     async fn backup(&self) -> String {
-        self.pgferry(&["backup", "--source", "prod"])
+        self.pgferry(&["backup", "--source", "prod", "--force"])
             .await
             .snapshot_id()
     }
@@ -473,7 +473,7 @@ async fn at_picks_the_right_snapshot_and_unknown_ids_list_what_exists() {
     .await;
     let mut ids = vec![w.backup().await];
     for v in 2..=3 {
-        // Snapshot ids of manual runs are seconds: wait for the next one.
+        // Snapshot ids of forced manual runs are seconds: wait for the next one.
         while crate_snapshot_now() == *ids.last().unwrap() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

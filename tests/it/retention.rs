@@ -36,7 +36,8 @@ async fn prune_applies_the_policy_on_s3() {
         .expect("a committed snapshot");
     // Older snapshots: copies of the real one under older ids.
     let manifest = get(&store, &format!("prod/acme/{now_id}.manifest.json")).await;
-    let dump = get(&store, &format!("prod/acme/{now_id}.dump.zst")).await;
+    let now_dump = crate::support::env::dump_key(&store, &now_id).await;
+    let dump = get(&store, &now_dump).await;
     let old = [
         "20260101T000000Z",
         "20260102T000000Z",
@@ -46,6 +47,8 @@ async fn prune_applies_the_policy_on_s3() {
     for id in old {
         let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
         m["snapshot_id"] = id.into();
+        // Format-2 style copies: one dump key per slot.
+        m["object_key"] = format!("prod/acme/{id}.dump.zst").into();
         put(&store, &format!("prod/acme/{id}.dump.zst"), dump.to_vec()).await;
         put(
             &store,
@@ -91,7 +94,7 @@ async fn prune_applies_the_policy_on_s3() {
         run.stdout
     );
     let mut want = vec![
-        format!("prod/acme/{now_id}.dump.zst"),
+        now_dump.clone(),
         format!("prod/acme/{now_id}.manifest.json"),
         "prod/acme/20260103T000000Z.dump.zst".to_string(),
         "prod/acme/20260103T000000Z.manifest.json".to_string(),

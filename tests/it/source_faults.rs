@@ -70,7 +70,7 @@ async fn a_source_restarted_mid_dump_commits_nothing_and_the_next_run_does() {
     assert_eq!(
         keys(&store).await,
         vec![
-            format!("prod/big/{id}.dump.zst"),
+            env::dump_key(&store, &id).await,
             format!("prod/big/{id}.manifest.json")
         ]
     );

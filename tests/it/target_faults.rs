@@ -3,29 +3,13 @@
 //! after `pipeline.stall_timeout`), and S3 errors for a while (retried inside the upload) or
 //! for good (the target is dropped; never a half-committed snapshot).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::ObjectStore;
-
-use crate::support::env::{file_store, get, keys, manifest_of, TestEnv};
+use crate::support::env::{
+    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
+};
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::rusage::pgferry_measured;
-
-/// Every manifest in `store` has its dump object beside it; returns the manifests' keys.
-async fn assert_no_manifest_without_dump(store: &Arc<dyn ObjectStore>) -> Vec<String> {
-    let all = keys(store).await;
-    let manifests: Vec<String> = all
-        .iter()
-        .filter(|k| k.ends_with(".manifest.json"))
-        .cloned()
-        .collect();
-    for m in &manifests {
-        let dump = m.replace(".manifest.json", ".dump.zst");
-        assert!(all.contains(&dump), "{m} has no dump object: {all:?}");
-    }
-    manifests
-}
 
 /// Fills database `db` with `mib` MiB of random bytes as one large object: pg_dump writes
 /// them as they are and zstd cannot shrink them, so the stored object is as big.
@@ -77,7 +61,7 @@ async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {
     measured.run.assert_code(0);
     let stored = (MIB as u64) << 20; // at least: random bytes do not compress
     for store in [&fast_store, &slow_store, &file_store(&file_dir)] {
-        let manifests = assert_no_manifest_without_dump(store).await;
+        let manifests = assert_every_manifest_names_an_intact_object(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
             manifest_of(&get(store, &manifests[0]).await)["targets"],
@@ -133,7 +117,7 @@ async fn a_stalled_target_is_dropped_after_stall_timeout() {
     assert!(proxy.connections() >= 1, "pgferry never reached the proxy");
     assert_eq!(proxy.bytes_up(), 0, "a stalled proxy forwarded something");
     for store in [&alive_store, &file_store(&file_dir)] {
-        let manifests = assert_no_manifest_without_dump(store).await;
+        let manifests = assert_every_manifest_names_an_intact_object(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
             manifest_of(&get(store, &manifests[0]).await)["targets"],
@@ -170,7 +154,7 @@ async fn s3_errors_for_a_while_are_retried_inside_the_upload() {
     assert_eq!(p503.served(503), 3);
     assert_eq!(p500.served(500), 2);
     for store in [&steady_store, &slowdown_store, &flaky_store] {
-        let manifests = assert_no_manifest_without_dump(store).await;
+        let manifests = assert_every_manifest_names_an_intact_object(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
             manifest_of(&get(store, &manifests[0]).await)["targets"],
@@ -196,7 +180,7 @@ async fn s3_errors_that_never_end_drop_the_target_and_never_half_commit() {
     );
     let file_store = file_store(&file_dir);
 
-    // min_targets = all three: exit 1, nothing committed anywhere.
+    // min_targets = all three: exit 1, but the two copies that completed stay committed.
     let strict = env.write_config(&format!("[pipeline]\nmin_targets = 3\n{base}"));
     let run = env.pgferry(&strict, &["backup"]).await;
     run.assert_code(1);
@@ -207,17 +191,25 @@ async fn s3_errors_that_never_end_drop_the_target_and_never_half_commit() {
     );
     // object_store's retries: the first try and 5 more, then the part upload fails.
     assert!(proxy.served(503) >= 6, "served {}", proxy.served(503));
-    for store in [&steady_store, &broken_store, &file_store] {
-        assert_eq!(keys(store).await, Vec::<String>::new());
+    for store in [&steady_store, &file_store] {
+        assert_eq!(
+            assert_every_manifest_names_an_intact_object(store)
+                .await
+                .len(),
+            1
+        );
     }
+    assert_eq!(keys(&broken_store).await, Vec::<String>::new());
 
-    // Default min_targets = 1: the broken target is dropped, the others commit.
+    // Default min_targets = 1: broken answers that it lacks the slot, so the slot is dumped
+    // again; the broken target is dropped, the others commit (the new manifests name the new
+    // objects; the earlier ones are orphans for prune).
     let lenient = env.write_config(&base);
     let run = env.pgferry(&lenient, &["backup"]).await;
     run.assert_code(0);
     assert!(run.stdout.contains("not on: broken"), "{}", run.stdout);
     for store in [&steady_store, &file_store] {
-        let manifests = assert_no_manifest_without_dump(store).await;
+        let manifests = assert_every_manifest_names_an_intact_object(store).await;
         assert_eq!(manifests.len(), 1, "{manifests:?}");
         assert_eq!(
             manifest_of(&get(store, &manifests[0]).await)["targets"],

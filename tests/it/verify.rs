@@ -243,13 +243,51 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
                 && l.ends_with(" 1")),
         "{metrics}"
     );
+    let last_success = |metrics: &str| -> Option<String> {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("pgferry_verify_last_success_timestamp_seconds{")
+                    && l.contains("database=\"shop\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    let first = last_success(&metrics).unwrap_or_else(|| panic!("{metrics}"));
+
+    // A failing night: every copy is damaged, verify fails, and what it pushes still holds
+    // shop's last success (read from the first night's report in the buckets).
+    let id = keys(&w.stores[0])
+        .await
+        .into_iter()
+        .find_map(|k| {
+            k.strip_prefix("prod/shop/")
+                .and_then(|k| k.strip_suffix(".manifest.json"))
+                .map(str::to_string)
+        })
+        .unwrap();
+    for store in &w.stores {
+        env::corrupt_dump(store, &id).await;
+    }
+    let run = w.pgferry(&["verify", "--pushgateway", &url]).await;
+    run.assert_code(1);
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        metrics.lines().any(
-            |l| l.starts_with("pgferry_verify_last_success_timestamp_seconds{")
-                && l.contains("database=\"shop\"")
-        ),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pgferry_verifies_total{")
+                && l.contains("result=\"failure\"")
+                && l.ends_with(" 1")),
         "{metrics}"
     );
+    assert_eq!(last_success(&metrics), Some(first), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,7 +196,7 @@ async fn each_sslmode_verifies_what_libpq_does_and_failures_commit_nothing() {
         assert_eq!(
             keys(&store).await,
             [
-                format!("prod/acme/{id}.dump.zst"),
+                env::dump_key(&store, &id).await,
                 format!("prod/acme/{id}.manifest.json")
             ],
             "{host} {params}"

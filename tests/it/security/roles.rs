@@ -81,7 +81,7 @@ async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
         .unwrap();
 
     let id = env.pgferry(&config, &["backup"]).await.snapshot_id();
-    let dump = env::get(&store, &format!("prod/acme/{id}.dump.zst")).await;
+    let dump = env::get(&store, &env::dump_key(&store, &id).await).await;
     let path = env.dir.path().join("acme.dump.zst");
     std::fs::write(&path, &dump).unwrap();
     crate::backup::restore_by_hand(&env.pg, &path, "acme_restored").await;
@@ -99,11 +99,11 @@ async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
         .replace(&format!("${{{S3_SECRET_VAR}}}"), env.s3.secret_access_key());
     let cfg = pgferry::config::Config::from_str_at(&text, &config).expect("config");
     let source = &cfg.sources[0];
-    let held = pgferry::daemon::ha::try_lock(source, "acme")
+    let held = pgferry::backup::lock::try_lock(source, "acme")
         .await
         .expect("lock query")
         .expect("the lock is free");
-    let second = pgferry::daemon::ha::try_lock(source, "acme")
+    let second = pgferry::backup::lock::try_lock(source, "acme")
         .await
         .expect("lock query");
     assert!(second.is_none(), "a second session must not get the lock");
@@ -111,7 +111,7 @@ async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
     // The server releases the lock when the holder's session ends; poll briefly for that.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let again = pgferry::daemon::ha::try_lock(source, "acme")
+        let again = pgferry::backup::lock::try_lock(source, "acme")
             .await
             .expect("lock query");
         if again.is_some() {

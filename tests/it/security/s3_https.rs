@@ -50,7 +50,7 @@ async fn s3_over_https_needs_the_ca_file_and_works_with_it() {
     ));
     let id = env.pgferry(&with_ca, &["backup"]).await.snapshot_id();
     let committed = vec![
-        format!("prod/acme/{id}.dump.zst"),
+        env::dump_key(&store, &id).await,
         format!("prod/acme/{id}.manifest.json"),
     ];
     assert_eq!(keys(&store).await, committed);

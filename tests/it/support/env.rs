@@ -330,14 +330,56 @@ pub fn assert_no_secret(output: &str, secrets: &[String]) {
     }
 }
 
+/// The key of the dump object that the manifest of `snapshot_id` names in `store`
+/// (write-once keys: `<id>-<run>.dump.zst`).
+pub async fn dump_key(store: &Arc<dyn ObjectStore>, snapshot_id: &str) -> String {
+    let manifest = keys(store)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(&format!("/{snapshot_id}.manifest.json")))
+        .unwrap_or_else(|| panic!("no manifest of {snapshot_id}"));
+    let m = manifest_of(&get(store, &manifest).await);
+    m["object_key"].as_str().expect("object_key").to_string()
+}
+
+/// Every manifest in `store` names an object that exists with the manifest's size and
+/// sha256: nothing committed is damaged. Returns the manifests' keys.
+pub async fn assert_every_manifest_names_an_intact_object(
+    store: &Arc<dyn ObjectStore>,
+) -> Vec<String> {
+    use sha2::Digest;
+    let all = keys(store).await;
+    let manifests: Vec<String> = all
+        .iter()
+        .filter(|k| k.ends_with(".manifest.json"))
+        .cloned()
+        .collect();
+    for key in &manifests {
+        let m = manifest_of(&get(store, key).await);
+        let object = m["object_key"].as_str().expect("object_key");
+        assert!(
+            all.iter().any(|k| k == object),
+            "{key} names {object}, which is gone: {all:?}"
+        );
+        let bytes = get(store, object).await;
+        assert_eq!(
+            bytes.len() as u64,
+            m["stored_size"].as_u64().unwrap(),
+            "{object}: size differs from {key}"
+        );
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            m["sha256"].as_str().unwrap(),
+            "{object}: sha256 differs from {key}"
+        );
+    }
+    manifests
+}
+
 /// Overwrites the dump object of `snapshot_id` in `store` with bytes of the same length:
 /// a silently corrupted copy.
 pub async fn corrupt_dump(store: &Arc<dyn ObjectStore>, snapshot_id: &str) {
-    let key = keys(store)
-        .await
-        .into_iter()
-        .find(|k| k.ends_with(&format!("{snapshot_id}.dump.zst")))
-        .expect("dump object exists");
+    let key = dump_key(store, snapshot_id).await;
     let mut bytes = get(store, &key).await.to_vec();
     let len = bytes.len();
     for b in bytes[len / 3..len / 3 + 64.min(len / 3)].iter_mut() {

@@ -42,6 +42,8 @@ pub enum RequestClass {
     Any,
     /// S3 UploadPart: a `PUT` whose query has `partNumber=`.
     UploadPart,
+    /// A `PUT` of a snapshot manifest (`….manifest.json`).
+    ManifestPut,
 }
 
 impl RequestClass {
@@ -49,6 +51,14 @@ impl RequestClass {
         match self {
             RequestClass::Any => true,
             RequestClass::UploadPart => method == "PUT" && target.contains("partNumber="),
+            RequestClass::ManifestPut => {
+                method == "PUT"
+                    && target
+                        .split('?')
+                        .next()
+                        .unwrap_or("")
+                        .ends_with(".manifest.json")
+            }
         }
     }
 }
@@ -59,6 +69,9 @@ struct FaultPlan {
     class: RequestClass,
     /// Errors still to serve; `None`: until [`Proxy::stop_failing`].
     remaining: Option<u64>,
+    /// The request goes upstream (and is applied there) before the error is served: an
+    /// ambiguous failure, like a timeout after the server stored the object.
+    after_forward: bool,
 }
 
 /// Direction of a byte stream through the proxy.
@@ -193,7 +206,18 @@ impl Proxy {
             status,
             class,
             remaining: count,
+            after_forward: false,
         });
+    }
+
+    /// Like [`fail_requests`](Self::fail_requests), but each failed request is first
+    /// forwarded and applied upstream: the client sees an error for a request that took
+    /// effect (an ambiguous failure).
+    pub fn fail_after_forwarding(&self, status: u16, class: RequestClass, count: Option<u64>) {
+        self.fail_requests(status, class, count);
+        if let Some(p) = self.state.faults.lock().unwrap().as_mut() {
+            p.after_forward = true;
+        }
     }
 
     /// Forwards every request again.
@@ -241,20 +265,20 @@ impl State {
     }
 
     /// Takes one fault for this request, if the plan has one for it.
-    fn take_fault(&self, method: &str, target: &str) -> Option<u16> {
+    fn take_fault(&self, method: &str, target: &str) -> Option<(u16, bool)> {
         let mut plan = self.faults.lock().unwrap();
         let p = plan.as_mut()?;
         if !p.class.matches(method, target) {
             return None;
         }
-        let status = p.status;
+        let (status, after_forward) = (p.status, p.after_forward);
         match &mut p.remaining {
             None => {}
             Some(0) => return None,
             Some(n) => *n -= 1,
         }
         *self.served.lock().unwrap().entry(status).or_default() += 1;
-        Some(status)
+        Some((status, after_forward))
     }
 
     /// Waits until `len` more bytes may pass in `dir`.
@@ -494,9 +518,35 @@ async fn serve(state: &State, client: TcpStream) {
         } else {
             Framing::Length(req.content_length.unwrap_or(0))
         };
-        if let Some(status) = state.take_fault(&req.first, &req.second) {
-            // Read (and drop) the whole body before answering.
-            if client.body(state, None, Dir::Up, framing).await.is_none() {
+        if let Some((status, after_forward)) = state.take_fault(&req.first, &req.second) {
+            if after_forward {
+                // Apply the request upstream on a connection of its own, drop the answer.
+                let Ok(s) = TcpStream::connect(state.upstream).await else {
+                    return;
+                };
+                let mut up = Side::new(s);
+                if state.forward(&mut up.stream, Dir::Up, &raw).await.is_err()
+                    || client
+                        .body(state, Some(&mut up.stream), Dir::Up, framing)
+                        .await
+                        .is_none()
+                {
+                    return;
+                }
+                let Some(head) = up.head().await else {
+                    return;
+                };
+                let resp = parse_head(&head);
+                let framing = match resp.content_length {
+                    Some(n) => Framing::Length(n),
+                    None if resp.chunked => Framing::Chunked,
+                    None => Framing::Length(0),
+                };
+                if up.body(state, None, Dir::Down, framing).await.is_none() {
+                    return;
+                }
+            } else if client.body(state, None, Dir::Up, framing).await.is_none() {
+                // Read (and drop) the whole body before answering.
                 return;
             }
             let n = state.requests.load(Ordering::SeqCst);

@@ -3,8 +3,12 @@
 //! Names carry the `pgferry_` prefix and unit suffixes (`_seconds`, `_bytes`, `_total`), as
 //! DESIGN.md lists them; label values come from enums ([`Outcome`]) or from configured names
 //! (source, database, target), never from error text. This module only counts: it does not
-//! serve HTTP (see `http`) or push (see `verify`).
+//! serve HTTP (see `daemon::http`) or push (see `verify`). `from_catalog` sets the
+//! last-success gauges from what the buckets hold.
 
+pub mod from_catalog;
+
+use crate::storage::manifest::Manifest;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -41,6 +45,7 @@ pub struct Metrics {
     pub backup_duration: HistogramVec,
     pub backup_stored_bytes: IntGaugeVec,
     pub backup_raw_bytes: IntGaugeVec,
+    pub backup_degraded: IntGaugeVec,
     pub target_uploads_total: IntCounterVec,
     pub target_uploaded_bytes_total: IntCounterVec,
     pub target_last_success: GaugeVec,
@@ -102,6 +107,14 @@ impl Metrics {
                 Opts::new(
                     "pgferry_backup_raw_bytes",
                     "Uncompressed pg_dump size of the last committed snapshot.",
+                ),
+                sd,
+            )
+            .unwrap(),
+            backup_degraded: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backup_degraded",
+                    "1 when the newest committed snapshot of a database has fewer copies than pipeline.min_targets.",
                 ),
                 sd,
             )
@@ -187,7 +200,7 @@ impl Metrics {
             .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(m.source_up.clone()),
             Box::new(m.target_up.clone()),
             Box::new(m.backup_running.clone()),
@@ -199,6 +212,7 @@ impl Metrics {
             Box::new(m.backup_duration.clone()),
             Box::new(m.backup_stored_bytes.clone()),
             Box::new(m.backup_raw_bytes.clone()),
+            Box::new(m.backup_degraded.clone()),
             Box::new(m.target_uploads_total.clone()),
             Box::new(m.target_uploaded_bytes_total.clone()),
             Box::new(m.target_last_success.clone()),
@@ -240,6 +254,25 @@ impl Metrics {
         self.target_uploaded_bytes_total
             .with_label_values(&[target]);
         self.retention_deleted_total.with_label_values(&[target]);
+    }
+
+    /// Sets a database's last-success gauges from its newest committed snapshot: what the
+    /// buckets hold, whichever process committed it. `degraded`: it has fewer copies than
+    /// `pipeline.min_targets`.
+    pub fn record_committed(&self, m: &Manifest, degraded: bool) {
+        let labels = [m.source.as_str(), m.database.as_str()];
+        self.backup_last_success
+            .with_label_values(&labels)
+            .set(m.finished_at.timestamp_millis() as f64 / 1000.0);
+        self.backup_stored_bytes
+            .with_label_values(&labels)
+            .set(m.stored_size as i64);
+        self.backup_raw_bytes
+            .with_label_values(&labels)
+            .set(m.raw_size as i64);
+        self.backup_degraded
+            .with_label_values(&labels)
+            .set(i64::from(degraded));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,0 +1,317 @@
+//! The commit: open uploads become complete objects, then manifests name them.
+//!
+//! Objects are write-once: this run's dump is at `<snapshot_id>-<run>.dump.zst`, a key no
+//! other run uses, so nothing here can damage what another run (an earlier attempt, a
+//! replica that also believes it holds the lock) committed. The order, per target:
+//! 1. every part handed over: the bytes the target accepted equal the stored size;
+//! 2. the upload is completed, and the object's size, read back, equals the stored size;
+//! 3. the manifest naming the object is written: the snapshot exists there from now on.
+//!
+//! The snapshot commits wherever step 3 succeeded. Fewer copies than `min_targets` make the
+//! run a failure ([`Commit::is_degraded`]) but the copies stay: a completed copy is never
+//! deleted because another target failed (`repair` copies it where it is missing).
+//! This run deletes only its own objects, and only before it tried to write a manifest naming
+//! them: once a manifest PUT was attempted, even one that failed, the object stays (the PUT
+//! may have been stored after all), and prune removes it later if no manifest names it.
+
+use futures::future::join_all;
+use object_store::path::Path;
+use object_store::PutPayload;
+
+use crate::backup::pipeline::{OpenUpload, TargetFailure, UploadError};
+use crate::storage::key::SnapshotKey;
+use crate::storage::manifest::Manifest;
+use crate::storage::target::Target;
+
+/// One copy of the snapshot that is complete (and, once its manifest is written, committed)
+/// on a target.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub target: Target,
+    /// The object's full key on that target.
+    pub key: Path,
+    /// Bytes written to that target.
+    pub bytes: u64,
+}
+
+/// Why a run stopped right before its commit: nothing was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The advisory lock's session ended: another replica may be dumping the database.
+    LockLost,
+    Cancelled,
+}
+
+/// What the commit did.
+#[derive(Debug)]
+pub struct Commit {
+    /// The manifest as written (its `targets` are the committed copies).
+    pub manifest: Manifest,
+    pub committed: Vec<Committed>,
+    /// Targets that do not hold the snapshot, and why.
+    pub failures: Vec<TargetFailure>,
+    pub min_targets: usize,
+}
+
+impl Commit {
+    /// Committed somewhere, but on fewer targets than `min_targets`: a failed run whose
+    /// copies are kept.
+    pub fn is_degraded(&self) -> bool {
+        !self.committed.is_empty() && self.committed.len() < self.min_targets
+    }
+}
+
+/// Completes `uploads` and writes `manifest` (with `targets` filled in) beside each complete
+/// object, at `snapshot`'s manifest key. `stopped` is asked right before the first manifest is
+/// written: when it answers (the lock was lost, the run was cancelled), the completed objects
+/// are deleted and nothing is committed.
+pub async fn commit(
+    uploads: Vec<OpenUpload>,
+    snapshot: &SnapshotKey,
+    mut manifest: Manifest,
+    min_targets: usize,
+    stopped: impl Fn() -> Option<Stopped>,
+) -> Result<Commit, Stopped> {
+    let mut failures = Vec::new();
+    let completions = join_all(
+        uploads
+            .into_iter()
+            .map(|u| complete(u, manifest.stored_size)),
+    )
+    .await;
+    let mut complete = Vec::new();
+    for c in completions {
+        match c {
+            Ok(c) => complete.push(c),
+            Err(f) => failures.push(f),
+        }
+    }
+
+    if let Some(why) = stopped() {
+        for c in &complete {
+            delete_own(&c.target, &c.key).await;
+        }
+        return Err(why);
+    }
+
+    manifest.targets = complete.iter().map(|c| c.target.name.clone()).collect();
+    let written = write_manifests(&complete, snapshot, &manifest).await;
+    let mut committed = Vec::new();
+    for (c, w) in complete.into_iter().zip(written) {
+        match w {
+            Ok(()) => committed.push(c),
+            Err(f) => failures.push(f),
+        }
+    }
+    if committed.len() < manifest.targets.len() {
+        // Name only the copies that exist. Best effort: a manifest that still names a failed
+        // target is harmless (the catalog counts copies by the manifests it finds).
+        manifest.targets = committed.iter().map(|c| c.target.name.clone()).collect();
+        for f in write_manifests(&committed, snapshot, &manifest)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+        {
+            tracing::warn!(message = "Could not rewrite a manifest's target list; it names a target that lacks the snapshot.", target = %f.target, error = %f.error);
+        }
+    }
+    Ok(Commit {
+        manifest,
+        committed,
+        failures,
+        min_targets,
+    })
+}
+
+/// Completes one upload and checks the object's size. On failure the upload is aborted or
+/// the object deleted: it is this run's own, and no manifest names it yet.
+async fn complete(u: OpenUpload, stored_size: u64) -> Result<Committed, TargetFailure> {
+    let OpenUpload {
+        target,
+        key,
+        mut upload,
+        bytes,
+    } = u;
+    let fail = |error| TargetFailure {
+        target: target.name.clone(),
+        error,
+    };
+    if bytes != stored_size {
+        let _ = upload.abort().await;
+        return Err(fail(UploadError::SizeMismatch {
+            key: key.to_string(),
+            expected: stored_size,
+            got: bytes,
+        }));
+    }
+    if let Err(source) = upload.complete().await {
+        let _ = upload.abort().await;
+        return Err(fail(UploadError::Complete {
+            key: key.to_string(),
+            source,
+        }));
+    }
+    match target.store.head(&key).await {
+        Ok(meta) if meta.size == stored_size => Ok(Committed { target, key, bytes }),
+        Ok(meta) => {
+            delete_own(&target, &key).await;
+            Err(fail(UploadError::SizeMismatch {
+                key: key.to_string(),
+                expected: stored_size,
+                got: meta.size,
+            }))
+        }
+        Err(source) => Err(fail(UploadError::Complete {
+            key: key.to_string(),
+            source,
+        })),
+    }
+}
+
+/// Writes the manifest on each target, all at once.
+async fn write_manifests(
+    on: &[Committed],
+    snapshot: &SnapshotKey,
+    manifest: &Manifest,
+) -> Vec<Result<(), TargetFailure>> {
+    let body = manifest.to_json();
+    join_all(on.iter().map(|c| {
+        let key = c.target.at(&snapshot.manifest());
+        let body = body.clone();
+        async move {
+            let Err(source) = c.target.store.put(&key, PutPayload::from(body)).await else {
+                return Ok(());
+            };
+            // An error can come after the store applied the PUT (a timeout, a lost answer):
+            // if the manifest there names this run's object, the snapshot is committed.
+            if names_object(&c.target, &key, &manifest.object_key).await {
+                tracing::info!(message = "A manifest PUT reported an error but the manifest is in place.", target = %c.target.name, key = %key, error = %source);
+                return Ok(());
+            }
+            Err(TargetFailure {
+                target: c.target.name.clone(),
+                error: UploadError::Manifest {
+                    key: key.to_string(),
+                    source,
+                },
+            })
+        }
+    }))
+    .await
+}
+
+/// Whether the manifest at `key` names `object_key`.
+async fn names_object(target: &Target, key: &Path, object_key: &str) -> bool {
+    let Ok(got) = target.store.get(key).await else {
+        return false;
+    };
+    let Ok(bytes) = got.bytes().await else {
+        return false;
+    };
+    Manifest::from_json(key.as_ref(), &bytes).is_ok_and(|m| m.object_key == object_key)
+}
+
+/// Deletes an object this run created and no manifest names.
+async fn delete_own(target: &Target, key: &Path) {
+    if let Err(error) = target.store.delete(key).await {
+        tracing::warn!(message = "Could not delete this run's uncommitted object; prune will.", target = %target.name, key = %key, error = %error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::pipeline::OpenUpload;
+    use crate::storage::key::{RunId, SnapshotId};
+    use crate::storage::manifest::tests::sample;
+    use futures::TryStreamExt;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStore;
+    use std::sync::Arc;
+
+    async fn open(t: &Target, key: &Path, body: &'static [u8]) -> OpenUpload {
+        let mut upload = t.store.put_multipart(key).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(body))
+            .await
+            .unwrap();
+        OpenUpload {
+            target: t.clone(),
+            key: key.clone(),
+            upload,
+            bytes: body.len() as u64,
+        }
+    }
+
+    async fn keys(t: &Target) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .store
+            .list(None)
+            .map_ok(|o| o.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    fn setup() -> (Target, Target, SnapshotKey, Manifest, Path) {
+        let a = Target::new("a", Arc::new(InMemory::new()), "", 10_000);
+        let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
+        let mut m = sample();
+        let snap = SnapshotKey::new(
+            &m.source,
+            &m.database,
+            SnapshotId::parse(&m.snapshot_id).unwrap(),
+        );
+        let key = snap.dump(&RunId::random());
+        m.object_key = key.to_string();
+        m.stored_size = 4;
+        (a, b, snap, m, key)
+    }
+
+    #[tokio::test]
+    async fn below_min_targets_the_completed_copy_stays_committed() {
+        let (a, b, snap, m, key) = setup();
+        let ua = open(&a, &key, b"dump").await;
+        let ub = open(&b, &key, b"du").await; // b accepted fewer bytes than were stored
+        let c = commit(vec![ua, ub], &snap, m, 2, || None).await.unwrap();
+        assert!(c.is_degraded());
+        assert_eq!(c.manifest.targets, ["a"]);
+        assert_eq!(c.failures.len(), 1);
+        assert!(matches!(
+            c.failures[0].error,
+            UploadError::SizeMismatch { got: 2, .. }
+        ));
+        assert_eq!(
+            keys(&a).await,
+            [key.to_string(), snap.manifest().to_string()]
+        );
+        assert!(
+            keys(&b).await.is_empty(),
+            "b's short object was never completed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_lock_commits_nothing_and_removes_only_its_own_objects() {
+        let (a, _, snap, m, key) = setup();
+        // Another run's committed snapshot of the same slot.
+        let other = snap.dump(&RunId::random());
+        a.store
+            .put(&other, PutPayload::from_static(b"them"))
+            .await
+            .unwrap();
+        let manifest = snap.manifest();
+        a.store
+            .put(&manifest, PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
+        let ua = open(&a, &key, b"dump").await;
+        let c = commit(vec![ua], &snap, m, 1, || Some(Stopped::LockLost)).await;
+        assert_eq!(c.unwrap_err(), Stopped::LockLost);
+        let mut want = vec![other.to_string(), manifest.to_string()];
+        want.sort();
+        assert_eq!(keys(&a).await, want);
+    }
+}
