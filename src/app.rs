@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::storage::catalog::{self, Catalog, Filter};
 use crate::storage::target::{Target, TargetError};
 
@@ -14,6 +15,8 @@ pub struct App {
     pub config: Arc<Config>,
     pub targets: Arc<Vec<Target>>,
     pub metrics: Metrics,
+    /// `[notify] webhook` and the sources' pings.
+    pub notifier: Notifier,
 }
 
 impl App {
@@ -28,6 +31,7 @@ impl App {
             metrics.init_target(&t.name);
         }
         Ok(App {
+            notifier: Notifier::new(&config.notify),
             config: Arc::new(config),
             targets: Arc::new(targets),
             metrics,

@@ -22,6 +22,7 @@ use crate::app::App;
 use crate::archive::DumpStatsTap;
 use crate::config::SourceConfig;
 use crate::metrics::{now_seconds, Outcome};
+use crate::notify;
 use crate::source::{self, SourceError};
 use crate::storage::key::{RunId, SnapshotKey};
 use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
@@ -164,6 +165,8 @@ pub struct BackupReport {
 
 /// How one slot of one database went.
 #[derive(Debug)]
+// One value per backup run: its size does not matter, and boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum SlotOutcome {
     Committed(BackupReport),
     /// Every target that answered holds the slot's manifest: nothing to do.
@@ -216,6 +219,10 @@ pub async fn backup_database(
     let database = snapshot.database.as_str();
     let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot.id);
     let started = Instant::now();
+    app.notifier
+        .ping(source.ping.as_ref(), notify::Ping::Start)
+        .await;
+    let running = crate::metrics::RunningGuard::new(&app.metrics, &source.name, database);
     let result = run(app, source, snapshot, lock, progress, cancel)
         .instrument(span.clone())
         .await;
@@ -266,10 +273,48 @@ pub async fn backup_database(
         .backups_total
         .with_label_values(&[&source.name, database, outcome.as_str()])
         .inc();
+    drop(running);
+    notify_finished(app, source, snapshot, outcome, elapsed, &result).await;
     result.map(|mut r| {
         r.duration = elapsed;
         r
     })
+}
+
+/// The webhook report and the source's ping of one finished backup (a cancelled run pings
+/// nothing: it neither succeeded nor failed).
+async fn notify_finished(
+    app: &App,
+    source: &SourceConfig,
+    snapshot: &SnapshotKey,
+    outcome: Outcome,
+    elapsed: std::time::Duration,
+    result: &Result<BackupReport, BackupError>,
+) {
+    let mut report = notify::RunReport::new(
+        notify::RunKind::Backup,
+        &source.name,
+        &snapshot.database,
+        outcome.as_str(),
+    );
+    report.snapshot_id = Some(snapshot.id.to_string());
+    report.duration_seconds = elapsed.as_secs_f64();
+    match result {
+        Ok(r) => {
+            report.raw_bytes = Some(r.manifest.raw_size);
+            report.stored_bytes = Some(r.manifest.stored_size);
+        }
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    app.notifier.report(&report).await;
+    let ping = match outcome {
+        Outcome::Success => Some(notify::Ping::Success),
+        Outcome::Failure => Some(notify::Ping::Fail),
+        Outcome::Skipped | Outcome::Cancelled => None,
+    };
+    if let Some(p) = ping {
+        app.notifier.ping(source.ping.as_ref(), p).await;
+    }
 }
 
 /// connect → pg_dump → pipeline → commit.

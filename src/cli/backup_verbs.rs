@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
+use super::output;
 use super::{
     cancel_on_signals, human_age, human_bytes, names, spawn_ticker, BackupArgs, CliError, ListArgs,
     PruneArgs,
@@ -128,17 +129,26 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
             };
             let r = backup::backup_slot(app, source, &snapshot, force, progress, cancel).await;
             ticker.cancel();
-            print_backup_line(&snapshot, &r);
-            matches!(
+            if !args.json {
+                print_backup_line(&snapshot, &r);
+            }
+            let ok = matches!(
                 r,
                 Ok(SlotOutcome::Committed(_) | SlotOutcome::AlreadyCommitted(_))
-            )
+            );
+            (ok, output::backup_entry(&snapshot, &r))
         }
     }))
     .buffer_unordered(app.config.daemon.max_concurrent_backups)
     .collect()
     .await;
-    let failed = results.iter().filter(|ok| !**ok).count();
+    let failed = results.iter().filter(|(ok, _)| !*ok).count();
+    if args.json {
+        output::json_line(&serde_json::json!({
+            "result": if failed == 0 { "success" } else { "failure" },
+            "databases": results.into_iter().map(|(_, e)| e).collect::<Vec<_>>(),
+        }));
+    }
     let mut problems = Vec::new();
     if failed > 0 {
         problems.push(format!(
@@ -242,14 +252,12 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
     }
     if args.json {
         let out = serde_json::json!({
+            "result": if !catalog.unreachable.is_empty() && catalog.snapshots.is_empty() { "failure" } else { "success" },
             "snapshots": catalog.snapshots,
             "warnings": catalog.warnings,
             "unreachable_targets": catalog.unreachable.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
         });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("JSON values serialize")
-        );
+        output::json_line(&out);
     } else {
         println!(
             "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
@@ -304,7 +312,18 @@ pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError
         args.dry_run,
     )
     .await;
-    print!("{}", crate::retention::prune::render(&report, args.dry_run));
+    if args.json {
+        output::json_line(&serde_json::json!({
+            "result": if report.errors.is_empty() { "success" } else { "failure" },
+            "dry_run": args.dry_run,
+            "deleted_snapshots": report.deleted_snapshots,
+            "deleted_orphans": report.deleted_orphans,
+            "aborted_uploads": report.aborted_uploads,
+            "errors": report.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        }));
+    } else {
+        print!("{}", crate::retention::prune::render(&report, args.dry_run));
+    }
     for e in &report.errors {
         eprintln!("error: {e}");
     }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 mod backup_verbs;
+mod output;
 mod restore_verbs;
 
 use crate::app::App;
@@ -18,6 +19,9 @@ use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
 /// How often a long backup or restore prints its progress on a terminal.
 pub(crate) const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often it logs its progress off a terminal (a Job's log): often enough that a stalled
+/// multi-hour restore shows within a minute, rarely enough not to flood the log.
+pub(crate) const LOG_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,6 +81,18 @@ pub enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the shell completion script.
+    #[command(
+        after_help = "Example:\n  pgferry completions bash > /etc/bash_completion.d/pgferry"
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(after_help = "Example:\n  pgferry man | man -l -")]
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -90,7 +106,7 @@ pub struct VerifyArgs {
     /// Push the verify metrics to this Prometheus Pushgateway (e.g. http://pushgateway:9091).
     #[arg(long)]
     pub pushgateway: Option<String>,
-    /// Print the reports as JSON.
+    /// Print one JSON object (result and the reports) as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -107,18 +123,23 @@ pub struct BackupArgs {
     /// schedule slot is already committed (without it, a committed slot is left alone).
     #[arg(long)]
     pub force: bool,
+    /// Print one JSON object (result and one entry per database) as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Only snapshots of this source.
     #[arg(long)]
     pub source: Option<String>,
+    /// Only snapshots of these databases (repeatable).
     #[arg(long)]
     pub database: Vec<String>,
     /// Only snapshots on this target.
     #[arg(long)]
     pub target: Option<String>,
-    /// Machine-readable output.
+    /// Print one JSON object (result, snapshots, warnings) as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -134,6 +155,9 @@ pub struct PruneArgs {
     /// Only this database.
     #[arg(long)]
     pub database: Option<String>,
+    /// Print one JSON object (result, counts, errors) as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,16 +186,22 @@ pub struct RestoreArgs {
     /// Keep the replaced database under a dated name instead of dropping it.
     #[arg(long)]
     pub keep_old: bool,
-    /// Print a JSON summary instead of the summary line.
+    /// Print one JSON object (result and the restore report) as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate the config and print it with every secret redacted.
+    /// Validate the config and print it with every secret redacted, and where each target's
+    /// credentials come from.
     #[command(after_help = "Example:\n  pgferry config check --config ./pgferry.toml")]
-    Check,
+    Check {
+        /// Print one JSON object (result, targets and their credential source) as the last
+        /// line of stdout instead of the TOML.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How a verb failed; decides the exit code.
@@ -194,31 +224,50 @@ impl CliError {
     }
 }
 
-/// Runs a parsed command to completion.
+/// Runs a parsed command to completion. With `--json`, a failure's last line of stdout is
+/// its JSON object too (see [`output`]).
 pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let json = cli.command.json();
+    let r = run_command(cli).await;
+    if let (true, Err(e)) = (json, &r) {
+        output::error_line(e);
+    }
+    r
+}
+
+impl Command {
+    /// Whether `--json` was given to this verb.
+    fn json(&self) -> bool {
+        match self {
+            Command::Backup(a) => a.json,
+            Command::List(a) => a.json,
+            Command::Prune(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Verify(a) => a.json,
+            Command::Config(ConfigCommand::Check { json }) => *json,
+            Command::Daemon | Command::Completions { .. } | Command::Man => false,
+        }
+    }
+}
+
+async fn run_command(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Completions { shell } => {
+            output::completions(shell);
+            return Ok(());
+        }
+        Command::Man => return output::man(),
+        _ => {}
+    }
     let config = Config::load(&cli.config)?;
-    if !matches!(cli.command, Command::Config(ConfigCommand::Check)) {
+    if !matches!(cli.command, Command::Config(ConfigCommand::Check { .. })) {
         for w in &config.warnings {
             tracing::warn!(message = "Suspicious configuration.", warning = %w);
         }
     }
     match cli.command {
-        Command::Config(ConfigCommand::Check) => {
-            // Building the targets checks what can be checked offline (credentials shape, dirs).
-            App::new(config.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
-            print!("{}", config.redacted_toml());
-            for w in &config.warnings {
-                eprintln!("warning: {w}");
-            }
-            match config.warnings.len() {
-                0 => eprintln!("config OK: {}", config.path.display()),
-                n => eprintln!(
-                    "config OK: {} ({n} warning(s) above)",
-                    config.path.display()
-                ),
-            }
-            Ok(())
-        }
+        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Config(ConfigCommand::Check { json }) => config_check(config, json),
         Command::Backup(args) => {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
             backup_verbs::backup_cmd(&app, args).await
@@ -248,25 +297,78 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-/// Prints `label: line(seconds elapsed)` to stderr every [`PROGRESS_INTERVAL`] while a long run
-/// goes on, on a TTY only. Cancel the returned token to stop it.
+/// `config check`: builds the targets (what can be checked offline: credentials' shape,
+/// directories), then prints the redacted config and each target's credential source.
+fn config_check(config: Config, json: bool) -> Result<(), CliError> {
+    App::new(config.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let env = |k: &str| std::env::var(k).ok();
+    let creds: Vec<(String, String)> = config
+        .targets
+        .iter()
+        .map(|t| {
+            let source = crate::storage::target::credential_source(t, env);
+            (t.name.clone(), source.to_string())
+        })
+        .collect();
+    if json {
+        output::json_line(&serde_json::json!({
+            "result": "success",
+            "config": config.path.display().to_string(),
+            "warnings": config.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "targets": creds.iter().map(|(name, c)| serde_json::json!({"name": name, "credentials": c})).collect::<Vec<_>>(),
+        }));
+    } else {
+        print!("{}", config.redacted_toml());
+        println!();
+        for (name, c) in &creds {
+            println!("# target {name}: credentials from {c}");
+        }
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
+        match config.warnings.len() {
+            0 => eprintln!("config OK: {}", config.path.display()),
+            n => eprintln!(
+                "config OK: {} ({n} warning(s) above)",
+                config.path.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Reports a long run's progress while it goes on: `label: line(seconds elapsed)` on stderr
+/// every [`PROGRESS_INTERVAL`] on a terminal, else an INFO log line every
+/// [`LOG_PROGRESS_INTERVAL`] (a Job's log then shows a multi-hour restore moving). Cancel
+/// the returned token to stop it.
 pub(crate) fn spawn_ticker(
     label: String,
     line: impl Fn(f64) -> String + Send + 'static,
 ) -> CancellationToken {
     let token = CancellationToken::new();
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return token;
-    }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let period = if terminal {
+        PROGRESS_INTERVAL
+    } else {
+        LOG_PROGRESS_INTERVAL
+    };
     let stop = token.clone();
     tokio::spawn(async move {
         let start = std::time::Instant::now();
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        let mut tick = tokio::time::interval(period);
         tick.tick().await;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => eprintln!("{label}: {}", line(start.elapsed().as_secs_f64().max(0.001))),
+                _ = tick.tick() => {
+                    let elapsed = start.elapsed().as_secs_f64().max(0.001);
+                    let progress = line(elapsed);
+                    if terminal {
+                        eprintln!("{label}: {progress}");
+                    } else {
+                        tracing::info!(message = "Progress.", task = %label, progress = %progress, elapsed_seconds = elapsed.round() as u64);
+                    }
+                }
             }
         }
     });

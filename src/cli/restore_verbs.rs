@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{cancel_on_signals, human_bytes, spawn_ticker, CliError, RestoreArgs, VerifyArgs};
 use crate::app::App;
+use crate::notify;
 use crate::restore;
 
 pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliError> {
@@ -38,16 +39,15 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
             },
         )
     };
+    let started = std::time::Instant::now();
     let r = restore::restore(app, &req, progress, cancel).await;
     ticker.cancel();
+    notify_restore(app, &req, &r, started.elapsed()).await;
     match r {
         Ok(report) => {
             if args.json {
                 let out = serde_json::json!({"result": "success", "restore": report});
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
-                );
+                super::output::json_line(&out);
             } else {
                 eprintln!("{}", report.chosen);
                 println!("{}", restore_line(&report));
@@ -57,10 +57,7 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
         Err(e) => {
             if args.json {
                 let out = serde_json::json!({"result": if e.is_cancelled() { "cancelled" } else { "failure" }, "error": e.to_string()});
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("JSON values serialize")
-                );
+                super::output::json_line(&out);
             }
             if e.is_usage() {
                 Err(CliError::Usage(e.to_string()))
@@ -102,6 +99,32 @@ fn restore_line(r: &restore::RestoreReport) -> String {
     line
 }
 
+/// The webhook report of one finished restore.
+async fn notify_restore(
+    app: &App,
+    req: &restore::RestoreRequest,
+    r: &Result<restore::RestoreReport, restore::RestoreError>,
+    elapsed: std::time::Duration,
+) {
+    let result = match r {
+        Ok(_) => "success",
+        Err(e) if e.is_cancelled() => "cancelled",
+        Err(_) => "failure",
+    };
+    let mut n =
+        notify::RunReport::new(notify::RunKind::Restore, &req.source, &req.database, result);
+    n.duration_seconds = elapsed.as_secs_f64();
+    match r {
+        Ok(rep) => {
+            n.snapshot_id = Some(rep.snapshot_id.clone());
+            n.raw_bytes = Some(rep.raw_bytes);
+            n.stored_bytes = Some(rep.stored_bytes);
+        }
+        Err(e) => n.error = Some(e.to_string()),
+    }
+    app.notifier.report(&n).await;
+}
+
 pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliError> {
     let req = crate::verify::VerifyRequest {
         source: args.source.clone(),
@@ -121,6 +144,7 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
             "no committed snapshot to verify; run `pgferry list`".into(),
         ));
     }
+    notify::verify_reports(app, &results).await;
     let mut failed = 0;
     let mut reports = Vec::new();
     for (source, database, r) in &results {
@@ -172,10 +196,10 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
         }
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reports).expect("JSON values serialize")
-        );
+        super::output::json_line(&serde_json::json!({
+            "result": if failed == 0 { "success" } else { "failure" },
+            "reports": reports,
+        }));
     }
     if let Some(gateway) = &args.pushgateway {
         let databases: Vec<(String, String)> = results

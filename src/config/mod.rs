@@ -160,6 +160,7 @@ pub fn expand_env(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<
 
 mod locate;
 mod locations;
+mod ops;
 mod raw;
 mod rules;
 mod show;
@@ -168,6 +169,7 @@ mod tests;
 mod validate;
 
 pub use locations::MIN_ORPHAN_GRACE;
+pub use ops::{redact_http_url, NotifyConfig, S3Options, Sse};
 use raw::RawConfig;
 pub use raw::RetentionPolicy;
 
@@ -195,6 +197,7 @@ pub struct Config {
     /// What validation accepted but found suspicious (see [`ConfigWarning`]).
     #[serde(skip)]
     pub warnings: Vec<ConfigWarning>,
+    pub notify: NotifyConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -328,6 +331,8 @@ pub struct SourceConfig {
     pub retention: RetentionPolicy,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
+    /// Dead-man's-switch URL (see `notify`).
+    pub ping: Option<Secret>,
 }
 
 impl SourceConfig {
@@ -355,6 +360,8 @@ pub enum TargetKind {
         /// PEM CA certificates trusted for the endpoint, added to the system's roots.
         #[serde(skip_serializing_if = "Option::is_none")]
         ca_file: Option<PathBuf>,
+        #[serde(flatten)]
+        options: S3Options,
     },
     File {
         #[serde(skip)]

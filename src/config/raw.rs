@@ -23,6 +23,9 @@ pub(super) struct RawConfig {
     pub(super) restore: RawRestore,
     #[serde(default)]
     pub(super) verify: RawVerify,
+    /// Webhook for run reports (see `ops`).
+    #[serde(default)]
+    pub(super) notify: super::ops::RawNotify,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +158,9 @@ pub(super) struct RawSource {
     /// Directory holding pg_dump; default `/usr/lib/postgresql/<server major>/bin`.
     #[serde(default)]
     pub(super) pg_bin_dir: Option<Text>,
+    /// Dead-man's-switch URL pinged at start (`/start`), success and failure (`/fail`).
+    #[serde(default)]
+    pub(super) ping: Option<Text>,
 }
 
 fn default_databases() -> Vec<Text> {
@@ -224,6 +230,21 @@ pub(super) struct RawTarget {
     pub(super) ca_file: Option<Text>,
     #[serde(default = "default_max_parts")]
     pub(super) max_parts: u32,
+    /// Virtual-hosted-style addressing (`bucket.endpoint`); default path style.
+    #[serde(default)]
+    pub(super) virtual_hosted_style: Option<bool>,
+    /// Server-side encryption: "AES256" or "aws:kms".
+    #[serde(default)]
+    pub(super) sse: Option<Text>,
+    /// KMS key for `sse = "aws:kms"`; default the bucket's key.
+    #[serde(default)]
+    pub(super) sse_kms_key_id: Option<Text>,
+    /// Rejected with a hint (see `ops::s3_options`).
+    #[serde(default)]
+    pub(super) storage_class: Option<Text>,
+    /// Session token of temporary credentials given in `access_key_id`/`secret_access_key`.
+    #[serde(default)]
+    pub(super) session_token: Option<Text>,
 }
 
 fn default_max_parts() -> u32 {

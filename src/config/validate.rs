@@ -73,6 +73,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
             spool_dir: cx.resolve(&raw.restore.spool_dir.0),
         },
         verify,
+        notify: super::ops::notify(raw.notify).map_err(|(k, m)| finding(k, m))?,
         warnings: Vec::new(),
     };
     Ok((config, cx.warnings))
@@ -213,6 +214,7 @@ fn source(i: usize, s: RawSource, cx: &mut Ctx) -> Result<SourceConfig> {
         url,
         schedule,
         pg_bin_dir: s.pg_bin_dir.map(|d| cx.resolve(&d.0)),
+        ping: super::ops::ping(s.ping).map_err(|m| finding(key("ping"), m))?,
     })
 }
 
@@ -292,6 +294,9 @@ fn target(i: usize, t: RawTarget, cx: &Ctx) -> Result<TargetConfig> {
     let (kind, prefix) = match url.scheme() {
         "s3" => s3_target(&key, &url, &t, cx)?,
         "file" => {
+            if let Some(k) = super::ops::s3_only_keys(&t) {
+                return Err(finding(key(k), "only applies to s3:// targets"));
+            }
             for (present, k) in [
                 (t.endpoint.is_some(), "endpoint"),
                 (t.region.is_some(), "region"),
@@ -386,6 +391,7 @@ fn s3_target(
         }
         None => None,
     };
+    let options = super::ops::s3_options(t).map_err(|(k, m)| finding(key(k), m))?;
     if t.access_key_id.is_some() != t.secret_access_key.is_some() {
         return Err(finding(
             key("secret_access_key"),
@@ -403,6 +409,7 @@ fn s3_target(
             access_key_id: t.access_key_id.as_ref().map(|v| Secret::new(&v.0)),
             secret_access_key: t.secret_access_key.as_ref().map(|v| Secret::new(&v.0)),
             ca_file,
+            options,
         },
         url.path().trim_matches('/').to_string(),
     ))

@@ -234,6 +234,7 @@ async fn verify_loop(app: App, schedule: crate::schedule::Schedule, stop: Cancel
         let req = crate::verify::VerifyRequest::default();
         match crate::verify::verify_all(&app, &req, stop.child_token()).await {
             Ok(results) => {
+                crate::notify::verify_reports(&app, &results).await;
                 let failed = results
                     .iter()
                     .filter(|(_, _, r)| !matches!(r, Ok(rep) if rep.passed()))

@@ -1,10 +1,17 @@
-//! Readiness: is every source server and every target reachable right now?
+//! Dependency health and readiness.
 //!
-//! A background loop checks them periodically (a connect plus `SELECT 1` per source, a small
-//! listing per target, each under a timeout) and caches the result; `/readyz` and the status
-//! page serve the cache, so a probe never waits on a slow server. Like every background loop
-//! here, it does its work, idles until due, and exposes its last error and consecutive
-//! failures. It never writes anything.
+//! Readiness means "this process can do its work": the config is loaded (it is, or the daemon
+//! would not have started), the scheduler's loops are alive and not shutting down, and the
+//! HTTP server answers (it does, if `/readyz` is being served). It deliberately does not
+//! depend on the sources and targets: one provider's blip must not make every replica
+//! unready (and block node drains through the PodDisruptionBudget).
+//!
+//! Whether each source server and target answers is still checked, by a background loop
+//! (a connect plus `SELECT 1` per source, a small listing per target, each under a timeout),
+//! and exported as `pgferry_source_up` / `pgferry_target_up` for alerts, on `/readyz` as
+//! information and on the status page; a probe never waits on a slow server. Like every
+//! background loop here, it does its work, idles until due, and exposes its last error and
+//! consecutive failures. It never writes anything.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,10 +39,13 @@ pub struct Health {
     pub error: Option<String>,
 }
 
-/// The cached result of the last round of checks.
+/// The cached result of the last round of dependency checks.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Readiness {
-    pub ready: bool,
+    /// Every source and target answered in the last round (not the same as ready: see the
+    /// module doc; `/readyz` decides from the scheduler).
+    pub all_up: bool,
+    /// What is unreachable, without secrets.
     pub reasons: Vec<String>,
     pub sources: Vec<Health>,
     pub targets: Vec<Health>,
@@ -53,7 +63,7 @@ impl ReadinessCache {
         let r = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
         if r.checked_at.is_none() {
             return Readiness {
-                reasons: vec!["starting: the first check has not finished".into()],
+                reasons: vec!["the first dependency check has not finished".into()],
                 ..r
             };
         }
@@ -106,7 +116,7 @@ pub async fn check(app: &App) -> Readiness {
         }
     }
     Readiness {
-        ready: reasons.is_empty(),
+        all_up: reasons.is_empty(),
         reasons,
         sources,
         targets,
@@ -123,6 +133,22 @@ fn health(name: &str, r: Result<(), String>) -> Health {
     }
 }
 
+/// Sets `pgferry_source_up` and `pgferry_target_up` from one round of checks.
+fn export(app: &App, r: &Readiness) {
+    for h in &r.sources {
+        app.metrics
+            .source_up
+            .with_label_values(&[&h.name])
+            .set(i64::from(h.ok));
+    }
+    for h in &r.targets {
+        app.metrics
+            .target_up
+            .with_label_values(&[&h.name])
+            .set(i64::from(h.ok));
+    }
+}
+
 /// Checks every [`CHECK_INTERVAL`] until `stop`.
 pub async fn run(app: App, cache: ReadinessCache, stop: CancellationToken) {
     let mut failures = 0u32;
@@ -131,7 +157,8 @@ pub async fn run(app: App, cache: ReadinessCache, stop: CancellationToken) {
             r = check(&app) => r,
             _ = stop.cancelled() => return,
         };
-        if r.ready {
+        export(&app, &r);
+        if r.all_up {
             if failures > 0 {
                 tracing::info!(message = "Every source and target is reachable again.");
             }
@@ -139,7 +166,7 @@ pub async fn run(app: App, cache: ReadinessCache, stop: CancellationToken) {
         } else {
             failures += 1;
             if failures == 1 {
-                tracing::warn!(message = "Not ready.", error = %r.reasons.join("; "));
+                tracing::warn!(message = "A source or target is unreachable.", error = %r.reasons.join("; "));
             }
         }
         r.consecutive_failures = failures;

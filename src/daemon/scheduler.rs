@@ -12,6 +12,7 @@
 //! behind [`Runner`]; this module owns no I/O of its own.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -217,6 +218,19 @@ struct Inner<R, C> {
     cancel: CancellationToken,
     retry: RetryPolicy,
     metrics: Metrics,
+    /// Source loops started, and still running (a loop only ends at shutdown, or by a panic:
+    /// `/readyz` reports the latter).
+    loops_started: AtomicUsize,
+    loops_alive: AtomicUsize,
+}
+
+/// Counts a source loop as alive until dropped, which also happens when the loop panics.
+struct LoopAlive<'a>(&'a AtomicUsize);
+
+impl Drop for LoopAlive<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The scheduler of one daemon; cheap to clone.
@@ -257,6 +271,8 @@ impl<R: Runner, C: Clock> Scheduler<R, C> {
                 cancel: CancellationToken::new(),
                 retry: parts.retry,
                 metrics: parts.metrics,
+                loops_started: AtomicUsize::new(0),
+                loops_alive: AtomicUsize::new(0),
             }),
         }
     }
@@ -277,7 +293,30 @@ impl<R: Runner, C: Clock> Scheduler<R, C> {
     pub fn start(&self) {
         for idx in 0..self.inner.sources.len() {
             let inner = self.inner.clone();
-            self.inner.tracker.spawn(source_loop(inner, idx));
+            self.inner.loops_started.fetch_add(1, Ordering::SeqCst);
+            self.inner.loops_alive.fetch_add(1, Ordering::SeqCst);
+            self.inner.tracker.spawn(async move {
+                let _alive = LoopAlive(&inner.loops_alive);
+                source_loop(inner.clone(), idx).await
+            });
+        }
+    }
+
+    /// Why the scheduler cannot do its work, if it cannot: not started, or a source loop
+    /// ended before shutdown (a bug: it panicked). `None` while shutting down is for the
+    /// caller to report.
+    pub fn not_alive(&self) -> Option<String> {
+        let started = self.inner.loops_started.load(Ordering::SeqCst);
+        let alive = self.inner.loops_alive.load(Ordering::SeqCst);
+        if started < self.inner.sources.len() {
+            Some("the scheduler has not started".into())
+        } else if alive < started && !self.is_shutting_down() {
+            Some(format!(
+                "{} of {started} source scheduling loop(s) stopped; see the log, restart the pod",
+                started - alive
+            ))
+        } else {
+            None
         }
     }
 

@@ -54,6 +54,12 @@ pub struct Metrics {
     pub verifies_total: IntCounterVec,
     pub retention_deleted_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// 1 when the last dependency check could query the source server (see `readiness`).
+    pub source_up: IntGaugeVec,
+    /// 1 when the last dependency check could list the target.
+    pub target_up: IntGaugeVec,
+    /// 1 while a backup of the database runs in this process.
+    pub backup_running: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -168,9 +174,39 @@ impl Metrics {
                 &["version"],
             )
             .unwrap(),
+            source_up: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_source_up",
+                    "1 if the source server answered the last check (SELECT 1), else 0.",
+                ),
+                &["source"],
+            )
+            .unwrap(),
+            target_up: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_target_up",
+                    "1 if the target answered the last check (a listing), else 0.",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            backup_running: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backup_running",
+                    "1 while a backup of the database runs in this process.",
+                ),
+                sd,
+            )
+            .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+            Box::new(m.source_up.clone()),
+            Box::new(m.target_up.clone()),
+            Box::new(m.backup_running.clone()),
+            // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds...:
+            // the standard names, which dashboards and kube-prometheus-stack rules expect.
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(m.backup_last_success.clone()),
             Box::new(m.backups_total.clone()),
             Box::new(m.backup_duration.clone()),
@@ -204,6 +240,7 @@ impl Metrics {
             self.backups_total
                 .with_label_values(&[source, database, outcome.as_str()]);
         }
+        self.backup_running.with_label_values(&[source, database]);
     }
 
     /// Likewise for a target's counters, and the process-wide verify and restore counters.
@@ -248,6 +285,24 @@ impl Metrics {
     }
 }
 
+/// Sets `pgferry_backup_running` to 1 for one database until dropped (also when the backup
+/// fails, is cancelled or panics).
+pub struct RunningGuard(prometheus::IntGauge);
+
+impl RunningGuard {
+    pub fn new(m: &Metrics, source: &str, database: &str) -> RunningGuard {
+        let g = m.backup_running.with_label_values(&[source, database]);
+        g.inc();
+        RunningGuard(g)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Seconds since the Unix epoch, for `_timestamp_seconds` gauges.
 pub fn now_seconds() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
@@ -269,7 +324,11 @@ mod tests {
         ));
         assert!(text.contains("pgferry_build_info{version="));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(line.starts_with("pgferry_"), "{line}");
+            assert!(
+                line.starts_with("pgferry_") || line.starts_with("process_"),
+                "{line}"
+            );
         }
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

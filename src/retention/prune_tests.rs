@@ -25,6 +25,7 @@ url = "file:///nonexistent/a"
         config: Arc::new(config),
         targets: Arc::new(targets),
         metrics: crate::metrics::Metrics::new(),
+        notifier: Default::default(),
     }
 }
 

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
 use object_store::path::{Path, PathPart};
 use object_store::{Certificate, ClientOptions, ObjectStore, RetryConfig};
 
-use crate::config::{TargetConfig, TargetKind, MIN_PART_SIZE};
+use crate::config::{Sse, TargetConfig, TargetKind, MIN_PART_SIZE};
 
 pub use crate::storage::key::{DUMP_SUFFIX, MANIFEST_SUFFIX, UPLOAD_SUFFIX, VERIFY_SUFFIX};
 
@@ -87,6 +87,7 @@ impl Target {
                 access_key_id,
                 secret_access_key,
                 ca_file,
+                options: s3,
             } => {
                 let mut options = ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(10))
@@ -96,21 +97,48 @@ impl Target {
                         options = options.with_root_certificate(cert);
                     }
                 }
-                let mut b = AmazonS3Builder::new()
+                // Keys in the config win and nothing is read from the environment; without
+                // them, the standard chain: AWS_* variables, web identity (IRSA), container
+                // credentials (ECS, EKS Pod Identity), then instance metadata.
+                let mut b = match (access_key_id, secret_access_key) {
+                    (Some(k), Some(secret)) => {
+                        let b = AmazonS3Builder::new()
+                            .with_access_key_id(k.expose())
+                            .with_secret_access_key(secret.expose());
+                        match &s3.session_token {
+                            Some(t) => b.with_token(t.expose()),
+                            None => b,
+                        }
+                    }
+                    _ => AmazonS3Builder::from_env(),
+                };
+                b = b
                     .with_bucket_name(bucket)
                     .with_region(region)
                     .with_retry(retry_config())
-                    .with_client_options(options);
+                    .with_client_options(options)
+                    .with_virtual_hosted_style_request(s3.virtual_hosted_style);
                 if let Some(endpoint) = endpoint {
+                    let endpoint = if s3.virtual_hosted_style {
+                        bucket_endpoint(endpoint, bucket)
+                    } else {
+                        endpoint.clone()
+                    };
                     b = b
-                        .with_endpoint(endpoint)
                         .with_allow_http(endpoint.starts_with("http://"))
-                        .with_virtual_hosted_style_request(false);
+                        .with_endpoint(endpoint);
                 }
-                if let (Some(k), Some(s)) = (access_key_id, secret_access_key) {
-                    b = b
-                        .with_access_key_id(k.expose())
-                        .with_secret_access_key(s.expose());
+                match &s3.sse {
+                    None => {}
+                    Some(Sse::Kms { key_id }) => {
+                        b = b.with_sse_kms_encryption(key_id.clone().unwrap_or_default());
+                    }
+                    Some(sse @ Sse::Aes256) => {
+                        let key: AmazonS3ConfigKey = "aws_server_side_encryption"
+                            .parse()
+                            .expect("object_store knows its own config key");
+                        b = b.with_config(key, sse.as_str());
+                    }
                 }
                 let s3 = Arc::new(b.build().map_err(|source| TargetError::Build {
                     target: cfg.name.clone(),
@@ -210,6 +238,96 @@ pub fn snapshot_path(source: &str, database: &str, snapshot_id: &str, suffix: &s
         PathPart::from(database),
         PathPart::from(format!("{snapshot_id}{suffix}").as_str()),
     ])
+}
+
+/// The endpoint of a bucket in virtual-hosted style: object_store wants the bucket in the
+/// endpoint's host then (`https://bucket.s3.example.net`), operators write the service's.
+fn bucket_endpoint(endpoint: &str, bucket: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut u) => {
+            let host = u.host_str().unwrap_or_default().to_string();
+            if !host.starts_with(&format!("{bucket}."))
+                && u.set_host(Some(&format!("{bucket}.{host}"))).is_err()
+            {
+                return endpoint.to_string();
+            }
+            u.as_str().trim_end_matches('/').to_string()
+        }
+        Err(_) => endpoint.to_string(),
+    }
+}
+
+/// Where an S3 target's credentials come from, in object_store's order (`config check` prints
+/// it; it names variables and files, never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// `access_key_id`/`secret_access_key` in the config file.
+    Config,
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`).
+    Environment,
+    /// `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` (EKS IRSA): STS AssumeRoleWithWebIdentity.
+    WebIdentity { role_arn: String },
+    /// `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` (ECS task role).
+    Container,
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    PodIdentity,
+    /// The instance metadata service (EC2 instance role), the last resort.
+    InstanceMetadata,
+    /// A local directory: no credentials.
+    None,
+}
+
+impl std::fmt::Display for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialSource::Config => f.write_str("config (access_key_id/secret_access_key)"),
+            CredentialSource::Environment => {
+                f.write_str("environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+            }
+            CredentialSource::WebIdentity { role_arn } => write!(
+                f,
+                "web identity (AWS_WEB_IDENTITY_TOKEN_FILE, role {role_arn})"
+            ),
+            CredentialSource::Container => {
+                f.write_str("container credentials (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI)")
+            }
+            CredentialSource::PodIdentity => {
+                f.write_str("EKS Pod Identity (AWS_CONTAINER_CREDENTIALS_FULL_URI)")
+            }
+            CredentialSource::InstanceMetadata => {
+                f.write_str("instance metadata (no keys in the config or the environment)")
+            }
+            CredentialSource::None => f.write_str("none (a directory)"),
+        }
+    }
+}
+
+/// Which credentials [`Target::from_config`] will use for `cfg`, given the environment
+/// `env` (the process's in production; a map in tests). Mirrors `AmazonS3Builder::build`.
+pub fn credential_source(
+    cfg: &TargetConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> CredentialSource {
+    let TargetKind::S3 { access_key_id, .. } = &cfg.kind else {
+        return CredentialSource::None;
+    };
+    let set = |k: &str| env(k).is_some_and(|v| !v.is_empty());
+    if access_key_id.is_some() {
+        CredentialSource::Config
+    } else if set("AWS_ACCESS_KEY_ID") || set("AWS_SECRET_ACCESS_KEY") {
+        CredentialSource::Environment
+    } else if let (true, Some(role_arn)) = (set("AWS_WEB_IDENTITY_TOKEN_FILE"), env("AWS_ROLE_ARN"))
+    {
+        CredentialSource::WebIdentity { role_arn }
+    } else if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+        CredentialSource::Container
+    } else if set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        && set("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+    {
+        CredentialSource::PodIdentity
+    } else {
+        CredentialSource::InstanceMetadata
+    }
 }
 
 /// An object store error with its causes: object_store shows only the outermost ("HTTP
@@ -431,6 +549,108 @@ mod tests {
                     .all(|w| w[0] <= w[1] || w[1] == *parts.last().unwrap()));
             }
         }
+    }
+
+    fn s3_target(keys: bool) -> TargetConfig {
+        let keys = if keys {
+            "access_key_id = \"AKIA\"\nsecret_access_key = \"s3cret\"\n"
+        } else {
+            ""
+        };
+        let text = format!(
+            "[[source]]\nname = \"p\"\nurl = \"postgres://u@h/postgres\"\n\
+             [[target]]\nname = \"t\"\nurl = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:1\"\n{keys}"
+        );
+        crate::config::Config::from_str_at(&text, std::path::Path::new("/x.toml"))
+            .unwrap()
+            .targets
+            .remove(0)
+    }
+
+    #[test]
+    fn credential_source_follows_object_stores_order() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let web: &'static [(&str, &str)] = &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/eks/token"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::1:role/pgferry"),
+        ];
+        // Keys in the config win over everything in the environment.
+        assert_eq!(
+            credential_source(&s3_target(true), env(web)),
+            CredentialSource::Config
+        );
+        assert_eq!(
+            credential_source(&s3_target(false), env(web)),
+            CredentialSource::WebIdentity {
+                role_arn: "arn:aws:iam::1:role/pgferry".into()
+            }
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[
+                    ("AWS_ACCESS_KEY_ID", "AKIA"),
+                    ("AWS_SECRET_ACCESS_KEY", "x"),
+                    ("AWS_ROLE_ARN", "arn:r"),
+                    ("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+                ])
+            ),
+            CredentialSource::Environment
+        );
+        // A role without a token file is not web identity.
+        assert_eq!(
+            credential_source(&s3_target(false), env(&[("AWS_ROLE_ARN", "arn:r")])),
+            CredentialSource::InstanceMetadata
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "/v2/creds")])
+            ),
+            CredentialSource::Container
+        );
+        assert_eq!(
+            credential_source(
+                &s3_target(false),
+                env(&[
+                    (
+                        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                        "http://169.254.170.23/v1/credentials"
+                    ),
+                    ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "/t"),
+                ])
+            ),
+            CredentialSource::PodIdentity
+        );
+        // What config check prints names the variables, never a value.
+        let shown = credential_source(&s3_target(true), env(web)).to_string();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("AKIA"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn virtual_hosted_style_puts_the_bucket_in_the_endpoint_host() {
+        assert_eq!(
+            bucket_endpoint("https://s3.example.net", "acme"),
+            "https://acme.s3.example.net"
+        );
+        assert_eq!(
+            bucket_endpoint("https://acme.s3.example.net/", "acme"),
+            "https://acme.s3.example.net"
+        );
+        assert_eq!(
+            bucket_endpoint("http://127.0.0.1:3900", "b"),
+            "http://127.0.0.1:3900",
+            "an IP address cannot take a bucket label: left as written"
+        );
     }
 
     #[test]

@@ -465,8 +465,10 @@ async fn manual_backup_needs_the_bearer_token() {
     assert_no_secret(&log, &secrets);
 }
 
+/// `/readyz` says whether this process works, not whether every dependency answers: a
+/// provider's blip must not make every replica unready. `pgferry_target_up` tells instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_follows_the_s3_server() {
+async fn readyz_stays_200_while_the_s3_server_is_down_and_target_up_goes_0() {
     let mut env = TestEnv::start().await;
     env.pg.create_database("alpha").await.unwrap();
     let (s3, _store) = env.s3_target("s3").await;
@@ -477,37 +479,52 @@ async fn readyz_follows_the_s3_server() {
         env.source_toml("prod"),
     ));
     let d = Daemon::start(&env, &config, port).await;
-    d.wait_until("ready", Duration::from_secs(30), || async {
-        d.get("/readyz").await.0 == 200
+    let up = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let d = &d;
+        async move { sample(&d.get("/metrics").await.1, name, labels) }
+    };
+    d.wait_until("target and source up", Duration::from_secs(30), || async {
+        up("pgferry_target_up", &[("target", "s3")]).await == Some(1.0)
+            && up("pgferry_source_up", &[("source", "prod")]).await == Some(1.0)
     })
     .await;
+    assert_eq!(d.get("/readyz").await.0, 200);
+    let metrics = d.get("/metrics").await.1;
+    assert!(
+        metrics.contains("process_resident_memory_bytes"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pgferry_backup_running{"), "{metrics}");
 
     env.s3.stop().await.unwrap();
     d.wait_until(
-        "not ready while S3 is down",
+        "target_up 0 while S3 is down",
         Duration::from_secs(30),
-        || async { d.get("/readyz").await.0 == 503 },
+        || async { up("pgferry_target_up", &[("target", "s3")]).await == Some(0.0) },
     )
     .await;
-    let (_, body) = d.get("/readyz").await;
+    let (code, body) = d.get("/readyz").await;
+    assert_eq!(code, 200, "still ready: the process works: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["ready"], false);
-    let reasons = v["reasons"].as_array().unwrap();
+    assert_eq!(v["ready"], true, "{body}");
+    // The dependency state is there for people, not for the probe.
+    let why = v["dependencies"]["reasons"].as_array().unwrap();
     assert!(
-        reasons
-            .iter()
+        why.iter()
             .any(|r| r.as_str().unwrap().contains("target s3")),
         "{body}"
     );
+    assert_eq!(
+        up("pgferry_source_up", &[("source", "prod")]).await,
+        Some(1.0)
+    );
     assert_no_secret(&body, &env.secrets());
-    let (code, _) = d.get("/healthz").await;
-    assert_eq!(code, 200, "alive even when not ready");
 
     env.s3.start_again().await.unwrap();
     d.wait_until(
-        "ready again once S3 is back",
+        "target_up 1 once S3 is back",
         Duration::from_secs(60),
-        || async { d.get("/readyz").await.0 == 200 },
+        || async { up("pgferry_target_up", &[("target", "s3")]).await == Some(1.0) },
     )
     .await;
     let (code, _, _) = d.stop(Duration::from_secs(40)).await;

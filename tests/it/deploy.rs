@@ -366,8 +366,8 @@ fn dockerfile_installs_the_client_tools_where_pgferry_looks_for_them() {
             .collect();
         majors.insert(digits.parse::<u32>().expect("postgresql-client-<major>"));
     }
-    // DESIGN.md: every supported server major, 13 to 17.
-    assert_eq!(majors, (13..=17).collect::<BTreeSet<u32>>());
+    // Every supported server major, 13 to 18 (a PG 18 server needs pg_dump 18).
+    assert_eq!(majors, (13..=18).collect::<BTreeSet<u32>>());
     // Each pgdg postgresql-client-N installs /usr/lib/postgresql/N/bin/pg_dump, which is
     // where source::find_tool looks for the tools of a server of major N.
     assert_eq!(pgferry::source::PG_LIB_DIR, "/usr/lib/postgresql");
@@ -385,6 +385,7 @@ fn dockerfile_installs_the_client_tools_where_pgferry_looks_for_them() {
         "USER 10001:10001",
         r#"ENTRYPOINT ["pgferry"]"#,
         r#"CMD ["daemon"]"#,
+        "ENV HOME=/home/pgferry",
     ] {
         assert!(
             text.lines().any(|l| l.trim() == line),
@@ -397,6 +398,15 @@ fn dockerfile_installs_the_client_tools_where_pgferry_looks_for_them() {
     );
     assert!(text.contains(&config), "{config}");
     assert!(text.contains("COPY config/hooks/ /usr/share/pgferry/hooks/"));
+    // The image user has a home (libpq's ~/.pgpass), not /nonexistent.
+    assert!(text.contains("--home-dir /home/pgferry --create-home"));
+    assert!(!instructions.contains("/nonexistent"));
+    for label in ["title", "version", "revision", "source", "licenses"] {
+        assert!(
+            instructions.contains(&format!("org.opencontainers.image.{label}=")),
+            "Dockerfile lacks the OCI label {label}"
+        );
+    }
     let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l.trim() == "target/"));
 }
@@ -412,4 +422,31 @@ fn the_runbook_and_readme_describe_the_deployment() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     assert!(readme.contains("## Deploy on Kubernetes"));
     assert!(readme.contains("docs/runbook.md"));
+}
+
+/// kube-prometheus-stack picks up what pgferry ships with its defaults: ServiceMonitors and
+/// PrometheusRules labelled with its release name, dashboards from ConfigMaps labelled
+/// `grafana_dashboard: "1"` (its Grafana sidecar's default).
+#[test]
+fn monitoring_loads_under_kube_prometheus_stack_defaults() {
+    for file in ["servicemonitor.yaml", "prometheusrule.yaml"] {
+        let doc = yaml_doc(&k8s_dir().join(file));
+        assert_eq!(
+            doc["metadata"]["labels"]["release"], "kube-prometheus-stack",
+            "{file}: kube-prometheus-stack's default selector"
+        );
+    }
+    let cm = yaml_doc(&k8s_dir().join("grafana-dashboard.yaml"));
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let embedded: Value =
+        serde_json::from_str(cm["data"]["pgferry.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("docker/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        embedded, file,
+        "the ConfigMap must embed docker/grafana-dashboard.json verbatim"
+    );
 }

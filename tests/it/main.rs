@@ -8,6 +8,8 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod notify;
+mod ops;
 mod production_guard;
 mod redaction;
 mod restore;

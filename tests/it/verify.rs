@@ -166,8 +166,9 @@ async fn a_corrupt_copy_verifies_from_the_other_target_and_is_reported() {
     env::corrupt_dump(&w.stores[0], &id).await;
     let run = w.pgferry(&["verify", "--json"]).await;
     run.assert_code(0);
-    let reports: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let r = &reports[0];
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["result"], "success", "{out}");
+    let r = &out["reports"][0];
     assert_eq!(r["result"], "success", "{r}");
     assert_eq!(r["restored_from"], "b");
     assert_eq!(r["failed_targets"][0]["target"], "a", "{r}");

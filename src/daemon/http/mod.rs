@@ -88,19 +88,28 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready = this process can do its work: config loaded (it is, or the daemon would not run),
+/// HTTP serving (this answer) and the scheduler alive. Sources and targets are reported but
+/// do not count: they have `pgferry_source_up`/`pgferry_target_up` and alerts.
 async fn readyz(State(s): State<HttpState>) -> Response {
-    let mut r = s.readiness.get();
+    let mut reasons = Vec::new();
     if s.scheduler.is_shutting_down() {
-        r.ready = false;
-        r.reasons
-            .insert(0, "shutting down: finishing the running backups".into());
+        reasons.push("shutting down: finishing the running backups".to_string());
+    } else if let Some(why) = s.scheduler.not_alive() {
+        reasons.push(why);
     }
-    let code = if r.ready {
+    let ready = reasons.is_empty();
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(r)).into_response()
+    let body = json!({
+        "ready": ready,
+        "reasons": reasons,
+        "dependencies": s.readiness.get(),
+    });
+    (code, Json(body)).into_response()
 }
 
 async fn status(State(s): State<HttpState>) -> Response {

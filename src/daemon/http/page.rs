@@ -38,10 +38,10 @@ pub fn render(dbs: &[DbStatus], ready: &Readiness, now: DateTime<Utc>) -> String
         "<p>{} — version {}</p><h2>Databases</h2><table><tr><th>source</th><th>database</th>\
          <th>last backup</th><th>snapshot</th><th>failures</th><th>last error</th><th>running</th>\
          <th>next run</th></tr>",
-        if ready.ready {
-            "ready"
+        if ready.all_up {
+            "every source and target reachable"
         } else {
-            "<span class=\"bad\">not ready</span>"
+            "<span class=\"bad\">a source or target is unreachable</span>"
         },
         env!("CARGO_PKG_VERSION")
     );

@@ -1,0 +1,144 @@
+//! What the verbs print for machines, and the shell completions and man page.
+//!
+//! With `--json`, every verb's last line of stdout is one compact JSON object with at least
+//! a `result` field (`success`, `failure`, `cancelled`, or `error` for a usage or config
+//! problem), so a runbook or a Job's log collector can read `tail -n1` whatever happened.
+//! A verb prints its own report with [`json_line`]; when it fails before it could, [`run`]
+//! prints the error object instead (see [`error_line`]). Human text goes to stdout without
+//! `--json` and warnings always go to stderr, so they never break the last line.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+
+use super::{Cli, CliError};
+
+/// Whether this process already printed its final JSON object (a verb that fails after its
+/// report must not get a second one from the error path).
+static JSON_PRINTED: AtomicBool = AtomicBool::new(false);
+
+/// Prints `value` as one compact line: the verb's final report.
+pub(crate) fn json_line(value: &serde_json::Value) {
+    let text = serde_json::to_string(value).expect("JSON values serialize");
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (`| head`) is not worth a panic; the exit code still tells.
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+    JSON_PRINTED.store(true, Ordering::SeqCst);
+}
+
+/// The final object of a verb that failed before printing its report.
+pub(crate) fn error_line(e: &CliError) {
+    if JSON_PRINTED.load(Ordering::SeqCst) {
+        return;
+    }
+    let result = match e {
+        CliError::Config(_) | CliError::Usage(_) => "error",
+        CliError::Failed(_) => "failure",
+    };
+    json_line(&serde_json::json!({
+        "result": result,
+        "error": e.to_string(),
+        "exit_code": e.exit_code(),
+    }));
+}
+
+/// One database's entry in `backup --json`.
+pub(crate) fn backup_entry(
+    snapshot: &crate::storage::key::SnapshotKey,
+    r: &Result<crate::backup::SlotOutcome, crate::backup::BackupError>,
+) -> serde_json::Value {
+    use crate::backup::SlotOutcome;
+    let mut v = serde_json::json!({
+        "source": snapshot.source,
+        "database": snapshot.database,
+        "snapshot_id": snapshot.id.to_string(),
+    });
+    let extra = match r {
+        Ok(SlotOutcome::Committed(report)) => serde_json::json!({
+            "result": "success",
+            "raw_bytes": report.manifest.raw_size,
+            "stored_bytes": report.manifest.stored_size,
+            "duration_seconds": report.duration.as_secs_f64(),
+            "targets": report.manifest.targets,
+            "failed_targets": report.failed_targets.iter().map(|f| serde_json::json!({"target": f.target, "error": f.error.to_string()})).collect::<Vec<_>>(),
+        }),
+        Ok(SlotOutcome::AlreadyCommitted(p)) => serde_json::json!({
+            "result": "success",
+            "already_committed": true,
+            "targets": p.holding,
+        }),
+        Ok(SlotOutcome::LockedElsewhere) => serde_json::json!({
+            "result": "failure",
+            "error": "another pgferry is backing this database up right now; try again when it is done",
+        }),
+        Err(e) => serde_json::json!({
+            "result": if e.is_cancelled() { "cancelled" } else { "failure" },
+            "error": e.to_string(),
+        }),
+    };
+    if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+        v.extend(extra);
+    }
+    v
+}
+
+/// `pgferry completions SHELL`: the completion script on stdout.
+pub(crate) fn completions(shell: Shell) {
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "pgferry", &mut std::io::stdout());
+}
+
+/// `pgferry man`: the man page (roff) on stdout, `man -l -` renders it.
+pub(crate) fn man() -> Result<(), CliError> {
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut std::io::stdout())
+        .map_err(|e| CliError::Failed(format!("cannot write the man page: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of every verb says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && !matches!(arg.get_id().as_str(), "help" | "version")
+                {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "pgferry", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn man_page_and_completions_name_every_verb() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        let mut bash = Vec::new();
+        clap_complete::generate(Shell::Bash, &mut Cli::command(), "pgferry", &mut bash);
+        let bash = String::from_utf8(bash).unwrap();
+        for verb in [
+            "backup", "list", "restore", "verify", "prune", "daemon", "config",
+        ] {
+            assert!(man.contains(verb), "man page lacks {verb}");
+            assert!(bash.contains(verb), "bash completion lacks {verb}");
+        }
+    }
+}
