@@ -171,6 +171,12 @@ impl Presence {
     pub fn is_committed(&self) -> bool {
         !self.holding.is_empty() && self.missing.is_empty()
     }
+
+    /// Committed, but on fewer targets than `min_targets` (the others cannot answer): nothing
+    /// to dump again, yet not a success to report.
+    pub fn is_degraded(&self, min_targets: usize) -> bool {
+        self.holding.len() < min_targets
+    }
 }
 
 /// Asks every target whether it holds the snapshot's manifest. A target that does not answer

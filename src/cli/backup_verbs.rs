@@ -105,6 +105,7 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
     let cancel = cancel_on_signals();
     let total = jobs.len();
     let force = args.force;
+    let min_targets = app.config.pipeline.min_targets;
     let results: Vec<_> = futures::stream::iter(jobs.into_iter().map(|(source, database)| {
         let cancel = cancel.clone();
         let id = match source.schedule.slot_at_or_before(now) {
@@ -130,13 +131,14 @@ pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliErr
             let r = backup::backup_slot(app, source, &snapshot, force, progress, cancel).await;
             ticker.cancel();
             if !args.json {
-                print_backup_line(&snapshot, &r);
+                print_backup_line(&snapshot, &r, min_targets);
             }
-            let ok = matches!(
-                r,
-                Ok(SlotOutcome::Committed(_) | SlotOutcome::AlreadyCommitted(_))
-            );
-            (ok, output::backup_entry(&snapshot, &r))
+            let ok = match &r {
+                Ok(SlotOutcome::Committed(_)) => true,
+                Ok(SlotOutcome::AlreadyCommitted(p)) => !p.is_degraded(min_targets),
+                _ => false,
+            };
+            (ok, output::backup_entry(&snapshot, &r, min_targets))
         }
     }))
     .buffer_unordered(app.config.daemon.max_concurrent_backups)
@@ -177,7 +179,11 @@ async fn select_databases(
     source::discover(&client, source, explicit).await
 }
 
-fn print_backup_line(snapshot: &SnapshotKey, r: &Result<SlotOutcome, backup::BackupError>) {
+fn print_backup_line(
+    snapshot: &SnapshotKey,
+    r: &Result<SlotOutcome, backup::BackupError>,
+    min_targets: usize,
+) {
     let (source, database, id) = (&snapshot.source, &snapshot.database, &snapshot.id);
     match r {
         Ok(SlotOutcome::Committed(report)) => {
@@ -203,6 +209,11 @@ fn print_backup_line(snapshot: &SnapshotKey, r: &Result<SlotOutcome, backup::Bac
             }
             println!("{line}");
         }
+        Ok(SlotOutcome::AlreadyCommitted(p)) if p.is_degraded(min_targets) => println!(
+            "{source}/{database} {id} FAILED: committed on {} only, fewer than pipeline.min_targets = {min_targets}; {} could not be reached. Run again once they are back (or `pgferry repair`)",
+            p.holding.join(","),
+            p.unknown.join(",")
+        ),
         Ok(SlotOutcome::AlreadyCommitted(p)) => println!(
             "{source}/{database} {id} already committed (on {}); nothing to do. Use --force for a new snapshot now",
             p.holding.join(",")

@@ -49,6 +49,7 @@ pub(crate) fn error_line(e: &CliError) {
 pub(crate) fn backup_entry(
     snapshot: &crate::storage::key::SnapshotKey,
     r: &Result<crate::backup::SlotOutcome, crate::backup::BackupError>,
+    min_targets: usize,
 ) -> serde_json::Value {
     use crate::backup::SlotOutcome;
     let mut v = serde_json::json!({
@@ -66,7 +67,7 @@ pub(crate) fn backup_entry(
             "failed_targets": report.failed_targets.iter().map(|f| serde_json::json!({"target": f.target, "error": f.error.to_string()})).collect::<Vec<_>>(),
         }),
         Ok(SlotOutcome::AlreadyCommitted(p)) => serde_json::json!({
-            "result": "success",
+            "result": if p.is_degraded(min_targets) { "failure" } else { "success" },
             "already_committed": true,
             "targets": p.holding,
         }),

@@ -35,7 +35,7 @@ async fn put_snapshot(t: &Target, id: &str) {
     m.started_at = SnapshotId::parse(id).unwrap().time();
     m.object_key = format!("prod/acme/{id}{DUMP_SUFFIX}");
     for (suffix, body) in [
-        (DUMP_SUFFIX, b"dump".to_vec()),
+        (DUMP_SUFFIX, b"x".to_vec()),
         (
             VERIFY_SUFFIX,
             br#"{"result":"ok","finished_at":"2026-11-27T15:00:00Z"}"#.to_vec(),

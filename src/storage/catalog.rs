@@ -343,6 +343,11 @@ async fn load_target(
 async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store::Error> {
     let listed = list_folder(t, folder).await?;
     let names: HashSet<&Path> = listed.objects.iter().map(|o| &o.location).collect();
+    let sizes: std::collections::HashMap<&Path, u64> = listed
+        .objects
+        .iter()
+        .map(|o| (&o.location, o.size))
+        .collect();
     let manifest_keys: Vec<(Path, SnapshotId)> = listed
         .objects
         .iter()
@@ -378,10 +383,22 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
                     named.insert(t.at(&rel));
                 }
                 match check_manifest(t, folder, &key, &id, &m) {
-                    Ok(object) => {
-                        valid.push((m, object, id));
-                        continue;
-                    }
+                    // The object must be there with the manifest's size: a manifest whose
+                    // object is gone (or was never written) is no snapshot, so retention never
+                    // keeps it in place of a real one.
+                    Ok(object) => match sizes.get(&object) {
+                        Some(size) if *size == m.stored_size => {
+                            valid.push((m, object, id));
+                            continue;
+                        }
+                        Some(size) => format!(
+                            "the object it names, {object}, is {size} bytes, the manifest says {}; this copy is damaged (`pgferry repair` can replace it from another target)",
+                            m.stored_size
+                        ),
+                        None => format!(
+                            "the object it names, {object}, does not exist; this copy is damaged (`pgferry repair` can replace it from another target)"
+                        ),
+                    },
                     Err(why) => why,
                 }
             }

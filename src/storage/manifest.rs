@@ -149,8 +149,9 @@ pub(crate) mod tests {
                 level: 3,
             },
             object_key: "prod/acme/20261127T140000Z.dump.zst".into(),
-            stored_size: 10,
-            raw_size: 30,
+            // One byte, as the test fixtures' dump objects (`b"x"`).
+            stored_size: 1,
+            raw_size: 3,
             sha256: "00".repeat(32),
             part_size: 10 << 20,
             targets: vec!["a".into(), "b".into()],
