@@ -14,6 +14,7 @@ mod production_guard;
 mod redaction;
 mod restore;
 mod restore_signals;
+mod review13;
 mod retention;
 mod security;
 mod source_faults;

@@ -44,6 +44,8 @@ pub enum RequestClass {
     UploadPart,
     /// A `PUT` of a snapshot manifest (`….manifest.json`).
     ManifestPut,
+    /// A `DELETE` of an upload marker (`….upload.json`).
+    MarkerDelete,
 }
 
 impl RequestClass {
@@ -58,6 +60,14 @@ impl RequestClass {
                         .next()
                         .unwrap_or("")
                         .ends_with(".manifest.json")
+            }
+            RequestClass::MarkerDelete => {
+                method == "DELETE"
+                    && target
+                        .split('?')
+                        .next()
+                        .unwrap_or("")
+                        .ends_with(".upload.json")
             }
         }
     }
