@@ -74,18 +74,26 @@ async fn intact(store: &Arc<dyn ObjectStore>, ignore: &[&str]) -> Vec<String> {
     checked
 }
 
-/// (manifest key, manifest bytes, object key, object bytes) of every manifest in `store`.
+/// (manifest key, manifest bytes, object key, object bytes) of every manifest in `store` that
+/// parses and names an object that exists (crafted garbage is left out).
 async fn snapshot_state(store: &Arc<dyn ObjectStore>) -> Vec<(String, Vec<u8>, String, Vec<u8>)> {
     let mut out = Vec::new();
-    for key in keys(store).await {
+    let all = keys(store).await;
+    for key in &all {
         if !key.ends_with(".manifest.json") {
             continue;
         }
+        let key = key.clone();
         let body = get_raw(store, &key).await.to_vec();
-        let object = manifest_of(&body)["object_key"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let Ok(m) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            continue;
+        };
+        let Some(object) = m["object_key"].as_str().map(str::to_string) else {
+            continue;
+        };
+        if !all.contains(&object) {
+            continue;
+        }
         let bytes = get_raw(store, &object).await.to_vec();
         out.push((key, body, object, bytes));
     }
@@ -290,8 +298,9 @@ async fn crafted_manifests_are_never_followed() {
         .clone();
     let m = manifest_of(&acme_body);
     let id = m["snapshot_id"].as_str().unwrap().to_string();
-    // Newer ids, so that retention (keep_last = 1) would prefer them.
-    let later = |h: &str| format!("{}T{h}0000Z", &id[..8]);
+    // Newer ids, so that retention (keep_last = 1) would prefer them (a day far ahead: never
+    // the real snapshot's own id, whatever the hour the test runs).
+    let later = |h: &str| format!("20991231T{h}0000Z");
     let mut crafted = Vec::new();
     let craft = |id2: String, object: String| {
         let mut m2 = m.clone();
@@ -319,7 +328,12 @@ async fn crafted_manifests_are_never_followed() {
     let copied = format!("prod/acme/{}.manifest.json", later("23"));
     put_raw(&store, &copied, acme_body.clone()).await;
     // (e) garbage
-    put_raw(&store, &format!("prod/acme/{}.manifest.json", later("19")), b"{garbage".to_vec()).await;
+    put_raw(
+        &store,
+        &format!("prod/acme/{}.manifest.json", later("19")),
+        b"{garbage".to_vec(),
+    )
+    .await;
 
     let list = env.pgferry(&config, &["list", "--json"]).await;
     eprintln!("list: {}", list.output());
@@ -328,9 +342,19 @@ async fn crafted_manifests_are_never_followed() {
     eprintln!("prune: {}", p.output());
     // Whatever prune did with the crafted ones, the real snapshots are untouched.
     let after = keys(&store).await;
-    assert!(after.contains(&acme_key), "prune deleted the real acme snapshot: {after:?}\n{}", p.output());
-    assert!(after.contains(&acme_obj), "prune deleted acme's object: {after:?}");
-    assert!(after.contains(&beta_obj), "prune deleted beta's object: {after:?}");
+    assert!(
+        after.contains(&acme_key),
+        "prune deleted the real acme snapshot: {after:?}\n{}",
+        p.output()
+    );
+    assert!(
+        after.contains(&acme_obj),
+        "prune deleted acme's object: {after:?}"
+    );
+    assert!(
+        after.contains(&beta_obj),
+        "prune deleted beta's object: {after:?}"
+    );
     let now = snapshot_state(&store).await;
     for r in &real {
         assert!(now.contains(r), "{} changed", r.0);
@@ -380,10 +404,15 @@ async fn a_degraded_slot_is_not_reported_as_done_while_the_target_is_still_down(
     assert_eq!(state.len(), 1);
     let second = env.pgferry(&config, &["backup"]).await;
     eprintln!("second run:\n{}", second.output());
-    assert_eq!(snapshot_state(&a_store).await, state, "a committed copy changed");
+    assert_eq!(
+        snapshot_state(&a_store).await,
+        state,
+        "a committed copy changed"
+    );
     // The slot is still on 1 of min_targets = 2 targets: a run that leaves it so is a failure.
     assert_eq!(
-        second.code, 1,
+        second.code,
+        1,
         "the second run, with b still down, reported success for a slot below min_targets:\n{}",
         second.output()
     );
@@ -472,8 +501,7 @@ async fn kill_then_rerun(after: &'static str, extra_wait: Duration) {
     // The next run of the slot (the hourly slot, not forced) and a forced one.
     let again = env.pgferry(&config, &["backup"]).await;
     again.assert_code(0);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let p = env.pgferry(&config, &["prune"]).await;
+    let p = prune_a_day_later(&env, &config).await;
     eprintln!("prune: {}", p.output());
     let now = snapshot_state(&store).await;
     for b in &before {
@@ -538,7 +566,10 @@ async fn concurrent_manual_runs_never_damage_each_other() {
     let state = intact(&store, &[]).await;
     // Every id reported committed has a manifest.
     for id in &committed {
-        assert!(state.iter().any(|k| k.contains(id.as_str())), "{id} reported committed, not in {state:?}");
+        assert!(
+            state.iter().any(|k| k.contains(id.as_str())),
+            "{id} reported committed, not in {state:?}"
+        );
     }
 }
 
@@ -548,7 +579,15 @@ async fn concurrent_manual_runs_never_damage_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_database_names_go_through_the_whole_cycle() {
     let env = TestEnv::start().await;
-    let names = ["with space", "quo\"te's", "sl/ash", "ünï ☃", "50%25", "a..b", ".."];
+    let names = [
+        "with space",
+        "quo\"te's",
+        "sl/ash",
+        "ünï ☃",
+        "50%25",
+        "a..b",
+        "..",
+    ];
     for n in names {
         env.small_database(n).await;
     }
