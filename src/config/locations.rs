@@ -61,11 +61,11 @@ fn overlap(a: &TargetConfig, b: &TargetConfig) -> bool {
             },
         ) => {
             ba == bb
-                && endpoint_id(ea.as_deref()) == endpoint_id(eb.as_deref())
+                && same_endpoint(ea.as_deref(), eb.as_deref())
                 && nested(&segments(&a.prefix), &segments(&b.prefix))
         }
         (TargetKind::File { root: ra }, TargetKind::File { root: rb }) => {
-            let (ra, rb) = (normalize(ra), normalize(rb));
+            let (ra, rb) = (resolve(ra), resolve(rb));
             ra.starts_with(&rb) || rb.starts_with(&ra)
         }
         _ => false,
@@ -78,6 +78,70 @@ fn endpoint_id(endpoint: Option<&str>) -> String {
         .unwrap_or("")
         .trim_end_matches('/')
         .to_ascii_lowercase()
+}
+
+/// Whether two endpoints reach the same server: the same text, or the same scheme and port
+/// with host names that resolve to a common address (`localhost` and `127.0.0.1`; any two
+/// loopback addresses count as one machine). A name that does not resolve here is compared
+/// as written.
+fn same_endpoint(a: Option<&str>, b: Option<&str>) -> bool {
+    if endpoint_id(a) == endpoint_id(b) {
+        return true;
+    }
+    let (Some(a), Some(b)) = (
+        a.and_then(|e| url::Url::parse(e).ok()),
+        b.and_then(|e| url::Url::parse(e).ok()),
+    ) else {
+        return false;
+    };
+    if a.scheme() != b.scheme() || a.port_or_known_default() != b.port_or_known_default() {
+        return false;
+    }
+    let (ips_a, ips_b) = (addresses(&a), addresses(&b));
+    ips_a.iter().any(|x| {
+        ips_b
+            .iter()
+            .any(|y| x == y || (x.is_loopback() && y.is_loopback()))
+    })
+}
+
+fn addresses(u: &url::Url) -> Vec<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let Some(host) = u.host_str() else {
+        return Vec::new();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = u.port_or_known_default().unwrap_or(0);
+    (host, port)
+        .to_socket_addrs()
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .unwrap_or_default()
+}
+
+/// `dir` as the file system sees it: its longest existing ancestor with symlinks resolved
+/// (`canonicalize`), then the rest lexically (the directory may not exist yet).
+fn resolve(dir: &Path) -> std::path::PathBuf {
+    let lexical = normalize(dir);
+    let mut existing = lexical.clone();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |p: std::path::PathBuf, c| p.join(c));
+        }
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return lexical,
+        }
+    }
 }
 
 fn segments(prefix: &str) -> Vec<&str> {
@@ -123,6 +187,31 @@ mod tests {
 
     fn file(name: &str, dir: &str) -> String {
         format!("[[target]]\nname = \"{name}\"\nurl = \"file://{dir}\"\n")
+    }
+
+    #[test]
+    fn aliases_of_one_location_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("files");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        for (a, b) in [
+            (real.clone(), link.clone()),
+            (real.clone(), link.join("inner")),
+        ] {
+            let text = file("a", a.to_str().unwrap()) + &file("b", b.to_str().unwrap());
+            assert!(check(&text).is_err(), "{a:?} and {b:?}");
+        }
+        let text = s3("a", "s3://bkt/p", "http://127.0.0.1:3900")
+            + &s3("b", "s3://bkt/p", "http://localhost:3900");
+        assert!(
+            check(&text).is_err(),
+            "localhost and 127.0.0.1 are one server"
+        );
+        let text = s3("a", "s3://bkt/p", "http://127.0.0.1:3900")
+            + &s3("b", "s3://bkt/p", "http://127.0.0.1:3901");
+        assert!(check(&text).is_ok(), "another port is another server");
     }
 
     #[test]
