@@ -14,6 +14,8 @@ mod production_guard;
 mod redaction;
 mod restore;
 mod restore_signals;
+mod review13;
+mod review2;
 mod retention;
 mod review13;
 mod security;
