@@ -249,8 +249,9 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     env.add_secret_var(STAGING_PW_VAR, staging.superuser_password());
     let (target, store) = env.s3_target("s3t").await;
     let config = env.write_config(&format!(
-        "{}databases = [\"acme\", \"globex\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{target}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nowner = \"postgres\"\n",
+        "{}databases = [\"acme\", \"globex\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{target}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nowner = \"postgres\"\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\n",
         env.source_toml("prod"),
+        staging.port(),
         staging.port()
     ));
     env.pgferry(&config, &["backup", "--force"]).await.assert_code(0);
@@ -356,6 +357,27 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
         }
     }
 
+    // verify: the real snapshots, nothing crafted.
+    let before_verify = keys(&store).await;
+    let run = env.pgferry(&config, &["verify", "--source", "prod"]).await;
+    eprintln!("verify: rc {} {}", run.code, run.stdout);
+    if run.code != 0 {
+        failures.push(format!("verify: rc {} {}", run.code, run.output()));
+    }
+    if run.stdout.contains(&newer) {
+        failures.push(format!("verify touched the crafted {newer}: {}", run.stdout));
+    }
+    let after_verify = keys(&store).await;
+    for k in &after_verify {
+        if !before_verify.contains(k) && !(k == &format!("prod/acme/{acme_id}.verify.json") || k == &format!("prod/globex/{}.verify.json", globex["snapshot_id"].as_str().unwrap())) {
+            failures.push(format!("verify wrote {k}"));
+        }
+    }
+    for k in &before_verify {
+        if !after_verify.contains(k) {
+            failures.push(format!("verify deleted {k}"));
+        }
+    }
     // prune --database acme a day later: nothing outside prod/acme may go.
     let before_sel = keys(&store).await;
     let out = crate::retention::prune_later(
