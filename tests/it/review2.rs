@@ -1,5 +1,13 @@
 //! Hostile-operator review 2: production guard under more spellings, destination names and
 //! `--to` values, crafted keys next to real snapshots, overlapping target locations.
+//!
+//! Status at f977ff0+ (main d277d05):
+//! - PASS (held): restore_and_verify_onto_production_more_spellings_are_refused,
+//!   odd_destination_names_and_namespaces_are_refused, crafted_keys_next_to_real_snapshots_cost_nothing.
+//! - FAIL (defect): overlapping_targets_are_refused_by_config_check (same bucket via
+//!   `localhost` vs `127.0.0.1` endpoint; a symlink to the same directory).
+//! - FAIL (judgment call, see each test's doc): multihost_staging_first_production_second,
+//!   unconfigured_database_folders_keep_their_files.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,13 +108,24 @@ async fn restore_and_verify_onto_production_more_spellings_are_refused() {
                 .pgferry_with(
                     &config,
                     &[
-                        "restore", "--source", "prod", "--database", "acme", "--to", ns, "--as",
+                        "restore",
+                        "--source",
+                        "prod",
+                        "--database",
+                        "acme",
+                        "--to",
+                        ns,
+                        "--as",
                         name,
                     ],
                 )
                 .await;
             if run.code != 2 {
-                failures.push(format!("{ns} --as {name}: rc {} {}", run.code, run.output()));
+                failures.push(format!(
+                    "{ns} --as {name}: rc {} {}",
+                    run.code,
+                    run.output()
+                ));
             }
         }
         let now = w.env.pg.databases().await;
@@ -119,9 +138,7 @@ async fn restore_and_verify_onto_production_more_spellings_are_refused() {
         let cfg = w
             .env
             .write_config(&format!("{base}\n[verify]\nurl = {url:?}\n"));
-        let run = w
-            .pgferry_with(&cfg, &["verify", "--source", "prod"])
-            .await;
+        let run = w.pgferry_with(&cfg, &["verify", "--source", "prod"]).await;
         if run.code != 2 {
             failures.push(format!("verify {ns}: rc {} {}", run.code, run.output()));
         }
@@ -197,7 +214,11 @@ async fn odd_destination_names_and_namespaces_are_refused() {
     if n != 0 {
         failures.push("staging template1 got res_partner".into());
     }
-    assert_eq!(w.env.pg.databases().await, before_prod, "production changed");
+    assert_eq!(
+        w.env.pg.databases().await,
+        before_prod,
+        "production changed"
+    );
     let after: Vec<String> = w
         .staging
         .databases()
@@ -254,7 +275,9 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
         staging.port(),
         staging.port()
     ));
-    env.pgferry(&config, &["backup", "--force"]).await.assert_code(0);
+    env.pgferry(&config, &["backup", "--force"])
+        .await
+        .assert_code(0);
     let real = keys(&store).await;
     let manifest_key = |db: &str| {
         real.iter()
@@ -281,7 +304,24 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     evil["sha256"] = globex["sha256"].clone();
     evil["stored_size"] = globex["stored_size"].clone();
     evil["raw_size"] = globex["raw_size"].clone();
-    put(&store, &format!("prod/acme/{newer}.manifest.json"), serde_json::to_vec(&evil).unwrap()).await;
+    put(
+        &store,
+        &format!("prod/acme/{newer}.manifest.json"),
+        serde_json::to_vec(&evil).unwrap(),
+    )
+    .await;
+    // (a2) a newer acme manifest whose object is the real acme snapshot's dump (another id).
+    let newer2 = shift(&acme_id, 1800);
+    let mut evil2 = acme.clone();
+    evil2["snapshot_id"] = newer2.clone().into();
+    evil2["started_at"] = newer_at.clone().into();
+    evil2["finished_at"] = newer_at.clone().into();
+    put(
+        &store,
+        &format!("prod/acme/{newer2}.manifest.json"),
+        serde_json::to_vec(&evil2).unwrap(),
+    )
+    .await;
     // (b) acme's manifest copied under another id (body id mismatch), and (c) in a subfolder,
     // (d) under a nested prefix and an unconfigured source, (e) a globex body in acme's folder.
     let acme_bytes = get(&store, &acme_mk).await.to_vec();
@@ -328,7 +368,10 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     ids.sort();
     let want = vec![
         ("acme".to_string(), acme_id.clone()),
-        ("globex".to_string(), globex["snapshot_id"].as_str().unwrap().to_string()),
+        (
+            "globex".to_string(),
+            globex["snapshot_id"].as_str().unwrap().to_string(),
+        ),
     ];
     if ids != want {
         failures.push(format!("list shows {ids:?}, want {want:?}"));
@@ -336,24 +379,46 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
 
     // restore latest and --at: acme's data, never globex's object.
     for extra in [vec![], vec!["--at", newer_at.as_str()]] {
-        let mut args = vec!["restore", "--source", "prod", "--database", "acme", "--to", "staging-x", "--as", "acme_r"];
+        let mut args = vec![
+            "restore",
+            "--source",
+            "prod",
+            "--database",
+            "acme",
+            "--to",
+            "staging-x",
+            "--as",
+            "acme_r",
+        ];
         args.extend(extra.iter().copied());
         let run = env.pgferry(&config, &args).await;
         if run.code != 0 {
-            failures.push(format!("restore {extra:?}: rc {} {}", run.code, run.output()));
+            failures.push(format!(
+                "restore {extra:?}: rc {} {}",
+                run.code,
+                run.output()
+            ));
             continue;
         }
         if run.stdout.lines().last().unwrap_or("").contains(&newer) {
-            failures.push(format!("restore {extra:?} picked the crafted {newer}: {}", run.output()));
+            failures.push(format!(
+                "restore {extra:?} picked the crafted {newer}: {}",
+                run.output()
+            ));
         }
         let c = staging.client("acme_r").await.unwrap();
         let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_class WHERE relname = 'only_globex'", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_class WHERE relname = 'only_globex'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
         if n != 0 {
-            failures.push(format!("restore {extra:?} loaded globex's object into acme"));
+            failures.push(format!(
+                "restore {extra:?} loaded globex's object into acme"
+            ));
         }
     }
 
@@ -365,11 +430,20 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
         failures.push(format!("verify: rc {} {}", run.code, run.output()));
     }
     if run.stdout.contains(&newer) {
-        failures.push(format!("verify touched the crafted {newer}: {}", run.stdout));
+        failures.push(format!(
+            "verify touched the crafted {newer}: {}",
+            run.stdout
+        ));
     }
     let after_verify = keys(&store).await;
     for k in &after_verify {
-        if !before_verify.contains(k) && !(k == &format!("prod/acme/{acme_id}.verify.json") || k == &format!("prod/globex/{}.verify.json", globex["snapshot_id"].as_str().unwrap())) {
+        if !before_verify.contains(k)
+            && !(k == &format!("prod/acme/{acme_id}.verify.json")
+                || k == &format!(
+                    "prod/globex/{}.verify.json",
+                    globex["snapshot_id"].as_str().unwrap()
+                ))
+        {
             failures.push(format!("verify wrote {k}"));
         }
     }
@@ -383,7 +457,10 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let out = crate::retention::prune_later(
         &config,
         &env.env_vars(),
-        &pgferry::retention::prune::Selection { source: None, database: Some("acme".into()) },
+        &pgferry::retention::prune::Selection {
+            source: None,
+            database: Some("acme".into()),
+        },
         Duration::from_secs(86400),
     )
     .await;
@@ -398,7 +475,10 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let out = crate::retention::prune_later(
         &config,
         &env.env_vars(),
-        &pgferry::retention::prune::Selection { source: None, database: None },
+        &pgferry::retention::prune::Selection {
+            source: None,
+            database: None,
+        },
         Duration::from_secs(86400),
     )
     .await;
@@ -413,7 +493,10 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     for k in crafted_manifests
         .iter()
         .filter(|k| !k.starts_with("prod/acme/2"))
-        .chain(junk.iter().filter(|k| !k.starts_with("prod/Acme/") && !k.starts_with("prod/nosuchdb/")))
+        .chain(
+            junk.iter()
+                .filter(|k| !k.starts_with("prod/Acme/") && !k.starts_with("prod/nosuchdb/")),
+        )
     {
         if !after.contains(k) {
             failures.push(format!("prune deleted foreign {k}"));
@@ -424,13 +507,39 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
         failures.push("globex dump changed".into());
     }
     let run = env
-        .pgferry(&config, &["restore", "--source", "prod", "--database", "globex", "--to", "staging-x", "--as", "globex_r"])
+        .pgferry(
+            &config,
+            &[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                "globex",
+                "--to",
+                "staging-x",
+                "--as",
+                "globex_r",
+            ],
+        )
         .await;
     if run.code != 0 {
         failures.push(format!("globex restore after prune: {}", run.output()));
     }
     let run = env
-        .pgferry(&config, &["restore", "--source", "prod", "--database", "acme", "--to", "staging-x", "--as", "acme_r2"])
+        .pgferry(
+            &config,
+            &[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                "acme",
+                "--to",
+                "staging-x",
+                "--as",
+                "acme_r2",
+            ],
+        )
         .await;
     if run.code != 0 {
         failures.push(format!("acme restore after prune: {}", run.output()));
@@ -453,22 +562,78 @@ async fn overlapping_targets_are_refused_by_config_check() {
     let dir = env.dir.path().join("files");
     std::fs::create_dir_all(dir.join("inner")).unwrap();
     std::os::unix::fs::symlink(&dir, env.dir.path().join("link")).unwrap();
-    let file = |name: &str, p: String| format!("[[target]]\nname = \"{name}\"\nurl = \"file://{p}\"\n");
+    let file =
+        |name: &str, p: String| format!("[[target]]\nname = \"{name}\"\nurl = \"file://{p}\"\n");
     let d = dir.display().to_string();
     let link = env.dir.path().join("link").display().to_string();
     let cases: Vec<(&str, String)> = vec![
-        ("nested prefix", format!("{}{}", s3("a", &format!("s3://{bucket}/backups"), &endpoint), s3("b", &format!("s3://{bucket}/backups/eu"), &endpoint))),
-        ("same, localhost endpoint", format!("{}{}", s3("a", &format!("s3://{bucket}/backups"), &endpoint), s3("b", &format!("s3://{bucket}/backups"), &format!("http://localhost:{port}")))),
-        ("empty prefix", format!("{}{}", s3("a", &format!("s3://{bucket}"), &endpoint), s3("b", &format!("s3://{bucket}/backups"), &endpoint))),
-        ("same dir", format!("{}{}", file("a", d.clone()), file("b", format!("{d}/")))),
-        ("dir inside", format!("{}{}", file("a", d.clone()), file("b", format!("{d}/inner")))),
-        ("dot-dot", format!("{}{}", file("a", d.clone()), file("b", format!("{d}/inner/..")))),
-        ("symlink", format!("{}{}", file("a", d.clone()), file("b", link.clone()))),
-        ("symlink inside", format!("{}{}", file("a", d.clone()), file("b", format!("{link}/inner")))),
+        (
+            "nested prefix",
+            format!(
+                "{}{}",
+                s3("a", &format!("s3://{bucket}/backups"), &endpoint),
+                s3("b", &format!("s3://{bucket}/backups/eu"), &endpoint)
+            ),
+        ),
+        (
+            "same, localhost endpoint",
+            format!(
+                "{}{}",
+                s3("a", &format!("s3://{bucket}/backups"), &endpoint),
+                s3(
+                    "b",
+                    &format!("s3://{bucket}/backups"),
+                    &format!("http://localhost:{port}")
+                )
+            ),
+        ),
+        (
+            "empty prefix",
+            format!(
+                "{}{}",
+                s3("a", &format!("s3://{bucket}"), &endpoint),
+                s3("b", &format!("s3://{bucket}/backups"), &endpoint)
+            ),
+        ),
+        (
+            "same dir",
+            format!("{}{}", file("a", d.clone()), file("b", format!("{d}/"))),
+        ),
+        (
+            "dir inside",
+            format!(
+                "{}{}",
+                file("a", d.clone()),
+                file("b", format!("{d}/inner"))
+            ),
+        ),
+        (
+            "dot-dot",
+            format!(
+                "{}{}",
+                file("a", d.clone()),
+                file("b", format!("{d}/inner/.."))
+            ),
+        ),
+        (
+            "symlink",
+            format!("{}{}", file("a", d.clone()), file("b", link.clone())),
+        ),
+        (
+            "symlink inside",
+            format!(
+                "{}{}",
+                file("a", d.clone()),
+                file("b", format!("{link}/inner"))
+            ),
+        ),
     ];
     let mut failures = Vec::new();
     for (what, targets) in cases {
-        let cfg = env.write_config(&format!("{}databases = [\"postgres\"]\n{targets}", env.source_toml("prod")));
+        let cfg = env.write_config(&format!(
+            "{}databases = [\"postgres\"]\n{targets}",
+            env.source_toml("prod")
+        ));
         let run = env.pgferry(&cfg, &["config", "check"]).await;
         if run.code == 0 {
             failures.push(format!("{what}: accepted\n{targets}"));
@@ -490,7 +655,9 @@ async fn unconfigured_database_folders_keep_their_files() {
         "{}databases = [\"acme\"]\n{target}",
         env.source_toml("prod")
     ));
-    env.pgferry(&config, &["backup", "--force"]).await.assert_code(0);
+    env.pgferry(&config, &["backup", "--force"])
+        .await
+        .assert_code(0);
     let foreign = [
         "prod/nosuchdb/20200101T000000Z-aaaaaaaaaaaa.dump.zst",
         "prod/Acme/20200101T000000Z-aaaaaaaaaaaa.dump.zst",
@@ -501,12 +668,19 @@ async fn unconfigured_database_folders_keep_their_files() {
     let out = crate::retention::prune_later(
         &config,
         &env.env_vars(),
-        &pgferry::retention::prune::Selection { source: None, database: None },
+        &pgferry::retention::prune::Selection {
+            source: None,
+            database: None,
+        },
         Duration::from_secs(86400),
     )
     .await;
     let after = keys(&store).await;
-    let gone: Vec<&str> = foreign.iter().copied().filter(|k| !after.iter().any(|a| a == k)).collect();
+    let gone: Vec<&str> = foreign
+        .iter()
+        .copied()
+        .filter(|k| !after.iter().any(|a| a == k))
+        .collect();
     assert!(gone.is_empty(), "prune deleted {gone:?}\n{out}");
 }
 
@@ -529,22 +703,60 @@ async fn multihost_staging_first_production_second() {
     ));
     // One role with one password on both servers, as shared setups have.
     for pg in [&w.env.pg, &w.staging] {
-        pg.create_role("shared", "shared-pw", "SUPERUSER").await.unwrap();
+        pg.create_role("shared", "shared-pw", "SUPERUSER")
+            .await
+            .unwrap();
     }
     let config = w.env.write_config(&toml);
     let before = w.env.pg.databases().await;
     let run = w
-        .pgferry_with(&config, &["restore", "--source", "prod", "--database", "acme", "--to", "both", "--as", "acme_both"])
+        .pgferry_with(
+            &config,
+            &[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                "acme",
+                "--to",
+                "both",
+                "--as",
+                "acme_both",
+            ],
+        )
         .await;
     eprintln!("staging up: rc {} {}", run.code, run.output());
     assert_eq!(w.env.pg.databases().await, before, "production changed");
     // Staging down: only production answers.
     w.staging.stop().await.unwrap();
     let run2 = w
-        .pgferry_with(&config, &["restore", "--source", "prod", "--database", "acme", "--to", "both", "--as", "acme_both2"])
+        .pgferry_with(
+            &config,
+            &[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                "acme",
+                "--to",
+                "both",
+                "--as",
+                "acme_both2",
+            ],
+        )
         .await;
     eprintln!("staging down: rc {} {}", run2.code, run2.output());
-    assert_eq!(run2.code, 2, "staging down, production reached: {}", run2.output());
+    assert_eq!(
+        run2.code,
+        2,
+        "staging down, production reached: {}",
+        run2.output()
+    );
     assert_eq!(w.env.pg.databases().await, before, "production changed");
-    assert_eq!(run.code, 2, "a URL naming production as a fallback host was accepted: {}", run.output());
+    assert_eq!(
+        run.code,
+        2,
+        "a URL naming production as a fallback host was accepted: {}",
+        run.output()
+    );
 }
