@@ -16,7 +16,6 @@ mod restore;
 mod restore_signals;
 mod retention;
 mod review13;
-mod review13;
 mod review2;
 mod security;
 mod source_faults;
