@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod pgtls;
+pub mod repair;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

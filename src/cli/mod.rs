@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 mod backup_verbs;
+mod repair_verbs;
 mod restore_verbs;
 
 use crate::app::App;
@@ -56,6 +57,10 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Restore the latest snapshot(s) into a scratch database and prove them complete.
     Verify(VerifyArgs),
+    /// Prove every copy of every snapshot is there (and with --read-data, intact).
+    Check(repair_verbs::CheckArgs),
+    /// Copy snapshots a target lacks or holds damaged from a target with a good copy.
+    Repair(repair_verbs::RepairArgs),
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -207,6 +212,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             crate::daemon::run(app)
                 .await
                 .map_err(|e| CliError::Failed(e.to_string()))
+        }
+        Command::Check(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            repair_verbs::check_cmd(&app, args).await
+        }
+        Command::Repair(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            repair_verbs::repair_cmd(&app, args).await
         }
         Command::Prune(args) => {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;

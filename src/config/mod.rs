@@ -141,6 +141,7 @@ pub struct Config {
     pub restore_targets: Vec<RestoreTargetConfig>,
     pub restore: RestoreConfig,
     pub verify: VerifyConfig,
+    pub repair: RepairConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -344,6 +345,14 @@ pub struct VerifyConfig {
     pub pg_bin_dir: Option<PathBuf>,
 }
 
+/// `[repair]`: when the daemon checks and repairs, and how long prune holds copies for it.
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    pub schedule: Schedule,
+    /// See `retention::held_for_repair`.
+    pub grace: Duration,
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -486,6 +495,13 @@ impl Config {
         if let Some(sched) = &v.schedule {
             let _ = writeln!(s, "schedule = {}", q(sched.expr()));
         }
+        let _ = writeln!(s, "\n[repair]");
+        let _ = writeln!(s, "schedule = {}", q(self.repair.schedule.expr()));
+        let _ = writeln!(
+            s,
+            "grace = {}",
+            q(&format!("{}s", self.repair.grace.as_secs_f64()))
+        );
         s
     }
 }
@@ -797,6 +813,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         pg_bin_dir: raw.verify.pg_bin_dir.map(|d| resolve(&d.0)),
     };
 
+    let repair = RepairConfig {
+        schedule: Schedule::parse(&raw.repair.schedule.0)
+            .map_err(|e| invalid("repair.schedule".into(), e.to_string()))?,
+        grace: parse_duration(&raw.repair.grace.0)
+            .map_err(|m| invalid("repair.grace".into(), m))?,
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         daemon,
@@ -808,6 +831,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             spool_dir: resolve(&raw.restore.spool_dir.0),
         },
         verify,
+        repair,
     })
 }
 
