@@ -145,8 +145,11 @@ pub async fn repair(
     }
     let jobs = work.into_iter().filter_map(|(key, problems)| {
         let entry = report.expected.iter().find(|e| {
-            (&e.manifest.source, &e.manifest.database, &e.manifest.snapshot_id)
-                == (&key.0, &key.1, &key.2)
+            (
+                &e.manifest.source,
+                &e.manifest.database,
+                &e.manifest.snapshot_id,
+            ) == (&key.0, &key.1, &key.2)
         })?;
         Some(repair_snapshot(
             app,
@@ -245,9 +248,15 @@ async fn repair_snapshot(
                 .inc();
         }
         match &done.result {
-            CopyResult::Copied => tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size),
-            CopyResult::LeftAlone(why) => tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why),
-            CopyResult::Failed(error) => tracing::warn!(message = "Repair could not copy a snapshot.", snapshot = %name, target = %p.target, error = %error),
+            CopyResult::Copied => {
+                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size)
+            }
+            CopyResult::LeftAlone(why) => {
+                tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why)
+            }
+            CopyResult::Failed(error) => {
+                tracing::warn!(message = "Repair could not copy a snapshot.", snapshot = %name, target = %p.target, error = %error)
+            }
             CopyResult::Planned => {}
         }
         out.push(done);
@@ -323,7 +332,13 @@ async fn repair_copy(
                 error: error_text(&e),
             })?;
         for h in holders.iter().filter_map(|h| app.target(h)) {
-            rewrite_manifest(h, &manifest_key_on(h, &manifest_key, target), m, body.clone()).await;
+            rewrite_manifest(
+                h,
+                &manifest_key_on(h, &manifest_key, target),
+                m,
+                body.clone(),
+            )
+            .await;
         }
         return Ok((from.name.clone(), Fixed::Copied));
     }
@@ -425,7 +440,9 @@ async fn copy_object(
             let Some(chunk) = chunk else {
                 if !buf.is_empty() || size == 0 {
                     let body = PutPayload::from(buf.split().freeze());
-                    send(upload.as_mut(), &mut in_flight, body).await.map_err(write_err)?;
+                    send(upload.as_mut(), &mut in_flight, body)
+                        .await
+                        .map_err(write_err)?;
                 }
                 break;
             };
@@ -435,7 +452,9 @@ async fn copy_object(
             buf.extend_from_slice(&chunk);
             while buf.len() >= part {
                 let body = PutPayload::from(buf.split_to(part).freeze());
-                send(upload.as_mut(), &mut in_flight, body).await.map_err(write_err)?;
+                send(upload.as_mut(), &mut in_flight, body)
+                    .await
+                    .map_err(write_err)?;
             }
         }
         while let Some(r) = in_flight.next().await {
@@ -489,8 +508,12 @@ async fn clear_left_upload(to: &Target, dst: &Path) {
         return;
     }
     match upload::clean(to, &marker, false).await {
-        Ok(cleaned) => tracing::info!(message = "Repair cleaned an upload left by an earlier run.", target = %to.name, key = %marker, outcome = ?cleaned),
-        Err(error) => tracing::warn!(message = "Could not clean an upload left by an earlier run; prune will.", target = %to.name, key = %marker, error = %error),
+        Ok(cleaned) => {
+            tracing::info!(message = "Repair cleaned an upload left by an earlier run.", target = %to.name, key = %marker, outcome = ?cleaned)
+        }
+        Err(error) => {
+            tracing::warn!(message = "Could not clean an upload left by an earlier run; prune will.", target = %to.name, key = %marker, error = %error)
+        }
     }
 }
 
@@ -507,4 +530,164 @@ async fn send(
     }
     in_flight.push_back(upload.put_part(body));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::storage::check::{self, CheckOptions};
+    use crate::storage::key::RunId;
+    use crate::storage::manifest::tests::sample;
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+
+    /// Two directory targets `a` and `b` and a source `prod` (never connected to).
+    fn app(dir: &std::path::Path) -> App {
+        let toml = format!(
+            "[[source]]\nname = \"prod\"\nurl = \"postgres://u@127.0.0.1:1/postgres\"\n\
+             [[target]]\nname = \"a\"\nurl = \"file://{0}/a\"\n\
+             [[target]]\nname = \"b\"\nurl = \"file://{0}/b\"\n",
+            dir.display()
+        );
+        let config = Config::from_str_at(&toml, &dir.join("pgferry.toml")).unwrap();
+        App::new(config).unwrap()
+    }
+
+    /// Commits a snapshot on `a` whose object holds `body`, with a manifest whose sha256 is
+    /// that of `claimed`.
+    async fn commit_on_a(app: &App, body: &[u8], claimed: &[u8]) -> Manifest {
+        let a = app.target("a").unwrap();
+        let mut m = sample();
+        let id = SnapshotId::parse(&m.snapshot_id).unwrap();
+        let key = SnapshotKey::new(&m.source, &m.database, id);
+        let object = key.dump(&RunId::random());
+        m.object_key = object.to_string();
+        m.stored_size = claimed.len() as u64;
+        m.sha256 = hex::encode(Sha256::digest(claimed));
+        m.targets = vec!["a".into()];
+        a.store
+            .put(&a.at(&object), PutPayload::from(body.to_vec()))
+            .await
+            .unwrap();
+        a.store
+            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+        m
+    }
+
+    async fn keys(t: &Target) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .store
+            .list(None)
+            .map_ok(|o| o.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    async fn run(app: &App, dry_run: bool) -> RepairReport {
+        let report = check::check(app, &CheckOptions::default()).await;
+        let opts = RepairOptions {
+            dry_run,
+            ..RepairOptions::default()
+        };
+        repair(
+            app,
+            &report,
+            &opts,
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_missing_copy_is_written_object_then_manifest_naming_every_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let body = b"zstd bytes".repeat(1000);
+        let m = commit_on_a(&app, &body, &body).await;
+        let b = app.target("b").unwrap();
+
+        let planned = run(&app, true).await;
+        assert!(matches!(
+            planned.copies[..],
+            [Copied {
+                result: CopyResult::Planned,
+                ..
+            }]
+        ));
+        assert!(keys(b).await.is_empty(), "--dry-run wrote");
+
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        let object = object_path(&m.object_key).unwrap();
+        let copied = b
+            .store
+            .get(&b.at(&object))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(copied.as_ref(), body.as_slice());
+        for t in ["a", "b"] {
+            let t = app.target(t).unwrap();
+            let key =
+                t.at(
+                    &SnapshotKey::new("prod", "acme", SnapshotId::parse(&m.snapshot_id).unwrap())
+                        .manifest(),
+                );
+            let there = read_manifest(t, &key).await.unwrap();
+            assert_eq!(there.targets, ["a", "b"]);
+            assert_eq!(there.object_key, m.object_key);
+        }
+        assert!(
+            run(&app, false).await.copies.is_empty(),
+            "a second repair found work"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_hash_differs_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let claimed = b"the bytes the manifest hashed".to_vec();
+        let mut damaged = claimed.clone();
+        damaged[3] ^= 1;
+        commit_on_a(&app, &damaged, &claimed).await;
+
+        let done = run(&app, false).await;
+        assert_eq!(done.failed(), 1, "{done:?}");
+        match &done.copies[0].result {
+            CopyResult::Failed(e) => {
+                assert!(e.contains("no good copy") && e.contains("hashes to"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            keys(app.target("b").unwrap()).await.is_empty(),
+            "a damaged copy was written"
+        );
+        assert_eq!(
+            app.metrics
+                .repairs_total
+                .with_label_values(&["b", "failure"])
+                .get(),
+            1
+        );
+    }
 }

@@ -100,7 +100,11 @@ pub(super) async fn check_cmd(app: &App, args: CheckArgs) -> Result<(), CliError
             "checked {} snapshots, {} copies ({}): {} problems",
             report.snapshots,
             report.copies,
-            if args.read_data { "read and hashed" } else { "listings" },
+            if args.read_data {
+                "read and hashed"
+            } else {
+                "listings"
+            },
             report.problems.len() + report.unreachable.len() + report.warnings.len()
         );
     }

@@ -81,12 +81,20 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match &self.kind {
             ProblemKind::Missing => "has no copy".to_string(),
-            ProblemKind::ObjectMissing => format!("has the manifest but not the object {}", self.object_key),
+            ProblemKind::ObjectMissing => {
+                format!("has the manifest but not the object {}", self.object_key)
+            }
             ProblemKind::WrongSize { size, expected } => {
-                format!("holds {} with {size} bytes, the manifest says {expected}", self.object_key)
+                format!(
+                    "holds {} with {size} bytes, the manifest says {expected}",
+                    self.object_key
+                )
             }
             ProblemKind::WrongHash { sha256, .. } => {
-                format!("holds {} whose sha256 is {sha256}, not the manifest's: the copy is damaged", self.object_key)
+                format!(
+                    "holds {} whose sha256 is {sha256}, not the manifest's: the copy is damaged",
+                    self.object_key
+                )
             }
             ProblemKind::Unreadable { error } => {
                 format!("cannot read {}: {error}", self.object_key)
@@ -206,7 +214,9 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
             }
             report.copies += 1;
             match listed.get(&t.at(&object)) {
-                None => report.problems.push(problem(&t.name, ProblemKind::ObjectMissing)),
+                None => report
+                    .problems
+                    .push(problem(&t.name, ProblemKind::ObjectMissing)),
                 Some(&size) if size != m.stored_size => report.problems.push(problem(
                     &t.name,
                     ProblemKind::WrongSize {
@@ -219,8 +229,8 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
             }
         }
     }
-    let read: Vec<Option<Problem>> = futures::stream::iter(to_read.into_iter().map(
-        |(t, entry, object)| async move {
+    let read: Vec<Option<Problem>> =
+        futures::stream::iter(to_read.into_iter().map(|(t, entry, object)| async move {
             let m = &entry.manifest;
             let kind = match hash_object(t, &t.at(&object)).await {
                 Ok((sha256, size)) if sha256 == m.sha256 && size == m.stored_size => return None,
@@ -237,11 +247,10 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
                 object_key: m.object_key.clone(),
                 kind,
             })
-        },
-    ))
-    .buffer_unordered(opts.jobs.max(1))
-    .collect()
-    .await;
+        }))
+        .buffer_unordered(opts.jobs.max(1))
+        .collect()
+        .await;
     report.problems.extend(read.into_iter().flatten());
     report.problems.sort_by(|a, b| {
         (&a.target, &a.source, &a.database)
@@ -261,8 +270,7 @@ pub fn expected(app: &App, snapshots: &[SnapshotEntry]) -> Vec<SnapshotEntry> {
             .iter()
             .map(|s| SnapshotRef {
                 id: s.id().to_string(),
-                time: crate::schedule::parse_snapshot_id(s.id())
-                    .unwrap_or(s.manifest.started_at),
+                time: crate::schedule::parse_snapshot_id(s.id()).unwrap_or(s.manifest.started_at),
             })
             .collect();
         let kept: Vec<String> = match app.config.source(&source) {

@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod repair;
 mod restore;
 mod retention;
 mod security;
