@@ -160,6 +160,8 @@ pub async fn repair(
             cancel.clone(),
         ))
     });
+    // Collected first: see `check` (a borrowing closure in the stream is not `Send` enough).
+    let jobs: Vec<_> = jobs.collect();
     let copies: Vec<Vec<Copied>> = futures::stream::iter(jobs)
         .buffer_unordered(REPAIR_CONCURRENCY)
         .collect()

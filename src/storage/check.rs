@@ -229,25 +229,13 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
             }
         }
     }
-    let read: Vec<Option<Problem>> =
-        futures::stream::iter(to_read.into_iter().map(|(t, entry, object)| async move {
-            let m = &entry.manifest;
-            let kind = match hash_object(t, &t.at(&object)).await {
-                Ok((sha256, size)) if sha256 == m.sha256 && size == m.stored_size => return None,
-                Ok((sha256, size)) => ProblemKind::WrongHash { sha256, size },
-                Err(e) => ProblemKind::Unreadable {
-                    error: error_text(&e),
-                },
-            };
-            Some(Problem {
-                target: t.name.clone(),
-                source: m.source.clone(),
-                database: m.database.clone(),
-                snapshot_id: m.snapshot_id.clone(),
-                object_key: m.object_key.clone(),
-                kind,
-            })
-        }))
+    // Futures collected first: a stream mapping borrowed tuples through a closure is not
+    // `Send` for every lifetime, which `tokio::spawn` (the daemon) needs.
+    let reads: Vec<_> = to_read
+        .into_iter()
+        .map(|(t, entry, object)| read_copy(t, entry, object))
+        .collect();
+    let read: Vec<Option<Problem>> = futures::stream::iter(reads)
         .buffer_unordered(opts.jobs.max(1))
         .collect()
         .await;
@@ -258,6 +246,26 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
             .then_with(|| b.snapshot_id.cmp(&a.snapshot_id))
     });
     report
+}
+
+/// Re-hashes one copy; `Some` when it does not match its manifest.
+async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Path) -> Option<Problem> {
+    let m = &entry.manifest;
+    let kind = match hash_object(t, &t.at(&object)).await {
+        Ok((sha256, size)) if sha256 == m.sha256 && size == m.stored_size => return None,
+        Ok((sha256, size)) => ProblemKind::WrongHash { sha256, size },
+        Err(e) => ProblemKind::Unreadable {
+            error: error_text(&e),
+        },
+    };
+    Some(Problem {
+        target: t.name.clone(),
+        source: m.source.clone(),
+        database: m.database.clone(),
+        snapshot_id: m.snapshot_id.clone(),
+        object_key: m.object_key.clone(),
+        kind,
+    })
 }
 
 /// The snapshots every target should hold: per database, those the retention plan over the
