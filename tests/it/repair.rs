@@ -48,7 +48,7 @@ async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_a
     let staging = PgCluster::start().await.expect("staging PostgreSQL");
     staging.create_role("odoo", "odoo-pw", "").await.unwrap();
     env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
-    let (a, _a_store) = env.s3_target("a").await;
+    let (a, a_store) = env.s3_target("a").await;
     let mut b_server = Garage::start().await.expect("second Garage");
     let (b, b_store) = env.s3_target_on(&b_server, "b").await;
     let restore_target = format!(
@@ -158,7 +158,7 @@ async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_a
 async fn a_flipped_byte_is_found_by_read_data_and_healed_without_touching_the_good_copy() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
-    let (a, _a_store) = env.s3_target("a").await;
+    let (a, a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let config = env.write_config(&format!(
         "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
