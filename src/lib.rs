@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod notify;
 pub mod pgtls;
+pub mod repair;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

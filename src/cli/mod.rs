@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 mod backup_verbs;
 mod output;
+mod repair_verbs;
 mod restore_verbs;
 
 use crate::app::App;
@@ -78,6 +79,16 @@ pub enum Command {
         after_help = "Examples:\n  pgferry verify\n  pgferry verify --source prod --database acme --json\n  pgferry verify --pushgateway http://pushgateway:9091"
     )]
     Verify(VerifyArgs),
+    /// Prove every copy of every snapshot is there (and with --read-data, intact).
+    #[command(
+        after_help = "Examples:\n  pgferry check\n  pgferry check --read-data --database acme\n  pgferry check --json"
+    )]
+    Check(repair_verbs::CheckArgs),
+    /// Copy snapshots a target lacks or holds damaged from a target with a good copy.
+    #[command(
+        after_help = "Examples:\n  pgferry repair --dry-run\n  pgferry repair --to scaleway --database acme"
+    )]
+    Repair(repair_verbs::RepairArgs),
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -245,6 +256,8 @@ impl Command {
             Command::Restore(a) => a.json,
             Command::Verify(a) => a.json,
             Command::Config(ConfigCommand::Check { json }) => *json,
+            Command::Check(a) => a.json,
+            Command::Repair(_) => false,
             Command::Daemon | Command::Completions { .. } | Command::Man => false,
         }
     }
@@ -289,6 +302,14 @@ async fn run_command(cli: Cli) -> Result<(), CliError> {
             crate::daemon::run(app)
                 .await
                 .map_err(|e| CliError::Failed(e.to_string()))
+        }
+        Command::Check(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            repair_verbs::check_cmd(&app, args).await
+        }
+        Command::Repair(args) => {
+            let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;
+            repair_verbs::repair_cmd(&app, args).await
         }
         Command::Prune(args) => {
             let app = App::new(config).map_err(|e| CliError::Failed(e.to_string()))?;

@@ -198,6 +198,7 @@ pub struct Config {
     #[serde(skip)]
     pub warnings: Vec<ConfigWarning>,
     pub notify: NotifyConfig,
+    pub repair: RepairConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -420,6 +421,16 @@ pub struct VerifyConfig {
     pub schedule: Option<Schedule>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
+}
+
+/// `[repair]`: when the daemon checks and repairs, and how long prune holds copies for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairConfig {
+    #[serde(serialize_with = "show::schedule")]
+    pub schedule: Schedule,
+    /// See `retention::held_for_repair`.
+    #[serde(serialize_with = "show::duration")]
+    pub grace: Duration,
 }
 
 impl Config {

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     /// Webhook for run reports (see `ops`).
     #[serde(default)]
     pub(super) notify: super::ops::RawNotify,
+    #[serde(default)]
+    pub(super) repair: RawRepair,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,4 +317,34 @@ impl Default for RawVerify {
 
 fn default_verify_url() -> RawText {
     RawText("postgres://pgferry@pg-verify.tools.svc:5432/postgres".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRepair {
+    /// When the daemon checks every target (listings) and repairs what one lacks.
+    #[serde(default = "default_repair_schedule")]
+    pub(super) schedule: Text,
+    /// How long prune keeps every copy of a snapshot that a configured target lacks, so that
+    /// repair can copy it first.
+    #[serde(default = "default_repair_grace")]
+    pub(super) grace: Text,
+}
+
+impl Default for RawRepair {
+    fn default() -> Self {
+        RawRepair {
+            schedule: default_repair_schedule(),
+            grace: default_repair_grace(),
+        }
+    }
+}
+
+/// Hourly, at half past: after the hour's backups (which start at :00, spread over 45 min).
+fn default_repair_schedule() -> Text {
+    Text("30 * * * *".into())
+}
+
+fn default_repair_grace() -> Text {
+    Text("24h".into())
 }

@@ -74,6 +74,11 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
         },
         verify,
         notify: super::ops::notify(raw.notify).map_err(|(k, m)| finding(k, m))?,
+        repair: super::RepairConfig {
+            schedule: crate::schedule::Schedule::parse(&raw.repair.schedule.0)
+                .map_err(|e| finding("repair.schedule", e.to_string()))?,
+            grace: parse_duration(&raw.repair.grace.0).map_err(|m| finding("repair.grace", m))?,
+        },
         warnings: Vec::new(),
     };
     Ok((config, cx.warnings))

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod readiness;
+pub mod repair_loop;
 pub mod scheduler;
 pub mod state;
 
@@ -158,6 +159,7 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
     );
     let checker = tokio::spawn(readiness::run(app.clone(), readiness.clone(), stop.clone()));
     let bucket_metrics = tokio::spawn(bucket_metrics_loop(app.clone(), stop.clone()));
+    let repairer = tokio::spawn(repair_loop::run(app.clone(), stop.clone()));
     let verifier = app
         .config
         .verify
@@ -185,6 +187,7 @@ pub async fn run_until(app: App, stop: CancellationToken) -> Result<(), DaemonEr
     let served = server.await;
     let _ = checker.await;
     let _ = bucket_metrics.await;
+    let _ = repairer.await;
     if let Some(v) = verifier {
         let _ = v.await;
     }

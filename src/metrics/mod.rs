@@ -60,6 +60,9 @@ pub struct Metrics {
     pub target_up: IntGaugeVec,
     /// 1 while a backup of the database runs in this process.
     pub backup_running: IntGaugeVec,
+    /// Snapshots a target lacks or holds damaged, from the last `check` (see `repair`).
+    pub target_missing_snapshots: IntGaugeVec,
+    pub repairs_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -198,9 +201,25 @@ impl Metrics {
                 sd,
             )
             .unwrap(),
+            target_missing_snapshots: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_target_missing_snapshots",
+                    "Snapshots that other targets hold and this target lacks or holds damaged, as the last check found.",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            repairs_total: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_repairs_total",
+                    "Snapshot copies repair wrote to a target, by result.",
+                ),
+                &["target", "result"],
+            )
+            .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(m.source_up.clone()),
             Box::new(m.target_up.clone()),
             Box::new(m.backup_running.clone()),
@@ -221,6 +240,8 @@ impl Metrics {
             Box::new(m.verifies_total.clone()),
             Box::new(m.retention_deleted_total.clone()),
             Box::new(m.build_info.clone()),
+            Box::new(m.target_missing_snapshots.clone()),
+            Box::new(m.repairs_total.clone()),
         ];
         for c in collectors {
             m.registry
@@ -254,6 +275,10 @@ impl Metrics {
         self.target_uploaded_bytes_total
             .with_label_values(&[target]);
         self.retention_deleted_total.with_label_values(&[target]);
+        for outcome in [Outcome::Success, Outcome::Failure] {
+            self.repairs_total
+                .with_label_values(&[target, outcome.as_str()]);
+        }
     }
 
     /// Sets a database's last-success gauges from its newest committed snapshot: what the

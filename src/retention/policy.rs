@@ -69,6 +69,9 @@ pub enum KeepReason {
     Weekly,
     /// The newest snapshot of one of the `monthly` newest UTC months that hold a snapshot.
     Monthly,
+    /// Another target lacks it and repair may still copy it from here (see
+    /// [`held_for_repair`]); only the executor adds this reason, never [`plan`].
+    RepairSource,
 }
 
 impl KeepReason {
@@ -81,6 +84,7 @@ impl KeepReason {
             KeepReason::Daily => "daily",
             KeepReason::Weekly => "weekly",
             KeepReason::Monthly => "monthly",
+            KeepReason::RepairSource => "repair_source",
         }
     }
 }
@@ -268,6 +272,26 @@ pub fn orphan_dumps(
         .filter(|(_, last_modified)| now.signed_duration_since(*last_modified) > grace)
         .map(|(key, _)| key.clone())
         .collect()
+}
+
+/// The repair hold: whether prune must keep a snapshot's copy that its plan would delete,
+/// because the copies may be the source `repair` needs. The rule: a snapshot is held on every
+/// target that has it while some configured target lacks it (`holders` does not name every
+/// one of `configured`) and it finished less than `grace` (`[repair] grace`) before `now`.
+/// Past the grace the lack is taken as permanent (the target was dropped, or repair could not
+/// reach it for that long) and retention goes on. A snapshot dated in the future (clock skew)
+/// counts as young; a `grace` too large to represent holds everything some target lacks.
+pub fn held_for_repair(
+    holders: &[String],
+    configured: &[String],
+    finished_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> bool {
+    let lacking = configured.iter().any(|t| !holders.contains(t));
+    let young = TimeDelta::from_std(grace)
+        .map_or(true, |grace| now.signed_duration_since(finished_at) < grace);
+    lacking && young
 }
 
 #[cfg(test)]
@@ -732,5 +756,67 @@ mod tests {
     fn keep_reasons_have_stable_names() {
         assert_eq!(KeepLast.to_string(), "keep_last");
         assert_eq!(Newest.as_str(), "newest");
+    }
+
+    #[test]
+    fn the_last_copies_of_a_snapshot_another_target_lacks_are_held_for_the_grace() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let all = names(&["a", "b", "c"]);
+        let day = Duration::from_secs(24 * 3600);
+        let finished = at(2026, 11, 27, 9, 0);
+        // b lacks it: held on a and c for a day after it finished, then not.
+        assert!(held_for_repair(
+            &names(&["a", "c"]),
+            &all,
+            finished,
+            at(2026, 11, 27, 10, 0),
+            day
+        ));
+        assert!(held_for_repair(
+            &names(&["a"]),
+            &all,
+            finished,
+            at(2026, 11, 28, 8, 59),
+            day
+        ));
+        assert!(!held_for_repair(
+            &names(&["a"]),
+            &all,
+            finished,
+            at(2026, 11, 28, 9, 0),
+            day
+        ));
+        // Every target holds it: nothing to wait for.
+        assert!(!held_for_repair(
+            &all,
+            &all,
+            finished,
+            at(2026, 11, 27, 10, 0),
+            day
+        ));
+        // A holder no longer configured does not count as a lack.
+        assert!(!held_for_repair(
+            &names(&["a", "b", "c", "old"]),
+            &all,
+            finished,
+            at(2026, 11, 27, 10, 0),
+            day
+        ));
+        // Clock skew: a snapshot from the future is young.
+        assert!(held_for_repair(
+            &names(&["a"]),
+            &all,
+            at(2026, 11, 29, 0, 0),
+            finished,
+            day
+        ));
+        // A grace too large to represent holds.
+        assert!(held_for_repair(
+            &names(&["a"]),
+            &all,
+            finished,
+            at(2030, 1, 1, 0, 0),
+            Duration::MAX
+        ));
     }
 }

@@ -155,6 +155,27 @@ pub async fn prune(
             let p = retention::plan(&source.retention, &refs);
             plan.keep = p.keep.into_iter().map(|(r, why)| (r.id, why)).collect();
             plan.delete = p.delete.into_iter().map(|r| r.id).collect();
+            // The repair hold (`retention::held_for_repair`): copies another target lacks stay
+            // until repair has had `[repair] grace` to copy them.
+            let configured: Vec<String> = app.targets.iter().map(|t| t.name.clone()).collect();
+            plan.delete.retain(|id| {
+                let held = catalog
+                    .of(&source_name, &database)
+                    .find(|s| s.id() == id)
+                    .is_some_and(|s| {
+                        retention::held_for_repair(
+                            &s.targets,
+                            &configured,
+                            s.manifest.finished_at,
+                            now,
+                            app.config.repair.grace,
+                        )
+                    });
+                if held {
+                    plan.keep.push((id.clone(), vec![KeepReason::RepairSource]));
+                }
+                !held
+            });
             if !dry_run {
                 for id in &plan.delete {
                     let Some(entry) = held.iter().find(|s| s.id() == id) else {

@@ -391,3 +391,49 @@ async fn retention_keeps_the_newest_data_when_manual_ids_interleave() {
         "{left:?}"
     );
 }
+
+#[tokio::test]
+async fn the_last_copies_another_target_lacks_are_held_for_the_repair_grace() {
+    let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
+    let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
+    for id in IDS {
+        put_snapshot(&a, id).await;
+    }
+    // b holds the two newest and the oldest: it lacks IDS[1], which a's plan expires.
+    for id in [IDS[0], IDS[2], IDS[3]] {
+        put_snapshot(&b, id).await;
+    }
+    let app = app(vec![a.clone(), b.clone()]);
+    let finished = sample().finished_at;
+    let grace = app.config.repair.grace;
+    let run = |now| {
+        let app = app.clone();
+        async move {
+            prune(
+                &app,
+                &Selection::default(),
+                &|_, _| None,
+                now,
+                Duration::ZERO,
+                false,
+            )
+            .await
+        }
+    };
+
+    // An hour after it finished: a keeps IDS[1] for repair; IDS[0] is on both, so it goes
+    // from a (and from b, whose plan expires it too).
+    let r = run(finished + chrono::TimeDelta::hours(1)).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let plan_a = r.plans.iter().find(|p| p.target == "a").unwrap();
+    assert_eq!(plan_a.delete, vec![IDS[0]]);
+    assert!(plan_a
+        .keep
+        .contains(&(IDS[1].to_string(), vec![KeepReason::RepairSource])));
+    assert!(keys(&a).await.iter().any(|k| k.contains(IDS[1])));
+
+    // Past the grace the lack counts as permanent: retention goes on.
+    let r = run(finished + chrono::TimeDelta::from_std(grace).unwrap()).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(keys(&a).await.iter().all(|k| !k.contains(IDS[1])));
+}

@@ -12,6 +12,7 @@ mod notify;
 mod ops;
 mod production_guard;
 mod redaction;
+mod repair;
 mod restore;
 mod restore_signals;
 mod retention;

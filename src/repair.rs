@@ -1,0 +1,702 @@
+//! `repair`: copies each snapshot a target is missing, or holds damaged, from a target that
+//! holds a good copy.
+//!
+//! It acts on a [`check`](crate::storage::check) report. Per snapshot (one snapshot's targets
+//! in turn, so that its manifests' `targets` grow consistently; [`REPAIR_CONCURRENCY`]
+//! snapshots at once), per target to fix:
+//!
+//! 1. the object first, under the very key the manifest names (write-once keys: every holder's
+//!    manifest stays identical): GET from a holder, sha256 and byte count as the bytes pass,
+//!    cut into parts and uploaded through `upload::start` (a marked multipart upload, so that a
+//!    repair killed mid-copy leaves only an upload `prune` aborts);
+//! 2. hash and size equal to the manifest's? Complete the upload; otherwise abort it (a copy
+//!    whose hash differs is never written) and try the next holder;
+//! 3. the manifest, with `targets` naming every holder, on the repaired target; then, best
+//!    effort, the same manifest on the other holders.
+//!
+//! It never overwrites a good copy: a target that meanwhile holds a manifest naming another
+//! intact object, or the same object intact, is left alone. Memory: per copy, at most
+//! [`PARTS_IN_FLIGHT`] parts uploading plus the one being filled.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{MultipartUpload, PutPayload};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::metrics::Outcome;
+use crate::storage::catalog::{read_manifest, SnapshotEntry};
+use crate::storage::check::{CheckReport, Problem, ProblemKind};
+use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
+use crate::storage::manifest::Manifest;
+use crate::storage::target::{error_text, PartSizer, Target};
+use crate::storage::upload;
+
+/// Snapshots repaired at once: each is one GET stream and one multipart upload; two keep a
+/// link busy without starving the backups that share it.
+pub const REPAIR_CONCURRENCY: usize = 2;
+
+/// Parts of one copy uploading at once (plus the one being filled): bounds a copy's memory
+/// to three parts, as the backup pipeline's per-target queue does.
+pub const PARTS_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("target {target}: cannot read {key}: {error}; the next repair tries again or another holder")]
+    Read {
+        target: String,
+        key: String,
+        error: String,
+    },
+    #[error("target {target}: cannot write {key}: {error}; check the target, then run `pgferry repair --to {target}` again")]
+    Write {
+        target: String,
+        key: String,
+        error: String,
+    },
+    #[error("the copy of {key} on target {target} hashes to {sha256} ({size} bytes), not to the manifest's {expected}: it is damaged and was not copied; run `pgferry check --read-data`")]
+    Mismatch {
+        target: String,
+        key: String,
+        sha256: String,
+        size: u64,
+        expected: String,
+    },
+    #[error("snapshot {snapshot} has no good copy to repair target {target} from (tried: {tried}); restore it from elsewhere or let retention expire it")]
+    NoGoodCopy {
+        snapshot: String,
+        target: String,
+        tried: String,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What to repair.
+#[derive(Debug, Clone, Default)]
+pub struct RepairOptions {
+    /// Copy only from this target.
+    pub from: Option<String>,
+    /// Repair only this target.
+    pub to: Option<String>,
+    /// Plan, copy nothing.
+    pub dry_run: bool,
+}
+
+/// One copy repair made, planned, left alone, or failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Copied {
+    pub snapshot: String,
+    pub target: String,
+    /// The holder copied from (planned: the first candidate).
+    pub from: Option<String>,
+    pub bytes: u64,
+    pub result: CopyResult,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case", tag = "result", content = "detail")]
+pub enum CopyResult {
+    Copied,
+    Planned,
+    /// The target holds a good copy after all (written meanwhile): nothing written.
+    LeftAlone(String),
+    Failed(String),
+}
+
+/// What a repair run did.
+#[derive(Debug, Default, Serialize)]
+pub struct RepairReport {
+    pub copies: Vec<Copied>,
+}
+
+impl RepairReport {
+    pub fn failed(&self) -> usize {
+        self.copies
+            .iter()
+            .filter(|c| matches!(c.result, CopyResult::Failed(_)))
+            .count()
+    }
+}
+
+/// Repairs what `report` (a check) found, as `opts` selects. `copied` counts the bytes copied
+/// so far (for progress).
+pub async fn repair(
+    app: &App,
+    report: &CheckReport,
+    opts: &RepairOptions,
+    copied: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> RepairReport {
+    // (source, database, id) → the targets to fix and the targets whose copy is suspect.
+    let mut work: BTreeMap<(String, String, String), Vec<&Problem>> = BTreeMap::new();
+    for p in &report.problems {
+        work.entry((p.source.clone(), p.database.clone(), p.snapshot_id.clone()))
+            .or_default()
+            .push(p);
+    }
+    let jobs = work.into_iter().filter_map(|(key, problems)| {
+        let entry = report.expected.iter().find(|e| {
+            (
+                &e.manifest.source,
+                &e.manifest.database,
+                &e.manifest.snapshot_id,
+            ) == (&key.0, &key.1, &key.2)
+        })?;
+        Some(repair_snapshot(
+            app,
+            entry,
+            problems,
+            opts,
+            copied.clone(),
+            cancel.clone(),
+        ))
+    });
+    // Collected first: see `check` (a borrowing closure in the stream is not `Send` enough).
+    let jobs: Vec<_> = jobs.collect();
+    let copies: Vec<Vec<Copied>> = futures::stream::iter(jobs)
+        .buffer_unordered(REPAIR_CONCURRENCY)
+        .collect()
+        .await;
+    RepairReport {
+        copies: copies.into_iter().flatten().collect(),
+    }
+}
+
+async fn repair_snapshot(
+    app: &App,
+    entry: &SnapshotEntry,
+    problems: Vec<&Problem>,
+    opts: &RepairOptions,
+    copied: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) -> Vec<Copied> {
+    let m = &entry.manifest;
+    let name = format!("{}/{}/{}", m.source, m.database, m.snapshot_id);
+    let suspect: Vec<&str> = problems.iter().map(|p| p.target.as_str()).collect();
+    // Good holders: hold it, and no problem was found with their copy.
+    let mut holders: Vec<String> = entry
+        .targets
+        .iter()
+        .filter(|t| !suspect.contains(&t.as_str()))
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    for p in problems {
+        if opts.to.as_deref().is_some_and(|to| to != p.target) {
+            continue;
+        }
+        let Some(target) = app.target(&p.target) else {
+            continue;
+        };
+        let candidates: Vec<&Target> = holders
+            .iter()
+            .filter(|h| opts.from.as_deref().is_none_or(|f| f == h.as_str()))
+            .filter_map(|h| app.target(h))
+            .collect();
+        let mut done = Copied {
+            snapshot: name.clone(),
+            target: p.target.clone(),
+            from: candidates.first().map(|t| t.name.clone()),
+            bytes: m.stored_size,
+            result: CopyResult::Planned,
+        };
+        if opts.dry_run {
+            if candidates.is_empty() {
+                done.result = CopyResult::Failed("no good copy to copy from".into());
+            }
+            tracing::info!(message = "Repair would copy a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size);
+            out.push(done);
+            continue;
+        }
+        done.result = match repair_copy(
+            entry,
+            &p.kind,
+            target,
+            &candidates,
+            &holders,
+            app,
+            &copied,
+            &cancel,
+        )
+        .await
+        {
+            Ok((from, Fixed::Copied)) => {
+                holders.push(p.target.clone());
+                done.from = Some(from);
+                CopyResult::Copied
+            }
+            Ok((_, Fixed::LeftAlone(why))) => CopyResult::LeftAlone(why),
+            Err(RepairError::Cancelled) => CopyResult::Failed("cancelled".into()),
+            Err(e) => CopyResult::Failed(e.to_string()),
+        };
+        let outcome = match &done.result {
+            CopyResult::Copied => Some(Outcome::Success),
+            CopyResult::Failed(_) if !cancel.is_cancelled() => Some(Outcome::Failure),
+            _ => None,
+        };
+        if let Some(o) = outcome {
+            app.metrics
+                .repairs_total
+                .with_label_values(&[&p.target, o.as_str()])
+                .inc();
+        }
+        match &done.result {
+            CopyResult::Copied => {
+                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size)
+            }
+            CopyResult::LeftAlone(why) => {
+                tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why)
+            }
+            CopyResult::Failed(error) => {
+                tracing::warn!(message = "Repair could not copy a snapshot.", snapshot = %name, target = %p.target, error = %error)
+            }
+            CopyResult::Planned => {}
+        }
+        out.push(done);
+    }
+    out
+}
+
+enum Fixed {
+    Copied,
+    LeftAlone(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn repair_copy(
+    entry: &SnapshotEntry,
+    kind: &ProblemKind,
+    target: &Target,
+    candidates: &[&Target],
+    holders: &[String],
+    app: &App,
+    copied: &AtomicU64,
+    cancel: &CancellationToken,
+) -> Result<(String, Fixed), RepairError> {
+    let m = &entry.manifest;
+    let object = object_path(&m.object_key).ok_or_else(|| RepairError::Read {
+        target: target.name.clone(),
+        key: m.object_key.clone(),
+        error: "not a key pgferry wrote".into(),
+    })?;
+    let id = SnapshotId::parse(&m.snapshot_id).ok_or_else(|| RepairError::Read {
+        target: target.name.clone(),
+        key: m.snapshot_id.clone(),
+        error: "not a snapshot id".into(),
+    })?;
+    let manifest_key = target.at(&SnapshotKey::new(&m.source, &m.database, id).manifest());
+    if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+        return Ok((target.name.clone(), Fixed::LeftAlone(why)));
+    }
+    let mut tried = Vec::new();
+    for from in candidates {
+        if cancel.is_cancelled() {
+            return Err(RepairError::Cancelled);
+        }
+        tracing::info!(message = "Repair copying a snapshot.", snapshot_id = %m.snapshot_id, source = %m.source, database = %m.database, target = %target.name, from = %from.name, bytes = m.stored_size);
+        match copy_object(from, target, &object, m, copied, cancel).await {
+            Ok(()) => {}
+            Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
+            Err(e) => {
+                tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
+                tried.push(format!("{}: {e}", from.name));
+                continue;
+            }
+        }
+        // The object is there, whole: now the manifest, unless a good one appeared meanwhile.
+        if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+            return Ok((from.name.clone(), Fixed::LeftAlone(why)));
+        }
+        let mut repaired = m.clone();
+        repaired.targets = app
+            .targets
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|n| n == &target.name || holders.contains(n))
+            .collect();
+        let body = PutPayload::from(repaired.to_json());
+        target
+            .store
+            .put(&manifest_key, body.clone())
+            .await
+            .map_err(|e| RepairError::Write {
+                target: target.name.clone(),
+                key: manifest_key.to_string(),
+                error: error_text(&e),
+            })?;
+        for h in holders.iter().filter_map(|h| app.target(h)) {
+            rewrite_manifest(
+                h,
+                &manifest_key_on(h, &manifest_key, target),
+                m,
+                body.clone(),
+            )
+            .await;
+        }
+        return Ok((from.name.clone(), Fixed::Copied));
+    }
+    Err(RepairError::NoGoodCopy {
+        snapshot: format!("{}/{}/{}", m.source, m.database, m.snapshot_id),
+        target: target.name.clone(),
+        tried: if tried.is_empty() {
+            "no holder".into()
+        } else {
+            tried.join("; ")
+        },
+    })
+}
+
+/// The same manifest key on another target (prefixes differ).
+fn manifest_key_on(h: &Target, key_on_target: &Path, target: &Target) -> Path {
+    let prefix_len = target.folder(None, None).parts().count();
+    h.at(&Path::from_iter(key_on_target.parts().skip(prefix_len)))
+}
+
+/// Writes the updated manifest on a holder whose manifest still names the same object; a
+/// failure only leaves that holder's `targets` out of date, so it is logged.
+async fn rewrite_manifest(h: &Target, key: &Path, m: &Manifest, body: PutPayload) {
+    match read_manifest(h, key).await {
+        Ok(there) if there.object_key == m.object_key => {}
+        _ => return,
+    }
+    if let Err(error) = h.store.put(key, body).await {
+        tracing::warn!(message = "Could not update a holder's manifest targets; the copy is fine.", target = %h.name, key = %key, error = %error_text(&error));
+    }
+}
+
+/// `Some(why)` when `target` holds a manifest of the snapshot that names an intact object
+/// (listed with the manifest's size) and the check did not find that very copy damaged.
+async fn good_copy_there(
+    target: &Target,
+    manifest_key: &Path,
+    m: &Manifest,
+    kind: &ProblemKind,
+) -> Option<String> {
+    let there = read_manifest(target, manifest_key).await.ok()?;
+    let object = object_path(&there.object_key)?;
+    let head = target.store.head(&target.at(&object)).await.ok()?;
+    if head.size != there.stored_size {
+        return None;
+    }
+    let damaged_here = there.object_key == m.object_key
+        && matches!(
+            kind,
+            ProblemKind::WrongHash { .. }
+                | ProblemKind::WrongSize { .. }
+                | ProblemKind::ObjectMissing
+                | ProblemKind::Unreadable { .. }
+        );
+    (!damaged_here).then(|| {
+        format!(
+            "it holds a manifest naming the intact object {}",
+            there.object_key
+        )
+    })
+}
+
+/// Streams `object` from `from` to `to` (same relative key), checking the manifest's sha256
+/// and size before completing the upload; aborts it otherwise.
+async fn copy_object(
+    from: &Target,
+    to: &Target,
+    object: &Path,
+    m: &Manifest,
+    copied: &AtomicU64,
+    cancel: &CancellationToken,
+) -> Result<(), RepairError> {
+    let src = from.at(object);
+    let dst = to.at(object);
+    let read_err = |e: object_store::Error| RepairError::Read {
+        target: from.name.clone(),
+        key: src.to_string(),
+        error: error_text(&e),
+    };
+    let write_err = |e: object_store::Error| RepairError::Write {
+        target: to.name.clone(),
+        key: dst.to_string(),
+        error: error_text(&e),
+    };
+    let mut stream = from.store.get(&src).await.map_err(read_err)?.into_stream();
+    clear_left_upload(to, &dst).await;
+    let mut upload = upload::start(to, &dst).await.map_err(write_err)?;
+    // The size is known: one part size that fits the whole object in the target's limit.
+    let fits = m
+        .stored_size
+        .div_ceil(u64::from(to.max_parts.max(1)))
+        .next_multiple_of(1 << 20);
+    let part = PartSizer::new(Some(m.stored_size), to.max_parts)
+        .first()
+        .max(fits) as usize;
+    let fed = async {
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut buf = BytesMut::new();
+        let mut in_flight = FuturesOrdered::new();
+        loop {
+            let chunk = tokio::select! {
+                _ = cancel.cancelled() => return Err(RepairError::Cancelled),
+                c = stream.try_next() => c.map_err(read_err)?,
+            };
+            let Some(chunk) = chunk else {
+                if !buf.is_empty() || size == 0 {
+                    let body = PutPayload::from(buf.split().freeze());
+                    send(upload.as_mut(), &mut in_flight, body)
+                        .await
+                        .map_err(write_err)?;
+                }
+                break;
+            };
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            copied.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            buf.extend_from_slice(&chunk);
+            while buf.len() >= part {
+                let body = PutPayload::from(buf.split_to(part).freeze());
+                send(upload.as_mut(), &mut in_flight, body)
+                    .await
+                    .map_err(write_err)?;
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            r.map_err(write_err)?;
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != m.sha256 || size != m.stored_size {
+            return Err(RepairError::Mismatch {
+                target: from.name.clone(),
+                key: src.to_string(),
+                sha256,
+                size,
+                expected: m.sha256.clone(),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = fed {
+        abort(to, &dst, upload.as_mut()).await;
+        return Err(e);
+    }
+    upload.complete().await.map_err(write_err)?;
+    let head = to.store.head(&dst).await.map_err(write_err)?;
+    if head.size != m.stored_size {
+        return Err(RepairError::Write {
+            target: to.name.clone(),
+            key: dst.to_string(),
+            error: format!(
+                "the completed object has {} bytes, the manifest says {}",
+                head.size, m.stored_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+async fn abort(to: &Target, dst: &Path, upload: &mut dyn MultipartUpload) {
+    if let Err(error) = upload.abort().await {
+        tracing::warn!(message = "Could not abort a repair's upload; prune will.", target = %to.name, key = %dst, error = %error_text(&error));
+    }
+}
+
+/// Aborts the upload a killed repair (or backup) left open on this very key: its marker
+/// would otherwise be overwritten by ours and the upload forgotten.
+async fn clear_left_upload(to: &Target, dst: &Path) {
+    let Some(marker) = upload::marker_key(dst) else {
+        return;
+    };
+    if to.store.head(&marker).await.is_err() {
+        return;
+    }
+    match upload::clean(to, &marker, false).await {
+        Ok(cleaned) => {
+            tracing::info!(message = "Repair cleaned an upload left by an earlier run.", target = %to.name, key = %marker, outcome = ?cleaned)
+        }
+        Err(error) => {
+            tracing::warn!(message = "Could not clean an upload left by an earlier run; prune will.", target = %to.name, key = %marker, error = %error)
+        }
+    }
+}
+
+/// Queues one part, first waiting until fewer than [`PARTS_IN_FLIGHT`] are uploading.
+async fn send(
+    upload: &mut dyn MultipartUpload,
+    in_flight: &mut FuturesOrdered<object_store::UploadPart>,
+    body: PutPayload,
+) -> Result<(), object_store::Error> {
+    while in_flight.len() >= PARTS_IN_FLIGHT {
+        if let Some(done) = in_flight.next().await {
+            done?;
+        }
+    }
+    in_flight.push_back(upload.put_part(body));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::storage::check::{self, CheckOptions};
+    use crate::storage::key::RunId;
+    use crate::storage::manifest::tests::sample;
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+
+    /// Two directory targets `a` and `b` and a source `prod` (never connected to).
+    fn app(dir: &std::path::Path) -> App {
+        let toml = format!(
+            "[[source]]\nname = \"prod\"\nurl = \"postgres://u@127.0.0.1:1/postgres\"\n\
+             [[target]]\nname = \"a\"\nurl = \"file://{0}/a\"\n\
+             [[target]]\nname = \"b\"\nurl = \"file://{0}/b\"\n",
+            dir.display()
+        );
+        let config = Config::from_str_at(&toml, &dir.join("pgferry.toml")).unwrap();
+        App::new(config).unwrap()
+    }
+
+    /// Commits a snapshot on `a` whose object holds `body`, with a manifest whose sha256 is
+    /// that of `claimed`.
+    async fn commit_on_a(app: &App, body: &[u8], claimed: &[u8]) -> Manifest {
+        let a = app.target("a").unwrap();
+        let mut m = sample();
+        let id = SnapshotId::parse(&m.snapshot_id).unwrap();
+        let key = SnapshotKey::new(&m.source, &m.database, id);
+        let object = key.dump(&RunId::random());
+        m.object_key = object.to_string();
+        m.stored_size = claimed.len() as u64;
+        m.sha256 = hex::encode(Sha256::digest(claimed));
+        m.targets = vec!["a".into()];
+        a.store
+            .put(&a.at(&object), PutPayload::from(body.to_vec()))
+            .await
+            .unwrap();
+        a.store
+            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+        m
+    }
+
+    async fn keys(t: &Target) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .store
+            .list(None)
+            .map_ok(|o| o.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    async fn run(app: &App, dry_run: bool) -> RepairReport {
+        let report = check::check(app, &CheckOptions::default()).await;
+        let opts = RepairOptions {
+            dry_run,
+            ..RepairOptions::default()
+        };
+        repair(
+            app,
+            &report,
+            &opts,
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_missing_copy_is_written_object_then_manifest_naming_every_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let body = b"zstd bytes".repeat(1000);
+        let m = commit_on_a(&app, &body, &body).await;
+        let b = app.target("b").unwrap();
+
+        let planned = run(&app, true).await;
+        assert!(matches!(
+            planned.copies[..],
+            [Copied {
+                result: CopyResult::Planned,
+                ..
+            }]
+        ));
+        assert!(keys(b).await.is_empty(), "--dry-run wrote");
+
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        let object = object_path(&m.object_key).unwrap();
+        let copied = b
+            .store
+            .get(&b.at(&object))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(copied.as_ref(), body.as_slice());
+        for t in ["a", "b"] {
+            let t = app.target(t).unwrap();
+            let key =
+                t.at(
+                    &SnapshotKey::new("prod", "acme", SnapshotId::parse(&m.snapshot_id).unwrap())
+                        .manifest(),
+                );
+            let there = read_manifest(t, &key).await.unwrap();
+            assert_eq!(there.targets, ["a", "b"]);
+            assert_eq!(there.object_key, m.object_key);
+        }
+        assert!(
+            run(&app, false).await.copies.is_empty(),
+            "a second repair found work"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_hash_differs_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let claimed = b"the bytes the manifest hashed".to_vec();
+        let mut damaged = claimed.clone();
+        damaged[3] ^= 1;
+        commit_on_a(&app, &damaged, &claimed).await;
+
+        let done = run(&app, false).await;
+        assert_eq!(done.failed(), 1, "{done:?}");
+        match &done.copies[0].result {
+            CopyResult::Failed(e) => {
+                assert!(e.contains("no good copy") && e.contains("hashes to"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            keys(app.target("b").unwrap()).await.is_empty(),
+            "a damaged copy was written"
+        );
+        assert_eq!(
+            app.metrics
+                .repairs_total
+                .with_label_values(&["b", "failure"])
+                .get(),
+            1
+        );
+    }
+}

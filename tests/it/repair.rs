@@ -1,0 +1,301 @@
+//! `pgferry check` and `pgferry repair` (issue 16), with the real binary against real
+//! PostgreSQL and Garage servers: a target down for three slots is healed byte for byte and
+//! restores alone; a flipped byte is found by `check --read-data` and healed; good copies are
+//! never rewritten; `--dry-run` changes nothing; a repair killed mid-copy leaves no manifest
+//! and the next one finishes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::env::{
+    assert_every_manifest_names_an_intact_object, corrupt_dump, get, keys, manifest_of, TestEnv,
+};
+use crate::support::garage::Garage;
+use crate::support::postgres::PgCluster;
+use crate::support::proxy::Proxy;
+
+/// Keeps every snapshot the tests take: retention is not under test here.
+const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
+
+/// Returns once the wall clock's whole second has changed (polled, bounded).
+async fn next_second() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while now() == start {
+        assert!(Instant::now() < deadline, "the clock stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every object of a store with its sha256 and e_tag (an overwrite changes the e_tag).
+async fn contents(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, (String, Option<String>)> {
+    use sha2::Digest;
+    let mut out = BTreeMap::new();
+    for k in keys(store).await {
+        let path = object_store::path::Path::from(k.as_str());
+        let head = store.head(&path).await.unwrap();
+        let bytes = get(store, &k).await;
+        out.insert(k, (hex::encode(sha2::Sha256::digest(&bytes)), head.e_tag));
+    }
+    out
+}
+
+fn manifests_and_dumps(c: &BTreeMap<String, (String, Option<String>)>) -> BTreeMap<String, String> {
+    c.iter()
+        .filter(|(k, _)| k.ends_with(".manifest.json") || k.ends_with(".dump.zst"))
+        .map(|(k, (sha, _))| (k.clone(), sha.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_alone() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let staging = PgCluster::start().await.expect("staging PostgreSQL");
+    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
+    env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
+    let (a, a_store) = env.s3_target("a").await;
+    let mut b_server = Garage::start().await.expect("second Garage");
+    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
+    let restore_target = format!(
+        "[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{PGFERRY_TEST_STAGING_PW}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\n[restore]\nspool_dir = {:?}\n",
+        staging.port(),
+        env.dir.path().join("spool").display().to_string()
+    );
+    let source = format!(
+        "{}databases = [\"acme\"]\n{KEEP_ALL}",
+        env.source_toml("prod")
+    );
+    let config = env.write_config(&format!("{source}{a}{b}{restore_target}"));
+    env.pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+
+    b_server.stop().await.unwrap();
+    let mut missed = Vec::new();
+    for _ in 0..3 {
+        // `--force` names a snapshot by the current second: one per second at most.
+        next_second().await;
+        missed.push(
+            env.pgferry(&config, &["backup", "--force"])
+                .await
+                .snapshot_id(),
+        );
+    }
+    b_server.start_again().await.unwrap();
+
+    let check = env.pgferry(&config, &["check"]).await;
+    check.assert_code(1);
+    for id in &missed {
+        assert!(check.stdout.contains(id.as_str()), "{}", check.stdout);
+    }
+    assert!(
+        check.stdout.contains("run `pgferry repair --to b`"),
+        "{}",
+        check.stdout
+    );
+
+    // --dry-run plans the three copies and writes nothing.
+    let before = (contents(&a_store).await, contents(&b_store).await);
+    let dry = env.pgferry(&config, &["repair", "--dry-run"]).await;
+    dry.assert_code(0);
+    assert_eq!(
+        dry.stdout.matches("would copy").count(),
+        3,
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(before, (contents(&a_store).await, contents(&b_store).await));
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    run.assert_code(0);
+    assert_eq!(run.stdout.matches("copied ").count(), 3, "{}", run.stdout);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+
+    // b holds every snapshot a holds, byte for byte (manifests too: same keys, same targets);
+    // a's copies were not rewritten.
+    let (after_a, after_b) = (contents(&a_store).await, contents(&b_store).await);
+    assert_eq!(manifests_and_dumps(&after_a), manifests_and_dumps(&after_b));
+    for (k, (sha, etag)) in &before.0 {
+        if k.ends_with(".dump.zst") {
+            assert_eq!(
+                after_a.get(k),
+                Some(&(sha.clone(), etag.clone())),
+                "{k} rewritten"
+            );
+        }
+    }
+    for m in assert_every_manifest_names_an_intact_object(&b_store).await {
+        let m = manifest_of(&get(&b_store, &m).await);
+        assert_eq!(m["targets"], serde_json::json!(["a", "b"]), "{m}");
+    }
+    // A second repair has nothing to do and writes nothing.
+    let again = env.pgferry(&config, &["repair"]).await;
+    again.assert_code(0);
+    assert_eq!(contents(&b_store).await, after_b);
+
+    // Restorable from b alone.
+    let only_b = env.write_config(&format!("{source}{b}{restore_target}"));
+    let newest = missed.last().unwrap();
+    let restore = env
+        .pgferry(
+            &only_b,
+            &[
+                "restore",
+                "--source",
+                "prod",
+                "--database",
+                "acme",
+                "--to",
+                "staging-acme",
+                "--snapshot",
+                newest,
+            ],
+        )
+        .await;
+    restore.assert_code(0);
+    assert_eq!(
+        staging.table_fingerprints("acme").await.unwrap(),
+        env.pg.table_fingerprints("acme").await.unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_is_found_by_read_data_and_healed_without_touching_the_good_copy() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (a, a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
+        env.source_toml("prod")
+    ));
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    corrupt_dump(&b_store, &id).await;
+    let good = contents(&a_store).await;
+
+    // Listings cannot see a same-size flip; reading can.
+    env.pgferry(&config, &["check"]).await.assert_code(0);
+    let check = env
+        .pgferry(&config, &["check", "--read-data", "--json"])
+        .await;
+    check.assert_code(1);
+    let report: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(problems[0]["target"], "b");
+    assert_eq!(problems[0]["kind"], "wrong_hash");
+    assert_eq!(problems[0]["snapshot_id"], id.as_str());
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("copied ") && run.stdout.contains(" to b from a"),
+        "{}",
+        run.stdout
+    );
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    // The good copy was never rewritten.
+    assert_eq!(contents(&a_store).await, good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
+        )
+        .await
+        .unwrap();
+    let (a, _a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let proxy = Proxy::start(&env.s3.endpoint()).await;
+    proxy.throttle_up(256 * 1024);
+    let source = format!(
+        "{}databases = [\"big\"]\n{KEEP_ALL}",
+        env.source_toml("prod")
+    );
+    let only_a = env.write_config(&format!("{source}{a}"));
+    let id = env
+        .pgferry(&only_a, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+
+    let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
+    // Kill it once a good part of the object went up, well before the end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while proxy.bytes_up() < 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the copy never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "repair ended before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let log = log.await.unwrap();
+    assert!(log.contains("Repair copying a snapshot."), "{log}");
+    let left = keys(&b_store).await;
+    assert!(
+        left.iter()
+            .all(|k| !k.ends_with(".manifest.json") && !k.ends_with(".dump.zst")),
+        "a killed repair left a manifest or an object: {left:?}"
+    );
+    let marker = left
+        .iter()
+        .find(|k| k.ends_with(".upload.json"))
+        .unwrap_or_else(|| panic!("no upload marker: {left:?}"));
+    assert!(manifest_of(&get(&b_store, marker).await)["upload_id"].is_string());
+
+    proxy.throttle_up(0);
+    let run = env.pgferry(&slow_b, &["repair"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains(&id), "{}", run.stdout);
+    env.pgferry(&slow_b, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    let after = keys(&b_store).await;
+    assert!(
+        after.iter().all(|k| !k.ends_with(".upload.json")),
+        "{after:?}"
+    );
+    assert_eq!(
+        assert_every_manifest_names_an_intact_object(&b_store)
+            .await
+            .len(),
+        1
+    );
+}
