@@ -30,8 +30,15 @@ pub(crate) async fn restore_cmd(app: &App, args: RestoreArgs) -> Result<(), CliE
             move |secs| {
                 let stored = progress.stored_bytes.load(Ordering::Relaxed);
                 let raw = progress.raw_bytes.load(Ordering::Relaxed);
+                let total = progress.total_stored_bytes.load(Ordering::Relaxed);
+                // The size is known from the manifest: say how far along the download is.
+                let percent = if total > 0 {
+                    format!(" ({:.0}%)", 100.0 * stored as f64 / total as f64)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{} read, {} restored, {}/s",
+                    "{} read{percent}, {} restored, {}/s",
                     human_bytes(stored),
                     human_bytes(raw),
                     human_bytes((stored as f64 / secs) as u64)

@@ -48,6 +48,8 @@ pub struct LoadProgress {
     pub stored_bytes: AtomicU64,
     /// Decompressed bytes handed to pg_restore or the spool.
     pub raw_bytes: AtomicU64,
+    /// The stored size of the object being read (from its manifest), for a percentage.
+    pub total_stored_bytes: AtomicU64,
 }
 
 /// Why one attempt failed. [`LoadError::is_bad_copy`] says whether another target may do better.
@@ -148,6 +150,9 @@ async fn open(
         }
     })?;
     let key = target.at(&object);
+    progress
+        .total_stored_bytes
+        .store(manifest.stored_size, Ordering::Relaxed);
     let got = target
         .store
         .get(&key)
