@@ -2,8 +2,9 @@
 //! every connection of pgferry goes through (`source::connect`).
 //!
 //! tokio-postgres knows only `disable`, `prefer` and `require`, and no certificate files, so
-//! [`split_params`] takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a connection
-//! string before the rest is handed to `tokio_postgres::Config`. [`PgTls`] keeps them: the
+//! `source::conninfo` takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a
+//! connection string ([`PgTls::from_pairs`]) before the rest is handed to
+//! `tokio_postgres::Config`. [`PgTls`] keeps them: the
 //! connector is built from it ([`PgTls::connector`]), and pg_dump/pg_restore receive the same
 //! settings as `PGSSL*` variables ([`PgTls::libpq_env`]), so the tools and our own connections
 //! agree on what is verified.
@@ -202,49 +203,6 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .map_err(|e| format!("sslkey {} is not a PEM private key: {e}", path.display()))
 }
 
-/// Connection-string parameters this module owns.
-const OWN_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
-
-/// Splits a connection string (`postgres://…?k=v&…` or `k=v k='v w' …`) into the string
-/// without the `ssl*` parameters of [`OWN_PARAMS`], for tokio-postgres, and their settings.
-/// Every other parameter is left exactly as written.
-pub fn split_params(raw: &str) -> Result<(String, PgTls), String> {
-    let mut found: Vec<(String, String)> = Vec::new();
-    let rest = if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
-        match raw.split_once('?') {
-            None => raw.to_string(),
-            Some((base, query)) => {
-                let mut kept = Vec::new();
-                for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    let key = percent_decode(k)?;
-                    if OWN_PARAMS.contains(&key.as_str()) {
-                        found.push((key, percent_decode(v)?));
-                    } else {
-                        kept.push(pair);
-                    }
-                }
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-        }
-    } else {
-        let mut kept = Vec::new();
-        for (key, value, text) in key_values(raw)? {
-            if OWN_PARAMS.contains(&key.as_str()) {
-                found.push((key, value));
-            } else {
-                kept.push(text);
-            }
-        }
-        kept.join(" ")
-    };
-    Ok((rest, PgTls::from_pairs(found)?))
-}
-
 impl PgTls {
     /// The TLS settings from libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` pairs (any
     /// other key is ignored): `source::conninfo` hands over what it parsed.
@@ -273,140 +231,14 @@ fn non_empty_path(value: String) -> Option<PathBuf> {
     (!value.is_empty()).then(|| PathBuf::from(value))
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| "invalid percent-encoding in the URL's parameters".to_string())?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "the URL's parameters are not UTF-8".to_string())
-}
-
-/// The `key = value` pairs of a libpq key/value string, as tokio-postgres reads them (values
-/// may be single-quoted, `\` escapes), each with its text as written.
-fn key_values(raw: &str) -> Result<Vec<(String, String, String)>, String> {
-    let chars: Vec<char> = raw.chars().collect();
-    let mut i = 0;
-    let mut out = Vec::new();
-    let skip_ws = |i: &mut usize| {
-        while *i < chars.len() && chars[*i].is_whitespace() {
-            *i += 1;
-        }
-    };
-    loop {
-        skip_ws(&mut i);
-        if i >= chars.len() {
-            return Ok(out);
-        }
-        let start = i;
-        while i < chars.len() && !chars[i].is_whitespace() && chars[i] != '=' {
-            i += 1;
-        }
-        let key: String = chars[start..i].iter().collect();
-        skip_ws(&mut i);
-        if i >= chars.len() || chars[i] != '=' {
-            return Err(format!(
-                "expected `=` after {key:?} in the connection string"
-            ));
-        }
-        i += 1;
-        skip_ws(&mut i);
-        let mut value = String::new();
-        if i < chars.len() && chars[i] == '\'' {
-            i += 1;
-            loop {
-                match chars.get(i) {
-                    None => return Err(format!("unterminated quoted value of {key:?}")),
-                    Some('\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some('\\') => {
-                        if let Some(c) = chars.get(i + 1) {
-                            value.push(*c);
-                        }
-                        i += 2;
-                    }
-                    Some(c) => {
-                        value.push(*c);
-                        i += 1;
-                    }
-                }
-            }
-        } else {
-            while i < chars.len() && !chars[i].is_whitespace() {
-                if chars[i] == '\\' {
-                    if let Some(c) = chars.get(i + 1) {
-                        value.push(*c);
-                    }
-                    i += 2;
-                } else {
-                    value.push(chars[i]);
-                    i += 1;
-                }
-            }
-        }
-        let text: String = chars[start..i.min(chars.len())].iter().collect();
-        out.push((key, value, text));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn split(raw: &str) -> (String, PgTls) {
-        split_params(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
-    }
-
-    #[test]
-    fn url_parameters_are_taken_out_and_the_rest_kept_as_written() {
-        let (rest, tls) = split(
-            "postgres://u:p%40ss@db.svc:5432/postgres?sslmode=verify-full&application_name=x%20y&sslrootcert=%2Fetc%2Fca.pem",
-        );
-        assert_eq!(
-            rest,
-            "postgres://u:p%40ss@db.svc:5432/postgres?application_name=x%20y"
-        );
-        assert_eq!(tls.mode, SslMode::VerifyFull);
-        assert_eq!(tls.root_cert.as_deref(), Some(Path::new("/etc/ca.pem")));
-        assert_eq!(tls.client_cert, None);
-
-        let (rest, tls) = split("postgresql://h/db?sslmode=require");
-        assert_eq!(rest, "postgresql://h/db");
-        assert_eq!(tls.mode, SslMode::Require);
-
-        let (rest, tls) = split("postgres://h/db");
-        assert_eq!(rest, "postgres://h/db");
-        assert_eq!(tls, PgTls::default());
-        assert_eq!(tls.mode, SslMode::Prefer, "libpq's default");
-    }
-
-    #[test]
-    fn key_value_strings_keep_quoting() {
-        let (rest, tls) = split(
-            "host=db.svc password='a b\\'c' sslmode = verify-ca sslrootcert='/etc/my ca.pem' dbname=x sslcert=/c.pem sslkey=/k.pem",
-        );
-        assert_eq!(rest, "host=db.svc password='a b\\'c' dbname=x");
-        assert_eq!(tls.mode, SslMode::VerifyCa);
-        assert_eq!(tls.root_cert.as_deref(), Some(Path::new("/etc/my ca.pem")));
-        assert_eq!(tls.client_cert.as_deref(), Some(Path::new("/c.pem")));
-        assert_eq!(tls.client_key.as_deref(), Some(Path::new("/k.pem")));
-        let cfg: tokio_postgres::Config = rest.parse().expect("tokio-postgres takes the rest");
-        assert_eq!(cfg.get_password(), Some(&b"a b'c"[..]));
-        assert!(split_params("host=x sslmode='verify-full").is_err());
+    /// The TLS settings of a connection string, parsed as pgferry parses every one.
+    fn split(raw: &str) -> ((), PgTls) {
+        let url = crate::config::PgUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+        ((), url.tls)
     }
 
     #[test]
@@ -421,12 +253,13 @@ mod tests {
         ] {
             assert_eq!(SslMode::parse(m).unwrap().as_str(), m);
         }
-        let e = split_params("postgres://h/db?sslmode=verify_full").unwrap_err();
+        let pair = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let e = PgTls::from_pairs(pair("sslmode", "verify_full")).unwrap_err();
         assert!(
             e.contains("verify_full") && e.contains("verify-full"),
             "{e}"
         );
-        let e = split_params("postgres://h/db?sslrootcert=system").unwrap_err();
+        let e = PgTls::from_pairs(pair("sslrootcert", "system")).unwrap_err();
         assert!(e.contains("not supported"), "{e}");
     }
 
