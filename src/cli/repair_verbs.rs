@@ -87,10 +87,14 @@ pub(super) async fn check_cmd(app: &App, args: CheckArgs) -> Result<(), CliError
     };
     let report = check::check(app, &opts).await;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("a report serializes")
-        );
+        // One compact object on the last line, like every verb's --json.
+        let mut v = serde_json::to_value(&report).expect("a report serializes");
+        v["result"] = serde_json::json!(if report.is_clean() {
+            "success"
+        } else {
+            "failure"
+        });
+        super::output::json_line(&v);
     } else {
         for p in &report.problems {
             println!("{p}");
