@@ -120,6 +120,22 @@ pub async fn prune(
         let Some(source) = app.config.source(&source_name) else {
             continue;
         };
+        // What the policy keeps over every target's snapshots together: only those are worth
+        // holding for repair (repair copies exactly these; a snapshot the policy expires
+        // everywhere is not held because a target lacks it).
+        let everywhere: Vec<SnapshotRef> = catalog
+            .of(&source_name, &database)
+            .map(|s| SnapshotRef {
+                id: s.id().to_string(),
+                time: s.data_time(),
+            })
+            .collect();
+        let kept_overall: std::collections::HashSet<String> =
+            retention::plan(&source.retention, &everywhere)
+                .keep
+                .into_iter()
+                .map(|(r, _)| r.id)
+                .collect();
         for t in app.targets.iter() {
             if catalog.unreachable.iter().any(|(n, _)| n == &t.name) {
                 continue;
@@ -163,13 +179,14 @@ pub async fn prune(
                     .of(&source_name, &database)
                     .find(|s| s.id() == id)
                     .is_some_and(|s| {
-                        retention::held_for_repair(
-                            &s.targets,
-                            &configured,
-                            s.manifest.finished_at,
-                            now,
-                            app.config.repair.grace,
-                        )
+                        kept_overall.contains(id)
+                            && retention::held_for_repair(
+                                &s.targets,
+                                &configured,
+                                s.manifest.finished_at,
+                                now,
+                                app.config.repair.grace,
+                            )
                     });
                 if held {
                     plan.keep.push((id.clone(), vec![KeepReason::RepairSource]));

@@ -393,7 +393,7 @@ async fn retention_keeps_the_newest_data_when_manual_ids_interleave() {
 }
 
 #[tokio::test]
-async fn the_last_copies_another_target_lacks_are_held_for_the_repair_grace() {
+async fn a_snapshot_the_policy_expires_everywhere_is_not_held_for_repair() {
     let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
     let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
     for id in IDS {
@@ -405,7 +405,6 @@ async fn the_last_copies_another_target_lacks_are_held_for_the_repair_grace() {
     }
     let app = app(vec![a.clone(), b.clone()]);
     let finished = sample().finished_at;
-    let grace = app.config.repair.grace;
     let run = |now| {
         let app = app.clone();
         async move {
@@ -421,19 +420,16 @@ async fn the_last_copies_another_target_lacks_are_held_for_the_repair_grace() {
         }
     };
 
-    // An hour after it finished: a keeps IDS[1] for repair; IDS[0] is on both, so it goes
-    // from a (and from b, whose plan expires it too).
+    // b lacks IDS[1], but the policy over every target's snapshots together (keep_last = 2)
+    // expires it: repair would never copy it, so it is not held (two targets each lacking
+    // an expired snapshot the other pruned would otherwise hold each other's for the grace).
     let r = run(finished + chrono::TimeDelta::hours(1)).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let plan_a = r.plans.iter().find(|p| p.target == "a").unwrap();
-    assert_eq!(plan_a.delete, vec![IDS[0]]);
+    assert_eq!(plan_a.delete, vec![IDS[1], IDS[0]]);
     assert!(plan_a
         .keep
-        .contains(&(IDS[1].to_string(), vec![KeepReason::RepairSource])));
-    assert!(keys(&a).await.iter().any(|k| k.contains(IDS[1])));
-
-    // Past the grace the lack counts as permanent: retention goes on.
-    let r = run(finished + chrono::TimeDelta::from_std(grace).unwrap()).await;
-    assert!(r.errors.is_empty(), "{:?}", r.errors);
+        .iter()
+        .all(|(_, why)| !why.contains(&KeepReason::RepairSource)));
     assert!(keys(&a).await.iter().all(|k| !k.contains(IDS[1])));
 }

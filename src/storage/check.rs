@@ -207,7 +207,25 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
                 continue;
             };
             if !entry.targets.contains(&t.name) {
-                if !holds_other_attempt(t, entry, listed) {
+                // A manifest of the slot that the catalog refused (its object is gone or of
+                // another size, or it names something else) is a damaged copy, not another
+                // attempt: repair must replace it.
+                let refused = catalog.unreadable.iter().find(|u| {
+                    u.target == t.name && Some(&u.key) == manifest_key(t, entry).as_ref()
+                });
+                if let Some(refused) = refused {
+                    let kind = match listed.get(&t.at(&object)) {
+                        None => ProblemKind::ObjectMissing,
+                        Some(&size) if size != m.stored_size => ProblemKind::WrongSize {
+                            size,
+                            expected: m.stored_size,
+                        },
+                        Some(_) => ProblemKind::Unreadable {
+                            error: refused.error.clone(),
+                        },
+                    };
+                    report.problems.push(problem(&t.name, kind));
+                } else if !holds_other_attempt(t, entry, listed) {
                     report.problems.push(problem(&t.name, ProblemKind::Missing));
                 }
                 continue;
@@ -309,12 +327,14 @@ pub fn expected(app: &App, snapshots: &[SnapshotEntry]) -> Vec<SnapshotEntry> {
 /// Whether `t` has a manifest of this snapshot that the catalog set aside because it names
 /// another attempt's object (that object listed): a copy, not a gap.
 fn holds_other_attempt(t: &Target, entry: &SnapshotEntry, listed: &HashMap<Path, u64>) -> bool {
+    manifest_key(t, entry).is_some_and(|k| listed.contains_key(&k))
+}
+
+/// The full key of `entry`'s manifest on `t`.
+fn manifest_key(t: &Target, entry: &SnapshotEntry) -> Option<Path> {
     let m = &entry.manifest;
-    let Some(id) = SnapshotId::parse(&m.snapshot_id) else {
-        return false;
-    };
-    let key = SnapshotKey::new(&m.source, &m.database, id);
-    listed.contains_key(&t.at(&key.manifest()))
+    let id = SnapshotId::parse(&m.snapshot_id)?;
+    Some(t.at(&SnapshotKey::new(&m.source, &m.database, id).manifest()))
 }
 
 /// Every object under the selected folders of `t`, with its size (full keys).
