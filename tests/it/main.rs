@@ -18,6 +18,7 @@ mod restore_signals;
 mod retention;
 mod review13;
 mod review2;
+mod review3;
 mod security;
 mod source_faults;
 mod spool_faults;

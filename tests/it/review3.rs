@@ -1,0 +1,384 @@
+//! Hostile review of `pgferry check` and `pgferry repair` (issue 16) against real PostgreSQL
+//! and Garage servers: corrupt sources, crafted manifests, unknown targets, concurrent and
+//! killed repairs, prune's repair hold, and the truth of check's exit code and messages.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::{path::Path as OPath, ObjectStore, PutPayload};
+
+use crate::support::env::{
+    assert_every_manifest_names_an_intact_object, corrupt_dump, dump_key, get, keys, manifest_of,
+    TestEnv,
+};
+use crate::support::garage::Garage;
+use crate::support::proxy::Proxy;
+
+const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
+
+async fn next_second() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while now() == start {
+        assert!(Instant::now() < deadline, "the clock stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn contents(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    let mut out = BTreeMap::new();
+    for k in keys(store).await {
+        let bytes = get(store, &k).await;
+        out.insert(k, hex::encode(sha2::Sha256::digest(&bytes)));
+    }
+    out
+}
+
+/// The first JSON document of `--json` stdout (the report; an error line may follow).
+fn first_json(out: &str) -> serde_json::Value {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<serde_json::Value>()
+        .next()
+        .unwrap_or_else(|| panic!("no JSON: {out}"))
+        .unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn manifest_key(all: &[String], id: &str) -> String {
+    all.iter()
+        .find(|k| k.ends_with(&format!("/{id}.manifest.json")))
+        .unwrap_or_else(|| panic!("no manifest of {id}: {all:?}"))
+        .clone()
+}
+
+/// Removes the snapshot's manifest and object from `store`: the target lacks it.
+async fn remove_snapshot(store: &Arc<dyn ObjectStore>, id: &str) {
+    let object = dump_key(store, id).await;
+    let manifest = manifest_key(&keys(store).await, id);
+    store.delete(&OPath::from(manifest.as_str())).await.unwrap();
+    store.delete(&OPath::from(object.as_str())).await.unwrap();
+}
+
+async fn two_targets(env: &TestEnv, dbs: &str) -> (std::path::PathBuf, Arc<dyn ObjectStore>, Arc<dyn ObjectStore>) {
+    let (a, a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [{dbs}]\n{KEEP_ALL}{a}{b}",
+        env.source_toml("prod")
+    ));
+    (config, a_store, b_store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    remove_snapshot(&b_store, &id).await;
+    corrupt_dump(&a_store, &id).await;
+    let before_a = contents(&a_store).await;
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    assert_ne!(run.code, 0, "repair copied from a corrupt source:\n{}", run.output());
+    let b_keys = keys(&b_store).await;
+    assert!(
+        b_keys.iter().all(|k| !k.contains(&id) || k.ends_with(".upload.json")),
+        "repair wrote something of {id} to b from a corrupt copy: {b_keys:?}\n{}",
+        run.output()
+    );
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    assert_eq!(contents(&a_store).await, before_a, "repair rewrote the source");
+    let check = env.pgferry(&config, &["check", "--read-data"]).await;
+    check.assert_code(1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_copies_corrupt_repair_writes_nothing_and_fails() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    corrupt_dump(&a_store, &id).await;
+    corrupt_dump(&b_store, &id).await;
+    let before = (contents(&a_store).await, contents(&b_store).await);
+    let run = env.pgferry(&config, &["repair"]).await;
+    assert_ne!(run.code, 0, "{}", run.output());
+    assert!(run.output().contains(&id), "{}", run.output());
+    assert_eq!(before, (contents(&a_store).await, contents(&b_store).await));
+    let check = env.pgferry(&config, &["check", "--read-data", "--json"]).await;
+    check.assert_code(1);
+    let report = first_json(&check.stdout);
+    let kinds: Vec<_> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![("a".into(), "wrong_hash".into()), ("b".into(), "wrong_hash".into())],
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    env.small_database("other").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\", \"other\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let all = keys(&a_store).await;
+    let acme_m = all
+        .iter()
+        .find(|k| k.contains("/acme/") && k.ends_with(&format!("/{id}.manifest.json")))
+        .unwrap()
+        .clone();
+    let other_m = all
+        .iter()
+        .find(|k| k.contains("/other/") && k.ends_with(&format!("/{id}.manifest.json")))
+        .unwrap()
+        .clone();
+    let other = manifest_of(&get(&a_store, &other_m).await);
+    let mut crafted = manifest_of(&get(&a_store, &acme_m).await);
+    for f in ["object_key", "stored_size", "sha256"] {
+        crafted[f] = other[f].clone();
+    }
+    a_store
+        .put(&OPath::from(acme_m.as_str()), PutPayload::from(serde_json::to_vec(&crafted).unwrap()))
+        .await
+        .unwrap();
+    // b lacks acme's snapshot.
+    let acme_obj_b = manifest_of(&get(&b_store, &acme_m).await)["object_key"].as_str().unwrap().to_string();
+    b_store.delete(&OPath::from(acme_m.as_str())).await.unwrap();
+    b_store.delete(&OPath::from(acme_obj_b.as_str())).await.unwrap();
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    let b_keys = keys(&b_store).await;
+    if b_keys.contains(&acme_m) {
+        let m = manifest_of(&get(&b_store, &acme_m).await);
+        assert!(
+            m["object_key"].as_str().unwrap().contains("/acme/"),
+            "repair wrote acme's manifest on b naming another database's object: {m}\n{}",
+            run.output()
+        );
+    }
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    // check must flag the crafted manifest (it names an object outside its own database).
+    let check = env.pgferry(&config, &["check"]).await;
+    assert_eq!(check.code, 1, "check passes a manifest naming another database's object:\n{}", check.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    remove_snapshot(&b_store, &id).await;
+    let before = (contents(&a_store).await, contents(&b_store).await);
+    for args in [
+        &["repair", "--from", "nosuch"][..],
+        &["repair", "--to", "nosuch"][..],
+        &["repair", "--from", "b", "--to", "b"][..],
+        &["repair", "--dry-run"][..],
+        &["repair", "--dry-run", "--to", "b"][..],
+    ] {
+        let run = env.pgferry(&config, args).await;
+        if args.contains(&"nosuch") {
+            assert_eq!(run.code, 2, "{args:?}: {}", run.output());
+            assert!(run.output().contains("nosuch"), "{args:?}: {}", run.output());
+        }
+        if args == ["repair", "--from", "b", "--to", "b"] {
+            assert_ne!(run.code, 0, "{args:?} claims success: {}", run.output());
+        }
+        assert_eq!(before, (contents(&a_store).await, contents(&b_store).await), "{args:?} changed a bucket");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_repairs_at_once_leave_every_manifest_intact() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (a, a_store) = env.s3_target("a").await;
+    let mut b_server = Garage::start().await.expect("second Garage");
+    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    b_server.stop().await.unwrap();
+    for _ in 0..3 {
+        next_second().await;
+        env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    }
+    b_server.start_again().await.unwrap();
+    let one = env.command(&config, &["repair"]).output();
+    let two = env.command(&config, &["repair"]).output();
+    let (one, two) = tokio::join!(one, two);
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let say = |o: &std::process::Output| {
+        format!("{:?}\n{}\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    assert!(
+        one.status.success() || two.status.success(),
+        "neither repair succeeded:\n{}\n{}",
+        say(&one),
+        say(&two)
+    );
+    env.pgferry(&config, &["repair"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    assert_eq!(assert_every_manifest_names_an_intact_object(&b_store).await.len(), 4);
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+    let left = keys(&b_store).await;
+    assert!(left.iter().all(|k| !k.ends_with(".upload.json")), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (a, a_store) = env.s3_target("a").await;
+    let mut b_server = Garage::start().await.expect("second Garage");
+    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
+        env.source_toml("prod")
+    ));
+    let first = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    b_server.stop().await.unwrap();
+    let mut missed = Vec::new();
+    for _ in 0..2 {
+        next_second().await;
+        missed.push(env.pgferry(&config, &["backup", "--force"]).await.snapshot_id());
+    }
+    b_server.start_again().await.unwrap();
+    let run = env.pgferry(&config, &["prune"]).await;
+    let a_keys = keys(&a_store).await;
+    for id in &missed {
+        assert!(
+            a_keys.iter().any(|k| k.ends_with(&format!("/{id}.manifest.json"))),
+            "prune deleted a's last copy of {id}, which b lacks, within the repair grace:\n{}\n{a_keys:?}",
+            run.output()
+        );
+    }
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+
+    let rep = env.pgferry(&config, &["repair"]).await;
+    rep.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    let run = env.pgferry(&config, &["prune"]).await;
+    run.assert_code(0);
+    eprintln!("REPAIR:\n{}", rep.output());
+    for store in [&a_store, &b_store] {
+        let ms = assert_every_manifest_names_an_intact_object(store).await;
+        assert_eq!(ms.len(), 1, "prune did not go on after repair: {ms:?}\n{}", run.output());
+        assert!(ms[0].ends_with(&format!("/{}.manifest.json", missed[1])), "{ms:?}");
+        assert!(!keys(store).await.iter().any(|k| k.contains(&first)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_tells_missing_object_missing_and_wrong_size_apart() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    env.pgferry(&config, &["check"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+
+    let kinds = |out: &str| -> Vec<(String, String)> {
+        let r = first_json(out);
+        r["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    // a: truncated object (size differs).
+    let obj = dump_key(&a_store, &id).await;
+    let bytes = get(&a_store, &obj).await;
+    a_store
+        .put(&OPath::from(obj.as_str()), PutPayload::from(bytes.slice(..bytes.len() - 10)))
+        .await
+        .unwrap();
+    let c = env.pgferry(&config, &["check", "--json"]).await;
+    c.assert_code(1);
+    assert_eq!(kinds(&c.stdout), vec![("a".into(), "wrong_size".into())], "{}", c.stdout);
+    let c = env.pgferry(&config, &["check"]).await;
+    c.assert_code(1);
+    assert!(c.stdout.contains(&id) && c.stdout.contains("pgferry repair"), "{}", c.stdout);
+
+    // b: object gone, manifest stays.
+    let obj_b = dump_key(&b_store, &id).await;
+    b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
+    let c = env.pgferry(&config, &["check", "--json"]).await;
+    c.assert_code(1);
+    assert_eq!(
+        kinds(&c.stdout),
+        vec![("a".into(), "wrong_size".into()), ("b".into(), "object_missing".into())],
+        "{}",
+        c.stdout
+    );
+    // No good copy anywhere: repair must say so and fail, writing nothing.
+    let before = (contents(&a_store).await, contents(&b_store).await);
+    let r = env.pgferry(&config, &["repair"]).await;
+    assert_ne!(r.code, 0, "{}", r.output());
+    assert_eq!(before, (contents(&a_store).await, contents(&b_store).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
+        )
+        .await
+        .unwrap();
+    let (a, a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let proxy = Proxy::start(&env.s3.endpoint()).await;
+    proxy.throttle_up(256 * 1024);
+    let source = format!("{}databases = [\"big\"]\n{KEEP_ALL}", env.source_toml("prod"));
+    let only_a = env.write_config(&format!("{source}{a}"));
+    let id = env.pgferry(&only_a, &["backup", "--force"]).await.snapshot_id();
+    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+    let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while proxy.bytes_up() < 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the copy never started");
+        assert!(child.try_wait().unwrap().is_none(), "repair ended before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    proxy.throttle_up(0);
+    next_second().await;
+    let id2 = env.pgferry(&slow_b, &["backup", "--force"]).await.snapshot_id();
+    let p = env.pgferry(&slow_b, &["prune"]).await;
+    p.assert_code(0);
+    assert!(keys(&a_store).await.iter().any(|k| k.contains(&id)), "{}", p.output());
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    let run = env.pgferry(&slow_b, &["repair"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains(&id), "{}", run.stdout);
+    env.pgferry(&slow_b, &["check", "--read-data"]).await.assert_code(0);
+    let ms = assert_every_manifest_names_an_intact_object(&b_store).await;
+    assert_eq!(ms.len(), 2, "{ms:?}");
+    assert!(ms.iter().any(|k| k.contains(&id2)));
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+}
