@@ -162,6 +162,7 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
     b_store.delete(&OPath::from(acme_obj_b.as_str())).await.unwrap();
 
     let run = env.pgferry(&config, &["repair"]).await;
+    eprintln!("CRAFTED REPAIR:\n{}", run.output());
     let b_keys = keys(&b_store).await;
     if b_keys.contains(&acme_m) {
         let m = manifest_of(&get(&b_store, &acme_m).await);
@@ -174,6 +175,7 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
     assert_every_manifest_names_an_intact_object(&b_store).await;
     // check must flag the crafted manifest (it names an object outside its own database).
     let check = env.pgferry(&config, &["check"]).await;
+    eprintln!("CRAFTED CHECK:\n{}", check.output());
     assert_eq!(check.code, 1, "check passes a manifest naming another database's object:\n{}", check.output());
 }
 
@@ -289,7 +291,7 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_tells_missing_object_missing_and_wrong_size_apart() {
+async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
@@ -315,27 +317,23 @@ async fn check_tells_missing_object_missing_and_wrong_size_apart() {
         .unwrap();
     let c = env.pgferry(&config, &["check", "--json"]).await;
     c.assert_code(1);
-    assert_eq!(kinds(&c.stdout), vec![("a".into(), "wrong_size".into())], "{}", c.stdout);
-    let c = env.pgferry(&config, &["check"]).await;
-    c.assert_code(1);
-    assert!(c.stdout.contains(&id) && c.stdout.contains("pgferry repair"), "{}", c.stdout);
-
-    // b: object gone, manifest stays.
-    let obj_b = dump_key(&b_store, &id).await;
-    b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
-    let c = env.pgferry(&config, &["check", "--json"]).await;
-    c.assert_code(1);
-    assert_eq!(
-        kinds(&c.stdout),
-        vec![("a".into(), "wrong_size".into()), ("b".into(), "object_missing".into())],
-        "{}",
-        c.stdout
+    let got = kinds(&c.stdout);
+    let h = env.pgferry(&config, &["check"]).await;
+    h.assert_code(1);
+    assert!(h.stdout.contains(&id) && h.stdout.contains("pgferry repair"), "{}", h.stdout);
+    // b holds a good copy: repair must replace a's truncated one (object then manifest).
+    let rep = env.pgferry(&config, &["repair"]).await;
+    let healed = env.pgferry(&config, &["check", "--read-data"]).await;
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    assert!(
+        rep.stdout.contains(" to a from b") && healed.code == 0,
+        "repair did not heal a's wrong-size copy (exit {}):\n{}\n--- check after:\n{}",
+        rep.code,
+        rep.output(),
+        healed.output()
     );
-    // No good copy anywhere: repair must say so and fail, writing nothing.
-    let before = (contents(&a_store).await, contents(&b_store).await);
-    let r = env.pgferry(&config, &["repair"]).await;
-    assert_ne!(r.code, 0, "{}", r.output());
-    assert_eq!(before, (contents(&a_store).await, contents(&b_store).await));
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+    assert_eq!(got, vec![("a".into(), "wrong_size".into())], "{}", c.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,4 +379,69 @@ async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     assert_eq!(ms.len(), 2, "{ms:?}");
     assert!(ms.iter().any(|k| k.contains(&id2)));
     assert_every_manifest_names_an_intact_object(&a_store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_missing_object_and_repair_heals_it() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let obj_b = dump_key(&b_store, &id).await;
+    b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
+    let c = env.pgferry(&config, &["check", "--json"]).await;
+    c.assert_code(1);
+    let r = first_json(&c.stdout);
+    let kinds: Vec<_> = r["problems"].as_array().unwrap().iter()
+        .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+        .collect();
+    let good = contents(&a_store).await;
+    let rep = env.pgferry(&config, &["repair"]).await;
+    rep.assert_code(0);
+    assert!(rep.stdout.contains("copied "), "repair did not heal the missing object:\n{}", rep.output());
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    assert_eq!(contents(&a_store).await, good);
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    // `--json`'s problems must name the damage (kind object_missing), not leave it to a
+    // free-text warning beside `"problems": []`.
+    assert_eq!(kinds, vec![("b".into(), "object_missing".into())], "{}", c.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_attempt_on_the_destination_is_left_alone() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    env.pg.execute("acme", "CREATE TABLE extra AS SELECT g FROM generate_series(1, 1000) g;").await.unwrap();
+    next_second().await;
+    let id2 = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    // b's copy of `id` becomes another attempt of the same slot: a self-consistent manifest
+    // naming `<id>-0000aaaa0000.dump.zst`, whose bytes differ from a's attempt.
+    use sha2::Digest;
+    let m_key = manifest_key(&keys(&b_store).await, &id);
+    let old_obj = dump_key(&b_store, &id).await;
+    let other = get(&b_store, &dump_key(&b_store, &id2).await).await;
+    let new_obj = old_obj.replace(
+        old_obj.rsplit('-').next().unwrap(),
+        "0000aaaa0000.dump.zst",
+    );
+    b_store.put(&OPath::from(new_obj.as_str()), PutPayload::from(other.clone())).await.unwrap();
+    let mut m = manifest_of(&get(&b_store, &m_key).await);
+    m["object_key"] = serde_json::json!(new_obj);
+    m["stored_size"] = serde_json::json!(other.len());
+    m["sha256"] = serde_json::json!(hex::encode(sha2::Sha256::digest(&other)));
+    b_store.put(&OPath::from(m_key.as_str()), PutPayload::from(serde_json::to_vec(&m).unwrap())).await.unwrap();
+    b_store.delete(&OPath::from(old_obj.as_str())).await.unwrap();
+    let before = (contents(&a_store).await, contents(&b_store).await);
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    assert_eq!(
+        before,
+        (contents(&a_store).await, contents(&b_store).await),
+        "repair rewrote a self-consistent copy:\n{}",
+        run.output()
+    );
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+    assert_every_manifest_names_an_intact_object(&b_store).await;
 }
