@@ -445,3 +445,38 @@ async fn a_different_attempt_on_the_destination_is_left_alone() {
     assert_every_manifest_names_an_intact_object(&a_store).await;
     assert_every_manifest_names_an_intact_object(&b_store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    // b: the manifest is gone and the object at the same key is a partial one (same attempt,
+    // a copy cut short), then a same-size flipped one.
+    let m_key = manifest_key(&keys(&b_store).await, &id);
+    let obj = dump_key(&b_store, &id).await;
+    b_store.delete(&OPath::from(m_key.as_str())).await.unwrap();
+    let bytes = get(&b_store, &obj).await;
+    b_store
+        .put(&OPath::from(obj.as_str()), PutPayload::from(bytes.slice(..bytes.len() / 2)))
+        .await
+        .unwrap();
+    let good = contents(&a_store).await;
+    let rep = env.pgferry(&config, &["repair"]).await;
+    rep.assert_code(0);
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    assert_eq!(contents(&a_store).await, good);
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+
+    // Same again with a same-size, flipped orphan (a listing cannot tell).
+    b_store.delete(&OPath::from(m_key.as_str())).await.unwrap();
+    let mut flipped = bytes.to_vec();
+    let n = flipped.len() / 2;
+    flipped[n] ^= 0xff;
+    b_store.put(&OPath::from(obj.as_str()), PutPayload::from(flipped)).await.unwrap();
+    let rep = env.pgferry(&config, &["repair"]).await;
+    rep.assert_code(0);
+    assert_every_manifest_names_an_intact_object(&b_store).await;
+    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+}
