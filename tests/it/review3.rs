@@ -66,7 +66,14 @@ async fn remove_snapshot(store: &Arc<dyn ObjectStore>, id: &str) {
     store.delete(&OPath::from(object.as_str())).await.unwrap();
 }
 
-async fn two_targets(env: &TestEnv, dbs: &str) -> (std::path::PathBuf, Arc<dyn ObjectStore>, Arc<dyn ObjectStore>) {
+async fn two_targets(
+    env: &TestEnv,
+    dbs: &str,
+) -> (
+    std::path::PathBuf,
+    Arc<dyn ObjectStore>,
+    Arc<dyn ObjectStore>,
+) {
     let (a, a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let config = env.write_config(&format!(
@@ -81,21 +88,35 @@ async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     remove_snapshot(&b_store, &id).await;
     corrupt_dump(&a_store, &id).await;
     let before_a = contents(&a_store).await;
 
     let run = env.pgferry(&config, &["repair"]).await;
-    assert_ne!(run.code, 0, "repair copied from a corrupt source:\n{}", run.output());
+    assert_ne!(
+        run.code,
+        0,
+        "repair copied from a corrupt source:\n{}",
+        run.output()
+    );
     let b_keys = keys(&b_store).await;
     assert!(
-        b_keys.iter().all(|k| !k.contains(&id) || k.ends_with(".upload.json")),
+        b_keys
+            .iter()
+            .all(|k| !k.contains(&id) || k.ends_with(".upload.json")),
         "repair wrote something of {id} to b from a corrupt copy: {b_keys:?}\n{}",
         run.output()
     );
     assert_every_manifest_names_an_intact_object(&b_store).await;
-    assert_eq!(contents(&a_store).await, before_a, "repair rewrote the source");
+    assert_eq!(
+        contents(&a_store).await,
+        before_a,
+        "repair rewrote the source"
+    );
     let check = env.pgferry(&config, &["check", "--read-data"]).await;
     check.assert_code(1);
 }
@@ -105,7 +126,10 @@ async fn both_copies_corrupt_repair_writes_nothing_and_fails() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     corrupt_dump(&a_store, &id).await;
     corrupt_dump(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
@@ -113,18 +137,28 @@ async fn both_copies_corrupt_repair_writes_nothing_and_fails() {
     assert_ne!(run.code, 0, "{}", run.output());
     assert!(run.output().contains(&id), "{}", run.output());
     assert_eq!(before, (contents(&a_store).await, contents(&b_store).await));
-    let check = env.pgferry(&config, &["check", "--read-data", "--json"]).await;
+    let check = env
+        .pgferry(&config, &["check", "--read-data", "--json"])
+        .await;
     check.assert_code(1);
     let report = first_json(&check.stdout);
     let kinds: Vec<_> = report["problems"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+        .map(|p| {
+            (
+                p["target"].as_str().unwrap().to_string(),
+                p["kind"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         kinds,
-        vec![("a".into(), "wrong_hash".into()), ("b".into(), "wrong_hash".into())],
+        vec![
+            ("a".into(), "wrong_hash".into()),
+            ("b".into(), "wrong_hash".into())
+        ],
         "{report}"
     );
 }
@@ -135,7 +169,10 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
     env.small_database("acme").await;
     env.small_database("other").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\", \"other\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     let all = keys(&a_store).await;
     let acme_m = all
         .iter()
@@ -153,13 +190,22 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
         crafted[f] = other[f].clone();
     }
     a_store
-        .put(&OPath::from(acme_m.as_str()), PutPayload::from(serde_json::to_vec(&crafted).unwrap()))
+        .put(
+            &OPath::from(acme_m.as_str()),
+            PutPayload::from(serde_json::to_vec(&crafted).unwrap()),
+        )
         .await
         .unwrap();
     // b lacks acme's snapshot.
-    let acme_obj_b = manifest_of(&get(&b_store, &acme_m).await)["object_key"].as_str().unwrap().to_string();
+    let acme_obj_b = manifest_of(&get(&b_store, &acme_m).await)["object_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     b_store.delete(&OPath::from(acme_m.as_str())).await.unwrap();
-    b_store.delete(&OPath::from(acme_obj_b.as_str())).await.unwrap();
+    b_store
+        .delete(&OPath::from(acme_obj_b.as_str()))
+        .await
+        .unwrap();
 
     let run = env.pgferry(&config, &["repair"]).await;
     eprintln!("CRAFTED REPAIR:\n{}", run.output());
@@ -176,7 +222,12 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
     // check must flag the crafted manifest (it names an object outside its own database).
     let check = env.pgferry(&config, &["check"]).await;
     eprintln!("CRAFTED CHECK:\n{}", check.output());
-    assert_eq!(check.code, 1, "check passes a manifest naming another database's object:\n{}", check.output());
+    assert_eq!(
+        check.code,
+        1,
+        "check passes a manifest naming another database's object:\n{}",
+        check.output()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +235,10 @@ async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     remove_snapshot(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
     for args in [
@@ -197,12 +251,20 @@ async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
         let run = env.pgferry(&config, args).await;
         if args.contains(&"nosuch") {
             assert_eq!(run.code, 2, "{args:?}: {}", run.output());
-            assert!(run.output().contains("nosuch"), "{args:?}: {}", run.output());
+            assert!(
+                run.output().contains("nosuch"),
+                "{args:?}: {}",
+                run.output()
+            );
         }
         if args == ["repair", "--from", "b", "--to", "b"] {
             assert_ne!(run.code, 0, "{args:?} claims success: {}", run.output());
         }
-        assert_eq!(before, (contents(&a_store).await, contents(&b_store).await), "{args:?} changed a bucket");
+        assert_eq!(
+            before,
+            (contents(&a_store).await, contents(&b_store).await),
+            "{args:?} changed a bucket"
+        );
     }
 }
 
@@ -217,11 +279,15 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
         "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
         env.source_toml("prod")
     ));
-    env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    env.pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     b_server.stop().await.unwrap();
     for _ in 0..3 {
         next_second().await;
-        env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+        env.pgferry(&config, &["backup", "--force"])
+            .await
+            .snapshot_id();
     }
     b_server.start_again().await.unwrap();
     let one = env.command(&config, &["repair"]).output();
@@ -229,7 +295,12 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
     let (one, two) = tokio::join!(one, two);
     let (one, two) = (one.unwrap(), two.unwrap());
     let say = |o: &std::process::Output| {
-        format!("{:?}\n{}\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        format!(
+            "{:?}\n{}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
     };
     assert!(
         one.status.success() || two.status.success(),
@@ -238,11 +309,21 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
         say(&two)
     );
     env.pgferry(&config, &["repair"]).await.assert_code(0);
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
-    assert_eq!(assert_every_manifest_names_an_intact_object(&b_store).await.len(), 4);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    assert_eq!(
+        assert_every_manifest_names_an_intact_object(&b_store)
+            .await
+            .len(),
+        4
+    );
     assert_every_manifest_names_an_intact_object(&a_store).await;
     let left = keys(&b_store).await;
-    assert!(left.iter().all(|k| !k.ends_with(".upload.json")), "{left:?}");
+    assert!(
+        left.iter().all(|k| !k.ends_with(".upload.json")),
+        "{left:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,12 +337,19 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
         "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
         env.source_toml("prod")
     ));
-    let first = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let first = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     b_server.stop().await.unwrap();
     let mut missed = Vec::new();
     for _ in 0..2 {
         next_second().await;
-        missed.push(env.pgferry(&config, &["backup", "--force"]).await.snapshot_id());
+        missed.push(
+            env.pgferry(&config, &["backup", "--force"])
+                .await
+                .snapshot_id(),
+        );
     }
     b_server.start_again().await.unwrap();
     let run = env.pgferry(&config, &["prune"]).await;
@@ -278,14 +366,24 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
 
     let rep = env.pgferry(&config, &["repair"]).await;
     rep.assert_code(0);
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
     let run = env.pgferry(&config, &["prune"]).await;
     run.assert_code(0);
     eprintln!("REPAIR:\n{}", rep.output());
     for store in [&a_store, &b_store] {
         let ms = assert_every_manifest_names_an_intact_object(store).await;
-        assert_eq!(ms.len(), 1, "prune did not go on after repair: {ms:?}\n{}", run.output());
-        assert!(ms[0].ends_with(&format!("/{}.manifest.json", missed[1])), "{ms:?}");
+        assert_eq!(
+            ms.len(),
+            1,
+            "prune did not go on after repair: {ms:?}\n{}",
+            run.output()
+        );
+        assert!(
+            ms[0].ends_with(&format!("/{}.manifest.json", missed[1])),
+            "{ms:?}"
+        );
         assert!(!keys(store).await.iter().any(|k| k.contains(&first)));
     }
 }
@@ -295,9 +393,14 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     env.pgferry(&config, &["check"]).await.assert_code(0);
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
 
     let kinds = |out: &str| -> Vec<(String, String)> {
         let r = first_json(out);
@@ -305,14 +408,22 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+            .map(|p| {
+                (
+                    p["target"].as_str().unwrap().to_string(),
+                    p["kind"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     };
     // a: truncated object (size differs).
     let obj = dump_key(&a_store, &id).await;
     let bytes = get(&a_store, &obj).await;
     a_store
-        .put(&OPath::from(obj.as_str()), PutPayload::from(bytes.slice(..bytes.len() - 10)))
+        .put(
+            &OPath::from(obj.as_str()),
+            PutPayload::from(bytes.slice(..bytes.len() - 10)),
+        )
         .await
         .unwrap();
     let c = env.pgferry(&config, &["check", "--json"]).await;
@@ -320,7 +431,11 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
     let got = kinds(&c.stdout);
     let h = env.pgferry(&config, &["check"]).await;
     h.assert_code(1);
-    assert!(h.stdout.contains(&id) && h.stdout.contains("pgferry repair"), "{}", h.stdout);
+    assert!(
+        h.stdout.contains(&id) && h.stdout.contains("pgferry repair"),
+        "{}",
+        h.stdout
+    );
     // b holds a good copy: repair must replace a's truncated one (object then manifest).
     let rep = env.pgferry(&config, &["repair"]).await;
     let healed = env.pgferry(&config, &["check", "--read-data"]).await;
@@ -351,30 +466,48 @@ async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     let (b, b_store) = env.s3_target("b").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
     proxy.throttle_up(256 * 1024);
-    let source = format!("{}databases = [\"big\"]\n{KEEP_ALL}", env.source_toml("prod"));
+    let source = format!(
+        "{}databases = [\"big\"]\n{KEEP_ALL}",
+        env.source_toml("prod")
+    );
     let only_a = env.write_config(&format!("{source}{a}"));
-    let id = env.pgferry(&only_a, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&only_a, &["backup", "--force"])
+        .await
+        .snapshot_id();
     let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
     let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while proxy.bytes_up() < 1024 * 1024 {
         assert!(Instant::now() < deadline, "the copy never started");
-        assert!(child.try_wait().unwrap().is_none(), "repair ended before the kill");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "repair ended before the kill"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     proxy.throttle_up(0);
     next_second().await;
-    let id2 = env.pgferry(&slow_b, &["backup", "--force"]).await.snapshot_id();
+    let id2 = env
+        .pgferry(&slow_b, &["backup", "--force"])
+        .await
+        .snapshot_id();
     let p = env.pgferry(&slow_b, &["prune"]).await;
     p.assert_code(0);
-    assert!(keys(&a_store).await.iter().any(|k| k.contains(&id)), "{}", p.output());
+    assert!(
+        keys(&a_store).await.iter().any(|k| k.contains(&id)),
+        "{}",
+        p.output()
+    );
     assert_every_manifest_names_an_intact_object(&b_store).await;
     let run = env.pgferry(&slow_b, &["repair"]).await;
     run.assert_code(0);
     assert!(run.stdout.contains(&id), "{}", run.stdout);
-    env.pgferry(&slow_b, &["check", "--read-data"]).await.assert_code(0);
+    env.pgferry(&slow_b, &["check", "--read-data"])
+        .await
+        .assert_code(0);
     let ms = assert_every_manifest_names_an_intact_object(&b_store).await;
     assert_eq!(ms.len(), 2, "{ms:?}");
     assert!(ms.iter().any(|k| k.contains(&id2)));
@@ -386,25 +519,47 @@ async fn check_reports_a_missing_object_and_repair_heals_it() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     let obj_b = dump_key(&b_store, &id).await;
     b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
     let c = env.pgferry(&config, &["check", "--json"]).await;
     c.assert_code(1);
     let r = first_json(&c.stdout);
-    let kinds: Vec<_> = r["problems"].as_array().unwrap().iter()
-        .map(|p| (p["target"].as_str().unwrap().to_string(), p["kind"].as_str().unwrap().to_string()))
+    let kinds: Vec<_> = r["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["target"].as_str().unwrap().to_string(),
+                p["kind"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let good = contents(&a_store).await;
     let rep = env.pgferry(&config, &["repair"]).await;
     rep.assert_code(0);
-    assert!(rep.stdout.contains("copied "), "repair did not heal the missing object:\n{}", rep.output());
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    assert!(
+        rep.stdout.contains("copied "),
+        "repair did not heal the missing object:\n{}",
+        rep.output()
+    );
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
     assert_eq!(contents(&a_store).await, good);
     assert_every_manifest_names_an_intact_object(&b_store).await;
     // `--json`'s problems must name the damage (kind object_missing), not leave it to a
     // free-text warning beside `"problems": []`.
-    assert_eq!(kinds, vec![("b".into(), "object_missing".into())], "{}", c.stdout);
+    assert_eq!(
+        kinds,
+        vec![("b".into(), "object_missing".into())],
+        "{}",
+        c.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,27 +567,51 @@ async fn a_different_attempt_on_the_destination_is_left_alone() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
-    env.pg.execute("acme", "CREATE TABLE extra AS SELECT g FROM generate_series(1, 1000) g;").await.unwrap();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    env.pg
+        .execute(
+            "acme",
+            "CREATE TABLE extra AS SELECT g FROM generate_series(1, 1000) g;",
+        )
+        .await
+        .unwrap();
     next_second().await;
-    let id2 = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id2 = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     // b's copy of `id` becomes another attempt of the same slot: a self-consistent manifest
     // naming `<id>-0000aaaa0000.dump.zst`, whose bytes differ from a's attempt.
     use sha2::Digest;
     let m_key = manifest_key(&keys(&b_store).await, &id);
     let old_obj = dump_key(&b_store, &id).await;
     let other = get(&b_store, &dump_key(&b_store, &id2).await).await;
-    let new_obj = old_obj.replace(
-        old_obj.rsplit('-').next().unwrap(),
-        "0000aaaa0000.dump.zst",
-    );
-    b_store.put(&OPath::from(new_obj.as_str()), PutPayload::from(other.clone())).await.unwrap();
+    let new_obj = old_obj.replace(old_obj.rsplit('-').next().unwrap(), "0000aaaa0000.dump.zst");
+    b_store
+        .put(
+            &OPath::from(new_obj.as_str()),
+            PutPayload::from(other.clone()),
+        )
+        .await
+        .unwrap();
     let mut m = manifest_of(&get(&b_store, &m_key).await);
     m["object_key"] = serde_json::json!(new_obj);
     m["stored_size"] = serde_json::json!(other.len());
     m["sha256"] = serde_json::json!(hex::encode(sha2::Sha256::digest(&other)));
-    b_store.put(&OPath::from(m_key.as_str()), PutPayload::from(serde_json::to_vec(&m).unwrap())).await.unwrap();
-    b_store.delete(&OPath::from(old_obj.as_str())).await.unwrap();
+    b_store
+        .put(
+            &OPath::from(m_key.as_str()),
+            PutPayload::from(serde_json::to_vec(&m).unwrap()),
+        )
+        .await
+        .unwrap();
+    b_store
+        .delete(&OPath::from(old_obj.as_str()))
+        .await
+        .unwrap();
     let before = (contents(&a_store).await, contents(&b_store).await);
 
     let run = env.pgferry(&config, &["repair"]).await;
@@ -451,7 +630,10 @@ async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
     let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env.pgferry(&config, &["backup", "--force"]).await.snapshot_id();
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
     // b: the manifest is gone and the object at the same key is a partial one (same attempt,
     // a copy cut short), then a same-size flipped one.
     let m_key = manifest_key(&keys(&b_store).await, &id);
@@ -459,7 +641,10 @@ async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
     b_store.delete(&OPath::from(m_key.as_str())).await.unwrap();
     let bytes = get(&b_store, &obj).await;
     b_store
-        .put(&OPath::from(obj.as_str()), PutPayload::from(bytes.slice(..bytes.len() / 2)))
+        .put(
+            &OPath::from(obj.as_str()),
+            PutPayload::from(bytes.slice(..bytes.len() / 2)),
+        )
         .await
         .unwrap();
     let good = contents(&a_store).await;
@@ -467,16 +652,23 @@ async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
     rep.assert_code(0);
     assert_every_manifest_names_an_intact_object(&b_store).await;
     assert_eq!(contents(&a_store).await, good);
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
 
     // Same again with a same-size, flipped orphan (a listing cannot tell).
     b_store.delete(&OPath::from(m_key.as_str())).await.unwrap();
     let mut flipped = bytes.to_vec();
     let n = flipped.len() / 2;
     flipped[n] ^= 0xff;
-    b_store.put(&OPath::from(obj.as_str()), PutPayload::from(flipped)).await.unwrap();
+    b_store
+        .put(&OPath::from(obj.as_str()), PutPayload::from(flipped))
+        .await
+        .unwrap();
     let rep = env.pgferry(&config, &["repair"]).await;
     rep.assert_code(0);
     assert_every_manifest_names_an_intact_object(&b_store).await;
-    env.pgferry(&config, &["check", "--read-data"]).await.assert_code(0);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
 }
