@@ -732,7 +732,17 @@ async fn a_restart_with_a_target_down_never_rewrites_a_committed_slot() {
         },
     )
     .await;
-    // This process committed nothing, yet it exports acme's last success from the bucket.
+    // This process committed nothing, yet it exports acme's last success from the bucket
+    // (read by a background task at start: poll for it).
+    d.wait_until(
+        "the last success is exported from the bucket",
+        Duration::from_secs(60),
+        || async {
+            let (_, m) = d.get("/metrics").await;
+            acme_gauge(&m, "pgferry_backup_last_success_timestamp_seconds").is_some()
+        },
+    )
+    .await;
     let (_, metrics) = d.get("/metrics").await;
     let last = acme_gauge(&metrics, "pgferry_backup_last_success_timestamp_seconds");
     let (code, _, log) = d.stop(Duration::from_secs(40)).await;
