@@ -14,6 +14,8 @@
 //! them: once a manifest PUT was attempted, even one that failed, the object stays (the PUT
 //! may have been stored after all), and prune removes it later if no manifest names it.
 
+use std::time::Duration;
+
 use futures::future::join_all;
 use object_store::path::Path;
 use object_store::PutPayload;
@@ -22,6 +24,10 @@ use crate::backup::pipeline::{OpenUpload, TargetFailure, UploadError};
 use crate::storage::key::SnapshotKey;
 use crate::storage::manifest::Manifest;
 use crate::storage::target::Target;
+
+/// How long an abort of this run's own failed upload may take before it is left to prune
+/// (its marker names it).
+const ABORT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// One copy of the snapshot that is complete (and, once its manifest is written, committed)
 /// on a target.
@@ -70,13 +76,14 @@ pub async fn commit(
     snapshot: &SnapshotKey,
     mut manifest: Manifest,
     min_targets: usize,
+    patience: Duration,
     stopped: impl Fn() -> Option<Stopped>,
 ) -> Result<Commit, Stopped> {
     let mut failures = Vec::new();
     let completions = join_all(
         uploads
             .into_iter()
-            .map(|u| complete(u, manifest.stored_size)),
+            .map(|u| complete(u, manifest.stored_size, patience)),
     )
     .await;
     let mut complete = Vec::new();
@@ -123,9 +130,16 @@ pub async fn commit(
     })
 }
 
-/// Completes one upload and checks the object's size. On failure the upload is aborted or
-/// the object deleted: it is this run's own, and no manifest names it yet.
-async fn complete(u: OpenUpload, stored_size: u64) -> Result<Committed, TargetFailure> {
+/// Completes one upload and checks the object's size, each request bounded by `patience`
+/// (`pipeline.stall_timeout`: a target that stops answering at the completion must not hold
+/// the commit for the HTTP client's own timeout). On failure the upload is aborted (bounded
+/// too) or the object deleted: it is this run's own, and no manifest names it yet. A
+/// completion that timed out may still land: its object is then an orphan for prune.
+async fn complete(
+    u: OpenUpload,
+    stored_size: u64,
+    patience: Duration,
+) -> Result<Committed, TargetFailure> {
     let OpenUpload {
         target,
         key,
@@ -137,21 +151,33 @@ async fn complete(u: OpenUpload, stored_size: u64) -> Result<Committed, TargetFa
         error,
     };
     if bytes != stored_size {
-        let _ = upload.abort().await;
+        abort(&mut *upload).await;
         return Err(fail(UploadError::SizeMismatch {
             key: key.to_string(),
             expected: stored_size,
             got: bytes,
         }));
     }
-    if let Err(source) = upload.complete().await {
-        let _ = upload.abort().await;
-        return Err(fail(UploadError::Complete {
-            key: key.to_string(),
-            source,
-        }));
+    match tokio::time::timeout(patience, upload.complete()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(source)) => {
+            abort(&mut *upload).await;
+            return Err(fail(UploadError::Complete {
+                key: key.to_string(),
+                source,
+            }));
+        }
+        Err(_) => {
+            abort(&mut *upload).await;
+            return Err(fail(UploadError::Stalled { after: patience }));
+        }
     }
-    match target.store.head(&key).await {
+    let head = tokio::time::timeout(patience, target.store.head(&key)).await;
+    let head = match head {
+        Ok(h) => h,
+        Err(_) => return Err(fail(UploadError::Stalled { after: patience })),
+    };
+    match head {
         Ok(meta) if meta.size == stored_size => Ok(Committed { target, key, bytes }),
         Ok(meta) => {
             delete_own(&target, &key).await;
@@ -198,6 +224,11 @@ async fn write_manifests(
         }
     }))
     .await
+}
+
+/// Aborts this run's own upload, bounded: past [`ABORT_PATIENCE`] it is left to prune.
+async fn abort(upload: &mut dyn object_store::MultipartUpload) {
+    let _ = tokio::time::timeout(ABORT_PATIENCE, upload.abort()).await;
 }
 
 /// Whether the manifest at `key` names `object_key`.
@@ -275,7 +306,9 @@ mod tests {
         let (a, b, snap, m, key) = setup();
         let ua = open(&a, &key, b"dump").await;
         let ub = open(&b, &key, b"du").await; // b accepted fewer bytes than were stored
-        let c = commit(vec![ua, ub], &snap, m, 2, || None).await.unwrap();
+        let c = commit(vec![ua, ub], &snap, m, 2, Duration::from_secs(5), || None)
+            .await
+            .unwrap();
         assert!(c.is_degraded());
         assert_eq!(c.manifest.targets, ["a"]);
         assert_eq!(c.failures.len(), 1);
@@ -308,7 +341,10 @@ mod tests {
             .await
             .unwrap();
         let ua = open(&a, &key, b"dump").await;
-        let c = commit(vec![ua], &snap, m, 1, || Some(Stopped::LockLost)).await;
+        let c = commit(vec![ua], &snap, m, 1, Duration::from_secs(5), || {
+            Some(Stopped::LockLost)
+        })
+        .await;
         assert_eq!(c.unwrap_err(), Stopped::LockLost);
         let mut want = vec![other.to_string(), manifest.to_string()];
         want.sort();

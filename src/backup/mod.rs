@@ -540,6 +540,7 @@ async fn run(
         snapshot,
         manifest,
         cfg.pipeline.min_targets,
+        cfg.pipeline.stall_timeout,
         stopped,
     )
     .await

@@ -228,8 +228,10 @@ async fn an_s3_server_killed_during_the_upload_is_dropped() {
     let (alive, alive_store) = env.s3_target("alive").await;
     let mut doomed = Garage::start().await.expect("second Garage");
     let (dying, _) = env.s3_target_on(&doomed, "dying").await;
+    // A stall bound well inside this test's limit: whatever the dead server leaves pending
+    // (a part, the completion, the abort) is given up within it.
     let config = env.write_config(&format!(
-        "{}databases = [\"big\"]\n{alive}{dying}",
+        "[pipeline]\nstall_timeout = \"30s\"\n{}databases = [\"big\"]\n{alive}{dying}",
         env.source_toml("prod")
     ));
     let mut child = env.command(&config, &["backup"]).spawn().unwrap();
