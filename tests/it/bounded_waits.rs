@@ -85,7 +85,10 @@ async fn pg_dump_child_of(parent: u32) -> i32 {
     }
 }
 
+/// Run alone after the suite (`scripts/test.sh`): beside the other tests it hung past its
+/// 90 s limit twice (it passes alone in ~11 s); not understood yet (see the session note).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing-sensitive: scripts/test.sh runs it alone, after the suite"]
 async fn a_silent_pg_dump_is_killed_after_idle_timeout() {
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
