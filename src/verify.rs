@@ -28,8 +28,8 @@ use crate::restore::swap::{Server, SwapError};
 use crate::restore::TargetFailure;
 use crate::source::{self, SourceError};
 use crate::storage::catalog::{Filter, SnapshotEntry};
+use crate::storage::key::{SnapshotId, SnapshotKey};
 use crate::storage::manifest::TableEntry;
-use crate::storage::target::VERIFY_SUFFIX;
 
 /// The manifest format from which every manifest records table statistics.
 const TABLE_STATS_FORMAT: u32 = 2;
@@ -533,9 +533,14 @@ async fn inspect(
 async fn write_report(app: &App, entry: &SnapshotEntry, report: &VerifyReport) {
     let body = serde_json::to_vec_pretty(report).expect("a report always serializes");
     let m = &entry.manifest;
+    // The catalog only keeps manifests whose id is valid.
+    let Some(id) = SnapshotId::parse(&m.snapshot_id) else {
+        return;
+    };
+    let report_key = SnapshotKey::new(&m.source, &m.database, id).verify();
     for name in &entry.targets {
         let Some(t) = app.target(name) else { continue };
-        let key = t.key(&m.source, &m.database, &m.snapshot_id, VERIFY_SUFFIX);
+        let key = t.at(&report_key);
         if let Err(error) = t.store.put(&key, PutPayload::from(body.clone())).await {
             tracing::warn!(message = "Cannot write the verify report.", target = %t.name, error = %error);
         }

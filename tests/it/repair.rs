@@ -21,22 +21,6 @@ use crate::support::proxy::Proxy;
 /// Keeps every snapshot the tests take: retention is not under test here.
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
 
-/// Returns once the wall clock's whole second has changed (polled, bounded).
-async fn next_second() {
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let start = now();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while now() == start {
-        assert!(Instant::now() < deadline, "the clock stopped");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Every object of a store with its sha256 and e_tag (an overwrite changes the e_tag).
 async fn contents(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, (String, Option<String>)> {
     use sha2::Digest;
@@ -85,7 +69,7 @@ async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_a
     let mut missed = Vec::new();
     for _ in 0..3 {
         // `--force` names a snapshot by the current second: one per second at most.
-        next_second().await;
+        crate::support::next_second().await;
         missed.push(
             env.pgferry(&config, &["backup", "--force"])
                 .await

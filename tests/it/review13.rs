@@ -15,63 +15,20 @@ use std::time::Duration;
 
 use object_store::path::Path as OPath;
 use object_store::{ObjectStore, PutPayload};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::env::{keys, manifest_of, TestEnv};
+use crate::support::env::{
+    assert_every_manifest_names_an_intact_object, get, keys, manifest_of, TestEnv,
+};
 use crate::support::garage::Garage;
 use crate::support::proxy::{Proxy, RequestClass};
 
 /// One object's bytes, by its key as listed (percent-encoded segments kept as they are).
-async fn get_raw(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
-    let path = OPath::parse(key).unwrap_or_else(|e| panic!("parse {key}: {e}"));
-    store
-        .get(&path)
-        .await
-        .unwrap_or_else(|e| panic!("get {key}: {e}"))
-        .bytes()
-        .await
-        .expect("read object")
-}
-
 async fn put_raw(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
     let path = OPath::parse(key).unwrap_or_else(|e| panic!("parse {key}: {e}"));
     store
         .put(&path, PutPayload::from(body))
         .await
         .unwrap_or_else(|e| panic!("put {key}: {e}"));
-}
-
-/// Every manifest (at a pgferry manifest key whose body matches it) names an object that
-/// exists with the manifest's size and sha256. Crafted manifests that the catalog must ignore
-/// can be passed in `ignore`. Returns the manifests checked.
-async fn intact(store: &Arc<dyn ObjectStore>, ignore: &[&str]) -> Vec<String> {
-    use sha2::Digest;
-    let all = keys(store).await;
-    let mut checked = Vec::new();
-    for key in all.iter().filter(|k| k.ends_with(".manifest.json")) {
-        if ignore.iter().any(|i| i == key) {
-            continue;
-        }
-        let m = manifest_of(&get_raw(store, key).await);
-        let object = m["object_key"].as_str().expect("object_key");
-        assert!(
-            all.iter().any(|k| k == object),
-            "{key} names {object}, which is gone: {all:?}"
-        );
-        let bytes = get_raw(store, object).await;
-        assert_eq!(
-            bytes.len() as u64,
-            m["stored_size"].as_u64().unwrap(),
-            "{object}: size differs from {key}"
-        );
-        assert_eq!(
-            hex::encode(sha2::Sha256::digest(&bytes)),
-            m["sha256"].as_str().unwrap(),
-            "{object}: sha256 differs from {key}"
-        );
-        checked.push(key.clone());
-    }
-    checked
 }
 
 /// (manifest key, manifest bytes, object key, object bytes) of every manifest in `store` that
@@ -84,7 +41,7 @@ async fn snapshot_state(store: &Arc<dyn ObjectStore>) -> Vec<(String, Vec<u8>, S
             continue;
         }
         let key = key.clone();
-        let body = get_raw(store, &key).await.to_vec();
+        let body = get(store, &key).await.to_vec();
         let Ok(m) = serde_json::from_slice::<serde_json::Value>(&body) else {
             continue;
         };
@@ -94,7 +51,7 @@ async fn snapshot_state(store: &Arc<dyn ObjectStore>) -> Vec<(String, Vec<u8>, S
         if !all.contains(&object) {
             continue;
         }
-        let bytes = get_raw(store, &object).await.to_vec();
+        let bytes = get(store, &object).await.to_vec();
         out.push((key, body, object, bytes));
     }
     out
@@ -108,38 +65,6 @@ fn pipeline(extra: &str) -> String {
 
 fn retention_keep_one() -> &'static str {
     "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n"
-}
-
-/// Starts `pgferry <args>` and returns once it logged `marker` on stderr.
-async fn start_until(
-    env: &TestEnv,
-    config: &std::path::Path,
-    args: &[&str],
-    marker: &'static str,
-) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
-    let mut child = env.command(config, args).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let log = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = String::new();
-        let mut tx = Some(tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.contains(marker) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-        seen
-    });
-    tokio::time::timeout(Duration::from_secs(90), rx)
-        .await
-        .unwrap_or_else(|_| panic!("{marker:?} not logged within 90 s"))
-        .expect("the process ended before logging the marker");
-    (child, log)
 }
 
 async fn big_database(env: &TestEnv, name: &str, rows: u32) {
@@ -212,7 +137,7 @@ async fn prune_keeps_a_committed_dump_whose_upload_marker_was_left_behind() {
     let p = prune_a_day_later(&env, &config).await;
     let after_keys = keys(&store).await;
     // The committed snapshot is intact: its manifest names an existing object.
-    intact(&store, &[]).await;
+    assert_every_manifest_names_an_intact_object(&store).await;
     assert_eq!(
         snapshot_state(&store).await,
         before,
@@ -258,7 +183,7 @@ async fn prune_never_deletes_files_that_are_not_pgferrys() {
         .copied()
         .filter(|k| !after.iter().any(|a| a == k))
         .collect();
-    intact(&store, &[]).await;
+    assert_every_manifest_names_an_intact_object(&store).await;
     assert!(
         gone.is_empty(),
         "prune deleted files that are not pgferry's: {gone:?}\n{}",
@@ -419,8 +344,13 @@ async fn a_degraded_slot_is_not_reported_as_done_while_the_target_is_still_down(
     other.start_again().await.unwrap();
     let third = env.pgferry(&config, &["backup"]).await;
     third.assert_code(0);
-    intact(&a_store, &[]).await;
-    assert_eq!(intact(&b_store, &[]).await.len(), 1);
+    assert_every_manifest_names_an_intact_object(&a_store).await;
+    assert_eq!(
+        assert_every_manifest_names_an_intact_object(&b_store)
+            .await
+            .len(),
+        1
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,7 +391,7 @@ async fn three_targets_one_down_across_runs_then_back_then_prune() {
     let p = env.pgferry(&config, &["prune"]).await;
     eprintln!("prune with c back: {}", p.output());
     for s in [&a_store, &b_store, &c_store] {
-        let m = intact(s, &[]).await;
+        let m = assert_every_manifest_names_an_intact_object(s).await;
         assert!(!m.is_empty());
     }
     let verify = env.pgferry(&config, &["list"]).await;
@@ -490,7 +420,9 @@ async fn kill_then_rerun(after: &'static str, extra_wait: Duration) {
     let before = snapshot_state(&store).await;
     proxy.throttle_up(512 * 1024);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (mut child, log) = start_until(&env, &config, &["backup", "--force"], after).await;
+    let (mut child, log) = env
+        .start_until(&config, &["backup", "--force"], after)
+        .await;
     tokio::time::sleep(extra_wait).await;
     child.start_kill().unwrap();
     let _ = child.wait().await;
@@ -507,7 +439,7 @@ async fn kill_then_rerun(after: &'static str, extra_wait: Duration) {
     for b in &before {
         assert!(now.contains(b), "{} changed after the kill\n{log}", b.0);
     }
-    intact(&store, &[]).await;
+    assert_every_manifest_names_an_intact_object(&store).await;
     let left = keys(&store).await;
     assert!(
         !left.iter().any(|k| k.ends_with(".upload.json")),
@@ -563,7 +495,7 @@ async fn concurrent_manual_runs_never_damage_each_other() {
         }
     }
     assert!(!committed.is_empty());
-    let state = intact(&store, &[]).await;
+    let state = assert_every_manifest_names_an_intact_object(&store).await;
     // Every id reported committed has a manifest.
     for id in &committed {
         assert!(
@@ -623,10 +555,10 @@ async fn odd_database_names_go_through_the_whole_cycle() {
     let p = env.pgferry(&config, &["prune"]).await;
     eprintln!("{}", p.output());
     p.assert_code(0);
-    let s = intact(&store, &[]).await;
+    let s = assert_every_manifest_names_an_intact_object(&store).await;
     assert_eq!(s.len(), names.len(), "{:?}", keys(&store).await);
     let f = crate::support::env::file_store(&dir);
-    let s = intact(&f, &[]).await;
+    let s = assert_every_manifest_names_an_intact_object(&f).await;
     assert_eq!(s.len(), names.len(), "{:?}", keys(&f).await);
     let list = env.pgferry(&config, &["list", "--json"]).await;
     let j: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();

@@ -17,21 +17,6 @@ use crate::support::proxy::Proxy;
 
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
 
-async fn next_second() {
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
-    let start = now();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while now() == start {
-        assert!(Instant::now() < deadline, "the clock stopped");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn contents(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, String> {
     use sha2::Digest;
     let mut out = BTreeMap::new();
@@ -290,7 +275,7 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
         .snapshot_id();
     b_server.stop().await.unwrap();
     for _ in 0..3 {
-        next_second().await;
+        crate::support::next_second().await;
         env.pgferry(&config, &["backup", "--force"])
             .await
             .snapshot_id();
@@ -350,7 +335,7 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
     b_server.stop().await.unwrap();
     let mut missed = Vec::new();
     for _ in 0..2 {
-        next_second().await;
+        crate::support::next_second().await;
         missed.push(
             env.pgferry(&config, &["backup", "--force"])
                 .await
@@ -498,7 +483,7 @@ async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     proxy.throttle_up(0);
-    next_second().await;
+    crate::support::next_second().await;
     let id2 = env
         .pgferry(&slow_b, &["backup", "--force"])
         .await
@@ -587,7 +572,7 @@ async fn a_different_attempt_on_the_destination_is_left_alone() {
         )
         .await
         .unwrap();
-    next_second().await;
+    crate::support::next_second().await;
     let id2 = env
         .pgferry(&config, &["backup", "--force"])
         .await

@@ -6,8 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
 };
@@ -122,44 +120,13 @@ async fn slow_setup(
     (config, proxy, store)
 }
 
-/// Starts `pgferry backup` and returns once it logged "Backup started.".
-async fn start_backup(
-    env: &TestEnv,
-    config: &std::path::Path,
-    args: &[&str],
-) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
-    let mut full = vec!["backup"];
-    full.extend_from_slice(args);
-    let mut child = env.command(config, &full).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let log = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = String::new();
-        let mut tx = Some(tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.contains("Backup started.") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-        seen
-    });
-    tokio::time::timeout(Duration::from_secs(60), rx)
-        .await
-        .expect("the backup did not start within 60 s")
-        .expect("the backup ended before it started");
-    (child, log)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lock_cancels_the_run_and_the_next_holder_never_overwrites() {
     let env = TestEnv::start().await;
     let (config, proxy, store) = slow_setup(&env).await;
-    let (mut first, first_log) = start_backup(&env, &config, &[]).await;
+    let (mut first, first_log) = env
+        .start_until(&config, &["backup"], "Backup started.")
+        .await;
 
     // A second run while the first holds the lock: it does not dump.
     let second = env.pgferry(&config, &["backup"]).await;

@@ -194,6 +194,40 @@ impl TestEnv {
         .collect()
     }
 
+    /// Starts `pgferry <args>` and returns once it logged `marker` on stderr (within 90 s),
+    /// with a task that collects everything it logs.
+    pub async fn start_until(
+        &self,
+        config: &Path,
+        args: &[&str],
+        marker: &'static str,
+    ) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut child = self.command(config, args).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let log = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut seen = String::new();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(marker) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            seen
+        });
+        tokio::time::timeout(Duration::from_secs(90), rx)
+            .await
+            .unwrap_or_else(|_| panic!("{marker:?} not logged within 90 s"))
+            .expect("the process ended before logging the marker");
+        (child, log)
+    }
+
     /// A `pgferry` command set up with this environment's variables, for tests that need
     /// to drive the process themselves (signals, reading output as it comes).
     pub fn command(&self, config: &Path, args: &[&str]) -> Command {
@@ -283,10 +317,12 @@ pub async fn keys(store: &Arc<dyn ObjectStore>) -> Vec<String> {
     keys
 }
 
-/// One object's bytes.
+/// One object's bytes; `key` as a listing shows it (segments already percent-encoded, so odd
+/// database names round-trip).
 pub async fn get(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
+    let path = object_store::path::Path::parse(key).unwrap_or_else(|e| panic!("parse {key}: {e}"));
     store
-        .get(&object_store::path::Path::from(key))
+        .get(&path)
         .await
         .unwrap_or_else(|e| panic!("get {key}: {e}"))
         .bytes()

@@ -30,6 +30,23 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two readiness probes: short, because startup is on every test's path.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Returns once the wall clock's whole second has changed (polled, bounded): forced manual
+/// snapshots are named by the current second.
+pub async fn next_second() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let start = now();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while now() == start {
+        assert!(std::time::Instant::now() < deadline, "the clock stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is found by binding port 0 and dropping the listener, so another process may
