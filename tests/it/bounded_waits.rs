@@ -85,10 +85,11 @@ async fn pg_dump_child_of(parent: u32) -> i32 {
     }
 }
 
-/// Run alone after the suite (`scripts/test.sh`): beside the other tests it hung past its
-/// 90 s limit twice (it passes alone in ~11 s); not understood yet (see the session note).
+/// Known defect, not run by scripts/test.sh: the backup sometimes hangs past this test's 90 s
+/// limit instead of killing the silent pg_dump (three of about eight runs, once alone); it
+/// passes in ~11 s otherwise. Issue 14's idle timeout is not done until this passes every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "timing-sensitive: scripts/test.sh runs it alone, after the suite"]
+#[ignore = "known defect: the idle-timeout kill sometimes hangs (issue 14)"]
 async fn a_silent_pg_dump_is_killed_after_idle_timeout() {
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
