@@ -202,7 +202,9 @@ async fn run_pipeline<T: RawTap>(input: &Bytes, level: i32, targets: usize, tap:
         .map(|i| {
             let target = Target::new(&format!("t{i}"), Arc::new(InMemory::new()), "bench", 10_000);
             Sink {
-                key: target.key("src", "db", "snap", DUMP_SUFFIX),
+                key: target.at(&object_store::path::Path::from(format!(
+                    "src/db/snap{DUMP_SUFFIX}"
+                ))),
                 target,
             }
         })

@@ -7,6 +7,3 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PGFERRY_TOOLS="${PGFERRY_TOOLS:-/opt/pgferry-tools}"
 cargo test --all-targets --locked "$@"
-# Measurements that must not share the machine with other tests (peak RSS): alone, after.
-cargo test --test it --locked -- --ignored --test-threads=1 \
-    target_faults::a_throttled_target_paces_the_others_and_memory_stays_bounded

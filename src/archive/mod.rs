@@ -984,5 +984,12 @@ fn count_newlines(data: &[u8]) -> u64 {
     memchr::memchr_iter(b'\n', data).count() as u64
 }
 
+/// The backup pipeline feeds every raw byte of the dump stream through the tap.
+impl crate::backup::pipeline::RawTap for DumpStatsTap {
+    fn feed(&mut self, bytes: &[u8]) {
+        DumpStatsTap::feed(self, bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -31,12 +31,6 @@ use commit::{Commit, Stopped};
 use lock::{DumpLock, Presence};
 use pipeline::{PipelineError, PipelineSettings, Progress, Sink, TargetFailure};
 
-impl pipeline::RawTap for DumpStatsTap {
-    fn feed(&mut self, bytes: &[u8]) {
-        DumpStatsTap::feed(self, bytes);
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error(transparent)]

@@ -26,7 +26,7 @@ use object_store::path::Path;
 use object_store::{MultipartUpload, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -81,8 +81,9 @@ pub struct PipelineSettings {
     pub stall_timeout: Duration,
     /// A dump stream that sends nothing for this long fails the run (`pipeline.idle_timeout`).
     pub idle_timeout: Duration,
-    /// Bytes the pipeline's buffers may hold (`pipeline.memory_budget`): parts in flight per
-    /// target shrink as parts grow to stay under it (at least one is always in flight).
+    /// Bytes the pipeline's buffers may hold (`pipeline.memory_budget`): the raw pool, zstd's
+    /// buffers (an estimate) and every part alive — being filled, queued, or uploading on any
+    /// target. As parts grow, fewer are alive at once; at least one always is.
     pub memory_budget: u64,
 }
 
@@ -276,7 +277,7 @@ where
             .expect("the pool channel holds every buffer");
     }
     let (part_tx, part_rx) = mpsc::channel::<Bytes>(PART_CHANNEL_CAP);
-    let inflight_limit = inflight_bytes_per_target(settings.memory_budget, sinks.len());
+    let budget = Arc::new(PartBudget::new(parts_budget(settings)));
 
     // Per-target upload tasks.
     let uploads_cancel = cancel.child_token();
@@ -293,7 +294,7 @@ where
         });
         let span = tracing::info_span!("upload", target = %sink.target.name);
         upload_tasks.push(tokio::spawn(
-            upload_target(sink, rx, token, settings.stall_timeout, inflight_limit).instrument(span),
+            upload_target(sink, rx, token, settings.stall_timeout).instrument(span),
         ));
     }
 
@@ -312,9 +313,11 @@ where
         let progress = progress.clone();
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || {
-            compress(
-                &settings, full_rx, free_tx, part_tx, tap, &progress, &cancel,
-            )
+            let out = PartsOut {
+                tx: part_tx,
+                budget,
+            };
+            compress(&settings, full_rx, free_tx, out, tap, &progress, &cancel)
         })
     };
     let fanout_task =
@@ -392,12 +395,84 @@ where
     }
 }
 
-/// Bytes of parts one target may have in flight: the budget less the raw buffer pool, shared
-/// by the targets and by the two parts every run holds besides (the one being cut and the one
-/// queued for the fan-out).
-fn inflight_bytes_per_target(budget: u64, targets: usize) -> u64 {
+/// What a backup's buffers take besides the pool, zstd and the parts: the HTTP connections'
+/// buffers and the allocator's slack. Measured (tests/it/faults/target.rs): a 96 MiB backup
+/// peaked 28–30 MiB above a tiny one plus the parts alive (1, 2 or 3 parts of 10 MiB), of
+/// which the pool and zstd account for 18.
+const OTHER_BUFFERS: u64 = 12 << 20;
+
+/// The bytes of parts that may be alive at once: the budget less the raw buffer pool, zstd's
+/// own buffers and the rest. One part is always allowed: see [`PartBudget::reserve`].
+fn parts_budget(settings: &PipelineSettings) -> u64 {
     let pool = (RAW_BUFFERS * READ_CHUNK) as u64;
-    budget.saturating_sub(pool) / (targets as u64 + 2)
+    settings
+        .memory_budget
+        .saturating_sub(pool)
+        .saturating_sub(zstd_buffers(settings.zstd_level, settings.workers()))
+        .saturating_sub(OTHER_BUFFERS)
+}
+
+/// An estimate of zstd's buffers: with workers, about (workers + 3) jobs of input and one of
+/// output per worker (measured, see [`ZSTD_JOB_SIZE`]); alone, a window and a block or two.
+fn zstd_buffers(level: i32, workers: u32) -> u64 {
+    let job = if level <= SMALL_JOB_MAX_LEVEL {
+        u64::from(ZSTD_JOB_SIZE)
+    } else {
+        // Four windows of 8 MiB (levels 8–19); more above, where pgferry's docs warn already.
+        32 << 20
+    };
+    if workers > 1 {
+        (2 * u64::from(workers) + 3) * job
+    } else {
+        job
+    }
+}
+
+/// Permits, in KiB, for the bytes of parts alive at once. The compressor reserves a part's
+/// size before it fills it; the permit travels inside the part's [`Bytes`] and is released
+/// when its last clone is dropped, i.e. when every target is done with it.
+struct PartBudget {
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+impl PartBudget {
+    fn new(bytes: u64) -> PartBudget {
+        let total_kib = (bytes / 1024).clamp(1, u64::from(u32::MAX) / 2) as u32;
+        PartBudget {
+            permits: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Blocks the calling (compressor) thread until a part of `bytes` fits in the budget. A
+    /// part larger than the whole budget takes all of it: it waits until no other part is
+    /// alive, so the budget is exceeded only by that one part.
+    fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let kib = (bytes as u64)
+            .div_ceil(1024)
+            .clamp(1, u64::from(self.total_kib)) as u32;
+        futures::executor::block_on(self.permits.clone().acquire_many_owned(kib))
+            .expect("the part budget's semaphore is never closed")
+    }
+}
+
+/// Where the compressor's parts go, and the budget they are cut within.
+struct PartsOut {
+    tx: mpsc::Sender<Bytes>,
+    budget: Arc<PartBudget>,
+}
+
+/// A finished part and the budget it holds; dropped with the last clone of its [`Bytes`].
+struct BudgetedPart {
+    bytes: BytesMut,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for BudgetedPart {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// Reads `reader` to EOF into pooled buffers. Ok only at EOF; cancellation is an error, and
@@ -456,7 +531,7 @@ fn compress<T: RawTap>(
     settings: &PipelineSettings,
     mut full_rx: mpsc::Receiver<Vec<u8>>,
     free_tx: mpsc::Sender<Vec<u8>>,
-    part_tx: mpsc::Sender<Bytes>,
+    out: PartsOut,
     mut tap: T,
     progress: &Progress,
     cancel: &CancellationToken,
@@ -466,11 +541,13 @@ fn compress<T: RawTap>(
     let writer = PartWriter {
         part_size,
         sizer,
+        permit: Some(out.budget.reserve(part_size)),
+        budget: out.budget,
         current: BytesMut::with_capacity(part_size.min(PART_ALLOC_CHUNK)),
         hasher: Sha256::new(),
         stored_bytes: 0,
         parts: 0,
-        part_tx,
+        part_tx: out.tx,
         progress,
     };
     let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)?;
@@ -502,7 +579,7 @@ fn compress<T: RawTap>(
         return Err(std::io::Error::other("cancelled"));
     }
     let mut writer = encoder.finish()?;
-    writer.send_current()?;
+    writer.send_current(false)?;
     Ok(Compressed {
         raw_bytes,
         stored_bytes: writer.stored_bytes,
@@ -517,6 +594,9 @@ struct PartWriter<'a> {
     /// The size of the part being filled.
     part_size: usize,
     sizer: PartSizer,
+    /// What the part being filled holds of the budget (reserved before it is filled).
+    permit: Option<OwnedSemaphorePermit>,
+    budget: Arc<PartBudget>,
     current: BytesMut,
     hasher: Sha256,
     stored_bytes: u64,
@@ -526,20 +606,26 @@ struct PartWriter<'a> {
 }
 
 impl PartWriter<'_> {
-    fn send_current(&mut self) -> std::io::Result<()> {
+    /// Hands the filled part to the fan-out; `more`: reserve room for the next one.
+    fn send_current(&mut self, more: bool) -> std::io::Result<()> {
         if self.current.is_empty() {
             return Ok(());
         }
         self.sizer.advance(self.current.len() as u64);
         self.part_size = self.sizer.next_size() as usize;
-        let part = std::mem::replace(
-            &mut self.current,
-            BytesMut::with_capacity(self.part_size.min(PART_ALLOC_CHUNK)),
-        );
+        let part = BudgetedPart {
+            bytes: std::mem::take(&mut self.current),
+            _permit: self.permit.take().expect("a filled part holds its permit"),
+        };
         self.parts += 1;
-        self.part_tx
-            .blocking_send(part.freeze())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "no target is left"))
+        let sent = self.part_tx.blocking_send(Bytes::from_owner(part));
+        // The next part's room is reserved only once this one is handed over: the budget
+        // then holds this one until the targets are done with it.
+        if sent.is_ok() && more {
+            self.permit = Some(self.budget.reserve(self.part_size));
+            self.current = BytesMut::with_capacity(self.part_size.min(PART_ALLOC_CHUNK));
+        }
+        sent.map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "no target is left"))
     }
 }
 
@@ -557,7 +643,7 @@ impl Write for PartWriter<'_> {
             self.current.extend_from_slice(&buf[..take]);
             buf = &buf[take..];
             if self.current.len() == self.part_size {
-                self.send_current()?;
+                self.send_current(true)?;
             }
         }
         Ok(n)
@@ -617,7 +703,6 @@ async fn upload_target(
     mut rx: mpsc::Receiver<Bytes>,
     cancel: CancellationToken,
     stall_timeout: Duration,
-    inflight_limit: u64,
 ) -> Result<OpenUpload, TargetFailure> {
     let Sink { target, key } = sink;
     let fail = |error| TargetFailure {
@@ -644,10 +729,6 @@ async fn upload_target(
     let mut sent = 0u64;
     let mut bytes = 0u64;
     let mut closed = false;
-    // Bytes of the parts in flight, and the size of the last part received (parts only grow,
-    // so the next is at least as large).
-    let mut inflight_bytes = 0u64;
-    let mut last_len = 0u64;
     let result: Result<(), UploadError> = loop {
         if closed && in_flight.is_empty() {
             break Ok(());
@@ -655,28 +736,23 @@ async fn upload_target(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break Err(UploadError::Cancelled),
-            Some((part, len, res)) = in_flight.next(), if !in_flight.is_empty() => {
-                inflight_bytes -= len;
+            Some((part, res)) = in_flight.next(), if !in_flight.is_empty() => {
                 if let Err(source) = res {
                     break Err(UploadError::Part { key: key.to_string(), part, source });
                 }
                 stall_deadline = tokio::time::Instant::now() + stall_timeout;
             }
             _ = tokio::time::sleep_until(stall_deadline), if !in_flight.is_empty() => break Err(stalled()),
-            part = rx.recv(), if !closed && (in_flight.is_empty()
-                || (in_flight.len() < PARTS_IN_FLIGHT && inflight_bytes + last_len <= inflight_limit)) => match part {
+            part = rx.recv(), if !closed && in_flight.len() < PARTS_IN_FLIGHT => match part {
                 Some(p) => {
                     if in_flight.is_empty() {
                         stall_deadline = tokio::time::Instant::now() + stall_timeout;
                     }
                     sent += 1;
-                    let len = p.len() as u64;
-                    bytes += len;
-                    inflight_bytes += len;
-                    last_len = len;
+                    bytes += p.len() as u64;
                     let fut = upload.put_part(PutPayload::from_bytes(p));
                     let n = sent;
-                    in_flight.push(async move { (n, len, fut.await) });
+                    in_flight.push(async move { (n, fut.await) });
                 }
                 None => closed = true,
             }
@@ -764,10 +840,41 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_bounds_bytes_in_flight() {
-        // 64 MiB less the 4 MiB pool, over 2 targets and the 2 parts every run holds.
-        assert_eq!(inflight_bytes_per_target(64 << 20, 2), 15 << 20);
-        assert_eq!(inflight_bytes_per_target(1, 3), 0);
+    fn the_budget_leaves_parts_what_the_pool_and_zstd_do_not_take() {
+        let mut s = settings(1);
+        s.zstd_level = 1;
+        s.zstd_workers = 2;
+        s.memory_budget = 64 << 20;
+        // 64 MiB less the 4 MiB pool, (2 × 2 + 3) zstd jobs of 2 MiB, and 12 MiB of the rest.
+        assert_eq!(parts_budget(&s), 34 << 20);
+        s.memory_budget = 1;
+        assert_eq!(parts_budget(&s), 0);
+    }
+
+    /// A part larger than the whole budget still goes through, alone; parts that fit are
+    /// held back until the targets release the ones before.
+    #[test]
+    fn the_part_budget_holds_parts_until_released() {
+        let budget = PartBudget::new(3 << 20);
+        let a = budget.reserve(2 << 20);
+        assert_eq!(budget.permits.available_permits(), 1024);
+        let part = Bytes::from_owner(BudgetedPart {
+            bytes: BytesMut::from(&b"x"[..]),
+            _permit: a,
+        });
+        let clone = part.clone();
+        drop(part);
+        assert_eq!(
+            budget.permits.available_permits(),
+            1024,
+            "a clone still holds it"
+        );
+        drop(clone);
+        assert_eq!(budget.permits.available_permits(), 3072);
+        let whole = budget.reserve(10 << 20);
+        assert_eq!(budget.permits.available_permits(), 0);
+        drop(whole);
+        assert_eq!(budget.permits.available_permits(), 3072);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

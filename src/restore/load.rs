@@ -570,7 +570,7 @@ pub async fn spooled(
     }
     // No fsync: the spool lives only as long as this process and pg_restore reads it back
     // from the page cache; waiting for a multi-GiB file to reach the disk would only delay
-    // pg_restore. A full disk still shows at write time (tests/it/spool_faults.rs).
+    // pg_restore. A full disk still shows at write time (tests/it/faults/spool.rs).
     file.flush().await.map_err(spool_err(&path))?;
     let Indexing {
         inner: file,

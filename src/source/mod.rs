@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio_postgres::config::Host;
@@ -65,6 +66,8 @@ pub enum SourceError {
     },
     #[error("cannot read the version of {path}: it printed {printed:?}")]
     ToolVersion { path: PathBuf, printed: String },
+    #[error("{path} --version printed nothing for {after:?}; it was killed. Check that the binary is a working PostgreSQL client tool")]
+    ToolVersionTimeout { path: PathBuf, after: Duration },
 }
 
 impl SourceError {
@@ -200,7 +203,7 @@ pub async fn connect(url: &PgUrl, database: Option<&str>) -> Result<Client, Sour
     if cfg.get_application_name().is_none() {
         cfg.application_name("pgferry");
     }
-    cfg.connect_timeout(std::time::Duration::from_secs(15));
+    cfg.connect_timeout(Duration::from_secs(15));
     let tls = url
         .tls
         .connector()
@@ -301,6 +304,19 @@ pub async fn find_tool(
     bin_dir: Option<&Path>,
     server: &ServerVersion,
 ) -> Result<PgTool, SourceError> {
+    find_tool_within(tool, bin_dir, server, TOOL_VERSION_TIMEOUT).await
+}
+
+/// How long `<tool> --version` may take: a stopped or hung binary must not hold a run (and
+/// its `max_concurrent_backups` permit) forever.
+const TOOL_VERSION_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn find_tool_within(
+    tool: &'static str,
+    bin_dir: Option<&Path>,
+    server: &ServerVersion,
+    timeout: Duration,
+) -> Result<PgTool, SourceError> {
     let dir = bin_dir.map(Path::to_path_buf).unwrap_or_else(|| {
         Path::new(PG_LIB_DIR)
             .join(server.major().to_string())
@@ -314,11 +330,18 @@ pub async fn find_tool(
             major: server.major(),
         });
     }
-    let out = tokio::process::Command::new(&path)
+    // kill_on_drop: on timeout the future is dropped, and with it the child.
+    let probe = tokio::process::Command::new(&path)
         .arg("--version")
         .stdin(Stdio::null())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, probe)
         .await
+        .map_err(|_| SourceError::ToolVersionTimeout {
+            path: path.clone(),
+            after: timeout,
+        })?
         .map_err(|source| SourceError::Spawn {
             path: path.clone(),
             source,
@@ -599,5 +622,58 @@ mod tests {
             socket.parsed.get_ssl_mode(),
             tokio_postgres::config::SslMode::Disable
         );
+    }
+
+    /// A tool whose `--version` never answers (a stopped or hung binary) fails the lookup
+    /// within the timeout, and the probe is killed, instead of holding the run forever.
+    #[tokio::test]
+    async fn a_hung_version_probe_is_bounded_and_killed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pid");
+        let tool = dir.path().join("pg_dump");
+        std::fs::write(
+            &tool,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 300\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let server = ServerVersion {
+            num: 150000,
+            text: "15.0".into(),
+        };
+        let started = std::time::Instant::now();
+        let err = find_tool_within(
+            "pg_dump",
+            Some(dir.path()),
+            &server,
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(
+            matches!(err, SourceError::ToolVersionTimeout { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("--version printed nothing"),
+            "{err}"
+        );
+        // The probe is gone (killed on drop, then reaped by tokio's orphan reaper).
+        let pid = std::fs::read_to_string(&marker).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+            // Gone, or a zombie awaiting the reaper: either way it no longer runs.
+            if state.as_ref().map_or(true, |s| s.contains(") Z ")) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the probe still runs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -218,7 +218,9 @@ impl Target {
         )
     }
 
-    /// The full key of one object of a snapshot (prefix + [`snapshot_path`]).
+    /// The full key of one object of a snapshot (prefix + [`snapshot_path`]): a shorthand for
+    /// tests; the code derives keys from [`crate::storage::key::SnapshotKey`].
+    #[cfg(test)]
     pub fn key(&self, source: &str, database: &str, snapshot_id: &str, suffix: &str) -> Path {
         Path::from_iter(
             self.prefix
@@ -232,6 +234,7 @@ impl Target {
 /// The key of one object of a snapshot relative to a target's prefix: `suffix` is one of the
 /// `*_SUFFIX` constants. Database names may hold `/`, spaces or anything else: each segment
 /// is encoded on its own, so a name never splits into two levels.
+#[cfg(test)]
 pub fn snapshot_path(source: &str, database: &str, snapshot_id: &str, suffix: &str) -> Path {
     Path::from_iter([
         PathPart::from(source),

@@ -343,7 +343,18 @@ async fn two_daemons_share_the_work_one_snapshot_per_database_per_slot() {
     let (pa, pb) = (free_port(), free_port());
     let a = Daemon::start(&env, &env.write_config(&body(pa)), pa).await;
     let b = Daemon::start(&env, &env.write_config(&body(pb)), pb).await;
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Until every database has three committed snapshots (slots of 2 s): a poll, not a guess.
+    a.wait_until(
+        "three snapshots of each database",
+        Duration::from_secs(60),
+        || async {
+            let found = manifests(&store, "prod").await;
+            ["alpha", "beta", "gamma"]
+                .iter()
+                .all(|db| found.get(*db).is_some_and(|ids| ids.len() >= 3))
+        },
+    )
+    .await;
     let (ca, _, log_a) = a.stop(Duration::from_secs(40)).await;
     let (cb, _, log_b) = b.stop(Duration::from_secs(40)).await;
     assert_eq!((ca, cb), (0, 0), "{log_a}\n{log_b}");
@@ -559,6 +570,7 @@ async fn sigterm_during_a_long_dump_exits_within_grace_and_commits_nothing() {
         d.status().await["databases"][0]["running"].is_object()
     })
     .await;
+    // Not a wait for a condition: let zstd fill its in-flight jobs, the worst case for a stop.
     tokio::time::sleep(Duration::from_secs(3)).await;
     d.sigterm();
     let start = Instant::now();

@@ -2,6 +2,14 @@
 //! builds a real world (PostgreSQL, Garage, a file target, a staging cluster to restore into),
 //! breaks one thing the way it breaks in production, and checks that nothing crashes, that the
 //! user is told which object is bad, and that the good data stays usable.
+//!
+//! Faults while things run are in the submodules: `target` (a throttled, stalled or failing
+//! S3 target during a backup), `source` (the server restarted or a database dropped mid-run),
+//! `spool` (the restore spool disk full).
+
+mod source;
+mod spool;
+mod target;
 
 use std::path::PathBuf;
 use std::sync::Arc;
