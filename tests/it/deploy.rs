@@ -609,6 +609,17 @@ fn the_runbook_and_readme_describe_the_deployment() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     assert!(readme.contains("## Deploy on Kubernetes"));
     assert!(readme.contains("docs/runbook.md"));
+    // It says what goes to which cluster: every overlay, with the command that applies it.
+    for overlay in OVERLAYS {
+        let dir = format!("docker/k8s/overlays/{overlay}");
+        assert_in_repo(Path::new(&dir));
+        let command = if overlay.contains('/') {
+            format!("kubectl kustomize {dir}")
+        } else {
+            format!("kubectl apply -k {dir}")
+        };
+        assert!(readme.contains(&command), "README lacks `{command}`");
+    }
 }
 
 /// kube-prometheus-stack picks up what pgferry ships with its defaults: ServiceMonitors and
