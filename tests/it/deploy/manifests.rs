@@ -299,6 +299,16 @@ fn every_pod_runs_non_root_read_only_without_capabilities() {
             pod["automountServiceAccountToken"], false,
             "{kind}: no RBAC, no token"
         );
+        // Secret files are root's, group fsGroup: pgferry (uid 10001) reads them through the
+        // group, so every Secret volume's mode needs the group read bit.
+        let fs_group = &pod["securityContext"]["fsGroup"];
+        assert_eq!(fs_group, &pod["securityContext"]["runAsGroup"], "{kind}");
+        for v in pod["volumes"].as_array().unwrap() {
+            if let Some(mode) = v["secret"]["defaultMode"].as_u64() {
+                assert_eq!(mode & 0o040, 0o040, "{kind}: volume {} unreadable", v["name"]);
+                assert_eq!(mode & 0o007, 0, "{kind}: volume {} readable by all", v["name"]);
+            }
+        }
         for c in pod["containers"].as_array().unwrap() {
             let sc = &c["securityContext"];
             assert_eq!(sc["readOnlyRootFilesystem"], true, "{kind}");
