@@ -305,8 +305,18 @@ fn every_pod_runs_non_root_read_only_without_capabilities() {
         assert_eq!(fs_group, &pod["securityContext"]["runAsGroup"], "{kind}");
         for v in pod["volumes"].as_array().unwrap() {
             if let Some(mode) = v["secret"]["defaultMode"].as_u64() {
-                assert_eq!(mode & 0o040, 0o040, "{kind}: volume {} unreadable", v["name"]);
-                assert_eq!(mode & 0o007, 0, "{kind}: volume {} readable by all", v["name"]);
+                assert_eq!(
+                    mode & 0o040,
+                    0o040,
+                    "{kind}: volume {} unreadable",
+                    v["name"]
+                );
+                assert_eq!(
+                    mode & 0o007,
+                    0,
+                    "{kind}: volume {} readable by all",
+                    v["name"]
+                );
             }
         }
         for c in pod["containers"].as_array().unwrap() {
