@@ -99,6 +99,8 @@ pub struct Copied {
     /// The holder copied from (planned: the first candidate).
     pub from: Option<String>,
     pub bytes: u64,
+    /// Serialized as `result` (`copied`, `planned`, `left_alone`, `failed`) and `detail`.
+    #[serde(flatten)]
     pub result: CopyResult,
 }
 

@@ -86,7 +86,7 @@ pub enum Command {
     Check(repair_verbs::CheckArgs),
     /// Copy snapshots a target lacks or holds damaged from a target with a good copy.
     #[command(
-        after_help = "Examples:\n  pgferry repair --dry-run\n  pgferry repair --to scaleway --database acme"
+        after_help = "Examples:\n  pgferry repair --dry-run\n  pgferry repair --to scaleway --database acme\n  pgferry repair --json"
     )]
     Repair(repair_verbs::RepairArgs),
     /// Configuration commands.
@@ -257,7 +257,7 @@ impl Command {
             Command::Verify(a) => a.json,
             Command::Config(ConfigCommand::Check { json }) => *json,
             Command::Check(a) => a.json,
-            Command::Repair(_) => false,
+            Command::Repair(a) => a.json,
             Command::Daemon | Command::Completions { .. } | Command::Man => false,
         }
     }

@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::CliError;
 use crate::app::App;
-use crate::repair::{CopyResult, RepairOptions};
+use crate::repair::{Copied, CopyResult, RepairOptions};
 use crate::storage::catalog::Filter;
 use crate::storage::check::{self, CheckOptions, CheckReport, DEFAULT_READ_JOBS};
 
@@ -29,7 +29,7 @@ pub struct CheckArgs {
     /// Only these databases (repeatable).
     #[arg(long)]
     pub database: Vec<String>,
-    /// Machine-readable output.
+    /// Print one JSON object (result, counts, problems) as the last line of stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -54,6 +54,10 @@ pub struct RepairArgs {
     /// Copies read at once to find damaged ones.
     #[arg(long, default_value_t = DEFAULT_READ_JOBS, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
     pub jobs: usize,
+    /// Print one JSON object (result, every copy handled, unreachable targets) as the last
+    /// line of stdout instead of one line per copy.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn known_target(app: &App, name: &Option<String>, flag: &str) -> Result<(), CliError> {
@@ -154,9 +158,46 @@ pub(super) async fn repair_cmd(app: &App, args: RepairArgs) -> Result<(), CliErr
         to: args.to,
         dry_run: args.dry_run,
     };
-    let done = crate::repair::repair(app, &report, &ropts, copied, cancel).await;
+    let done = crate::repair::repair(app, &report, &ropts, copied, cancel.clone()).await;
     ticker.cancel();
-    for c in &done.copies {
+    let failed = done.failed();
+    if args.json {
+        // One compact object on the last line, like every verb's --json.
+        let result = match (
+            failed > 0 || !report.unreachable.is_empty(),
+            cancel.is_cancelled(),
+        ) {
+            (_, true) => "cancelled",
+            (true, false) => "failure",
+            (false, false) => "success",
+        };
+        super::output::json_line(&serde_json::json!({
+            "result": result,
+            "dry_run": args.dry_run,
+            "copies": done.copies,
+            "failed": failed,
+            "unreachable": report.unreachable.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
+            "warnings": report.warnings,
+        }));
+    } else {
+        print_copies(&done.copies);
+        print_unclean(&report);
+        println!(
+            "repair: {} copies {}, {failed} failed",
+            done.copies.len() - failed,
+            if args.dry_run { "planned" } else { "handled" }
+        );
+    }
+    if failed > 0 || !report.unreachable.is_empty() {
+        return Err(CliError::Failed(format!(
+            "{failed} copies could not be repaired (above); run `pgferry repair` again once the cause is fixed"
+        )));
+    }
+    Ok(())
+}
+
+fn print_copies(copies: &[Copied]) {
+    for c in copies {
         let from = c.from.as_deref().unwrap_or("(none)");
         match &c.result {
             CopyResult::Planned => println!(
@@ -179,17 +220,4 @@ pub(super) async fn repair_cmd(app: &App, args: RepairArgs) -> Result<(), CliErr
             CopyResult::Failed(e) => println!("failed {} to {}: {e}", c.snapshot, c.target),
         }
     }
-    print_unclean(&report);
-    let failed = done.failed();
-    println!(
-        "repair: {} copies {}, {failed} failed",
-        done.copies.len() - failed,
-        if args.dry_run { "planned" } else { "handled" }
-    );
-    if failed > 0 || !report.unreachable.is_empty() {
-        return Err(CliError::Failed(format!(
-            "{failed} copies could not be repaired (above); run `pgferry repair` again once the cause is fixed"
-        )));
-    }
-    Ok(())
 }

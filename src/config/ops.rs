@@ -68,12 +68,18 @@ impl serde::Serialize for S3Options {
 /// Validates a `[[target]]`'s S3 options; `Err((key, message))` names the offending key.
 pub(super) fn s3_options(t: &RawTarget) -> Result<S3Options, (&'static str, String)> {
     if t.storage_class.is_some() {
-        // object_store 0.12's MultipartStore::create_multipart takes no options, and the dump
-        // is always a multipart upload: a storage class would silently apply to manifests only.
+        // object_store 0.12.5 has Attribute::StorageClass (x-amz-storage-class), but only
+        // put_opts/put_multipart_opts send attributes; the dump is a multipart upload through
+        // MultipartStore::create_multipart (its upload id goes into the marker that lets a
+        // later run abort it), which takes no options. ClientOptions::with_default_headers is
+        // no way round: the header would go on every request (GET, UploadPart, DELETE), added
+        // by reqwest after object_store signed the request, and S3 refuses unsigned x-amz-*
+        // headers. A storage class would silently apply to manifests only: refused.
         return Err((
             "storage_class",
-            "is not supported yet (the multipart API pgferry uses cannot set it); use a bucket \
-             lifecycle rule to move objects to another storage class"
+            "is not supported: object_store 0.12 cannot set it on the resumable multipart \
+             uploads pgferry writes dumps with; use a bucket lifecycle rule (e.g. transition \
+             after 0 days) to move objects to another storage class"
                 .into(),
         ));
     }

@@ -39,6 +39,14 @@ pub enum TargetError {
         path: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "target {target}: AWS_PROFILE={profile:?} is set, but pgferry does not read AWS profiles \
+         (~/.aws/config, ~/.aws/credentials: object_store 0.12 has no profile provider), so \
+         it would silently use other credentials; put the profile's keys in \
+         access_key_id/secret_access_key (as ${{VARS}}) or in AWS_ACCESS_KEY_ID/\
+         AWS_SECRET_ACCESS_KEY, or use web identity (IRSA), and unset AWS_PROFILE"
+    )]
+    ProfileUnsupported { target: String, profile: String },
     #[error("target {target}: cannot create directory {dir}: {source}")]
     CreateDir {
         target: String,
@@ -110,7 +118,15 @@ impl Target {
                             None => b,
                         }
                     }
-                    _ => AmazonS3Builder::from_env(),
+                    _ => {
+                        if let Some(profile) = unsupported_profile(|k| std::env::var(k).ok()) {
+                            return Err(TargetError::ProfileUnsupported {
+                                target: cfg.name.clone(),
+                                profile,
+                            });
+                        }
+                        AmazonS3Builder::from_env()
+                    }
                 };
                 b = b
                     .with_bucket_name(bucket)
@@ -331,6 +347,19 @@ pub fn credential_source(
     } else {
         CredentialSource::InstanceMetadata
     }
+}
+
+/// The profile `AWS_PROFILE` names when the environment would otherwise decide a keyless S3
+/// target's credentials. The AWS SDKs read that profile before web identity and instance
+/// metadata; object_store 0.12 cannot, so building the target is refused rather than
+/// quietly falling through to another identity. `AWS_ACCESS_KEY_ID` wins over a profile in
+/// the SDKs too, so with it set the profile does not matter.
+fn unsupported_profile(env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |k: &str| env(k).is_some_and(|v| !v.is_empty());
+    if set("AWS_ACCESS_KEY_ID") {
+        return None;
+    }
+    env("AWS_PROFILE").filter(|p| !p.is_empty())
 }
 
 /// An object store error with its causes: object_store shows only the outermost ("HTTP
@@ -568,6 +597,40 @@ mod tests {
             .unwrap()
             .targets
             .remove(0)
+    }
+
+    #[test]
+    fn an_aws_profile_is_refused_unless_keys_decide() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            unsupported_profile(env(&[("AWS_PROFILE", "backup")])),
+            Some("backup".into())
+        );
+        // Web identity in the environment too: the SDKs would still take the profile first.
+        assert_eq!(
+            unsupported_profile(env(&[
+                ("AWS_PROFILE", "backup"),
+                ("AWS_WEB_IDENTITY_TOKEN_FILE", "/t"),
+                ("AWS_ROLE_ARN", "arn:r"),
+            ])),
+            Some("backup".into())
+        );
+        assert_eq!(
+            unsupported_profile(env(&[
+                ("AWS_PROFILE", "backup"),
+                ("AWS_ACCESS_KEY_ID", "AKIA"),
+                ("AWS_SECRET_ACCESS_KEY", "x"),
+            ])),
+            None
+        );
+        assert_eq!(unsupported_profile(env(&[("AWS_PROFILE", "")])), None);
+        assert_eq!(unsupported_profile(env(&[])), None);
     }
 
     #[test]

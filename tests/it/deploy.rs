@@ -4,41 +4,52 @@
 //! pg tool lookup, config). Building the image needs a Docker engine, which these machines
 //! do not have; what the image must provide is checked in its recipe instead.
 
+mod kustomize;
 mod manifests;
 mod promql;
 mod scrape;
 mod tools;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-use tools::{repo, run, yaml_doc, yaml_docs};
+use tools::{repo, run, yaml_doc};
 
 /// The Kubernetes releases the manifests are validated against: an older one still in
 /// common use (every field used must exist there) and kubernetes-validate's newest.
 const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
 
+/// Every kustomization an operator renders, under docker/k8s/overlays: one per cluster, and
+/// the restore Job template that the staging cluster's restores are rendered from.
+const OVERLAYS: &[&str] = &["production", "staging", "staging/restore-job", "tools"];
+
 fn k8s_dir() -> PathBuf {
     repo().join("docker/k8s")
 }
 
-/// Every manifest file: docker/k8s/*.yaml and docker/k8s/jobs/*.yaml, kustomization excluded.
-fn manifest_files() -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for dir in [k8s_dir(), k8s_dir().join("jobs")] {
-        for entry in std::fs::read_dir(&dir).expect("docker/k8s exists") {
-            let path = entry.expect("readable dir entry").path();
-            let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-            if yaml && path.file_name().is_some_and(|n| n != "kustomization.yaml") {
-                files.push(path);
-            }
+fn overlay_dir(overlay: &str) -> PathBuf {
+    k8s_dir().join("overlays").join(overlay)
+}
+
+/// The objects `kubectl kustomize docker/k8s/overlays/<overlay>` prints.
+fn rendered(overlay: &str) -> Vec<Value> {
+    kustomize::render(&overlay_dir(overlay)).objects
+}
+
+/// Every YAML file under docker/k8s, kustomizations and patches included.
+fn yaml_files_under(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).expect("readable directory") {
+        let path = entry.expect("readable dir entry").path();
+        if path.is_dir() {
+            files.extend(yaml_files_under(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.insert(path.canonicalize().unwrap());
         }
     }
-    files.sort();
-    assert!(files.len() >= 8, "too few manifests found: {files:?}");
     files
 }
 
@@ -49,23 +60,19 @@ fn is_operator_resource(doc: &Value) -> bool {
 }
 
 #[test]
-fn manifests_validate_against_the_kubernetes_api_schemas() {
+fn every_overlay_renders_and_every_object_validates_against_the_kubernetes_api_schemas() {
     let validator = tools::kubernetes_validate();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut expected = 0;
-    for file in manifest_files() {
-        for (i, mut doc) in yaml_docs(&file).into_iter().enumerate() {
-            if is_operator_resource(&doc) {
+    for overlay in OVERLAYS {
+        let objects = rendered(overlay);
+        assert!(!objects.is_empty(), "{overlay} renders nothing");
+        for (i, doc) in objects.iter().enumerate() {
+            if is_operator_resource(doc) {
                 continue; // no schema in kubernetes-validate: see the next test
             }
-            // kubernetes-validate needs a name; the restore Job has a generateName.
-            if doc["metadata"]["name"].is_null() {
-                let generated = format!("{}x", doc["metadata"]["generateName"].as_str().unwrap());
-                doc["metadata"]["name"] = Value::String(generated);
-            }
-            let stem = file.file_stem().unwrap().to_string_lossy();
-            let out = dir.path().join(format!("{stem}-{i}.json"));
-            std::fs::write(&out, serde_json::to_vec(&doc).unwrap()).unwrap();
+            let file = format!("{}-{i}.json", overlay.replace('/', "-"));
+            std::fs::write(dir.path().join(file), serde_json::to_vec(doc).unwrap()).unwrap();
             expected += 1;
         }
     }
@@ -91,11 +98,16 @@ fn manifests_validate_against_the_kubernetes_api_schemas() {
 #[test]
 fn monitoring_resources_validate_against_the_prometheus_operator_schemas() {
     let modules = tools::operator_schemas();
-    let docs: Vec<Value> = manifest_files()
-        .iter()
-        .flat_map(|f| yaml_docs(f))
-        .filter(is_operator_resource)
-        .collect();
+    let mut docs = Vec::new();
+    for overlay in OVERLAYS {
+        for doc in rendered(overlay).into_iter().filter(is_operator_resource) {
+            assert_eq!(
+                *overlay, "production",
+                "monitoring goes with the daemon: {doc}"
+            );
+            docs.push(doc);
+        }
+    }
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds, BTreeSet::from(["PrometheusRule", "ServiceMonitor"]));
     let script = repo().join("tests/it/deploy/validate-crds.mjs");
@@ -112,31 +124,206 @@ fn monitoring_resources_validate_against_the_prometheus_operator_schemas() {
     );
 }
 
-#[test]
-fn kustomization_lists_every_manifest_but_the_restore_job() {
-    let k = yaml_doc(&k8s_dir().join("kustomization.yaml"));
-    assert_eq!(k["namespace"], "pgferry");
-    let listed: BTreeSet<PathBuf> = k["resources"]
-        .as_array()
-        .expect("resources")
+/// `Kind/name` of every object of an overlay.
+fn inventory(objects: &[Value]) -> BTreeSet<String> {
+    objects
         .iter()
-        .map(|r| k8s_dir().join(r.as_str().unwrap()))
-        .collect();
-    let restore_job = k8s_dir().join("jobs/restore-job.yaml");
-    let on_disk: BTreeSet<PathBuf> = manifest_files()
-        .into_iter()
-        .filter(|f| *f != restore_job)
-        .collect();
-    assert_eq!(listed, on_disk, "kustomization.yaml resources vs files");
-    // Applying the kustomization must never start a restore.
-    assert!(!listed.contains(&restore_job));
-    for doc in on_disk.iter().flat_map(|f| yaml_docs(f)) {
-        let kind = doc["kind"].as_str().unwrap_or_default();
-        assert_ne!(
-            kind, "Job",
-            "a Job in the kustomization would run on every apply"
-        );
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// What goes to which cluster (README, "Deploy on Kubernetes"): production runs the daemon
+/// and its monitoring and holds no age identity; staging gets what a restore needs but never
+/// starts one when applied; the restore template renders one Job; tools runs the verify.
+#[test]
+fn each_cluster_gets_what_it_runs_and_nothing_else() {
+    let base: BTreeSet<String> = [
+        "Namespace/pgferry",
+        "ServiceAccount/pgferry",
+        "ConfigMap/pgferry-config",
+        "Secret/pgferry-env",
+    ]
+    .map(String::from)
+    .into();
+    let expect = |extra: &[&str]| -> BTreeSet<String> {
+        base.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let wanted: BTreeMap<&str, BTreeSet<String>> = BTreeMap::from([
+        (
+            "production",
+            expect(&[
+                "Secret/pgferry-api-token",
+                "Deployment/pgferry",
+                "Service/pgferry",
+                "PodDisruptionBudget/pgferry",
+                "ServiceMonitor/pgferry",
+                "PrometheusRule/pgferry",
+                "ConfigMap/pgferry-grafana-dashboard",
+            ]),
+        ),
+        (
+            "staging",
+            expect(&[
+                "Role/pgferry-restore-starter",
+                "RoleBinding/pgferry-restore-starter",
+                "ServiceAccount/pgferry-restore-ci",
+                "Secret/pgferry-identity",
+            ]),
+        ),
+        (
+            "staging/restore-job",
+            ["Job/pgferry-restore".to_string()].into(),
+        ),
+        (
+            "tools",
+            expect(&["Secret/pgferry-identity", "CronJob/pgferry-verify"]),
+        ),
+    ]);
+    let mut used = BTreeSet::new();
+    for overlay in OVERLAYS {
+        let r = kustomize::render(&overlay_dir(overlay));
+        used.extend(r.files);
+        assert_eq!(inventory(&r.objects), wanted[overlay], "{overlay}");
+        for o in &r.objects {
+            if o["kind"] != "Namespace" {
+                assert_eq!(o["metadata"]["namespace"], "pgferry", "{overlay}: {o}");
+            }
+        }
+        // Every container runs the image this overlay's `images:` names: none hard-coded.
+        let k = yaml_doc(&overlay_dir(overlay).join("kustomization.yaml"));
+        let images = k["images"].as_array();
+        let mut seen = 0;
+        for mut o in r.objects.clone() {
+            kustomize::walk_containers(&mut o, &mut |c| {
+                seen += 1;
+                let image = images.and_then(|i| i.iter().find(|i| i["name"] == "pgferry"));
+                let image =
+                    image.unwrap_or_else(|| panic!("{overlay}: no images: entry for pgferry"));
+                let want = format!(
+                    "{}:{}",
+                    image["newName"].as_str().unwrap(),
+                    image["newTag"].as_str().unwrap()
+                );
+                assert_eq!(c["image"], Value::from(want), "{overlay}");
+            });
+        }
+        let workloads = ["Deployment", "Job", "CronJob"];
+        let has_workload = r
+            .objects
+            .iter()
+            .any(|o| workloads.contains(&o["kind"].as_str().unwrap()));
+        assert_eq!(seen > 0, has_workload, "{overlay}");
+        // Production encrypts to public keys only: no identity there, mounted or not.
+        let identity_mounts = r
+            .objects
+            .iter()
+            .filter(|o| {
+                serde_json::to_string(o)
+                    .unwrap()
+                    .contains("\"secretName\":\"pgferry-identity\"")
+            })
+            .count();
+        match *overlay {
+            "production" => assert_eq!(identity_mounts, 0, "production holds no identity"),
+            "staging/restore-job" | "tools" => {
+                assert_eq!(
+                    identity_mounts, 1,
+                    "{overlay}: the identity Secret is mounted"
+                )
+            }
+            _ => {}
+        }
     }
+    // Every file under docker/k8s is part of some overlay (none forgotten, none stale).
+    let on_disk = yaml_files_under(&k8s_dir());
+    let unused: Vec<_> = on_disk.difference(&used).collect();
+    assert!(unused.is_empty(), "in no overlay: {unused:?}");
+}
+
+/// The staging overlay lets an operator (a group) or CI (a service account) start a restore
+/// Job and follow it, and nothing more; pgferry's own service account is bound to nothing.
+#[test]
+fn staging_rbac_lets_an_operator_or_ci_start_a_restore_and_nothing_more() {
+    let staging = rendered("staging");
+    let find = |kind: &str| {
+        let found: Vec<&Value> = staging.iter().filter(|o| o["kind"] == kind).collect();
+        assert_eq!(found.len(), 1, "one {kind}");
+        found[0]
+    };
+    let role = find("Role");
+    let binding = find("RoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_array().unwrap().iter().any(|r| {
+            let has = |field: &str, v: &str| r[field].as_array().unwrap().iter().any(|x| x == v);
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    // What `kubectl create -f`, `kubectl logs -f job/...` and `kubectl wait` need for the
+    // rendered restore Job.
+    let job = &rendered("staging/restore-job")[0];
+    let (group, _) = job["apiVersion"].as_str().unwrap().split_once('/').unwrap();
+    for verb in ["create", "get", "list", "watch"] {
+        assert!(allows(group, "jobs", verb), "jobs: {verb}");
+    }
+    for resource in ["pods", "pods/log"] {
+        assert!(allows("", resource, "get"), "{resource}: get");
+    }
+    let verbs: BTreeSet<&str> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        verbs,
+        BTreeSet::from(["create", "get", "list", "watch"]),
+        "no deletes, no exec"
+    );
+    let resources: BTreeSet<&str> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        resources,
+        BTreeSet::from(["jobs", "pods", "pods/log"]),
+        "no Secrets"
+    );
+    let subjects = binding["subjects"].as_array().unwrap();
+    let ci = subjects
+        .iter()
+        .find(|s| s["kind"] == "ServiceAccount")
+        .expect("a service account for CI");
+    assert_eq!(ci["namespace"], "pgferry");
+    assert_ne!(ci["name"], "pgferry", "pgferry itself needs no API access");
+    assert!(staging
+        .iter()
+        .any(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == ci["name"]));
+    assert!(subjects.iter().any(|s| s["kind"] == "Group"), "operators");
 }
 
 fn rules_file() -> PathBuf {
@@ -146,7 +333,7 @@ fn rules_file() -> PathBuf {
 #[test]
 fn prometheusrule_embeds_the_plain_rules_file() {
     let plain = yaml_doc(&rules_file());
-    let cr = yaml_doc(&k8s_dir().join("prometheusrule.yaml"));
+    let cr = yaml_doc(&overlay_dir("production").join("prometheusrule.yaml"));
     assert_eq!(cr["kind"], "PrometheusRule");
     assert_eq!(
         cr["spec"]["groups"], plain["groups"],
@@ -422,6 +609,17 @@ fn the_runbook_and_readme_describe_the_deployment() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     assert!(readme.contains("## Deploy on Kubernetes"));
     assert!(readme.contains("docs/runbook.md"));
+    // It says what goes to which cluster: every overlay, with the command that applies it.
+    for overlay in OVERLAYS {
+        let dir = format!("docker/k8s/overlays/{overlay}");
+        assert_in_repo(Path::new(&dir));
+        let command = if overlay.contains('/') {
+            format!("kubectl kustomize {dir}")
+        } else {
+            format!("kubectl apply -k {dir}")
+        };
+        assert!(readme.contains(&command), "README lacks `{command}`");
+    }
 }
 
 /// kube-prometheus-stack picks up what pgferry ships with its defaults: ServiceMonitors and
@@ -430,13 +628,13 @@ fn the_runbook_and_readme_describe_the_deployment() {
 #[test]
 fn monitoring_loads_under_kube_prometheus_stack_defaults() {
     for file in ["servicemonitor.yaml", "prometheusrule.yaml"] {
-        let doc = yaml_doc(&k8s_dir().join(file));
+        let doc = yaml_doc(&overlay_dir("production").join(file));
         assert_eq!(
             doc["metadata"]["labels"]["release"], "kube-prometheus-stack",
             "{file}: kube-prometheus-stack's default selector"
         );
     }
-    let cm = yaml_doc(&k8s_dir().join("grafana-dashboard.yaml"));
+    let cm = yaml_doc(&overlay_dir("production").join("grafana-dashboard.yaml"));
     assert_eq!(cm["kind"], "ConfigMap");
     assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
     let embedded: Value =

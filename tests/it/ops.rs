@@ -119,6 +119,9 @@ async fn every_verbs_json_last_line_parses_and_logs_carry_no_escape_codes() {
         (&["prune", "--dry-run", "--json"][..], "deleted_snapshots"),
         (&["prune", "--json"][..], "errors"),
         (&["verify", "--json"][..], "reports"),
+        (&["check", "--json"][..], "problems"),
+        (&["repair", "--dry-run", "--json"][..], "copies"),
+        (&["repair", "--json"][..], "copies"),
         (
             &[
                 "restore",
@@ -285,5 +288,45 @@ async fn s3_credentials_from_a_web_identity_token_file() {
             && seen[0].contains("projected-sa-token-77")
             && seen[0].contains("role%2Fpgferry"),
         "{seen:?}"
+    );
+}
+
+/// object_store 0.12 cannot read AWS profiles: with `AWS_PROFILE` set and no keys anywhere,
+/// pgferry refuses the target instead of quietly using the instance role.
+#[tokio::test]
+async fn an_aws_profile_is_refused_with_what_to_do_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgferry.toml");
+    std::fs::write(
+        &config,
+        "[[source]]\nname = \"prod\"\nurl = \"postgres://pgferry@127.0.0.1:1/postgres\"\n\
+         schedule = \"0 * * * *\"\n\n[[target]]\nname = \"aws\"\nurl = \"s3://backups/pg\"\n\
+         region = \"eu-west-1\"\n",
+    )
+    .unwrap();
+    let vars = |profile: &str| vec![("AWS_PROFILE".to_string(), profile.to_string())];
+    let run = env::pgferry_with_env(&config, &["config", "check", "--json"], &vars("backup")).await;
+    run.assert_code(2);
+    let v = last_json(&run);
+    assert_eq!(v["result"], "error", "{v}");
+    let error = v["error"].as_str().unwrap();
+    for words in [
+        "target aws",
+        "AWS_PROFILE=\"backup\"",
+        "access_key_id",
+        "unset AWS_PROFILE",
+    ] {
+        assert!(error.contains(words), "{words:?} not in {error}");
+    }
+    // Without the profile the same config checks, with the chain's last resort named.
+    let run = env::pgferry_with_env(&config, &["config", "check", "--json"], &vars("")).await;
+    run.assert_code(0);
+    let v = last_json(&run);
+    assert!(
+        v["targets"][0]["credentials"]
+            .as_str()
+            .unwrap()
+            .starts_with("instance metadata"),
+        "{v}"
     );
 }

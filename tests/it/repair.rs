@@ -186,6 +186,29 @@ async fn a_flipped_byte_is_found_by_read_data_and_healed_without_touching_the_go
     assert_eq!(problems[0]["kind"], "wrong_hash");
     assert_eq!(problems[0]["snapshot_id"], id.as_str());
 
+    // --json: one compact object on the last line, the plan per copy.
+    let plan = env
+        .pgferry(&config, &["repair", "--dry-run", "--json"])
+        .await;
+    plan.assert_code(0);
+    assert_eq!(plan.stdout.lines().count(), 1, "{}", plan.stdout);
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert_eq!(plan["result"], "success", "{plan}");
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(plan["failed"], 0, "{plan}");
+    let copies = plan["copies"].as_array().unwrap();
+    assert_eq!(copies.len(), 1, "{plan}");
+    assert_eq!(copies[0]["result"], "planned", "{plan}");
+    assert_eq!(copies[0]["target"], "b", "{plan}");
+    assert_eq!(copies[0]["from"], "a", "{plan}");
+    assert!(
+        copies[0]["snapshot"]
+            .as_str()
+            .unwrap()
+            .contains(id.as_str()),
+        "{plan}"
+    );
+
     let run = env.pgferry(&config, &["repair"]).await;
     run.assert_code(0);
     assert!(
