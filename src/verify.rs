@@ -321,7 +321,7 @@ pub fn overdue(
 
 /// What became of one planned database.
 enum Step {
-    Done(Result<VerifyReport, VerifyError>),
+    Done(Box<Result<VerifyReport, VerifyError>>),
     /// The window ran out before it started.
     Skipped,
     /// Cancelled before it started: not reported.
@@ -398,6 +398,7 @@ pub async fn verify_all(
         let (source, database) = (p.source().to_string(), p.database().to_string());
         match step {
             Step::Done(r) => {
+                let r = *r;
                 if r.is_ok() {
                     verified_now.insert((source.clone(), database.clone()));
                 }
@@ -474,7 +475,7 @@ async fn step(
     let span = tracing::info_span!("verify", source = %m.source, database = %m.database, snapshot_id = %m.snapshot_id);
     let r = verify_one(app, entry, cancel).instrument(span).await;
     record(app, &m.source, &m.database, &r);
-    (i, Step::Done(r))
+    (i, Step::Done(Box::new(r)))
 }
 
 fn record(app: &App, source: &str, database: &str, r: &Result<VerifyReport, VerifyError>) {
