@@ -9,7 +9,7 @@
 # daemon's peak RSS (VmHWM) and the largest RSS sampled every second.
 # Usage: benches/cycle.sh [N]
 #   env: SLOT_SECONDS=300 (the schedule is every SLOT_SECONDS, a divisor of 3600),
-#        SPREAD="4m", MAX_CONCURRENT=2, SLOTS=2, ROWS=2000 (rows of the one table per database),
+#        SPREAD="4m" ("none": no spread, every dump due at the slot's start), MAX_CONCURRENT=2, SLOTS=2, ROWS=2000 (rows of the one table per database),
 #        PGFERRY=target/release/pgferry (else target/debug/pgferry), WORK_DIR, PG_PORT, S3_PORT
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +69,7 @@ url = "postgres://postgres:\${CYCLE_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
 databases = ["cycle_*"]
 exclude = ["cycle_template"]
 schedule = "$SCHEDULE"
-spread = "$SPREAD"
+$([ "$SPREAD" = none ] || echo "spread = \"$SPREAD\"")
 retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }
 TOML
     s3_target_toml s3 cycle
