@@ -37,6 +37,11 @@ use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 /// The format of a snapshot id: the UTC start of its slot, `20261127T140000Z`.
 pub const SNAPSHOT_ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
+/// Fire times looked at to find a schedule's shortest slot: 41 days of an hourly schedule,
+/// 2.7 years of a daily one, 19 of a weekly one (every irregular gap recurs well within);
+/// cheap, the crate steps field by field.
+const SLOT_SAMPLE: usize = 1000;
+
 /// What a schedule may look like, appended to messages about its shape.
 const EXPECTED_FORMS: &str = "expected 5 fields `minute hour day-of-month month day-of-week` \
      (e.g. \"0 * * * *\"), 6 fields with seconds first (e.g. \"*/5 * * * * *\"), \
@@ -130,6 +135,19 @@ impl Schedule {
     /// The first fire time strictly after `t`, `None` past the year 2100.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.inner.after(&t).next()
+    }
+
+    /// The shortest slot of the schedule: the smallest gap between consecutive fire times
+    /// among the first [`SLOT_SAMPLE`] after 2000-01-01 (enough to see every irregular gap of
+    /// a cron expression: hours of a day, days of a month, February of a leap year). `None`
+    /// if it fires fewer than twice.
+    pub fn shortest_slot(&self) -> Option<std::time::Duration> {
+        let start = DateTime::from_timestamp(946_684_800, 0)?; // 2000-01-01T00:00:00Z
+        let fires: Vec<DateTime<Utc>> = self.inner.after(&start).take(SLOT_SAMPLE).collect();
+        fires
+            .windows(2)
+            .filter_map(|w| (w[1] - w[0]).to_std().ok())
+            .min()
     }
 
     /// The expression as written in the config (trimmed).
@@ -586,5 +604,22 @@ mod tests {
         ] {
             assert_eq!(parse_snapshot_id(id), None, "{id:?}");
         }
+    }
+
+    #[test]
+    fn shortest_slot_is_the_smallest_gap_between_fires() {
+        let mins = |e: &str| parse(e).shortest_slot().map(|d| d.as_secs() / 60);
+        assert_eq!(mins("0 * * * *"), Some(60));
+        assert_eq!(mins("@daily"), Some(24 * 60));
+        // Irregular: 09:00 and 17:00 give slots of 8 h and 16 h.
+        assert_eq!(mins("0 9,17 * * *"), Some(8 * 60));
+        // Weekdays only: the weekend slot is longer, the shortest is a day.
+        assert_eq!(mins("0 3 * * MON-FRI"), Some(24 * 60));
+        // February is the shortest month.
+        assert_eq!(mins("@monthly"), Some(28 * 24 * 60));
+        assert_eq!(
+            parse("*/10 * * * * *").shortest_slot(),
+            Some(std::time::Duration::from_secs(10))
+        );
     }
 }

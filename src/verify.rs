@@ -7,13 +7,24 @@
 //! run the configured checks, drop the scratch database, and write the report as
 //! `<snapshot_id>.verify.json` beside the manifest on every target holding the snapshot.
 //!
+//! A run takes the databases oldest verification first ([`plan`]: never verified, then the
+//! oldest newest report), `verify.concurrency` at a time, and starts none once
+//! `verify.window` has passed since it began: those are reported as skipped (they do not
+//! fail the run) and come first next time, so a fleet bigger than one night is covered over
+//! successive nights. Each database verifies into a scratch database of its own name (a hash
+//! of source/database, see [`scratch_key`]) under a lock of its own, so concurrent ones never
+//! share one. After a run that covered a whole source, `pgferry_verify_overdue_databases`
+//! counts its databases whose newest report is older than `verify.max_age` or missing.
+//!
 //! This module never touches a source or a staging database: it writes only to the verify
 //! server (scratch databases it created) and to `.verify.json` objects.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use object_store::PutPayload;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -210,13 +221,126 @@ pub struct VerifyRequest {
     pub databases: Vec<String>,
 }
 
-/// Verifies the latest snapshot of every selected database, one after the other. Each item
-/// is a report (passed or not) or an error that kept verification from running at all.
+/// One database of a run's plan: its latest snapshot and when it was last verified.
+#[derive(Debug, Clone)]
+pub struct Planned<'a> {
+    pub entry: &'a SnapshotEntry,
+    /// The newest verify report (any result) of any of its snapshots; `None`: never.
+    pub last_verified: Option<DateTime<Utc>>,
+}
+
+impl Planned<'_> {
+    fn source(&self) -> &str {
+        &self.entry.manifest.source
+    }
+    fn database(&self) -> &str {
+        &self.entry.manifest.database
+    }
+}
+
+/// The order of a run: each database's latest snapshot, never-verified databases first, then
+/// the oldest last verification first (by source and database among equals), so that a
+/// fleet bigger than one window is covered over successive runs. A report of any result
+/// counts as a verification: a failing database is alerted on by its own series
+/// (`PgferryVerifyStale`) and does not hold the head of the queue every night.
+pub fn plan(snapshots: &[SnapshotEntry]) -> Vec<Planned<'_>> {
+    let mut planned: Vec<Planned<'_>> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for s in snapshots {
+        let key = (s.manifest.source.as_str(), s.manifest.database.as_str());
+        let verified = s.verify.as_ref().map(|v| v.finished_at);
+        match index.get(&key) {
+            Some(&i) => {
+                let p = &mut planned[i];
+                p.last_verified = p.last_verified.max(verified);
+            }
+            None => {
+                // Newest data first: the first seen is the latest.
+                index.insert(key, planned.len());
+                planned.push(Planned {
+                    entry: s,
+                    last_verified: verified,
+                });
+            }
+        }
+    }
+    planned.sort_by(|a, b| {
+        a.last_verified
+            .cmp(&b.last_verified)
+            .then_with(|| (a.source(), a.database()).cmp(&(b.source(), b.database())))
+    });
+    planned
+}
+
+/// A database not started because `verify.window` ran out first: the next run takes it
+/// early (it is then among the oldest verified).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub source: String,
+    pub database: String,
+    pub snapshot_id: String,
+    pub last_verified: Option<DateTime<Utc>>,
+}
+
+/// What one `verify` run did.
+#[derive(Debug)]
+pub struct VerifyRun {
+    /// In the plan's order: a report (passed or not) or an error that kept verification of
+    /// the database from running at all.
+    pub results: Vec<(String, String, Result<VerifyReport, VerifyError>)>,
+    /// Not started: the window ran out. They do not make the run fail.
+    pub skipped: Vec<Skipped>,
+    /// Per source the run covered whole (no `--database`), the databases overdue after it:
+    /// newest verify report older than `verify.max_age`, or none (tonight's count).
+    pub overdue: BTreeMap<String, u64>,
+}
+
+/// Per source, the planned databases whose last verification (tonight's, for those in
+/// `verified_now`) is older than `max_age` at `now`, or missing. Every source of `sources`
+/// is in the answer, with 0 when none is overdue.
+pub fn overdue(
+    planned: &[Planned<'_>],
+    verified_now: &HashSet<(String, String)>,
+    sources: &[&str],
+    now: DateTime<Utc>,
+    max_age: std::time::Duration,
+) -> BTreeMap<String, u64> {
+    let max_age = chrono::TimeDelta::from_std(max_age).unwrap_or(chrono::TimeDelta::MAX);
+    let mut out: BTreeMap<String, u64> = sources.iter().map(|s| (s.to_string(), 0)).collect();
+    for p in planned {
+        let key = (p.source().to_string(), p.database().to_string());
+        if verified_now.contains(&key) {
+            continue;
+        }
+        if p.last_verified.is_none_or(|t| now - t > max_age) {
+            *out.entry(key.0).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// What became of one planned database.
+enum Step {
+    Done(Box<Result<VerifyReport, VerifyError>>),
+    /// The window ran out before it started.
+    Skipped,
+    /// Cancelled before it started: not reported.
+    NotStarted,
+}
+
+/// Verifies the latest snapshot of every selected database, oldest verification first,
+/// `verify.concurrency` at a time; once `verify.window` has passed since the run began, no
+/// other database is started (those running finish).
 pub async fn verify_all(
     app: &App,
     req: &VerifyRequest,
     cancel: CancellationToken,
-) -> Result<Vec<(String, String, Result<VerifyReport, VerifyError>)>, VerifyError> {
+) -> Result<VerifyRun, VerifyError> {
+    let window_end = app
+        .config
+        .verify
+        .window
+        .map(|w| tokio::time::Instant::now() + w);
     if let Some(s) = &req.source {
         if app.config.source(s).is_none() {
             return Err(VerifyError::UnknownSource(s.clone()));
@@ -231,24 +355,15 @@ pub async fn verify_all(
     // What the buckets say first: a database that fails tonight keeps its last success (the
     // pushed group replaces the previous one whole).
     crate::metrics::from_catalog::seed(&app.metrics, &cat, app.config.pipeline.min_targets);
-    let mut latest: Vec<&SnapshotEntry> = Vec::new();
-    for s in &cat.snapshots {
-        if !latest.iter().any(|l| {
-            l.manifest.source == s.manifest.source && l.manifest.database == s.manifest.database
-        }) {
-            latest.push(s); // newest first: the first seen is the latest
-        }
-    }
-    latest.sort_by(|a, b| {
-        (&a.manifest.source, &a.manifest.database).cmp(&(&b.manifest.source, &b.manifest.database))
-    });
-    if !latest.is_empty() {
+    let planned = plan(&cat.snapshots);
+    if !planned.is_empty() {
+        let latest: Vec<&SnapshotEntry> = planned.iter().map(|p| p.entry).collect();
         guard_server(app, &latest).await?;
     }
-    let mut out = Vec::new();
+    let mut results = Vec::new();
     for d in &req.databases {
-        if !latest.iter().any(|l| l.manifest.database == *d) {
-            out.push((
+        if !planned.iter().any(|p| p.database() == *d) {
+            results.push((
                 req.source.clone().unwrap_or_default(),
                 d.clone(),
                 Err(VerifyError::NoSnapshot {
@@ -258,19 +373,109 @@ pub async fn verify_all(
             ));
         }
     }
-    for entry in latest {
-        if cancel.is_cancelled() {
-            break;
+    let concurrency = app.config.verify.concurrency.max(1);
+    tracing::info!(
+        message = "Verify planned.",
+        databases = planned.len(),
+        never_verified = planned.iter().filter(|p| p.last_verified.is_none()).count(),
+        concurrency,
+        window_seconds = app.config.verify.window.map(|w| w.as_secs())
+    );
+    let steps: Vec<_> = planned
+        .iter()
+        .enumerate()
+        .map(|(i, p)| step(app, i, p.entry, window_end, cancel.clone()))
+        .collect();
+    let mut steps: Vec<(usize, Step)> = futures::stream::iter(steps)
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    steps.sort_by_key(|(i, _)| *i);
+    let mut skipped = Vec::new();
+    let mut verified_now = HashSet::new();
+    for (i, step) in steps {
+        let p = &planned[i];
+        let (source, database) = (p.source().to_string(), p.database().to_string());
+        match step {
+            Step::Done(r) => {
+                let r = *r;
+                if r.is_ok() {
+                    verified_now.insert((source.clone(), database.clone()));
+                }
+                results.push((source, database, r));
+            }
+            Step::Skipped => {
+                app.metrics
+                    .verifies_total
+                    .with_label_values(&[Outcome::Skipped.as_str()])
+                    .inc();
+                skipped.push(Skipped {
+                    source,
+                    database,
+                    snapshot_id: p.entry.manifest.snapshot_id.clone(),
+                    last_verified: p.last_verified,
+                });
+            }
+            Step::NotStarted => {}
         }
-        let m = &entry.manifest;
-        let span = tracing::info_span!("verify", source = %m.source, database = %m.database, snapshot_id = %m.snapshot_id);
-        let r = verify_one(app, entry, cancel.clone())
-            .instrument(span)
-            .await;
-        record(app, &m.source, &m.database, &r);
-        out.push((m.source.clone(), m.database.clone(), r));
     }
-    Ok(out)
+    if !skipped.is_empty() {
+        tracing::warn!(
+            message = "The verify window ran out; the databases not started go first next time.",
+            skipped = skipped.len(),
+            window_seconds = app.config.verify.window.map(|w| w.as_secs())
+        );
+    }
+    // A count per source is only right when the run saw all of the source's databases.
+    let mut overdue_now = BTreeMap::new();
+    if req.databases.is_empty() {
+        let sources: Vec<&str> = app
+            .config
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|s| req.source.as_deref().is_none_or(|r| r == *s))
+            .collect();
+        overdue_now = overdue(
+            &planned,
+            &verified_now,
+            &sources,
+            Utc::now(),
+            app.config.verify.max_age,
+        );
+        for (source, n) in &overdue_now {
+            app.metrics
+                .verify_overdue_databases
+                .with_label_values(&[source])
+                .set(*n as i64);
+        }
+    }
+    Ok(VerifyRun {
+        results,
+        skipped,
+        overdue: overdue_now,
+    })
+}
+
+/// One database's turn: skipped when the window (or the run) is over by the time it comes.
+async fn step(
+    app: &App,
+    i: usize,
+    entry: &SnapshotEntry,
+    window_end: Option<tokio::time::Instant>,
+    cancel: CancellationToken,
+) -> (usize, Step) {
+    if cancel.is_cancelled() {
+        return (i, Step::NotStarted);
+    }
+    if window_end.is_some_and(|end| tokio::time::Instant::now() >= end) {
+        return (i, Step::Skipped);
+    }
+    let m = &entry.manifest;
+    let span = tracing::info_span!("verify", source = %m.source, database = %m.database, snapshot_id = %m.snapshot_id);
+    let r = verify_one(app, entry, cancel).instrument(span).await;
+    record(app, &m.source, &m.database, &r);
+    (i, Step::Done(Box::new(r)))
 }
 
 fn record(app: &App, source: &str, database: &str, r: &Result<VerifyReport, VerifyError>) {
@@ -304,7 +509,7 @@ pub async fn verify_one(
     let url = &app.config.verify.url;
     // The scratch database is named like a restore's temporary one, keyed on this database,
     // so the same lock and leftover cleaning apply after a killed run.
-    let key = format!("pgferry-verify:{}/{}", m.source, m.database);
+    let key = scratch_key(&m.source, &m.database);
     let server = Server::lock(url, &key).await?;
     let cleaned = server.clean_leftovers(&key).await?;
     if !cleaned.is_empty() {
@@ -436,6 +641,12 @@ pub async fn verify_one(
     Ok(report)
 }
 
+/// The restore "destination" a verify of one database stands for: its scratch database's
+/// name (`guard::tmp_name`), leftover pattern and lock are derived from it, one per database.
+pub fn scratch_key(source: &str, database: &str) -> String {
+    format!("pgferry-verify:{source}/{database}")
+}
+
 struct Inspection {
     tables: Vec<TableCheck>,
     large_objects: Option<LargeObjectCheck>,
@@ -553,11 +764,13 @@ async fn write_report(app: &App, entry: &SnapshotEntry, report: &VerifyReport) {
 /// (`/metrics/job/pgferry_verify/source@base64/…/database@base64/…`), holding the value the
 /// buckets say (seeded from the catalog): a database that fails tonight keeps its last
 /// success, and one not verified tonight is not touched. The run's counters go to the job's
-/// group.
+/// group, and each source's `verify_overdue_databases` (`overdue`, for the sources the run
+/// covered whole) to a group of the source's own, so a run of one source leaves the others'.
 pub async fn push_metrics(
     app: &App,
     gateway: &str,
     databases: &[(String, String)],
+    overdue: &BTreeMap<String, u64>,
 ) -> Result<(), String> {
     use prometheus::Encoder;
     let families: Vec<_> = app
@@ -592,6 +805,12 @@ pub async fn push_metrics(
             b64(source),
             b64(database)
         );
+        put_group(&url, body.into_bytes()).await?;
+    }
+    for (source, n) in overdue {
+        let name = "pgferry_verify_overdue_databases";
+        let body = format!("# TYPE {name} gauge\n{name} {n}\n");
+        let url = format!("{base}/source@base64/{}", b64(source));
         put_group(&url, body.into_bytes()).await?;
     }
     Ok(())
@@ -656,5 +875,143 @@ mod tests {
         assert!(problems[1].contains("public.c is missing"), "{problems:?}");
         let (_, none) = compare_tables(&expected[..1], &actual);
         assert!(none.is_empty());
+    }
+
+    fn entry(source: &str, db: &str, id: &str, verified: Option<&str>) -> SnapshotEntry {
+        let mut manifest = crate::storage::manifest::tests::sample();
+        manifest.source = source.into();
+        manifest.database = db.into();
+        manifest.snapshot_id = id.into();
+        manifest.started_at = crate::schedule::parse_snapshot_id(id).unwrap();
+        SnapshotEntry {
+            manifest,
+            targets: vec!["a".into()],
+            verify: verified.map(|v| crate::storage::catalog::VerifySummary {
+                result: "failure".into(),
+                finished_at: v.parse().unwrap(),
+                target: "a".into(),
+            }),
+            objects: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_plan_takes_the_latest_snapshot_never_verified_first_then_oldest_verification() {
+        // Newest data first, as the catalog gives them.
+        let snaps = vec![
+            entry("prod", "acme", "20261127T030000Z", None),
+            entry("prod", "globex", "20261127T030000Z", None),
+            entry("prod", "initech", "20261127T030000Z", None),
+            entry("prod", "umbrella", "20261127T030000Z", None),
+            entry(
+                "prod",
+                "acme",
+                "20261126T030000Z",
+                Some("2026-11-26T04:00:00Z"),
+            ),
+            // An older snapshot's report counts: globex's last verification is its newest.
+            entry(
+                "prod",
+                "globex",
+                "20261125T030000Z",
+                Some("2026-11-25T04:00:00Z"),
+            ),
+            entry(
+                "prod",
+                "globex",
+                "20261124T030000Z",
+                Some("2026-11-24T04:00:00Z"),
+            ),
+            entry(
+                "prod",
+                "initech",
+                "20261126T030000Z",
+                Some("2026-11-26T05:00:00Z"),
+            ),
+            entry("dev", "zeta", "20261127T030000Z", None),
+        ];
+        let p = plan(&snaps);
+        let order: Vec<(&str, &str, Option<String>)> = p
+            .iter()
+            .map(|p| {
+                (
+                    p.source(),
+                    p.database(),
+                    p.last_verified.map(|t| t.to_rfc3339()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("dev", "zeta", None),
+                ("prod", "umbrella", None),
+                ("prod", "globex", Some("2026-11-25T04:00:00+00:00".into())),
+                ("prod", "acme", Some("2026-11-26T04:00:00+00:00".into())),
+                ("prod", "initech", Some("2026-11-26T05:00:00+00:00".into())),
+            ]
+        );
+        // Each database's latest snapshot is the one verified.
+        assert!(p.iter().all(|p| p.entry.id() == "20261127T030000Z"));
+    }
+
+    #[test]
+    fn overdue_counts_old_and_missing_reports_but_not_tonights() {
+        let snaps = vec![
+            entry(
+                "prod",
+                "acme",
+                "20261127T030000Z",
+                Some("2026-11-27T04:00:00Z"),
+            ),
+            entry(
+                "prod",
+                "globex",
+                "20261127T030000Z",
+                Some("2026-11-24T04:00:00Z"),
+            ),
+            entry("prod", "initech", "20261127T030000Z", None),
+            entry("prod", "umbrella", "20261127T030000Z", None),
+        ];
+        let p = plan(&snaps);
+        let now: DateTime<Utc> = "2026-11-27T06:00:00Z".parse().unwrap();
+        let tonight: HashSet<(String, String)> =
+            [("prod".to_string(), "umbrella".to_string())].into();
+        let h48 = std::time::Duration::from_secs(48 * 3600);
+        let got = overdue(&p, &tonight, &["prod", "empty"], now, h48);
+        // globex (3 days) and initech (never); acme is recent, umbrella verified tonight.
+        assert_eq!(
+            got,
+            BTreeMap::from([("empty".into(), 0), ("prod".into(), 2)])
+        );
+        let h100 = std::time::Duration::from_secs(100 * 3600);
+        let got = overdue(&p, &HashSet::new(), &["prod"], now, h100);
+        assert_eq!(got, BTreeMap::from([("prod".into(), 2)]));
+    }
+
+    #[test]
+    fn concurrent_verifies_of_a_fleet_never_share_a_scratch_database_or_lock() {
+        let id = "20261127T030000Z";
+        let keys: Vec<String> = (0..300)
+            .flat_map(|i| {
+                ["prod", "staging"].map(|s| scratch_key(s, &format!("odoo_client_{i:03}")))
+            })
+            .collect();
+        let names: HashSet<String> = keys.iter().map(|k| guard::tmp_name(k, id)).collect();
+        assert_eq!(names.len(), keys.len(), "scratch names collide");
+        // One verify's leftover cleaning (LIKE its own prefix) never matches another's.
+        let prefixes: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}{}_", guard::TMP_PREFIX, guard::dest_hash(k)))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            let matching = prefixes
+                .iter()
+                .filter(|p| name.starts_with(p.as_str()))
+                .count();
+            assert_eq!(matching, 1, "name {i}: {name}");
+        }
+        let locks: HashSet<i32> = keys.iter().map(|k| guard::lock_key(k)).collect();
+        assert_eq!(locks.len(), keys.len(), "advisory lock keys collide");
     }
 }

@@ -76,7 +76,7 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Restore the latest snapshot(s) into a scratch database and prove them complete.
     #[command(
-        after_help = "Examples:\n  pgferry verify\n  pgferry verify --source prod --database acme --json\n  pgferry verify --pushgateway http://pushgateway:9091"
+        after_help = "Databases go oldest verification first, [verify] concurrency at a time; once [verify] window has passed, no other is started: those are listed as skipped and go first next time. Exit 0 when every database verified passed (skipped ones do not count), 1 when one failed.\n\nExamples:\n  pgferry verify\n  pgferry verify --source prod --database acme --json\n  pgferry verify --pushgateway http://pushgateway:9091"
     )]
     Verify(VerifyArgs),
     /// Prove every copy of every snapshot is there (and with --read-data, intact).

@@ -138,7 +138,7 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
         databases: args.database.clone(),
     };
     let cancel = cancel_on_signals();
-    let results = crate::verify::verify_all(app, &req, cancel)
+    let run = crate::verify::verify_all(app, &req, cancel)
         .await
         .map_err(|e| match &e {
             crate::verify::VerifyError::Guard(g) if !g.is_usage() => {
@@ -146,15 +146,16 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
             }
             _ => CliError::Usage(e.to_string()),
         })?;
-    if results.is_empty() {
+    let results = &run.results;
+    if results.is_empty() && run.skipped.is_empty() {
         return Err(CliError::Failed(
             "no committed snapshot to verify; run `pgferry list`".into(),
         ));
     }
-    notify::verify_reports(app, &results).await;
+    notify::verify_reports(app, results).await;
     let mut failed = 0;
     let mut reports = Vec::new();
-    for (source, database, r) in &results {
+    for (source, database, r) in results {
         match r {
             Ok(rep) => {
                 if !rep.passed() {
@@ -202,10 +203,32 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
             }
         }
     }
+    // Databases the window left for the next run: reported, never a failure of this one.
+    if !args.json {
+        for s in &run.skipped {
+            println!(
+                "{}/{} {} skipped: the verify window ran out before its turn (last verified {}); it goes first next time",
+                s.source,
+                s.database,
+                s.snapshot_id,
+                s.last_verified
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_else(|| "never".into())
+            );
+        }
+        for (source, n) in run.overdue.iter().filter(|(_, n)| **n > 0) {
+            println!(
+                "{source}: {n} database(s) overdue (no verify report within verify.max_age = {})",
+                humantime::format_duration(app.config.verify.max_age)
+            );
+        }
+    }
     if args.json {
         super::output::json_line(&serde_json::json!({
             "result": if failed == 0 { "success" } else { "failure" },
             "reports": reports,
+            "skipped": run.skipped,
+            "overdue": run.overdue,
         }));
     }
     if let Some(gateway) = &args.pushgateway {
@@ -213,7 +236,7 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
             .iter()
             .map(|(s, d, _)| (s.clone(), d.clone()))
             .collect();
-        crate::verify::push_metrics(app, gateway, &databases)
+        crate::verify::push_metrics(app, gateway, &databases, &run.overdue)
             .await
             .map_err(CliError::Failed)?;
     }

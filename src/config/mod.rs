@@ -334,6 +334,13 @@ pub struct SourceConfig {
     pub pg_bin_dir: Option<PathBuf>,
     /// Dead-man's-switch URL (see `notify`).
     pub ping: Option<Secret>,
+    /// Dumps of a slot start at a stable per-database offset in [0, spread) (see
+    /// `daemon::scheduler::spread_offset`); always shorter than the schedule's shortest slot.
+    #[serde(
+        serialize_with = "show::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub spread: Option<Duration>,
 }
 
 impl SourceConfig {
@@ -421,6 +428,17 @@ pub struct VerifyConfig {
     pub schedule: Option<Schedule>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
+    /// Databases verified at once.
+    pub concurrency: usize,
+    /// No database is started after this long into a run; `None`: no limit.
+    #[serde(
+        serialize_with = "show::opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window: Option<Duration>,
+    /// Older newest verify report (or none): overdue (`pgferry_verify_overdue_databases`).
+    #[serde(serialize_with = "show::duration")]
+    pub max_age: Duration,
 }
 
 /// `[repair]`: when the daemon checks and repairs, and how long prune holds copies for it.

@@ -163,6 +163,10 @@ pub(super) struct RawSource {
     /// Dead-man's-switch URL pinged at start (`/start`), success and failure (`/fail`).
     #[serde(default)]
     pub(super) ping: Option<Text>,
+    /// Spreads the dumps of a slot over its first part (e.g. "45m"): each database starts at
+    /// a stable offset in [0, spread), from a hash of "source/database". Unset: all at once.
+    #[serde(default)]
+    pub(super) spread: Option<Text>,
 }
 
 fn default_databases() -> Vec<Text> {
@@ -302,6 +306,18 @@ pub(super) struct RawVerify {
     pub(super) schedule: Option<Text>,
     #[serde(default)]
     pub(super) pg_bin_dir: Option<Text>,
+    /// Databases verified at once (each is one pg_restore and one scratch database on the
+    /// verify server).
+    #[serde(default = "default_verify_concurrency")]
+    pub(super) concurrency: usize,
+    /// No database is started once this much time has passed since the run began (e.g.
+    /// "4h30m"); the rest wait for the next run, oldest verification first. Unset: no limit.
+    #[serde(default)]
+    pub(super) window: Option<Text>,
+    /// A database whose newest verify report is older than this (or that has none) counts in
+    /// `pgferry_verify_overdue_databases`.
+    #[serde(default = "default_verify_max_age")]
+    pub(super) max_age: Text,
 }
 
 impl Default for RawVerify {
@@ -311,8 +327,20 @@ impl Default for RawVerify {
             checks: Vec::new(),
             schedule: None,
             pg_bin_dir: None,
+            concurrency: default_verify_concurrency(),
+            window: None,
+            max_age: default_verify_max_age(),
         }
     }
+}
+
+fn default_verify_concurrency() -> usize {
+    1
+}
+
+/// Two nights: a nightly verify that covers the fleet keeps every database under it.
+fn default_verify_max_age() -> Text {
+    Text("48h".into())
 }
 
 fn default_verify_url() -> RawText {

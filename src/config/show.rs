@@ -45,6 +45,13 @@ pub(super) fn duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&format!("{}s", d.as_secs_f64()))
 }
 
+pub(super) fn opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// A byte count as `parse_size` reads it back: whole MiB where it is one, bytes otherwise.
 pub(super) fn size<S: Serializer>(b: &u64, s: S) -> Result<S::Ok, S::Error> {
     if b % (1 << 20) == 0 {

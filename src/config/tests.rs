@@ -315,6 +315,7 @@ exclude = ["globex_old"]
 schedule = "30 * * * *"
 retention = {{ keep_last = 5, hourly = 1, daily = 2, weekly = 3, monthly = 4 }}
 pg_bin_dir = "/opt/pg17/bin"
+spread = "20m"
 
 [[target]]
 name = "s3"
@@ -345,6 +346,9 @@ url = "postgres://v:vpass@verify.svc/postgres"
 checks = ["SELECT true"]
 schedule = "0 3 * * *"
 pg_bin_dir = "/opt/pg15/bin"
+concurrency = 3
+window = "4h"
+max_age = "72h"
 "#,
         ca = fixture_ca(),
         hook = concat!(
@@ -597,4 +601,61 @@ fn name_and_scheme_messages_say_what_is_wrong() {
     let err = error_at(&text, "target[0].url", "s3://");
     assert!(err.contains("carries no credentials"), "{err}");
     assert!(!err.contains("topsecret"), "{err}");
+}
+
+#[test]
+fn spread_must_be_shorter_than_the_slot() {
+    let with = |schedule: &str, spread: &str| {
+        MINIMAL.replace(
+            "url = \"postgres://pgferry:s3cret@127.0.0.1:5432/postgres\"\n",
+            &format!(
+                "url = \"postgres://pgferry:s3cret@127.0.0.1:5432/postgres\"\nschedule = \"{schedule}\"\nspread = \"{spread}\"\n"
+            ),
+        )
+    };
+    let c = parse(&with("0 * * * *", "45m")).unwrap();
+    assert_eq!(c.sources[0].spread, Some(Duration::from_secs(45 * 60)));
+    assert_eq!(parse(MINIMAL).unwrap().sources[0].spread, None);
+    for (schedule, spread, slot) in [
+        ("0 * * * *", "1h", "1h"),
+        ("0 * * * *", "90m", "1h"),
+        ("0 9,17 * * *", "10h", "8h"),
+        ("*/30 * * * * *", "30s", "30s"),
+    ] {
+        let text = with(schedule, spread);
+        let err = error_at(&text, "source[0].spread", "spread");
+        assert!(
+            err.contains("not shorter than the schedule's slot")
+                && err.contains(&format!("({slot} for \"{schedule}\")")),
+            "{err}"
+        );
+    }
+    let err = error_at(&with("0 * * * *", "0s"), "source[0].spread", "spread");
+    assert!(err.contains("shorter than a second"), "{err}");
+    parse(&with("0 9,17 * * *", "7h59m")).unwrap();
+}
+
+#[test]
+fn verify_fleet_keys_have_defaults_and_bounds() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.verify.concurrency, 1);
+    assert_eq!(c.verify.window, None);
+    assert_eq!(c.verify.max_age, Duration::from_secs(48 * 3600));
+    let c = parse(&format!(
+        "{MINIMAL}\n[verify]\nconcurrency = 4\nwindow = \"4h30m\"\nmax_age = \"3d\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.verify.concurrency, 4);
+    assert_eq!(c.verify.window, Some(Duration::from_secs(4 * 3600 + 1800)));
+    assert_eq!(c.verify.max_age, Duration::from_secs(72 * 3600));
+    for (key, value, says) in [
+        ("concurrency", "0", "at least 1"),
+        ("window", "\"0s\"", "no verify at all"),
+        ("window", "\"soon\"", "not a duration"),
+        ("max_age", "\"old\"", "not a duration"),
+    ] {
+        let text = format!("{MINIMAL}\n[verify]\n{key} = {value}\n");
+        let err = error_at(&text, &format!("verify.{key}"), key);
+        assert!(err.contains(says), "{err}");
+    }
 }

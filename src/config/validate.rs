@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::raw::*;
 use super::rules::{
@@ -217,10 +218,38 @@ fn source(i: usize, s: RawSource, cx: &mut Ctx) -> Result<SourceConfig> {
         retention: retention(&key("retention"), s.retention, cx),
         name: s.name.0,
         url,
-        schedule,
         pg_bin_dir: s.pg_bin_dir.map(|d| cx.resolve(&d.0)),
         ping: super::ops::ping(s.ping).map_err(|m| finding(key("ping"), m))?,
+        spread: s
+            .spread
+            .map(|raw| spread(&raw.0, &schedule))
+            .transpose()
+            .map_err(|m| finding(key("spread"), m))?,
+        schedule,
     })
+}
+
+/// `[[source]] spread`: at least a second, and shorter than the schedule's shortest slot, so
+/// that every database of a slot starts inside it (the snapshot id is the slot's start).
+fn spread(raw: &str, schedule: &Schedule) -> std::result::Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{raw:?} is shorter than a second; leave spread out to start every dump at the slot's start"
+        ));
+    }
+    if let Some(slot) = schedule.shortest_slot() {
+        if d >= slot {
+            return Err(format!(
+                "{raw:?} is not shorter than the schedule's slot ({} for \"{}\"); the dumps of \
+                 a slot must all start inside it: use a spread under {}",
+                humantime::format_duration(slot),
+                schedule.expr(),
+                humantime::format_duration(slot),
+            ));
+        }
+    }
+    Ok(d)
 }
 
 /// A source's retention: the keys given, the defaults for the rest. A partial table is
@@ -501,5 +530,21 @@ fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {
             .transpose()
             .map_err(|e| finding("verify.schedule", e.to_string()))?,
         pg_bin_dir: raw.pg_bin_dir.map(|d| cx.resolve(&d.0)),
+        concurrency: match raw.concurrency {
+            0 => return Err(finding("verify.concurrency", "must be at least 1")),
+            n => n,
+        },
+        window: raw
+            .window
+            .map(|w| match parse_duration(&w.0)? {
+                d if d.is_zero() => Err(format!(
+                    "{:?} would start no verify at all; leave window out for no limit",
+                    w.0
+                )),
+                d => Ok(d),
+            })
+            .transpose()
+            .map_err(|m| finding("verify.window", m))?,
+        max_age: parse_duration(&raw.max_age.0).map_err(|m| finding("verify.max_age", m))?,
     })
 }

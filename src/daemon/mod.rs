@@ -236,16 +236,18 @@ async fn verify_loop(app: App, schedule: crate::schedule::Schedule, stop: Cancel
         }
         let req = crate::verify::VerifyRequest::default();
         match crate::verify::verify_all(&app, &req, stop.child_token()).await {
-            Ok(results) => {
-                crate::notify::verify_reports(&app, &results).await;
-                let failed = results
+            Ok(run) => {
+                crate::notify::verify_reports(&app, &run.results).await;
+                let failed = run
+                    .results
                     .iter()
                     .filter(|(_, _, r)| !matches!(r, Ok(rep) if rep.passed()))
                     .count();
                 tracing::info!(
                     message = "Scheduled verify finished.",
-                    databases = results.len(),
-                    failed
+                    databases = run.results.len(),
+                    failed,
+                    skipped = run.skipped.len()
                 );
             }
             Err(error) => {

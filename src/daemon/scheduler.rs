@@ -7,6 +7,13 @@
 //! whose previous run is still going is skipped for the slot (counted as `skipped`), never
 //! queued. The snapshot id is the slot's start, so a slot is dumped at most once.
 //!
+//! With `[[source]] spread`, each database starts at a stable offset inside the slot
+//! ([`spread_offset`]: a hash of "source/database", in [0, spread)), so the dumps of a slot
+//! are spread over its first part instead of all starting at its first second; the snapshot
+//! id is still the slot's start, the retries still end at the next slot, and
+//! `max_concurrent_backups` still applies when the offset comes. Until then the database is
+//! not running, and its `next_run` is its start.
+//!
 //! Timing is a pure function ([`tick`]) plus a [`Clock`], so tests drive the loop with
 //! `tokio::time::pause()` and a [`TokioClock`]. What an attempt does (lock, check, dump) is
 //! behind [`Runner`]; this module owns no I/O of its own.
@@ -17,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,6 +115,42 @@ pub fn tick(schedule: &Schedule, last_run: Option<DateTime<Utc>>, now: DateTime<
             None => Tick::Never,
         },
     }
+}
+
+/// Where a database's dumps start inside each slot of a source with `spread`: a stable
+/// offset in [0, spread), whole seconds, from the first 8 bytes of sha256("source/database")
+/// (not std's `DefaultHasher`, whose keys are random per process: a restart would move every
+/// database).
+pub fn spread_offset(source: &str, database: &str, spread: Duration) -> Duration {
+    let secs = spread.as_secs();
+    if secs == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(format!("{source}/{database}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Duration::from_secs(u64::from_be_bytes(first) % secs)
+}
+
+/// When the run of `database` in the slot starting at `slot` starts: the slot's start plus
+/// its spread offset, kept before `deadline` (the next slot; validation makes spread shorter
+/// than any slot, so this only matters for a slot shorter than the sample `config` saw).
+pub fn start_in_slot(
+    source: &SourceConfig,
+    database: &str,
+    slot: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    let Some(spread) = source.spread else {
+        return slot;
+    };
+    let mut offset = spread_offset(&source.name, database, spread);
+    if let Some(len) = deadline.and_then(|d| (d - slot).to_std().ok()) {
+        if offset >= len && !len.is_zero() {
+            offset = Duration::from_secs(offset.as_secs() % len.as_secs().max(1));
+        }
+    }
+    slot + chrono::TimeDelta::from_std(offset).unwrap_or_default()
 }
 
 /// Capped exponential backoff between attempts of one database within one slot.
@@ -366,7 +410,12 @@ async fn source_loop<R: Runner, C: Clock>(inner: Arc<Inner<R, C>>, idx: usize) {
                 return;
             }
             Tick::SleepUntil(t) => {
-                inner.state.set_next_run_of_source(&source.name, Some(t));
+                let next_slot = source.schedule.next_after(t);
+                inner
+                    .state
+                    .set_next_run_of_source(&source.name, inner.clock.now(), |db| {
+                        Some(start_in_slot(source, db, t, next_slot))
+                    });
                 tokio::select! {
                     _ = sleep_until(&inner.clock, t) => {}
                     _ = inner.shutdown.cancelled() => return,
@@ -421,18 +470,48 @@ async fn run_slot<R: Runner, C: Clock>(
             }
         }
     };
-    tracing::info!(message = "Slot due.", source = %source.name, snapshot_id = %snapshot_id, databases = databases.len());
+    tracing::info!(message = "Slot due.", source = %source.name, snapshot_id = %snapshot_id, databases = databases.len(), spread_seconds = source.spread.map(|d| d.as_secs()));
     for database in databases {
         inner.state.ensure(&source.name, &database);
         inner.metrics.init_database(&source.name, &database);
-        if let Err(e) = start_run(inner, idx, &database, &snapshot_id, deadline, false) {
-            inner
-                .metrics
-                .backups_total
-                .with_label_values(&[&source.name, &database, Outcome::Skipped.as_str()])
-                .inc();
-            tracing::warn!(message = "Skipping the slot: the previous backup is still running.", source = %source.name, database = %database, snapshot_id = %snapshot_id, error = %e);
+        let start = start_in_slot(source, &database, slot, deadline);
+        if start <= inner.clock.now() {
+            start_in_slot_or_skip(inner, idx, &database, &snapshot_id, deadline);
+            continue;
         }
+        // Not due yet (spread): not running, not missed; it starts at its offset.
+        inner
+            .state
+            .set_next_run(&source.name, &database, Some(start));
+        let waiting = inner.clone();
+        let snapshot_id = snapshot_id.clone();
+        inner.tracker.spawn(async move {
+            tokio::select! {
+                _ = sleep_until(&waiting.clock, start) => {}
+                _ = waiting.shutdown.cancelled() => return,
+            }
+            start_in_slot_or_skip(&waiting, idx, &database, &snapshot_id, deadline);
+        });
+    }
+}
+
+/// Starts the slot's run of one database, or counts it as skipped when its previous run is
+/// still going.
+fn start_in_slot_or_skip<R: Runner, C: Clock>(
+    inner: &Arc<Inner<R, C>>,
+    idx: usize,
+    database: &str,
+    snapshot_id: &str,
+    deadline: Option<DateTime<Utc>>,
+) {
+    let source = &inner.sources[idx];
+    if let Err(e) = start_run(inner, idx, database, snapshot_id, deadline, false) {
+        inner
+            .metrics
+            .backups_total
+            .with_label_values(&[&source.name, database, Outcome::Skipped.as_str()])
+            .inc();
+        tracing::warn!(message = "Skipping the slot: the previous backup is still running.", source = %source.name, database = %database, snapshot_id = %snapshot_id, error = %e);
     }
 }
 
@@ -534,7 +613,11 @@ async fn database_run<R: Runner, C: Clock>(
         }
     }
     inner.state.finish(name, &database);
-    let next = source.schedule.next_after(inner.clock.now());
+    let now = inner.clock.now();
+    let next = source.schedule.next_after(now).map(|slot| {
+        let deadline = source.schedule.next_after(slot);
+        start_in_slot(source, &database, slot, deadline)
+    });
     inner.state.set_next_run(name, &database, next);
 }
 

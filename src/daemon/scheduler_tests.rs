@@ -14,12 +14,18 @@ fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
 }
 
 fn source(schedule: &str) -> SourceConfig {
+    source_with(schedule, "")
+}
+
+/// A source with more keys (`extra`, TOML lines of `[[source]]`).
+fn source_with(schedule: &str, extra: &str) -> SourceConfig {
     let text = format!(
         r#"
 [[source]]
 name = "prod"
 url = "postgres://pgferry@127.0.0.1:1/postgres"
 schedule = "{schedule}"
+{extra}
 
 [[target]]
 name = "local"
@@ -287,4 +293,161 @@ async fn retries_stop_when_the_next_slot_is_due() {
     );
     assert_eq!(skipped(&s, "a"), 0);
     assert_eq!(s.state().get("prod", "a").unwrap().consecutive_failures, 3);
+}
+
+fn spread_scheduler(
+    fake: &Arc<Fake>,
+    schedule: &str,
+    spread: &str,
+    max: usize,
+) -> Scheduler<Arc<Fake>, TokioClock> {
+    Scheduler::new(SchedulerParts {
+        runner: fake.clone(),
+        clock: fake.clock.unwrap(),
+        sources: vec![source_with(schedule, &format!("spread = \"{spread}\""))],
+        state: Arc::new(StateMap::default()),
+        max_concurrent: max,
+        retry: RetryPolicy::default(),
+        metrics: Metrics::new(),
+    })
+}
+
+const SPREAD: Duration = Duration::from_secs(45 * 60);
+
+fn offset(db: &str) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(spread_offset("prod", db, SPREAD)).unwrap()
+}
+
+#[test]
+fn spread_offsets_are_stable_inside_the_spread_and_spread_out() {
+    // Stable across runs and builds: the value is pinned (sha256, not a per-process hash).
+    assert_eq!(
+        spread_offset("prod", "acme", SPREAD),
+        spread_offset("prod", "acme", SPREAD)
+    );
+    assert_eq!(
+        spread_offset("prod", "acme", SPREAD),
+        Duration::from_secs(PINNED_ACME_OFFSET)
+    );
+    assert_ne!(
+        spread_offset("prod", "acme", SPREAD),
+        spread_offset("staging", "acme", SPREAD),
+        "the source is part of the key"
+    );
+    let offsets: Vec<Duration> = (0..300)
+        .map(|i| spread_offset("prod", &format!("db{i:03}"), SPREAD))
+        .collect();
+    assert!(offsets.iter().all(|o| *o < SPREAD));
+    let distinct: std::collections::BTreeSet<_> = offsets.iter().collect();
+    assert!(distinct.len() >= 250, "{} distinct of 300", distinct.len());
+    // Every 5-minute ninth of the 45 minutes holds some: no pile-up.
+    for ninth in 0..9u64 {
+        let (from, to) = (ninth * 300, (ninth + 1) * 300);
+        let n = offsets
+            .iter()
+            .filter(|o| (from..to).contains(&o.as_secs()))
+            .count();
+        assert!((15..=60).contains(&n), "{n} offsets in [{from}s, {to}s)");
+    }
+    assert_eq!(
+        spread_offset("prod", "acme", Duration::ZERO),
+        Duration::ZERO
+    );
+}
+
+/// sha256("prod/acme")'s first 8 bytes, big-endian, modulo 2700 s.
+const PINNED_ACME_OFFSET: u64 = 1711;
+
+#[tokio::test(start_paused = true)]
+async fn with_spread_each_database_starts_at_its_offset_under_the_slots_id() {
+    let dbs = ["acme", "globex", "initech", "umbrella"];
+    let fake = Fake::new(&dbs, Duration::from_secs(60));
+    let s = spread_scheduler(&fake, "0 * * * *", "45m", 4);
+    s.start();
+    // Before any offset has come (all are after 14:00:00 but one may be 0), nothing that is
+    // not due runs, and the status says when each starts.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for db in dbs {
+        let st = s.state().get("prod", db).unwrap();
+        if offset(db) > chrono::TimeDelta::zero() {
+            assert!(st.running.is_none(), "{db} runs before its offset");
+            assert_eq!(st.next_run, Some(at(14, 0, 0) + offset(db)), "{db}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    let mut got = fake.attempts();
+    got.sort_by_key(|a| a.2);
+    let mut want: Vec<(String, String, DateTime<Utc>)> = Vec::new();
+    for (slot, id) in [
+        (at(14, 0, 0), "20261127T140000Z"),
+        (at(15, 0, 0), "20261127T150000Z"),
+    ] {
+        for db in dbs {
+            want.push((db.to_string(), id.to_string(), slot + offset(db)));
+        }
+    }
+    want.sort_by_key(|a| a.2);
+    assert_eq!(got, want);
+    // Distinct starts: the slot's dumps are not stacked at :00.
+    let starts: std::collections::BTreeSet<_> = got.iter().map(|a| a.2).collect();
+    assert_eq!(starts.len(), got.len(), "{got:?}");
+    // After its run, each database's next run is the next slot plus its offset.
+    for db in dbs {
+        let st = s.state().get("prod", db).unwrap();
+        assert_eq!(st.next_run, Some(at(16, 0, 0) + offset(db)), "{db}");
+        assert_eq!(st.last_snapshot_id.as_deref(), Some("20261127T150000Z"));
+        assert_eq!(st.consecutive_failures, 0);
+    }
+    for db in dbs {
+        assert_eq!(skipped(&s, db), 0, "{db}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_spread_max_concurrent_backups_still_applies() {
+    // Dumps of 20 minutes, one at a time: a database whose offset comes while another runs
+    // waits for the permit, and none overlap.
+    let dbs = ["acme", "globex", "initech", "umbrella"];
+    let fake = Fake::new(&dbs, Duration::from_secs(20 * 60));
+    let s = spread_scheduler(&fake, "0 * * * *", "45m", 1);
+    s.start();
+    tokio::time::sleep(Duration::from_secs(3600 - 1)).await;
+    let mut got = fake.attempts();
+    got.sort_by_key(|a| a.2);
+    assert!(got.len() >= 2, "{got:?}");
+    for w in got.windows(2) {
+        assert!(
+            w[1].2 - w[0].2 >= chrono::TimeDelta::minutes(20),
+            "overlapping dumps: {got:?}"
+        );
+    }
+    for (db, id, t) in &got {
+        assert_eq!(id, "20261127T140000Z");
+        assert!(
+            *t >= at(14, 0, 0) + offset(db),
+            "{db} started before its offset"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_daemon_started_mid_slot_runs_the_databases_whose_offset_passed_at_once() {
+    let dbs = ["acme", "globex", "initech", "umbrella", "hooli", "wayne"];
+    let start = at(14, 20, 0);
+    let fake = Arc::new(Fake {
+        databases: Mutex::new(dbs.iter().map(|s| s.to_string()).collect()),
+        duration: Duration::from_secs(1),
+        clock: Some(TokioClock::starting_at(start)),
+        ..Fake::default()
+    });
+    let s = spread_scheduler(&fake, "0 * * * *", "45m", 8);
+    s.start();
+    tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+    let got = fake.attempts();
+    assert_eq!(got.len(), dbs.len(), "{got:?}");
+    for (db, id, t) in got {
+        assert_eq!(id, "20261127T140000Z", "the slot's id, not the start time");
+        let due = at(14, 0, 0) + offset(&db);
+        assert_eq!(t, due.max(start), "{db}");
+    }
 }

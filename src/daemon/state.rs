@@ -125,12 +125,26 @@ impl StateMap {
         self.with(source, database, |s| s.next_run = at);
     }
 
-    /// Sets the next run of every known database of `source`.
-    pub fn set_next_run_of_source(&self, source: &str, at: Option<DateTime<Utc>>) {
+    /// Sets the next run of every known database of `source` that is not running, to `at` of
+    /// its name (the next slot, plus the database's spread offset), unless it is due sooner:
+    /// a database waiting for its offset in the current slot keeps that time (after `now`).
+    pub fn set_next_run_of_source(
+        &self,
+        source: &str,
+        now: DateTime<Utc>,
+        at: impl Fn(&str) -> Option<DateTime<Utc>>,
+    ) {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for ((s, _), st) in map.iter_mut() {
-            if s == source && st.running.is_none() {
-                st.next_run = at;
+        for ((s, d), st) in map.iter_mut() {
+            if s != source || st.running.is_some() {
+                continue;
+            }
+            let next = at(d);
+            let sooner = st
+                .next_run
+                .is_some_and(|t| t > now && next.is_none_or(|n| t < n));
+            if !sooner {
+                st.next_run = next;
             }
         }
     }

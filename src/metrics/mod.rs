@@ -52,6 +52,9 @@ pub struct Metrics {
     pub restores_total: IntCounterVec,
     pub verify_last_success: GaugeVec,
     pub verifies_total: IntCounterVec,
+    /// Per source, databases whose newest verify report is older than `verify.max_age` or
+    /// missing, as the last `verify` of the whole source left them (see `verify`).
+    pub verify_overdue_databases: IntGaugeVec,
     pub retention_deleted_total: IntCounterVec,
     pub build_info: IntGaugeVec,
     /// 1 when the last dependency check could query the source server (see `readiness`).
@@ -164,6 +167,14 @@ impl Metrics {
                 &["result"],
             )
             .unwrap(),
+            verify_overdue_databases: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_verify_overdue_databases",
+                    "Databases whose newest restore-verify report (any result) is older than verify.max_age, or that have none, after the last verify of the source.",
+                ),
+                &["source"],
+            )
+            .unwrap(),
             retention_deleted_total: IntCounterVec::new(
                 Opts::new(
                     "pgferry_retention_deleted_total",
@@ -219,7 +230,7 @@ impl Metrics {
             .unwrap(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(m.source_up.clone()),
             Box::new(m.target_up.clone()),
             Box::new(m.backup_running.clone()),
@@ -238,6 +249,7 @@ impl Metrics {
             Box::new(m.restores_total.clone()),
             Box::new(m.verify_last_success.clone()),
             Box::new(m.verifies_total.clone()),
+            Box::new(m.verify_overdue_databases.clone()),
             Box::new(m.retention_deleted_total.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.target_missing_snapshots.clone()),

@@ -516,6 +516,8 @@ fn dashboard_is_grafana_json_whose_queries_name_only_exported_metrics() {
         "pgferry_target_uploaded_bytes_total",
         "pgferry_target_uploads_total",
         "pgferry_verify_last_success_timestamp_seconds",
+        "pgferry_verify_overdue_databases",
+        "pgferry_backup_running",
     ] {
         assert!(
             used.contains(wanted),

@@ -118,6 +118,33 @@ fn the_configmap_holds_a_config_pgferry_accepts_with_secrets_from_the_secret() {
     }
 }
 
+/// The verify window stops new verifies; the CronJob's deadline kills the pod. The deadline
+/// must outlast the window by the time the verifies started last need, or they are killed
+/// half-way every night (leaving scratch databases for the next run to drop).
+#[test]
+fn the_verify_cronjob_deadline_outlasts_the_verify_window() {
+    let docs = all_docs();
+    let config: toml::Table = toml::from_str(&config_text(&docs)).unwrap();
+    let window = config["verify"]["window"]
+        .as_str()
+        .expect("the ConfigMap sets [verify] window");
+    let window = pgferry::config::parse_duration(window).unwrap().as_secs();
+    let cron = find(&docs, "CronJob", "pgferry-verify");
+    let deadline = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+        .as_u64()
+        .expect("activeDeadlineSeconds");
+    // The longest single verify the example fleet expects (Odoo databases: minutes).
+    let last_verifies = 15 * 60;
+    assert!(
+        deadline >= window + last_verifies,
+        "activeDeadlineSeconds {deadline} leaves under {last_verifies} s after the {window} s window"
+    );
+    assert!(
+        deadline <= window + 3600,
+        "activeDeadlineSeconds {deadline} is far beyond the {window} s window: the window, not the deadline, should end the night's work"
+    );
+}
+
 #[test]
 fn committed_secrets_are_placeholders() {
     for doc in all_docs().iter().filter(|d| d["kind"] == "Secret") {
