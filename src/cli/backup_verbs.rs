@@ -287,7 +287,13 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
         for s in &piece.snapshots {
             match json.as_mut() {
                 Some(json) => json.push(s),
-                None => println!("{}", list_row(s, now)),
+                None => {
+                    use std::io::Write;
+                    // A closed stdout (`| head`) ends the listing, without a panic.
+                    if writeln!(std::io::stdout(), "{}", list_row(s, now)).is_err() {
+                        return Ok(());
+                    }
+                }
             }
         }
     }

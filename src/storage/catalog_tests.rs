@@ -394,7 +394,10 @@ async fn listing_reads_summaries_and_verify_gets_the_tables_in_full() {
     let a = target("a", "pg");
     let run = RunId::random();
     put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
-    for c in [all(std::slice::from_ref(&a)).await, indexed(std::slice::from_ref(&a)).await] {
+    for c in [
+        all(std::slice::from_ref(&a)).await,
+        indexed(std::slice::from_ref(&a)).await,
+    ] {
         let s = &c.snapshots[0];
         assert_eq!(s.manifest.tables, None, "listing never holds the tables");
         let full = full_manifest(std::slice::from_ref(&a), s).await.unwrap();
@@ -431,7 +434,10 @@ async fn a_listing_through_the_index_reads_the_index_and_no_manifest() {
     // Then: one GET per folder, of its index.
     let second = indexed(std::slice::from_ref(&a)).await;
     assert_eq!(facts(&second), facts(&truth));
-    assert_eq!(store.take_gets(), vec![INDEX.to_string(), INDEX.to_string()]);
+    assert_eq!(
+        store.take_gets(),
+        vec![INDEX.to_string(), INDEX.to_string()]
+    );
 
     // The catalog that decides (prune, restore) never looks at the index.
     let decided = all(std::slice::from_ref(&a)).await;
@@ -499,7 +505,10 @@ async fn manifests_deleted_added_or_rewritten_behind_the_index_are_seen() {
         .collect();
     assert_eq!(
         names,
-        vec!["20261127T150000Z.manifest.json", "20261127T170000Z.manifest.json"]
+        vec![
+            "20261127T150000Z.manifest.json",
+            "20261127T170000Z.manifest.json"
+        ]
     );
     store.take_gets();
     indexed(std::slice::from_ref(&a)).await;
