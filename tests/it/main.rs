@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod fleet;
 mod notify;
 mod ops;
 mod production_guard;
