@@ -193,6 +193,122 @@ async fn write_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
+    use crate::storage::manifest::tests::sample;
+    use crate::storage::target::Target;
+    use object_store::memory::InMemory;
+    use object_store::PutPayload;
+    use std::sync::Arc;
+
+    fn app(targets: Vec<Target>) -> App {
+        let text = r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry@127.0.0.1:1/postgres"
+
+[[target]]
+name = "a"
+url = "file:///nonexistent/a"
+"#;
+        let config =
+            Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
+        App {
+            config: Arc::new(config),
+            targets: Arc::new(targets),
+            metrics: crate::metrics::Metrics::new(),
+            notifier: Default::default(),
+        }
+    }
+
+    async fn put_snapshot(t: &Target, database: &str, id: &str) {
+        let run = RunId::random();
+        let sk = SnapshotKey::new("prod", database, SnapshotId::parse(id).unwrap());
+        let mut m = sample();
+        m.database = database.into();
+        m.snapshot_id = id.into();
+        m.started_at = sk.id.time();
+        m.object_key = sk.dump(&run).to_string();
+        t.store
+            .put(&t.at(&sk.dump(&run)), PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+        t.store
+            .put(&t.at(&sk.manifest()), PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+    }
+
+    /// One page as a client gets it.
+    async fn get_page(
+        app: &App,
+        filter: &Filter,
+        cursor: Option<Cursor>,
+        limit: usize,
+    ) -> serde_json::Value {
+        let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+        let writer = async move {
+            let mut tx = tx;
+            write_page(app, filter, cursor, limit, &mut tx).await
+        };
+        let (written, chunks) = futures::join!(writer, rx.collect::<Vec<Bytes>>());
+        written.unwrap();
+        let body: Vec<u8> = chunks.concat();
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
+    }
+
+    #[tokio::test]
+    async fn chained_pages_give_every_snapshot_once_whatever_the_limit() {
+        let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
+        let hours = ["10", "11", "12", "13", "14"];
+        let mut want = Vec::new();
+        for (db, n) in [("acme", 5), ("empty", 0), ("globex", 1), ("initech", 3)] {
+            for h in &hours[..n] {
+                let id = format!("20261127T{h}0000Z");
+                put_snapshot(&a, db, &id).await;
+                want.push((db.to_string(), id));
+            }
+        }
+        // A folder with no snapshot at all (only an unrelated object).
+        a.store
+            .put(
+                &a.at(&object_store::path::Path::from("prod/empty/notes.txt")),
+                PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        want.sort();
+        let app = app(vec![a]);
+        for limit in [1, 2, 3, 4, 5, 9, 100] {
+            let mut got = Vec::new();
+            let mut cursor = None;
+            for _ in 0..20 {
+                let page = get_page(&app, &Filter::default(), cursor.clone(), limit).await;
+                let snaps = page["snapshots"].as_array().unwrap();
+                assert!(snaps.len() <= limit);
+                got.extend(snaps.iter().map(|s| {
+                    (
+                        s["manifest"]["database"].as_str().unwrap().to_string(),
+                        s["manifest"]["snapshot_id"].as_str().unwrap().to_string(),
+                    )
+                }));
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(Cursor::decode(c).unwrap()),
+                    None => {
+                        cursor = None;
+                        break;
+                    }
+                }
+            }
+            assert!(cursor.is_none(), "limit {limit}: the walk did not end");
+            let n = got.len();
+            got.sort();
+            got.dedup();
+            assert_eq!(got.len(), n, "limit {limit}: a snapshot came twice");
+            assert_eq!(got, want, "limit {limit}");
+        }
+    }
 
     #[test]
     fn a_cursor_round_trips_and_garbage_is_refused() {
