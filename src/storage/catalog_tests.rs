@@ -364,7 +364,9 @@ async fn indexed(targets: &[Target]) -> Catalog {
 }
 
 /// What a listing says, to compare a read through the index with one of every manifest.
-fn facts(c: &Catalog) -> Vec<(String, Vec<String>, Option<String>, Vec<(String, String)>)> {
+type Facts = Vec<(String, Vec<String>, Option<String>, Vec<(String, String)>)>;
+
+fn facts(c: &Catalog) -> Facts {
     c.snapshots
         .iter()
         .map(|s| {

@@ -86,7 +86,7 @@ impl HttpState {
 
     /// Whether a read endpoint may answer: always without `daemon.read_token_file`; else with
     /// the read token or the API token.
-    fn may_read(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn may_read(&self, headers: &HeaderMap) -> Result<(), AuthError> {
         let Some(read_token) = &self.read_token else {
             return Ok(());
         };
@@ -96,7 +96,7 @@ impl HttpState {
         match auth::authorize(read_token.token().as_deref(), header) {
             Ok(()) => Ok(()),
             Err(_) if auth::authorize(self.token.token().as_deref(), header).is_ok() => Ok(()),
-            Err(e) => Err(refusal(e)),
+            Err(e) => Err(e),
         }
     }
 }
@@ -167,8 +167,8 @@ async fn readyz(State(s): State<HttpState>) -> Response {
 }
 
 async fn status(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = s.may_read(&headers) {
-        return refused;
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
     }
     let mut databases = s.scheduler.state().snapshot();
     forget_pruned_cached(&s, &mut databases).await;
@@ -246,8 +246,8 @@ async fn snapshots(
     headers: HeaderMap,
     Query(q): Query<snapshots::SnapshotQuery>,
 ) -> Response {
-    if let Err(refused) = s.may_read(&headers) {
-        return refused;
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
     }
     snapshots::page(s.app.clone(), s.pages.clone(), q).await
 }
@@ -322,8 +322,8 @@ async fn start_backup(State(s): State<HttpState>, headers: HeaderMap, body: Byte
 }
 
 async fn index(State(s): State<HttpState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = s.may_read(&headers) {
-        return refused;
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
     }
     Html(page::render(
         &s.scheduler.state().snapshot(),
