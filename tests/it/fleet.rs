@@ -393,6 +393,18 @@ async fn prune_and_repair_never_touch_the_index_nor_take_it_for_a_snapshot() {
         on_b.contains(&("acme".to_string(), shift(&id, -3600))),
         "repair did not copy: {on_b:?}"
     );
+    // What repair wrote is the manifest in full, table statistics included.
+    let repaired = manifest_of(
+        &get(
+            &b,
+            &format!("prod/acme/{}.manifest.json", shift(&id, -3600)),
+        )
+        .await,
+    );
+    assert!(
+        !repaired["tables"].as_array().expect("tables").is_empty(),
+        "{repaired}"
+    );
     let list = env.pgferry(&config, &["list", "--json"]).await;
     assert_eq!(listed(&list), on_a.union(&on_b).cloned().collect());
     let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
