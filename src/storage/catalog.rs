@@ -476,7 +476,6 @@ async fn load_folder(
         Read::Manifests => catalog_index::Lookup::default(),
     };
     let mut index = catalog_index::FolderIndex::default();
-    let mut reread = 0usize;
     let manifest_metas: Vec<(&object_store::ObjectMeta, SnapshotId)> = listed
         .objects
         .iter()
@@ -498,7 +497,6 @@ async fn load_folder(
             _ => to_read.push((meta.clone(), id)),
         }
     }
-    reread += to_read.len();
     let fresh: Vec<(
         object_store::ObjectMeta,
         SnapshotId,
@@ -575,8 +573,6 @@ async fn load_folder(
         let indexed = meta.and_then(|meta| lookup.verify(meta));
         if let (Some(meta), Some(v)) = (meta, &indexed) {
             push_verify(&mut index, meta, v);
-        } else if meta.is_some() {
-            reread += 1;
         }
         verify_reads.push(async move {
             let verify = match (indexed, meta) {
@@ -607,9 +603,9 @@ async fn load_folder(
             verify,
         });
     }
-    if read == Read::Indexed
-        && (reread > 0 || lookup.stored() != index.manifests.len() + index.verifies.len())
-    {
+    // Written only when it would change: a folder whose manifests did not change (even one
+    // with a manifest that cannot be read, which is never indexed) costs no write.
+    if read == Read::Indexed && !lookup.holds_exactly(&index) {
         catalog_index::write(t, folder, index).await;
     }
 

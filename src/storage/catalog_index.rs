@@ -111,8 +111,19 @@ impl Lookup {
         matches(&e.stamp, meta).then(|| e.verify.clone())
     }
 
-    pub fn stored(&self) -> usize {
-        self.stored
+    /// Whether the stored index holds exactly `index` (then it need not be written again).
+    pub fn holds_exactly(&self, index: &FolderIndex) -> bool {
+        self.stored == index.manifests.len() + index.verifies.len()
+            && index.manifests.iter().all(|e| {
+                self.manifests
+                    .get(&e.stamp.name)
+                    .is_some_and(|old| old.stamp == e.stamp && old.manifest == e.manifest)
+            })
+            && index.verifies.iter().all(|e| {
+                self.verifies
+                    .get(&e.stamp.name)
+                    .is_some_and(|old| old.stamp == e.stamp && old.verify == e.verify)
+            })
     }
 }
 

@@ -271,6 +271,7 @@ async fn newest_means_the_data_read_last_not_the_greatest_id() {
 struct Counting {
     inner: InMemory,
     gets: std::sync::Mutex<Vec<String>>,
+    puts: std::sync::atomic::AtomicUsize,
     read_only: std::sync::atomic::AtomicBool,
 }
 
@@ -307,6 +308,7 @@ impl ObjectStore for Counting {
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
         self.refuse(location)?;
+        self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.put_opts(location, payload, opts).await
     }
     async fn put_multipart_opts(
@@ -639,4 +641,37 @@ async fn a_fleet_streams_one_folder_at_a_time_in_key_order() {
             vec![("initech", "20261127T140000Z", vec!["a".to_string()])],
         ]
     );
+}
+
+#[tokio::test]
+async fn an_unchanged_folder_costs_no_write_even_with_a_bad_manifest_in_it() {
+    let (a, store) = counting("a");
+    let run = RunId::random();
+    put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
+    // A truncated manifest and one whose body says another database: never indexed.
+    put_raw(
+        &a,
+        &a.at(&sk("acme", "20261127T150000Z").manifest()),
+        b"{\"format_version\": 3, ".to_vec(),
+    )
+    .await;
+    let mut elsewhere = manifest("globex", "20261127T160000Z", &run);
+    elsewhere.object_key = sk("acme", "20261127T160000Z").dump(&run).to_string();
+    put_raw(
+        &a,
+        &a.at(&sk("acme", "20261127T160000Z").manifest()),
+        elsewhere.to_json(),
+    )
+    .await;
+    let puts = |store: &Counting| store.puts.swap(0, std::sync::atomic::Ordering::SeqCst);
+    puts(&store);
+    let first = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(puts(&store), 1, "the index is written once");
+    assert_eq!(first.warnings.len(), 2, "{:?}", first.warnings);
+    for _ in 0..2 {
+        let again = indexed(std::slice::from_ref(&a)).await;
+        assert_eq!(facts(&again), facts(&first));
+        assert_eq!(again.warnings, first.warnings);
+        assert_eq!(puts(&store), 0, "nothing changed: no write");
+    }
 }
