@@ -56,8 +56,8 @@ name = "local"
 url = "file://$DIR/store"
 EOF
 
-manifest_bytes=$(find "$DIR/store" -name '*.manifest.json' -printf '%s\n' | awk '{s+=$1} END {print s}')
-echo "fleet: $SHAPE, $(find "$DIR/store" -name '*.manifest.json' | wc -l) manifests, $((manifest_bytes / 1000000)) MB of manifests" >&2
+manifest_mb=$(find "$DIR/store" -name '*.manifest.json' -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s/1000000}')
+echo "fleet: $SHAPE, $(find "$DIR/store" -name '*.manifest.json' | wc -l) manifests, $manifest_mb MB of manifests" >&2
 
 # Runs one operation under /usr/bin/time -v; prints "seconds MiB".
 measure() {
