@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::storage::catalog::{self, Catalog, Filter};
+use crate::storage::catalog::{self, Catalog, Filter, Plan, Read};
 use crate::storage::target::{Target, TargetError};
 
 #[derive(Clone)]
@@ -42,14 +42,28 @@ impl App {
         self.targets.iter().find(|t| t.name == name)
     }
 
-    /// The catalog of the configured sources on the configured targets (see `catalog`).
-    pub async fn catalog(&self, filter: &Filter) -> Catalog {
-        let sources: Vec<&str> = self
-            .config
+    fn source_names(&self) -> Vec<&str> {
+        self.config
             .sources
             .iter()
             .map(|s| s.name.as_str())
-            .collect();
-        catalog::load(&self.targets, &sources, filter).await
+            .collect()
+    }
+
+    /// The catalog of the configured sources on the configured targets (see `catalog`), every
+    /// manifest read: for what decides on it.
+    pub async fn catalog(&self, filter: &Filter) -> Catalog {
+        catalog::load(&self.targets, &self.source_names(), filter).await
+    }
+
+    /// The catalog read through the folders' indexes, whole: for reports over a few databases
+    /// or the small facts of a fleet (metrics).
+    pub async fn catalog_indexed(&self, filter: &Filter) -> Catalog {
+        catalog::load_with(&self.targets, &self.source_names(), filter, Read::Indexed).await
+    }
+
+    /// The database folders `filter` selects, to stream a fleet's catalog folder by folder.
+    pub async fn catalog_plan(&self, filter: &Filter) -> Plan {
+        Plan::new(&self.targets, &self.source_names(), filter).await
     }
 }

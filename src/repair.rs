@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::metrics::Outcome;
-use crate::storage::catalog::{read_manifest, SnapshotEntry};
+use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
 use crate::storage::check::{CheckReport, Problem, ProblemKind};
 use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
@@ -299,6 +299,14 @@ async fn repair_copy(
     if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
         return Ok((target.name.clone(), Fixed::LeftAlone(why)));
     }
+    // The catalog holds summaries (no `tables`): what is written is the manifest in full.
+    let full = full_manifest(&app.targets, entry)
+        .await
+        .map_err(|error| RepairError::Read {
+            target: target.name.clone(),
+            key: manifest_key.to_string(),
+            error,
+        })?;
     let mut tried = Vec::new();
     for from in candidates {
         if cancel.is_cancelled() {
@@ -318,7 +326,7 @@ async fn repair_copy(
         if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
             return Ok((from.name.clone(), Fixed::LeftAlone(why)));
         }
-        let mut repaired = m.clone();
+        let mut repaired = full.clone();
         repaired.targets = app
             .targets
             .iter()

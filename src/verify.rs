@@ -662,8 +662,16 @@ async fn inspect(
     entry: &SnapshotEntry,
 ) -> Result<Inspection, SourceError> {
     let client = source::connect(url, Some(scratch)).await?;
-    let m = &entry.manifest;
     let mut problems = Vec::new();
+    // The catalog holds manifest summaries: the table statistics are read here, in full.
+    let full = crate::storage::catalog::full_manifest(&app.targets, entry).await;
+    let m = match &full {
+        Ok(full) => full,
+        Err(e) => {
+            problems.push(e.clone());
+            &entry.manifest
+        }
+    };
     let mut tables = Vec::new();
     let mut large_objects = None;
     match &m.tables {

@@ -16,7 +16,7 @@ use crate::backup::pipeline::Progress;
 use crate::backup::{self, SlotOutcome};
 use crate::config::SourceConfig;
 use crate::source;
-use crate::storage::catalog::Filter;
+use crate::storage::catalog::{Filter, Read, SnapshotEntry};
 use crate::storage::key::{SnapshotId, SnapshotKey};
 
 pub(crate) async fn backup_cmd(app: &App, args: BackupArgs) -> Result<(), CliError> {
@@ -242,66 +242,105 @@ pub(crate) async fn list_cmd(app: &App, args: ListArgs) -> Result<(), CliError> 
         databases: args.database.clone(),
         target: args.target.clone(),
     };
-    let catalog = app.catalog(&filter).await;
-    for w in &catalog.warnings {
-        eprintln!("warning: {w}");
-    }
-    for (t, e) in &catalog.unreachable {
+    // One database folder at a time (through the folders' indexes): memory stays flat in the
+    // fleet's size. Rows are grouped by source and database, each newest data first.
+    let plan = app.catalog_plan(&filter).await;
+    let mut unreachable: Vec<(String, String)> = plan.unreachable().to_vec();
+    for (t, e) in &unreachable {
         eprintln!("warning: target {t} could not be listed: {e}");
     }
-    for o in &catalog.orphans {
-        eprintln!(
-            "warning: target {}: {} has no manifest (an upload in progress, or left by a crash or a deleted manifest); it cannot be restored",
-            o.target, o.key
-        );
-    }
-    for u in catalog.uploads.iter().filter(|u| !u.committed) {
-        eprintln!(
-            "warning: target {}: {} marks an unfinished upload (in progress, or left by a crash; prune aborts it after pipeline.orphan_grace)",
-            u.target, u.key
-        );
-    }
-    if args.json {
-        let out = serde_json::json!({
-            "result": if !catalog.unreachable.is_empty() && catalog.snapshots.is_empty() { "failure" } else { "success" },
-            "snapshots": catalog.snapshots,
-            "warnings": catalog.warnings,
-            "unreachable_targets": catalog.unreachable.iter().map(|(t, e)| serde_json::json!({"target": t, "error": e})).collect::<Vec<_>>(),
-        });
-        output::json_line(&out);
-    } else {
+    let mut warnings: Vec<String> = Vec::new();
+    let mut json = args.json.then(|| output::JsonArrayLine::start("snapshots"));
+    if !args.json {
         println!(
             "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} VERIFIED",
             "SNAPSHOT", "DATA READ", "SOURCE", "DATABASE", "STORED", "RAW", "AGE", "TARGETS"
         );
-        let now = chrono::Utc::now();
-        for s in &catalog.snapshots {
-            let m = &s.manifest;
-            let verified = match &s.verify {
-                Some(v) => format!("{} {}", v.result, v.finished_at.format("%Y-%m-%d %H:%M")),
-                None => "-".into(),
-            };
-            println!(
-                "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} {}",
-                m.snapshot_id,
-                m.started_at.format("%Y-%m-%d %H:%M:%SZ"),
-                m.source,
-                m.database,
-                human_bytes(m.stored_size),
-                human_bytes(m.raw_size),
-                human_age(now - m.started_at),
-                s.targets.join(","),
-                verified
+    }
+    let now = chrono::Utc::now();
+    let mut listed = 0usize;
+    let mut pieces = std::pin::pin!(plan.stream(Read::Indexed));
+    while let Some(piece) = pieces.next().await {
+        for w in &piece.warnings {
+            eprintln!("warning: {w}");
+        }
+        for (t, e) in piece.unreachable {
+            if !unreachable.iter().any(|(n, _)| *n == t) {
+                eprintln!("warning: target {t} could not be listed: {e}");
+                unreachable.push((t, e));
+            }
+        }
+        for o in &piece.orphans {
+            eprintln!(
+                "warning: target {}: {} has no manifest (an upload in progress, or left by a crash or a deleted manifest); it cannot be restored",
+                o.target, o.key
             );
         }
-        if catalog.snapshots.is_empty() {
-            eprintln!("no committed snapshot found");
+        for u in piece.uploads.iter().filter(|u| !u.committed) {
+            eprintln!(
+                "warning: target {}: {} marks an unfinished upload (in progress, or left by a crash; prune aborts it after pipeline.orphan_grace)",
+                u.target, u.key
+            );
+        }
+        warnings.extend(piece.warnings);
+        listed += piece.snapshots.len();
+        for s in &piece.snapshots {
+            match json.as_mut() {
+                Some(json) => json.push(s),
+                None => {
+                    use std::io::Write;
+                    // A closed stdout (`| head`) ends the listing, without a panic.
+                    if writeln!(std::io::stdout(), "{}", list_row(s, now)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
         }
     }
-    if !catalog.unreachable.is_empty() && catalog.snapshots.is_empty() {
+    let failed = !unreachable.is_empty() && listed == 0;
+    if let Some(json) = json {
+        let mut rest = serde_json::Map::new();
+        rest.insert("warnings".into(), serde_json::json!(warnings));
+        rest.insert(
+            "unreachable_targets".into(),
+            unreachable
+                .iter()
+                .map(|(t, e)| serde_json::json!({"target": t, "error": e}))
+                .collect(),
+        );
+        rest.insert(
+            "result".into(),
+            if failed { "failure" } else { "success" }.into(),
+        );
+        json.finish(rest);
+    } else if listed == 0 {
+        eprintln!("no committed snapshot found");
+    }
+    if failed {
         return Err(CliError::Failed("no target could be listed".into()));
     }
     Ok(())
+}
+
+/// One line of `pgferry list`.
+fn list_row(s: &SnapshotEntry, now: chrono::DateTime<chrono::Utc>) -> String {
+    let m = &s.manifest;
+    let verified = match &s.verify {
+        Some(v) => format!("{} {}", v.result, v.finished_at.format("%Y-%m-%d %H:%M")),
+        None => "-".into(),
+    };
+    format!(
+        "{:<18} {:<20} {:<12} {:<24} {:>10} {:>10} {:>8}  {:<20} {}",
+        m.snapshot_id,
+        m.started_at.format("%Y-%m-%d %H:%M:%SZ"),
+        m.source,
+        m.database,
+        human_bytes(m.stored_size),
+        human_bytes(m.raw_size),
+        human_age(now - m.started_at),
+        s.targets.join(","),
+        verified
+    )
 }
 
 pub(crate) async fn prune_cmd(app: &App, args: PruneArgs) -> Result<(), CliError> {

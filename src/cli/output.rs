@@ -29,6 +29,41 @@ pub(crate) fn json_line(value: &serde_json::Value) {
     JSON_PRINTED.store(true, Ordering::SeqCst);
 }
 
+/// Writes the final JSON object of a verb in pieces, on one line: an array streamed element
+/// by element (`list` of a fleet), then the other fields. Memory is one element's.
+pub(crate) struct JsonArrayLine {
+    out: std::io::BufWriter<std::io::Stdout>,
+    first: bool,
+}
+
+impl JsonArrayLine {
+    /// Starts `{"<field>":[`.
+    pub(crate) fn start(field: &str) -> JsonArrayLine {
+        let mut out = std::io::BufWriter::new(std::io::stdout());
+        let _ = write!(out, "{{{}:[", serde_json::Value::from(field));
+        JsonArrayLine { out, first: true }
+    }
+
+    pub(crate) fn push(&mut self, item: &impl serde::Serialize) {
+        if !self.first {
+            let _ = self.out.write_all(b",");
+        }
+        self.first = false;
+        let _ = serde_json::to_writer(&mut self.out, item);
+    }
+
+    /// Closes the array, adds `rest`'s fields (an object) and ends the line.
+    pub(crate) fn finish(mut self, rest: serde_json::Map<String, serde_json::Value>) {
+        let _ = self.out.write_all(b"]");
+        for (k, v) in rest {
+            let _ = write!(self.out, ",{}:{}", serde_json::Value::from(k), v);
+        }
+        let _ = writeln!(self.out, "}}");
+        let _ = self.out.flush();
+        JSON_PRINTED.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The final object of a verb that failed before printing its report.
 pub(crate) fn error_line(e: &CliError) {
     if JSON_PRINTED.load(Ordering::SeqCst) {

@@ -205,6 +205,9 @@ pub struct Config {
 pub struct DaemonConfig {
     pub listen: SocketAddr,
     pub api_token_file: PathBuf,
+    /// When set, the read endpoints need `Authorization: Bearer` with this file's token (or
+    /// the API token); `/metrics`, `/healthz` and `/readyz` stay open.
+    pub read_token_file: Option<PathBuf>,
     pub max_concurrent_backups: usize,
     #[serde(serialize_with = "show::duration")]
     pub shutdown_grace: Duration,

@@ -39,6 +39,10 @@ pub(super) struct RawDaemon {
     /// File holding the bearer token for mutating API calls; missing file = those are disabled.
     #[serde(default = "default_token_file")]
     pub(super) api_token_file: Text,
+    /// File holding the bearer token the read endpoints (`/api/*` GETs, the status page) then
+    /// require; unset = they are open.
+    #[serde(default)]
+    pub(super) read_token_file: Option<Text>,
     /// Backups running at once across all sources (each is one pg_dump + one compression).
     #[serde(default = "default_max_concurrent")]
     pub(super) max_concurrent_backups: usize,
@@ -52,6 +56,7 @@ impl Default for RawDaemon {
         RawDaemon {
             listen: default_listen(),
             api_token_file: default_token_file(),
+            read_token_file: None,
             max_concurrent_backups: default_max_concurrent(),
             shutdown_grace: default_grace(),
         }

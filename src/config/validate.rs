@@ -94,6 +94,7 @@ fn daemon(raw: RawDaemon, cx: &Ctx) -> Result<DaemonConfig> {
             )
         })?,
         api_token_file: cx.resolve(&raw.api_token_file.0),
+        read_token_file: raw.read_token_file.map(|f| cx.resolve(&f.0)),
         max_concurrent_backups: match raw.max_concurrent_backups {
             0 => {
                 return Err(finding(

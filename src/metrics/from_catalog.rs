@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use crate::app::App;
 use crate::metrics::{Metrics, Outcome};
-use crate::storage::catalog::{Catalog, Filter};
+use crate::storage::catalog::{Catalog, Filter, Read};
 
 /// Sets the gauges of every database the catalog holds snapshots of.
 pub fn seed(metrics: &Metrics, catalog: &Catalog, min_targets: usize) {
@@ -47,16 +47,15 @@ fn set_max(metrics: &Metrics, (source, database): (&str, &str), t: f64) {
     }
 }
 
-/// Loads the catalog of every configured source and seeds the gauges from it. A target that
-/// cannot be listed leaves what the others say.
+/// Reads the catalog of every configured source, one database folder at a time through the
+/// folders' indexes, and seeds the gauges from it: memory is one folder's, whatever the
+/// fleet. A target that cannot be listed leaves what the others say.
 pub async fn refresh(app: &App) {
-    for source in &app.config.sources {
-        let filter = Filter {
-            source: Some(source.name.clone()),
-            ..Filter::default()
-        };
-        let cat = app.catalog(&filter).await;
-        seed(&app.metrics, &cat, app.config.pipeline.min_targets);
+    use futures::StreamExt;
+    let plan = app.catalog_plan(&Filter::default()).await;
+    let mut pieces = std::pin::pin!(plan.stream(Read::Indexed));
+    while let Some(piece) = pieces.next().await {
+        seed(&app.metrics, &piece, app.config.pipeline.min_targets);
     }
 }
 

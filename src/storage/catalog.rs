@@ -9,15 +9,23 @@
 //! `restore` and `prune` alike.
 //!
 //! Listing is per configured source and database folder, never recursive over a prefix: the
-//! source folder is listed with a delimiter to find its database folders, and each database
-//! folder with a delimiter to find the objects directly in it. Only names
-//! [`key::parse_name`] recognises are looked at. Manifests are read with bounded concurrency
-//! and merged by (source, database, snapshot id), noting on which targets each one is and
-//! which object each target's manifest names. Dump objects that no manifest in their folder
-//! names are reported as orphans, and the markers of open multipart uploads (see `upload`) as
-//! uploads, for retention to clean. An unreachable target is reported, not fatal. Snapshots
-//! are ordered by when their data was read (`started_at`), newest first. This module never
-//! writes.
+//! source folder is listed with a delimiter to find its database folders ([`Plan`]), and each
+//! database folder with a delimiter to find the objects directly in it. Only names
+//! [`key::parse_name`] recognises are looked at. Manifests are read without their `tables`
+//! (a summary: listing never needs the table statistics; verify reads them with
+//! [`full_manifest`]), with bounded concurrency, and merged by (source, database, snapshot id),
+//! noting on which targets each one is and which object each target's manifest names. Dump
+//! objects that no manifest in their folder names are reported as orphans, and the markers of
+//! open multipart uploads (see `upload`) as uploads, for retention to clean. An unreachable
+//! target is reported, not fatal. Snapshots are ordered by when their data was read
+//! (`started_at`), newest first.
+//!
+//! A fleet is read one database folder at a time ([`Plan::stream`]), so memory stays flat in
+//! the fleet's size. With [`Read::Indexed`] (listing, the API, metrics) a folder's manifests
+//! come from its derived index (`catalog_index`) where the index has exactly the listed
+//! version of them, and the index is rewritten when it was stale: the only write this module
+//! does, best effort. Whatever decides a deletion or a restore reads the manifests
+//! ([`Read::Manifests`], [`load`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -26,6 +34,7 @@ use futures::StreamExt;
 use object_store::path::{Path, PathPart};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::catalog_index;
 use crate::storage::key::{self, OwnedName, SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, Target};
@@ -180,26 +189,170 @@ impl Catalog {
     }
 }
 
-/// Reads the catalog of the configured `sources` from `targets` (those the filter selects).
+/// How listing learns the small facts of each manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Every manifest is read (without its tables): what decides a deletion or a restore.
+    Manifests,
+    /// Through each folder's derived index (`catalog_index`), checked against the listing;
+    /// what is missing or stale in it is read and the index rewritten (best effort). For
+    /// listing and reporting.
+    Indexed,
+}
+
+/// The database folders a catalog read covers, found once, then read one at a time.
+#[derive(Clone)]
+pub struct Plan {
+    /// The selected targets that could be listed (clones share their clients).
+    targets: std::sync::Arc<Vec<Target>>,
+    /// Folders relative to a target's prefix, ordered by key.
+    folders: Vec<Path>,
+    /// Targets whose source folders could not be listed: left out of every folder.
+    unreachable: Vec<(String, String)>,
+}
+
+impl Plan {
+    /// Lists the selected sources' folders on the selected targets (one LIST per source and
+    /// target, none when the filter names the databases).
+    pub async fn new(targets: &[Target], sources: &[&str], filter: &Filter) -> Plan {
+        let sources: Vec<&str> = sources
+            .iter()
+            .copied()
+            .filter(|s| filter.source.as_deref().is_none_or(|f| f == *s))
+            .collect();
+        let selected: Vec<&Target> = targets
+            .iter()
+            .filter(|t| filter.target.as_deref().is_none_or(|n| n == t.name))
+            .collect();
+        let listings = futures::future::join_all(
+            selected
+                .iter()
+                .map(|t| database_folders(t, &sources, filter)),
+        )
+        .await;
+        let mut reachable = Vec::new();
+        let mut unreachable = Vec::new();
+        let mut seen: HashSet<Path> = HashSet::new();
+        let mut folders: Vec<Path> = Vec::new();
+        for (t, listing) in selected.into_iter().zip(listings) {
+            match listing {
+                Ok(found) => {
+                    reachable.push(t.clone());
+                    for folder in found {
+                        if seen.insert(folder.clone()) {
+                            folders.push(folder);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %error_text(&e));
+                    unreachable.push((t.name.clone(), error_text(&e)));
+                }
+            }
+        }
+        // By key, so that a position in the plan (an API cursor) survives a new plan.
+        folders.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        Plan {
+            targets: std::sync::Arc::new(reachable),
+            folders,
+            unreachable,
+        }
+    }
+
+    /// Targets that could not be listed at all, with the error.
+    pub fn unreachable(&self) -> &[(String, String)] {
+        &self.unreachable
+    }
+
+    /// The folders, relative to a target's prefix, in the order they are read.
+    pub fn folders(&self) -> &[Path] {
+        &self.folders
+    }
+
+    /// The catalog of each folder, merged across targets, in the plan's order, reading
+    /// [`LIST_CONCURRENCY`] folders at once: memory is a few folders', whatever the fleet.
+    /// A target failing on one folder is in that piece's `unreachable`.
+    pub fn stream(self, read: Read) -> impl futures::Stream<Item = Catalog> + Send {
+        self.stream_range(0, usize::MAX, read)
+    }
+
+    /// [`Plan::stream`] of at most `take` folders from the `skip`th on.
+    pub fn stream_range(
+        self,
+        skip: usize,
+        take: usize,
+        read: Read,
+    ) -> impl futures::Stream<Item = Catalog> + Send {
+        let targets = self.targets;
+        futures::stream::iter(self.folders.into_iter().skip(skip).take(take))
+            .map(move |rel| {
+                let targets = targets.clone();
+                async move { load_merged(&targets, &rel, read).await }
+            })
+            .buffered(LIST_CONCURRENCY)
+    }
+}
+
+/// Reads the catalog of the configured `sources` from `targets` (those the filter selects),
+/// every manifest read ([`Read::Manifests`]), all of it in memory: for the commands that
+/// decide on it (prune, restore, check). A fleet-wide listing streams a [`Plan`] instead.
 pub async fn load(targets: &[Target], sources: &[&str], filter: &Filter) -> Catalog {
-    let sources: Vec<&str> = sources
-        .iter()
-        .copied()
-        .filter(|s| filter.source.as_deref().is_none_or(|f| f == *s))
-        .collect();
+    load_with(targets, sources, filter, Read::Manifests).await
+}
+
+/// [`load`], reading the manifests as `read` says.
+pub async fn load_with(
+    targets: &[Target],
+    sources: &[&str],
+    filter: &Filter,
+    read: Read,
+) -> Catalog {
+    let plan = Plan::new(targets, sources, filter).await;
+    let mut catalog = Catalog {
+        unreachable: plan.unreachable.clone(),
+        ..Catalog::default()
+    };
+    let mut pieces = std::pin::pin!(plan.stream(read));
+    while let Some(mut piece) = pieces.next().await {
+        catalog.snapshots.append(&mut piece.snapshots);
+        catalog.warnings.append(&mut piece.warnings);
+        catalog.unreadable.append(&mut piece.unreadable);
+        catalog.orphans.append(&mut piece.orphans);
+        catalog.uploads.append(&mut piece.uploads);
+        for (t, e) in piece.unreachable {
+            if !catalog.unreachable.iter().any(|(n, _)| *n == t) {
+                catalog.unreachable.push((t, e));
+            }
+        }
+    }
+    sort_newest_first(&mut catalog.snapshots);
+    catalog
+}
+
+fn sort_newest_first(snapshots: &mut [SnapshotEntry]) {
+    snapshots.sort_by(|a, b| {
+        b.data_time()
+            .cmp(&a.data_time())
+            .then_with(|| b.manifest.snapshot_id.cmp(&a.manifest.snapshot_id))
+            .then_with(|| a.manifest.source.cmp(&b.manifest.source))
+            .then_with(|| a.manifest.database.cmp(&b.manifest.database))
+    });
+}
+
+/// One database folder (relative `rel`) on every target, merged.
+async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
+    let listings = futures::future::join_all(targets.iter().map(|t| async move {
+        let folder = t.at(rel);
+        load_folder(t, &folder, read).await
+    }))
+    .await;
     let mut catalog = Catalog::default();
     let mut merged: BTreeMap<(String, String, String), SnapshotEntry> = BTreeMap::new();
-    let selected: Vec<&Target> = targets
-        .iter()
-        .filter(|t| filter.target.as_deref().is_none_or(|n| n == t.name))
-        .collect();
-    let listings =
-        futures::future::join_all(selected.iter().map(|t| load_target(t, &sources, filter))).await;
-    for (t, listing) in selected.iter().zip(listings) {
+    for (t, listing) in targets.iter().zip(listings) {
         let listing = match listing {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(message = "Cannot list a target.", target = %t.name, error = %error_text(&e));
+                tracing::warn!(message = "Cannot list a target.", target = %t.name, folder = %rel, error = %error_text(&e));
                 catalog.unreachable.push((t.name.clone(), error_text(&e)));
                 continue;
             }
@@ -243,13 +396,7 @@ pub async fn load(targets: &[Target], sources: &[&str], filter: &Filter) -> Cata
         }
     }
     catalog.snapshots = merged.into_values().collect();
-    catalog.snapshots.sort_by(|a, b| {
-        b.data_time()
-            .cmp(&a.data_time())
-            .then_with(|| b.manifest.snapshot_id.cmp(&a.manifest.snapshot_id))
-            .then_with(|| a.manifest.source.cmp(&b.manifest.source))
-            .then_with(|| a.manifest.database.cmp(&b.manifest.database))
-    });
+    sort_newest_first(&mut catalog.snapshots);
     catalog
 }
 
@@ -270,18 +417,8 @@ struct Listing {
     uploads: Vec<OpenUploadMarker>,
 }
 
-impl Listing {
-    fn append(&mut self, mut other: Listing) {
-        self.manifests.append(&mut other.manifests);
-        self.warnings.append(&mut other.warnings);
-        self.unreadable.append(&mut other.unreadable);
-        self.orphans.append(&mut other.orphans);
-        self.uploads.append(&mut other.uploads);
-    }
-}
-
-/// The database folders of the selected sources on `t`: the filter's databases, or every
-/// folder directly under each source's folder.
+/// The database folders (relative to the prefix) of the selected sources on `t`: the
+/// filter's databases, or every folder directly under each source's folder.
 async fn database_folders(
     t: &Target,
     sources: &[&str],
@@ -290,14 +427,20 @@ async fn database_folders(
     let mut folders = Vec::new();
     for source in sources {
         if filter.databases.is_empty() {
-            let source_folder = t.at(&Path::from_iter([PathPart::from(*source)]));
-            folders.extend(list_folder(t, &source_folder).await?.common_prefixes);
+            let source_folder = Path::from_iter([PathPart::from(*source)]);
+            let listed = list_folder(t, &t.at(&source_folder)).await?;
+            for prefix in listed.common_prefixes {
+                // The database segment as listed (already encoded), under the source.
+                if let Some(db) = prefix.parts().last() {
+                    folders.push(Path::from_iter([PathPart::from(*source), db]));
+                }
+            }
         } else {
             folders.extend(
                 filter
                     .databases
                     .iter()
-                    .map(|d| t.at(&key::database_folder(source, d))),
+                    .map(|d| key::database_folder(source, d)),
             );
         }
     }
@@ -319,51 +462,60 @@ async fn list_folder(
     }
 }
 
-async fn load_target(
-    t: &Target,
-    sources: &[&str],
-    filter: &Filter,
-) -> Result<Listing, object_store::Error> {
-    let folders = database_folders(t, sources, filter).await?;
-    let loads = folders
-        .into_iter()
-        .map(|f| async move { load_folder(t, &f).await });
-    let results: Vec<_> = futures::stream::iter(loads)
-        .buffer_unordered(LIST_CONCURRENCY)
-        .collect()
-        .await;
-    let mut listing = Listing::default();
-    for r in results {
-        listing.append(r?);
-    }
-    Ok(listing)
-}
-
 /// The object names pgferry owns directly in one database folder, read and checked.
-async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store::Error> {
+async fn load_folder(
+    t: &Target,
+    folder: &Path,
+    read: Read,
+) -> Result<Listing, object_store::Error> {
     let listed = list_folder(t, folder).await?;
-    let names: HashSet<&Path> = listed.objects.iter().map(|o| &o.location).collect();
-    let sizes: std::collections::HashMap<&Path, u64> = listed
-        .objects
-        .iter()
-        .map(|o| (&o.location, o.size))
-        .collect();
-    let manifest_keys: Vec<(Path, SnapshotId)> = listed
+    let metas: HashMap<&Path, &object_store::ObjectMeta> =
+        listed.objects.iter().map(|o| (&o.location, o)).collect();
+    let lookup = match read {
+        Read::Indexed => catalog_index::read(t, &listed.objects).await,
+        Read::Manifests => catalog_index::Lookup::default(),
+    };
+    let mut index = catalog_index::FolderIndex::default();
+    let manifest_metas: Vec<(&object_store::ObjectMeta, SnapshotId)> = listed
         .objects
         .iter()
         .filter_map(|o| match owned(&o.location)? {
-            OwnedName::Manifest(id) => Some((o.location.clone(), id)),
+            OwnedName::Manifest(id) => Some((o, id)),
             _ => None,
         })
         .collect();
-    let read: Vec<_> =
-        futures::stream::iter(manifest_keys.into_iter().map(|(key, id)| async move {
-            let manifest = read_manifest(t, &key).await.map_err(|e| e.to_string());
-            (key, id, manifest)
-        }))
-        .buffer_unordered(FETCH_CONCURRENCY)
-        .collect()
-        .await;
+    let mut read_results: Vec<(Path, SnapshotId, Result<Manifest, String>)> = Vec::new();
+    let mut to_read = Vec::new();
+    for (meta, id) in manifest_metas {
+        // An index entry counts only for this very version of the manifest, and only if it
+        // passes every check a manifest read now would have to: otherwise the manifest is read.
+        match lookup.manifest(meta) {
+            Some(m) if check_manifest(t, folder, &meta.location, &id, &m).is_ok() => {
+                push_indexed(&mut index, meta, &m);
+                read_results.push((meta.location.clone(), id, Ok(m)));
+            }
+            _ => to_read.push((meta.clone(), id)),
+        }
+    }
+    let fresh: Vec<(
+        object_store::ObjectMeta,
+        SnapshotId,
+        Result<Manifest, String>,
+    )> = futures::stream::iter(to_read.into_iter().map(|(meta, id)| async move {
+        let manifest = read_summary(t, &meta.location)
+            .await
+            .map_err(|e| e.to_string());
+        (meta, id, manifest)
+    }))
+    .buffer_unordered(FETCH_CONCURRENCY)
+    .collect()
+    .await;
+    for (meta, id, manifest) in fresh {
+        if let Ok(m) = &manifest {
+            push_indexed(&mut index, &meta, m);
+        }
+        read_results.push((meta.location, id, manifest));
+    }
 
     let mut listing = Listing::default();
     // Dumps named by any manifest body in this folder (valid or not): never orphans.
@@ -372,7 +524,7 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
     // dumps and markers are left alone.
     let mut unknown: HashSet<SnapshotId> = HashSet::new();
     let mut valid = Vec::new();
-    for (key, id, manifest) in read {
+    for (key, id, manifest) in read_results {
         let why = match manifest {
             Err(why) => {
                 unknown.insert(id);
@@ -386,8 +538,8 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
                     // The object must be there with the manifest's size: a manifest whose
                     // object is gone (or was never written) is no snapshot, so retention never
                     // keeps it in place of a real one.
-                    Ok(object) => match sizes.get(&object) {
-                        Some(size) if *size == m.stored_size => {
+                    Ok(object) => match metas.get(&object).map(|o| o.size) {
+                        Some(size) if size == m.stored_size => {
                             valid.push((m, object, id));
                             continue;
                         }
@@ -413,27 +565,49 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
             error: why,
         });
     }
-    let verify_reads = valid.into_iter().map(|(m, object, id)| {
+    let mut verify_reads = Vec::new();
+    for (m, object, id) in valid {
         let sk = SnapshotKey::new(&m.source, &m.database, id);
         let verify_key = t.at(&sk.verify());
-        let has_verify = names.contains(&verify_key);
-        async move {
-            let verify = if has_verify {
-                read_verify(t, &verify_key).await
-            } else {
-                None
-            };
-            Found {
-                manifest: m,
-                object,
-                verify,
-            }
+        let meta = metas.get(&verify_key).copied();
+        let indexed = meta.and_then(|meta| lookup.verify(meta));
+        if let (Some(meta), Some(v)) = (meta, &indexed) {
+            push_verify(&mut index, meta, v);
         }
-    });
-    listing.manifests = futures::stream::iter(verify_reads)
+        verify_reads.push(async move {
+            let verify = match (indexed, meta) {
+                (Some(mut v), _) => {
+                    v.target = t.name.clone();
+                    Some((v, None))
+                }
+                (None, Some(meta)) => read_verify(t, &verify_key).await.map(|v| (v, Some(meta))),
+                (None, None) => None,
+            };
+            (m, object, verify)
+        });
+    }
+    let found: Vec<_> = futures::stream::iter(verify_reads)
         .buffer_unordered(FETCH_CONCURRENCY)
         .collect()
         .await;
+    for (manifest, object, verify) in found {
+        let verify = verify.map(|(v, read_now)| {
+            if let Some(meta) = read_now {
+                push_verify(&mut index, meta, &v);
+            }
+            v
+        });
+        listing.manifests.push(Found {
+            manifest,
+            object,
+            verify,
+        });
+    }
+    // Written only when it would change: a folder whose manifests did not change (even one
+    // with a manifest that cannot be read, which is never indexed) costs no write.
+    if read == Read::Indexed && !lookup.holds_exactly(&index) {
+        catalog_index::write(t, folder, index).await;
+    }
 
     for o in &listed.objects {
         match owned(&o.location) {
@@ -465,6 +639,32 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
         }
     }
     Ok(listing)
+}
+
+fn push_indexed(
+    index: &mut catalog_index::FolderIndex,
+    meta: &object_store::ObjectMeta,
+    m: &Manifest,
+) {
+    if let Some(stamp) = catalog_index::Stamp::of(meta) {
+        index.manifests.push(catalog_index::IndexedManifest {
+            stamp,
+            manifest: m.clone(),
+        });
+    }
+}
+
+fn push_verify(
+    index: &mut catalog_index::FolderIndex,
+    meta: &object_store::ObjectMeta,
+    v: &VerifySummary,
+) {
+    if let Some(stamp) = catalog_index::Stamp::of(meta) {
+        index.verifies.push(catalog_index::IndexedVerify {
+            stamp,
+            verify: v.clone(),
+        });
+    }
 }
 
 /// Whether manifest `m`, read from `key` in `folder` under the name of snapshot `id`, belongs
@@ -513,7 +713,41 @@ fn parent(key: &Path) -> Path {
     Path::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
 }
 
-/// Reads and parses one manifest.
+/// Reads one manifest without its tables ([`Manifest::summary_from_json`]).
+pub async fn read_summary(
+    t: &Target,
+    key: &Path,
+) -> Result<Manifest, Box<dyn std::error::Error + Send + Sync>> {
+    let bytes = t.store.get(key).await?.bytes().await?;
+    Ok(Manifest::summary_from_json(key.as_ref(), &bytes)?)
+}
+
+/// The full manifest (with `tables`) of a catalog entry, read from the first of its targets
+/// whose manifest still names the entry's object: what verify compares row counts with.
+pub async fn full_manifest(targets: &[Target], entry: &SnapshotEntry) -> Result<Manifest, String> {
+    let m = &entry.manifest;
+    let Some(id) = SnapshotId::parse(&m.snapshot_id) else {
+        return Err(format!("invalid snapshot id {:?}", m.snapshot_id));
+    };
+    let key = SnapshotKey::new(&m.source, &m.database, id).manifest();
+    let mut errors = Vec::new();
+    for t in targets.iter().filter(|t| entry.targets.contains(&t.name)) {
+        match read_manifest(t, &t.at(&key)).await {
+            Ok(full) if full.object_key == m.object_key => return Ok(full),
+            Ok(_) => errors.push(format!("target {}: its manifest changed", t.name)),
+            Err(e) => errors.push(format!("target {}: {e}", t.name)),
+        }
+    }
+    Err(format!(
+        "cannot read the manifest of {}/{}/{} again: {}",
+        m.source,
+        m.database,
+        m.snapshot_id,
+        errors.join("; ")
+    ))
+}
+
+/// Reads and parses one manifest, with its tables.
 pub async fn read_manifest(
     t: &Target,
     key: &Path,

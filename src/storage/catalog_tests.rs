@@ -264,3 +264,414 @@ async fn newest_means_the_data_read_last_not_the_greatest_id() {
     let order: Vec<&str> = c.snapshots.iter().map(|s| s.id()).collect();
     assert_eq!(order, vec!["20261127T070000Z", "20261127T071800Z"]);
 }
+
+/// An in-memory store that counts GETs by file name and can refuse every write (a read-only
+/// credential): what the index tests observe the catalog through.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: InMemory,
+    gets: std::sync::Mutex<Vec<String>>,
+    puts: std::sync::atomic::AtomicUsize,
+    read_only: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for Counting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Counting")
+    }
+}
+
+impl Counting {
+    fn refuse(&self, location: &Path) -> object_store::Result<()> {
+        if self.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(object_store::Error::PermissionDenied {
+                path: location.to_string(),
+                source: "read-only credential".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn take_gets(&self) -> Vec<String> {
+        let mut gets = std::mem::take(&mut *self.gets.lock().unwrap());
+        gets.sort();
+        gets
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Counting {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.refuse(location)?;
+        self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.refuse(location)?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.gets
+            .lock()
+            .unwrap()
+            .push(location.filename().unwrap_or_default().to_string());
+        self.inner.get_opts(location, options).await
+    }
+    async fn delete(&self, location: &Path) -> object_store::Result<()> {
+        self.refuse(location)?;
+        self.inner.delete(location).await
+    }
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.refuse(to)?;
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+        self.refuse(to)?;
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+fn counting(name: &str) -> (Target, Arc<Counting>) {
+    let store = Arc::new(Counting::default());
+    (Target::new(name, store.clone(), "pg", 10_000), store)
+}
+
+async fn indexed(targets: &[Target]) -> Catalog {
+    load_with(targets, SOURCES, &Filter::default(), Read::Indexed).await
+}
+
+/// What a listing says, to compare a read through the index with one of every manifest.
+type Facts = Vec<(String, Vec<String>, Option<String>, Vec<(String, String)>)>;
+
+fn facts(c: &Catalog) -> Facts {
+    c.snapshots
+        .iter()
+        .map(|s| {
+            (
+                serde_json::to_string(&s.manifest).unwrap(),
+                s.targets.clone(),
+                s.verify.as_ref().map(|v| v.result.clone()),
+                s.objects
+                    .iter()
+                    .map(|(t, o)| (t.clone(), o.to_string()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+const INDEX: &str = crate::storage::key::INDEX_NAME;
+
+async fn index_of(t: &Target, database: &str) -> catalog_index::FolderIndex {
+    let key = t.at(&key::folder_index("prod", database));
+    let bytes = t.store.get(&key).await.unwrap().bytes().await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn listing_reads_summaries_and_verify_gets_the_tables_in_full() {
+    let a = target("a", "pg");
+    let run = RunId::random();
+    put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
+    for c in [
+        all(std::slice::from_ref(&a)).await,
+        indexed(std::slice::from_ref(&a)).await,
+    ] {
+        let s = &c.snapshots[0];
+        assert_eq!(s.manifest.tables, None, "listing never holds the tables");
+        let full = full_manifest(std::slice::from_ref(&a), s).await.unwrap();
+        assert_eq!(full.tables, sample().tables);
+    }
+}
+
+#[tokio::test]
+async fn a_listing_through_the_index_reads_the_index_and_no_manifest() {
+    let (a, store) = counting("a");
+    let run = RunId::random();
+    for id in ["20261127T140000Z", "20261127T150000Z", "20261127T160000Z"] {
+        put(&a, &manifest("acme", id, &run)).await;
+    }
+    put(&a, &manifest("globex", "20261127T140000Z", &run)).await;
+    let verify = a.at(&sk("acme", "20261127T150000Z").verify());
+    put_raw(
+        &a,
+        &verify,
+        br#"{"result":"success","finished_at":"2026-11-27T16:00:00Z"}"#.to_vec(),
+    )
+    .await;
+    let truth = all(std::slice::from_ref(&a)).await;
+    store.take_gets();
+
+    // First read: no index yet, every manifest and report read, and the indexes written.
+    let first = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(facts(&first), facts(&truth));
+    assert_eq!(store.take_gets().len(), 5);
+    assert_eq!(index_of(&a, "acme").await.manifests.len(), 3);
+    assert_eq!(index_of(&a, "acme").await.verifies.len(), 1);
+    store.take_gets();
+
+    // Then: one GET per folder, of its index.
+    let second = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(facts(&second), facts(&truth));
+    assert_eq!(
+        store.take_gets(),
+        vec![INDEX.to_string(), INDEX.to_string()]
+    );
+
+    // The catalog that decides (prune, restore) never looks at the index.
+    let decided = all(std::slice::from_ref(&a)).await;
+    assert_eq!(facts(&decided), facts(&truth));
+    assert!(!store.take_gets().contains(&INDEX.to_string()));
+    assert!(decided.warnings.is_empty(), "{:?}", decided.warnings);
+    assert!(decided.orphans.is_empty() && decided.unreadable.is_empty());
+}
+
+#[tokio::test]
+async fn manifests_deleted_added_or_rewritten_behind_the_index_are_seen() {
+    let (a, store) = counting("a");
+    let run = RunId::random();
+    for id in ["20261127T140000Z", "20261127T150000Z"] {
+        put(&a, &manifest("acme", id, &run)).await;
+    }
+    indexed(std::slice::from_ref(&a)).await;
+    // Behind pgferry's back: one manifest deleted, one added, one rewritten (repair copies a
+    // manifest under the same key; here with another object of the same snapshot).
+    a.store
+        .delete(&a.at(&sk("acme", "20261127T140000Z").manifest()))
+        .await
+        .unwrap();
+    put(&a, &manifest("acme", "20261127T170000Z", &run)).await;
+    let other = RunId::random();
+    let mut rewritten = manifest("acme", "20261127T150000Z", &other);
+    rewritten.raw_size = 777;
+    put(&a, &rewritten).await;
+    store.take_gets();
+
+    let c = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(facts(&c), facts(&all(std::slice::from_ref(&a)).await));
+    assert_eq!(
+        ids(&c),
+        vec![
+            ("acme", "20261127T170000Z", vec!["a".to_string()]),
+            ("acme", "20261127T150000Z", vec!["a".to_string()]),
+        ]
+    );
+    assert_eq!(c.snapshots[1].manifest.raw_size, 777);
+    let gets = store.take_gets();
+    assert_eq!(
+        gets,
+        vec![
+            "20261127T150000Z.manifest.json".to_string(),
+            "20261127T170000Z.manifest.json".to_string(),
+            INDEX.to_string(),
+            // `all` above
+            "20261127T150000Z.manifest.json".to_string(),
+            "20261127T170000Z.manifest.json".to_string(),
+        ]
+        .into_iter()
+        .fold(Vec::new(), |mut v, g| {
+            v.push(g);
+            v.sort();
+            v
+        })
+    );
+    // The index was rewritten to what is there now: the next read is one GET.
+    let names: Vec<String> = index_of(&a, "acme")
+        .await
+        .manifests
+        .iter()
+        .map(|m| m.stamp.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "20261127T150000Z.manifest.json",
+            "20261127T170000Z.manifest.json"
+        ]
+    );
+    store.take_gets();
+    indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(store.take_gets(), vec![INDEX.to_string()]);
+}
+
+#[tokio::test]
+async fn a_garbage_or_crafted_index_is_never_trusted_over_the_manifests() {
+    let (a, _store) = counting("a");
+    let run = RunId::random();
+    put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
+    put(&a, &manifest("globex", "20261127T140000Z", &run)).await;
+    let truth = facts(&all(std::slice::from_ref(&a)).await);
+    let index_key = a.at(&key::folder_index("prod", "acme"));
+
+    // Garbage: ignored, rebuilt.
+    put_raw(&a, &index_key, b"\x00not json".to_vec()).await;
+    assert_eq!(facts(&indexed(std::slice::from_ref(&a)).await), truth);
+    assert_eq!(index_of(&a, "acme").await.manifests.len(), 1);
+
+    // Crafted: the real entry (its stamp copied from the listing) made to name globex's dump
+    // (what prune would delete), an entry for a manifest that does not exist, and a stale
+    // stamp claiming other facts.
+    let listed = a
+        .store
+        .list_with_delimiter(Some(&a.at(&key::database_folder("prod", "acme"))))
+        .await
+        .unwrap();
+    let meta = listed
+        .objects
+        .iter()
+        .find(|o| o.location.as_ref().ends_with(".manifest.json"))
+        .unwrap();
+    let mut hijack = manifest("acme", "20261127T140000Z", &run);
+    hijack.object_key = sk("globex", "20261127T140000Z").dump(&run).to_string();
+    let mut ghost = manifest("acme", "20261127T130000Z", &run);
+    ghost.raw_size = 1;
+    let mut stale = manifest("acme", "20261127T140000Z", &run);
+    stale.raw_size = 999_999;
+    let stamp = catalog_index::Stamp::of(meta).unwrap();
+    let crafted = catalog_index::FolderIndex {
+        version: 1,
+        manifests: vec![
+            catalog_index::IndexedManifest {
+                stamp: stamp.clone(),
+                manifest: hijack,
+            },
+            catalog_index::IndexedManifest {
+                stamp: catalog_index::Stamp {
+                    name: "20261127T130000Z.manifest.json".into(),
+                    ..stamp.clone()
+                },
+                manifest: ghost,
+            },
+        ],
+        verifies: Vec::new(),
+    };
+    put_raw(&a, &index_key, serde_json::to_vec(&crafted).unwrap()).await;
+    let c = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(facts(&c), truth);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let stale_index = catalog_index::FolderIndex {
+        version: 1,
+        manifests: vec![catalog_index::IndexedManifest {
+            stamp: catalog_index::Stamp {
+                e_tag: Some("not-this-version".into()),
+                ..stamp
+            },
+            manifest: stale,
+        }],
+        verifies: Vec::new(),
+    };
+    put_raw(&a, &index_key, serde_json::to_vec(&stale_index).unwrap()).await;
+    assert_eq!(facts(&indexed(std::slice::from_ref(&a)).await), truth);
+    // Another version of the index format is not read either.
+    let mut future = index_of(&a, "acme").await;
+    future.version = 99;
+    future.manifests[0].manifest.raw_size = 5;
+    put_raw(&a, &index_key, serde_json::to_vec(&future).unwrap()).await;
+    assert_eq!(facts(&indexed(std::slice::from_ref(&a)).await), truth);
+}
+
+#[tokio::test]
+async fn a_read_only_credential_lists_without_an_index() {
+    let (a, store) = counting("a");
+    let run = RunId::random();
+    put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
+    store
+        .read_only
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let truth = facts(&all(std::slice::from_ref(&a)).await);
+    for _ in 0..2 {
+        let c = indexed(std::slice::from_ref(&a)).await;
+        assert_eq!(facts(&c), truth);
+        assert!(c.unreachable.is_empty() && c.warnings.is_empty());
+    }
+    assert!(a
+        .store
+        .head(&a.at(&key::folder_index("prod", "acme")))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn a_fleet_streams_one_folder_at_a_time_in_key_order() {
+    let a = target("a", "pg");
+    let b = target("b", "");
+    let run = RunId::random();
+    for db in ["globex", "acme", "initech"] {
+        put(&a, &manifest(db, "20261127T140000Z", &run)).await;
+    }
+    put(&b, &manifest("zeta", "20261127T150000Z", &run)).await;
+    put(&b, &manifest("acme", "20261127T140000Z", &run)).await;
+    let plan = Plan::new(&[a, b], SOURCES, &Filter::default()).await;
+    let folders: Vec<String> = plan.folders().iter().map(|f| f.to_string()).collect();
+    assert_eq!(
+        folders,
+        vec!["prod/acme", "prod/globex", "prod/initech", "prod/zeta"]
+    );
+    let pieces: Vec<Catalog> = plan.stream_range(1, 2, Read::Manifests).collect().await;
+    let got: Vec<Vec<(&str, &str, Vec<String>)>> = pieces.iter().map(ids).collect();
+    assert_eq!(
+        got,
+        vec![
+            vec![("globex", "20261127T140000Z", vec!["a".to_string()])],
+            vec![("initech", "20261127T140000Z", vec!["a".to_string()])],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_folder_costs_no_write_even_with_a_bad_manifest_in_it() {
+    let (a, store) = counting("a");
+    let run = RunId::random();
+    put(&a, &manifest("acme", "20261127T140000Z", &run)).await;
+    // A truncated manifest and one whose body says another database: never indexed.
+    put_raw(
+        &a,
+        &a.at(&sk("acme", "20261127T150000Z").manifest()),
+        b"{\"format_version\": 3, ".to_vec(),
+    )
+    .await;
+    let mut elsewhere = manifest("globex", "20261127T160000Z", &run);
+    elsewhere.object_key = sk("acme", "20261127T160000Z").dump(&run).to_string();
+    put_raw(
+        &a,
+        &a.at(&sk("acme", "20261127T160000Z").manifest()),
+        elsewhere.to_json(),
+    )
+    .await;
+    let puts = |store: &Counting| store.puts.swap(0, std::sync::atomic::Ordering::SeqCst);
+    puts(&store);
+    let first = indexed(std::slice::from_ref(&a)).await;
+    assert_eq!(puts(&store), 1, "the index is written once");
+    assert_eq!(first.warnings.len(), 2, "{:?}", first.warnings);
+    for _ in 0..2 {
+        let again = indexed(std::slice::from_ref(&a)).await;
+        assert_eq!(facts(&again), facts(&first));
+        assert_eq!(again.warnings, first.warnings);
+        assert_eq!(puts(&store), 0, "nothing changed: no write");
+    }
+}

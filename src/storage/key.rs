@@ -9,6 +9,7 @@
 //! <source>/<database>/<snapshot_id>-<run>.dump.zst      one attempt's dump (write-once)
 //! <source>/<database>/<snapshot_id>-<run>.upload.json   marker of that attempt's open upload
 //! <source>/<database>/<snapshot_id>.dump.zst            format ≤ 2 manifests' dump (read only)
+//! <source>/<database>/pgferry-index.json                the folder's derived index (see catalog)
 //! ```
 //!
 //! `run` is random per attempt ([`RunId`]), so two attempts at one slot (a retry, a restart,
@@ -30,6 +31,12 @@ pub const DUMP_SUFFIX: &str = ".dump.zst";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 pub const VERIFY_SUFFIX: &str = ".verify.json";
 pub const UPLOAD_SUFFIX: &str = ".upload.json";
+
+/// The file name of a database folder's derived index (`storage::catalog_index`). It matches
+/// no shape [`parse_name`] recognises, so nothing takes it for a snapshot's object: retention
+/// and repair never touch it, and listing reads it only as a cache checked against the
+/// manifests.
+pub const INDEX_NAME: &str = "pgferry-index.json";
 
 /// Hex digits of a [`RunId`]: 48 random bits, so two attempts of one slot never collide.
 const RUN_ID_LEN: usize = 12;
@@ -168,6 +175,15 @@ impl fmt::Display for SnapshotKey {
 /// The folder of one database's snapshots, relative to a target's prefix.
 pub fn database_folder(source: &str, database: &str) -> Path {
     Path::from_iter([PathPart::from(source), PathPart::from(database)])
+}
+
+/// The derived index of one database's folder, relative to a target's prefix.
+pub fn folder_index(source: &str, database: &str) -> Path {
+    Path::from_iter(
+        database_folder(source, database)
+            .parts()
+            .chain([PathPart::from(INDEX_NAME)]),
+    )
 }
 
 /// What an object in a database folder is, by its file name (the last key segment).
@@ -363,6 +379,7 @@ mod tests {
             "20261127T140000Z-0123456789ab-1.dump.zst",
             "old.manifest.json",
             "20261127T140000Z.manifest.json.tmp",
+            INDEX_NAME,
         ] {
             assert_eq!(parse_name(other), None, "{other}");
         }

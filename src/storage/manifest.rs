@@ -67,8 +67,13 @@ pub struct Manifest {
     pub part_size: u64,
     /// Targets the snapshot was committed on, as known when this manifest was written.
     pub targets: Vec<String>,
-    /// Per-table statistics (format 2 on); absent in older manifests.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Per-table statistics (format 2 on); absent in older manifests, and `None` in a
+    /// summary ([`Manifest::summary_from_json`]): what listing reads.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "tables_unless_skipped"
+    )]
     pub tables: Option<Vec<TableEntry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub large_objects: Option<u64>,
@@ -117,6 +122,16 @@ impl Manifest {
         })
     }
 
+    /// Parses a manifest without its `tables` (skipped unread, never materialised): the small
+    /// facts listing needs. Same checks as [`Manifest::from_json`]; `tables` is `None`, so
+    /// whatever needs the table statistics (verify) reads the manifest again in full.
+    pub fn summary_from_json(key: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        SKIP_TABLES.with(|skip| skip.set(true));
+        let parsed = Manifest::from_json(key, bytes);
+        SKIP_TABLES.with(|skip| skip.set(false));
+        parsed
+    }
+
     /// Compression ratio, raw / stored.
     pub fn ratio(&self) -> f64 {
         if self.stored_size == 0 {
@@ -124,6 +139,24 @@ impl Manifest {
         } else {
             self.raw_size as f64 / self.stored_size as f64
         }
+    }
+}
+
+thread_local! {
+    /// Set only for the duration of one synchronous parse by [`Manifest::summary_from_json`].
+    static SKIP_TABLES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `tables` as written, or skipped without building it when a summary is being parsed.
+fn tables_unless_skipped<'de, D>(d: D) -> Result<Option<Vec<TableEntry>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    if SKIP_TABLES.with(|skip| skip.get()) {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(None)
+    } else {
+        Option::<Vec<TableEntry>>::deserialize(d)
     }
 }
 
@@ -172,6 +205,32 @@ pub(crate) mod tests {
         let m = sample();
         assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
         assert_eq!(m.ratio(), 3.0);
+    }
+
+    #[test]
+    fn a_summary_skips_the_tables_and_nothing_else() {
+        let m = sample();
+        let summary = Manifest::summary_from_json("k", &m.to_json()).unwrap();
+        assert_eq!(summary.tables, None);
+        assert_eq!(
+            summary,
+            Manifest {
+                tables: None,
+                ..m.clone()
+            }
+        );
+        // The switch is only for that one parse: a full read after it has the tables.
+        assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
+        // Malformed tables are skipped too, but the rest is as strict.
+        let mut v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        v["tables"] = serde_json::json!([{"weird": true}]);
+        assert!(Manifest::summary_from_json("k", v.to_string().as_bytes()).is_ok());
+        assert!(Manifest::from_json("k", v.to_string().as_bytes()).is_err());
+        v["format_version"] = 99.into();
+        assert!(matches!(
+            Manifest::summary_from_json("k", v.to_string().as_bytes()),
+            Err(ManifestError::FutureVersion { .. })
+        ));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `catalog` reads what exists. Deciding what to commit is `backup`'s, what to delete
 //! `retention`'s.
 pub mod catalog;
+pub mod catalog_index;
 pub mod check;
 pub mod key;
 pub mod manifest;

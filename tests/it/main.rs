@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod deploy;
 mod faults;
+mod fleet;
 mod fleet_verify;
 mod notify;
 mod ops;

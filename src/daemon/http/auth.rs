@@ -1,8 +1,9 @@
-//! The bearer token of the mutating API endpoints.
+//! The bearer tokens of the API: `daemon.api_token_file` for the mutating endpoints, and the
+//! optional `daemon.read_token_file` for the read endpoints.
 //!
-//! The token lives in `daemon.api_token_file` (a mounted Kubernetes secret). It is re-read
+//! A token lives in a file (a mounted Kubernetes secret). It is re-read
 //! when the file's modification time changes, so a rotated secret takes effect without a
-//! restart. No file (or an empty one) disables the mutating endpoints. Tokens are compared in
+//! restart. No file (or an empty one) disables the endpoints it guards. Tokens are compared in
 //! constant time. The token never appears in a response or a log line.
 
 use std::path::PathBuf;
@@ -72,7 +73,7 @@ impl TokenFile {
         let token = match std::fs::read_to_string(&self.path) {
             Ok(text) => Some(text.trim().to_string()).filter(|t| !t.is_empty()),
             Err(error) => {
-                tracing::warn!(message = "Cannot read the API token file; mutating endpoints are disabled.", path = %self.path.display(), error = %error);
+                tracing::warn!(message = "Cannot read a token file; the endpoints it guards are disabled.", path = %self.path.display(), error = %error);
                 None
             }
         };

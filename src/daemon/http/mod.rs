@@ -2,13 +2,18 @@
 //! status page.
 //!
 //! Routes: `GET /metrics`, `GET /healthz`, `GET /readyz`, `GET /api/v1/status`,
-//! `GET /api/v1/snapshots?source=&database=`, `POST /api/v1/backups` (bearer token, see
-//! [`auth`]) and `GET /`. Handlers only read the daemon's state, the readiness cache and the
-//! catalog, or ask the scheduler to start a run; no response carries a secret (URLs are
-//! redacted, the token is never echoed).
+//! `GET /api/v1/snapshots?source=&database=&limit=&cursor=` (paginated, see [`snapshots`]),
+//! `POST /api/v1/backups` (bearer token, see [`auth`]) and `GET /`. With
+//! `daemon.read_token_file` set, the read endpoints (`/api/v1/status`, `/api/v1/snapshots`,
+//! `/`) need a bearer token too; `/metrics`, `/healthz` and `/readyz` stay open. Handlers only
+//! read the daemon's state, the readiness cache and the catalog, or ask the scheduler to start
+//! a run; the status answers come from the daemon's state, with the "still held?" checks cached
+//! ([`STATUS_CHECK_TTL`]), so they cost the same with 300 databases. No response carries a
+//! secret (URLs are redacted, the token is never echoed).
 
 pub mod auth;
 mod page;
+pub mod snapshots;
 
 use std::sync::Arc;
 
@@ -26,7 +31,6 @@ use crate::daemon::readiness::ReadinessCache;
 use crate::daemon::scheduler::Runner;
 use crate::daemon::state::{DbStatus, StartError};
 use crate::daemon::DaemonScheduler;
-use crate::storage::catalog::Filter;
 use crate::storage::key::{SnapshotId, SnapshotKey};
 use crate::storage::target::Target;
 use futures::StreamExt;
@@ -35,6 +39,10 @@ use auth::{AuthError, TokenFile};
 
 /// Manifests checked at once by `/api/v1/status` (one HEAD per database per target at most).
 const STATUS_CHECK_CONCURRENCY: usize = 16;
+
+/// How long `/api/v1/status` trusts that a database's last snapshot is still held (or gone):
+/// within it, repeated status calls send no request to the targets.
+pub const STATUS_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The Prometheus text format's content type.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -46,17 +54,63 @@ pub struct HttpState {
     scheduler: DaemonScheduler,
     readiness: ReadinessCache,
     token: Arc<TokenFile>,
+    /// `daemon.read_token_file`, when set.
+    read_token: Option<Arc<TokenFile>>,
+    /// Snapshot pages being read (see `snapshots`).
+    pages: Arc<tokio::sync::Semaphore>,
+    /// Whether a (source, database, snapshot id) was still held, and when that was checked.
+    held: Arc<tokio::sync::Mutex<HeldCache>>,
 }
+
+type HeldCache = std::collections::HashMap<(String, String, String), (std::time::Instant, bool)>;
 
 impl HttpState {
     pub fn new(app: App, scheduler: DaemonScheduler, readiness: ReadinessCache) -> HttpState {
         let token = Arc::new(TokenFile::new(app.config.daemon.api_token_file.clone()));
+        let read_token = app
+            .config
+            .daemon
+            .read_token_file
+            .clone()
+            .map(|f| Arc::new(TokenFile::new(f)));
         HttpState {
             app,
             scheduler,
             readiness,
             token,
+            read_token,
+            pages: Arc::new(tokio::sync::Semaphore::new(snapshots::MAX_CONCURRENT_PAGES)),
+            held: Arc::default(),
         }
+    }
+
+    /// Whether a read endpoint may answer: always without `daemon.read_token_file`; else with
+    /// the read token or the API token.
+    fn may_read(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let Some(read_token) = &self.read_token else {
+            return Ok(());
+        };
+        let header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match auth::authorize(read_token.token().as_deref(), header) {
+            Ok(()) => Ok(()),
+            Err(_) if auth::authorize(self.token.token().as_deref(), header).is_ok() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// 403 when no token is configured, 401 (with `WWW-Authenticate`) for a missing or wrong one.
+fn refusal(e: AuthError) -> Response {
+    match e {
+        AuthError::Disabled => error(StatusCode::FORBIDDEN, e.to_string()),
+        e => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
     }
 }
 
@@ -112,14 +166,47 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn status(State(s): State<HttpState>) -> Response {
+async fn status(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
+    }
     let mut databases = s.scheduler.state().snapshot();
-    forget_pruned(&s.app.targets, &mut databases).await;
+    forget_pruned_cached(&s, &mut databases).await;
     Json(json!({
         "databases": databases,
         "shutting_down": s.scheduler.is_shutting_down(),
     }))
     .into_response()
+}
+
+/// [`forget_pruned`], asking the targets only about the databases whose answer is older than
+/// [`STATUS_CHECK_TTL`]; one status call checks at a time (the others wait, then hit the cache).
+async fn forget_pruned_cached(s: &HttpState, databases: &mut [DbStatus]) {
+    let mut cache = s.held.lock().await;
+    let now = std::time::Instant::now();
+    cache.retain(|_, (at, _)| now.duration_since(*at) < STATUS_CHECK_TTL);
+    let key = |d: &DbStatus| {
+        d.last_snapshot_id
+            .clone()
+            .map(|id| (d.source.clone(), d.database.clone(), id))
+    };
+    let mut unknown: Vec<DbStatus> = databases
+        .iter()
+        .filter(|d| key(d).is_some_and(|k| !cache.contains_key(&k)))
+        .cloned()
+        .collect();
+    let asked: Vec<_> = unknown.iter().filter_map(key).collect();
+    forget_pruned(&s.app.targets, &mut unknown).await;
+    for (k, d) in asked.into_iter().zip(&unknown) {
+        cache.insert(k, (now, d.last_snapshot_id.is_some()));
+    }
+    for d in databases.iter_mut() {
+        if let Some(k) = key(d) {
+            if cache.get(&k).is_some_and(|(_, held)| !held) {
+                d.last_snapshot_id = None;
+            }
+        }
+    }
 }
 
 /// Clears `last_snapshot_id` where no target holds that snapshot's manifest any more: retention
@@ -154,25 +241,15 @@ async fn forget_pruned(targets: &[Target], databases: &mut [DbStatus]) {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct SnapshotQuery {
-    source: Option<String>,
-    database: Option<String>,
-}
-
-async fn snapshots(State(s): State<HttpState>, Query(q): Query<SnapshotQuery>) -> Response {
-    let filter = Filter {
-        source: q.source,
-        databases: q.database.into_iter().collect(),
-        target: None,
-    };
-    let c = s.app.catalog(&filter).await;
-    Json(json!({
-        "snapshots": c.snapshots,
-        "warnings": c.warnings,
-        "unreachable_targets": c.unreachable.iter().map(|(t, e)| json!({"target": t, "error": e})).collect::<Vec<_>>(),
-    }))
-    .into_response()
+async fn snapshots(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Query(q): Query<snapshots::SnapshotQuery>,
+) -> Response {
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
+    }
+    snapshots::page(s.app.clone(), s.pages.clone(), q).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,17 +263,8 @@ async fn start_backup(State(s): State<HttpState>, headers: HeaderMap, body: Byte
     let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match auth::authorize(s.token.token().as_deref(), header) {
-        Ok(()) => {}
-        Err(e @ AuthError::Disabled) => return error(StatusCode::FORBIDDEN, e.to_string()),
-        Err(e) => {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                Json(json!({ "error": e.to_string() })),
-            )
-                .into_response()
-        }
+    if let Err(e) = auth::authorize(s.token.token().as_deref(), header) {
+        return refusal(e);
     }
     let req: BackupRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -253,12 +321,16 @@ async fn start_backup(State(s): State<HttpState>, headers: HeaderMap, body: Byte
     }
 }
 
-async fn index(State(s): State<HttpState>) -> Html<String> {
+async fn index(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(e) = s.may_read(&headers) {
+        return refusal(e);
+    }
     Html(page::render(
         &s.scheduler.state().snapshot(),
         &s.readiness.get(),
         chrono::Utc::now(),
     ))
+    .into_response()
 }
 
 #[cfg(test)]

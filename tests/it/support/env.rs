@@ -306,11 +306,14 @@ pub fn file_store(dir: &Path) -> Arc<dyn ObjectStore> {
     Arc::new(LocalFileSystem::new_with_prefix(dir).expect("file store"))
 }
 
-/// Every key in a store, sorted.
+/// Every key in a store but the folders' indexes, sorted.
 pub async fn keys(store: &Arc<dyn ObjectStore>) -> Vec<String> {
     let mut keys: Vec<String> = store
         .list(None)
         .map(|m| m.expect("list").location.to_string())
+        // The folders' derived indexes (`list` writes them, a cache of the manifests) are left
+        // out: `fleet.rs` looks at them itself.
+        .filter(|k| std::future::ready(!k.ends_with("/pgferry-index.json")))
         .collect()
         .await;
     keys.sort();
