@@ -448,7 +448,7 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
                 });
             }
             Some(OwnedName::UploadMarker(id, _)) => {
-                let Some(dump) = upload::dump_key(&o.location) else {
+                let Some(dumps) = upload::dump_keys(&o.location) else {
                     continue;
                 };
                 if unknown.contains(&id) {
@@ -458,7 +458,7 @@ async fn load_folder(t: &Target, folder: &Path) -> Result<Listing, object_store:
                     target: t.name.clone(),
                     key: o.location.clone(),
                     last_modified: o.last_modified,
-                    committed: named.contains(&dump),
+                    committed: dumps.iter().any(|d| named.contains(d)),
                 });
             }
             _ => {}
