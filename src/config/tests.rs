@@ -60,6 +60,8 @@ fn the_example_config_parses() {
     assert!(c.targets.len() >= 2);
     assert!(!c.restore_targets.is_empty());
     assert!(c.restore_targets[0].hooks[0].exists(), "hook file missing");
+    assert_eq!(c.encryption.recipients.len(), 1);
+    assert!(c.encryption.identity_file.is_some());
 }
 
 #[test]
