@@ -193,8 +193,9 @@ impl Identities {
         })
     }
 
-    /// The identities of a generated key pair, for tests and tools.
-    pub fn from_keys(file: &Path, keys: Vec<age::x25519::Identity>) -> Identities {
+    /// Identities of keys generated in a test.
+    #[cfg(test)]
+    pub(crate) fn from_keys(file: &Path, keys: Vec<age::x25519::Identity>) -> Identities {
         Identities {
             file: file.to_path_buf(),
             keys,
