@@ -101,12 +101,12 @@ stats() { # median min max of the numbers given
 }
 
 pgferry_backup() { # $1 = targets, $2 = level, $3 = database
-    measure "pgferry backup, zstd -$2, $1 S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$1-$2.toml" --log-format json backup --database "$3"
+    measure "pgferry backup, zstd -$2, $1 S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$1-$2.toml" --log-format json backup --force --database "$3"
     STORED[$2]=$(grep -o 'stored [0-9.]* [KMG]iB' "$WORK_DIR/cmd.out" | head -n 1)
 }
 
 pgferry_backup_age() { # $1 = level, $2 = database: 2 targets, encrypted
-    measure "pgferry backup, zstd -$1, 2 S3 targets, age" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$1-age.toml" --log-format json backup --database "$2"
+    measure "pgferry backup, zstd -$1, 2 S3 targets, age" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$1-age.toml" --log-format json backup --force --database "$2"
 }
 
 encryption_ratios() { # per level: encrypted / plain medians of wall, CPU and peak RSS
@@ -194,7 +194,7 @@ for gb in $RSS_SIZES; do
     for level in $LEVELS; do for mp in $MAX_PARTS; do labels+=("pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp"); done; done
     measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
     for level in $LEVELS; do for mp in $MAX_PARTS; do
-        measure "pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$level-mp$mp.toml" --log-format json backup --database "$db"
+        measure "pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$level-mp$mp.toml" --log-format json backup --force --database "$db"
     done; done
     table "${labels[@]}"
     unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU
