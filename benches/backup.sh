@@ -9,8 +9,11 @@
 # and reports the median (min–max) wall time, the ratio to the source bound, the CPU seconds
 # of the command and of the S3 server, pgferry's peak RSS, and the stored size per level. For $RSS_SIZES GB (a bigger
 # database) it measures only the source bound and pgferry to 2 targets, for the memory figure.
+# Encryption: each round also runs pgferry to 2 targets with [encryption] (age, two
+# recipients) right after the same run without it, for the encrypted/plain ratios of wall
+# time, CPU and peak RSS. ENCRYPTION_ONLY=1 measures only those two and the source bound.
 # Usage: benches/backup.sh [rounds]
-#   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1,
+#   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1, ENCRYPTION_ONLY=1,
 #        MAX_PARTS="10000 1000 100" (the memory runs: 2 targets with each max_parts; 100 sizes
 #        parts as a 60 GB database would at 1000)
 set -euo pipefail
@@ -65,6 +68,14 @@ config_parts() { # $1 = max_parts, $2 = zstd level: 2 targets, each allowing $1 
     sed "s/^\(url = \"s3:.*\)$/\1\nmax_parts = $1/" "$WORK_DIR/pgferry-2-$2.toml" > "$WORK_DIR/pgferry-2-$2-mp$1.toml"
 }
 for level in $LEVELS; do for mp in $MAX_PARTS; do config_parts "$mp" "$level"; done; done
+# Two recipients (as production would have: ops and an offline key); the keys stay in WORK_DIR.
+for k in 1 2; do [ -s "$WORK_DIR/age-$k.txt" ] || age-keygen -o "$WORK_DIR/age-$k.txt" 2>/dev/null; done
+config_age() { # $1 = zstd level: 2 targets, encrypted
+    { cat "$WORK_DIR/pgferry-2-$1.toml"
+      printf '[encryption]\nrecipients = ["%s", "%s"]\n' "$(age-keygen -y "$WORK_DIR/age-1.txt")" "$(age-keygen -y "$WORK_DIR/age-2.txt")"
+    } > "$WORK_DIR/pgferry-2-$1-age.toml"
+}
+for level in $LEVELS; do config_age "$level"; done
 
 TICKS=$(getconf CLK_TCK)
 garage_cpu() { # CPU seconds (user+sys) the S3 server has used so far
@@ -90,8 +101,25 @@ stats() { # median min max of the numbers given
 }
 
 pgferry_backup() { # $1 = targets, $2 = level, $3 = database
-    measure "pgferry backup, zstd -$2, $1 S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$1-$2.toml" --log-format json backup --database "$3"
+    measure "pgferry backup, zstd -$2, $1 S3 target(s)" "$PGFERRY" --config "$WORK_DIR/pgferry-$1-$2.toml" --log-format json backup --force --database "$3"
     STORED[$2]=$(grep -o 'stored [0-9.]* [KMG]iB' "$WORK_DIR/cmd.out" | head -n 1)
+}
+
+pgferry_backup_age() { # $1 = level, $2 = database: 2 targets, encrypted
+    measure "pgferry backup, zstd -$1, 2 S3 targets, age" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$1-age.toml" --log-format json backup --force --database "$2"
+}
+
+encryption_ratios() { # per level: encrypted / plain medians of wall, CPU and peak RSS
+    local plain enc
+    for level in $LEVELS; do
+        plain="pgferry backup, zstd -$level, 2 S3 target(s)"; enc="pgferry backup, zstd -$level, 2 S3 targets, age"
+        [ -n "${TIMES[$enc]:-}" ] || continue
+        printf 'zstd -%s, age/plain: wall %.3f, CPU %.3f, peak RSS %.3f (rounds: plain wall %s; age wall %s)\n' "$level" \
+            "$(echo "$(stats ${TIMES[$enc]} | cut -d' ' -f1) / $(stats ${TIMES[$plain]} | cut -d' ' -f1)" | bc -l)" \
+            "$(echo "$(stats ${CPU[$enc]} | cut -d' ' -f1) / $(stats ${CPU[$plain]} | cut -d' ' -f1)" | bc -l)" \
+            "$(echo "$(stats ${RSS[$enc]} | cut -d' ' -f3) / $(stats ${RSS[$plain]} | cut -d' ' -f3)" | bc -l)" \
+            "${TIMES[$plain]}" "${TIMES[$enc]}"
+    done
 }
 
 table() { # the labels to print, in order
@@ -124,11 +152,19 @@ for gb in $SIZES; do
     echo
     echo "## database $db: raw dump $((raw / 1024 / 1024)) MiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     labels=("pg_dump -Z0 > /dev/null")
-    [ -n "${SKIP_GZIP:-}" ] || labels+=("pg_dump -Fc (gzip) > file")
-    for l in $PEER_LEVELS; do labels+=("pg_dump -Z0 | zstd -$l -T2 | aws s3 cp -"); done
-    for level in $LEVELS; do for n in 1 2 3; do labels+=("pgferry backup, zstd -$level, $n S3 target(s)"); done; done
+    [ -n "${SKIP_GZIP:-}${ENCRYPTION_ONLY:-}" ] || labels+=("pg_dump -Fc (gzip) > file")
+    [ -n "${ENCRYPTION_ONLY:-}" ] || for l in $PEER_LEVELS; do labels+=("pg_dump -Z0 | zstd -$l -T2 | aws s3 cp -"); done
+    for level in $LEVELS; do for n in 1 2 3; do labels+=("pgferry backup, zstd -$level, $n S3 target(s)"); done; labels+=("pgferry backup, zstd -$level, 2 S3 targets, age"); done
     for r in $(seq 1 "$ROUNDS"); do
         measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
+        if [ -n "${ENCRYPTION_ONLY:-}" ]; then
+            # Alternated within the round, plain first in odd rounds and last in even ones.
+            for level in $LEVELS; do
+                if (( r % 2 )); then pgferry_backup 2 "$level" "$db"; pgferry_backup_age "$level" "$db"
+                else pgferry_backup_age "$level" "$db"; pgferry_backup 2 "$level" "$db"; fi
+            done
+            continue
+        fi
         if [ -z "${SKIP_GZIP:-}" ]; then
             measure "pg_dump -Fc (gzip) > file" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f "$WORK_DIR/gzip.dump" "$db"
             GZIP_SIZE=$(stat -c %s "$WORK_DIR/gzip.dump"); rm -f "$WORK_DIR/gzip.dump"
@@ -136,9 +172,13 @@ for gb in $SIZES; do
         for l in $PEER_LEVELS; do
             measure "pg_dump -Z0 | zstd -$l -T2 | aws s3 cp -" bash -c "set -o pipefail; PGPASSWORD='$PG_PASSWORD' '$PG_BIN/pg_dump' -Fc -Z0 -h 127.0.0.1 -p $PG_PORT -U postgres '$db' | zstd -q -$l -T2 -c | '$AWS' --endpoint-url http://127.0.0.1:$S3_PORT s3 cp --only-show-errors - s3://bench-1/peer/$db.dump.zst"
         done
-        for level in $LEVELS; do for n in 1 2 3; do pgferry_backup "$n" "$level" "$db"; done; done
+        for level in $LEVELS; do
+            for n in 1 2 3; do pgferry_backup "$n" "$level" "$db"; done
+            pgferry_backup_age "$level" "$db"
+        done
     done
     table "${labels[@]}"
+    encryption_ratios
     for level in $LEVELS; do echo "stored at zstd -$level: ${STORED[$level]#stored }"; done
     [ -z "${GZIP_SIZE:-}" ] || echo "stored by pg_dump -Fc (gzip): $(echo "$GZIP_SIZE / 1048576" | bc) MiB"
     unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU
@@ -154,7 +194,7 @@ for gb in $RSS_SIZES; do
     for level in $LEVELS; do for mp in $MAX_PARTS; do labels+=("pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp"); done; done
     measure "pg_dump -Z0 > /dev/null" env PGPASSWORD="$PG_PASSWORD" "$PG_BIN/pg_dump" -Fc -Z0 --no-sync -h 127.0.0.1 -p "$PG_PORT" -U postgres -f /dev/null "$db"
     for level in $LEVELS; do for mp in $MAX_PARTS; do
-        measure "pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$level-mp$mp.toml" --log-format json backup --database "$db"
+        measure "pgferry backup, zstd -$level, 2 S3 targets, max_parts $mp" "$PGFERRY" --config "$WORK_DIR/pgferry-2-$level-mp$mp.toml" --log-format json backup --force --database "$db"
     done; done
     table "${labels[@]}"
     unset TIMES RSS CPU S3CPU; declare -A TIMES RSS CPU S3CPU

@@ -197,6 +197,7 @@ async fn run_pipeline<T: RawTap>(input: &Bytes, level: i32, targets: usize, tap:
         stall_timeout: Duration::from_secs(300),
         idle_timeout: Duration::from_secs(600),
         memory_budget: 64 << 20,
+        recipients: Vec::new(),
     };
     let sinks = (0..targets)
         .map(|i| {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything pgferry's demo and test suite need on a fresh Debian machine, as root:
-# PostgreSQL server and client tools, zstd, promtool and the Pushgateway (Debian packages),
+# PostgreSQL server and client tools, zstd, age (the encryption tests open objects with it),
+# promtool and the Pushgateway (Debian packages),
 # and Garage, the S3-compatible server (built once from crates.io into $PGFERRY_TOOLS).
 # Also the deploy checks' tools: kubernetes-validate (PyPI, in a venv) and the Prometheus
 # Operator schemas (npm), both into $PGFERRY_TOOLS.
@@ -8,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(postgresql postgresql-client zstd prometheus prometheus-pushgateway ca-certificates python3-venv)
+packages=(postgresql postgresql-client zstd age prometheus prometheus-pushgateway ca-certificates python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

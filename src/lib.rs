@@ -11,6 +11,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod encryption;
 pub mod metrics;
 pub mod notify;
 pub mod pgtls;

@@ -554,6 +554,7 @@ pub async fn verify_one(
             url,
             tmp_database: &scratch,
             owner: &owner,
+            identity_file: app.config.verify_identity_file(),
         };
         match load::stream(target, m, &into, Arc::new(LoadProgress::default()), &cancel)
             .instrument(tracing::info_span!("load", target = %target.name))

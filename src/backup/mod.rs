@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::archive::DumpStatsTap;
 use crate::config::SourceConfig;
+use crate::encryption;
 use crate::metrics::{now_seconds, Outcome};
 use crate::notify;
 use crate::source::{self, SourceError};
@@ -379,9 +380,11 @@ async fn run(
         stall_timeout: cfg.pipeline.stall_timeout,
         idle_timeout: cfg.pipeline.idle_timeout,
         memory_budget: cfg.pipeline.memory_budget,
+        recipients: cfg.encryption.recipients.clone(),
     };
     let run_id = RunId::random();
-    let object = snapshot.dump(&run_id);
+    let encrypted = !cfg.encryption.recipients.is_empty();
+    let object = snapshot.dump_as(&run_id, encrypted);
     let sinks: Vec<Sink> = app
         .targets
         .iter()
@@ -398,7 +401,8 @@ async fn run(
         database_bytes = db_size,
         part_size = parts.first(),
         previous_stored_bytes = previous,
-        run = %run_id
+        run = %run_id,
+        encrypted_to = cfg.encryption.recipients.len()
     );
     let mut child =
         source::spawn_pg_dump(&tool, &source.url, database, cfg.pipeline.lock_wait_timeout)?;
@@ -521,6 +525,7 @@ async fn run(
         large_objects: stats.as_ref().map(|s| s.large_objects),
         pgferry_version: env!("CARGO_PKG_VERSION").to_string(),
         system_identifier: Some(system_identifier),
+        encryption: encrypted.then(|| encryption::record(&cfg.encryption.recipients)),
     };
 
     if !lock.confirm().await {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! reader task ──raw buffers──▶ compressor thread ──parts (Bytes)──▶ fan-out task ─┬▶ upload task (target A)
-//!   (pg_dump stdout)   ▲        tap + zstd + sha256 + part cutting                 └▶ upload task (target B)
+//!   (pg_dump stdout)   ▲        tap + zstd (+ age) + sha256 + part cutting         └▶ upload task (target B)
 //!                      └──────── empty buffers come back (a fixed pool) ◀──────┘
 //! ```
 //! Every channel is bounded, so memory is bounded by configuration (pool size × read chunk +
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::encryption::{Recipient, Sealer};
 use crate::storage::target::{PartSizer, Target};
 
 /// Bytes read from pg_dump per buffer: big enough that the per-buffer overhead (a channel
@@ -85,6 +86,9 @@ pub struct PipelineSettings {
     /// buffers (an estimate) and every part alive — being filled, queued, or uploading on any
     /// target. As parts grow, fewer are alive at once; at least one always is.
     pub memory_budget: u64,
+    /// Encrypt the compressed stream to these (age, see `crate::encryption`); empty: stored
+    /// as zstd. The hash, size and parts are then those of the ciphertext.
+    pub recipients: Vec<Recipient>,
 }
 
 impl PipelineSettings {
@@ -526,7 +530,8 @@ struct Compressed<T> {
     tap: T,
 }
 
-/// The compressor thread: tap, zstd, and (through [`PartWriter`]) hashing and part cutting.
+/// The compressor thread: tap, zstd, encryption when configured ([`Sealer`]: age's 64 KiB
+/// chunks, so memory stays flat), and (through [`PartWriter`]) hashing and part cutting.
 fn compress<T: RawTap>(
     settings: &PipelineSettings,
     mut full_rx: mpsc::Receiver<Vec<u8>>,
@@ -550,7 +555,8 @@ fn compress<T: RawTap>(
         part_tx: out.tx,
         progress,
     };
-    let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)?;
+    let sealer = Sealer::new(&settings.recipients, writer)?;
+    let mut encoder = zstd::stream::write::Encoder::new(sealer, settings.zstd_level)?;
     encoder.include_checksum(true)?;
     let workers = settings.workers();
     if workers > 1 {
@@ -578,7 +584,7 @@ fn compress<T: RawTap>(
     if cancel.is_cancelled() {
         return Err(std::io::Error::other("cancelled"));
     }
-    let mut writer = encoder.finish()?;
+    let mut writer = encoder.finish()?.finish()?;
     writer.send_current(false)?;
     Ok(Compressed {
         raw_bytes,
@@ -791,6 +797,7 @@ mod tests {
             stall_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             memory_budget: 64 << 20,
+            recipients: Vec::new(),
         }
     }
 
@@ -923,6 +930,55 @@ mod tests {
             assert_eq!(stored.len() as u64, out.stored_bytes);
             assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
             assert_eq!(zstd::decode_all(&stored[..]).unwrap(), input);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn encrypts_once_and_fans_out_the_same_ciphertext() {
+        let input = data(6 * 1024 * 1024 + 5);
+        let key = age::x25519::Identity::generate();
+        let recipient = crate::encryption::Recipient::parse(&key.to_public().to_string()).unwrap();
+        let stores: Vec<Arc<InMemory>> = (0..2).map(|_| Arc::new(InMemory::new())).collect();
+        let sinks = stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Sink {
+                key: Path::from("p/x.dump.zst.age"),
+                target: Target::new(&format!("t{i}"), s.clone(), "p", 10_000),
+            })
+            .collect();
+        let mut settings = settings(5 * 1024 * 1024);
+        settings.recipients = vec![recipient];
+        let out = run(
+            std::io::Cursor::new(input.clone()),
+            &settings,
+            sinks,
+            (),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.parts, 1, "6 MiB of text compresses into one part");
+        for mut u in out.uploads {
+            u.upload.complete().await.unwrap();
+        }
+        for s in &stores {
+            let stored = s
+                .get(&Path::from("p/x.dump.zst.age"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(stored.len() as u64, out.stored_bytes);
+            assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
+            assert!(stored.starts_with(b"age-encryption.org/v1\n"));
+            let decryptor = age::Decryptor::new(&stored[..]).unwrap();
+            let plain = decryptor
+                .decrypt(std::iter::once(&key as &dyn age::Identity))
+                .unwrap();
+            assert_eq!(zstd::decode_all(plain).unwrap(), input);
         }
     }
 

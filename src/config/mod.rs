@@ -199,6 +199,20 @@ pub struct Config {
     pub warnings: Vec<ConfigWarning>,
     pub notify: NotifyConfig,
     pub repair: RepairConfig,
+    pub encryption: EncryptionConfig,
+}
+
+/// `[encryption]` (see `crate::encryption`): public keys only, but for the path of an
+/// identity file, which is read only by restore and verify.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EncryptionConfig {
+    /// Every recipient, from `recipients` and `recipients_file`; empty: backups are stored
+    /// unencrypted.
+    pub recipients: Vec<crate::encryption::Recipient>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -406,6 +420,9 @@ pub struct RestoreTargetConfig {
     pub hooks: Vec<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_bin_dir: Option<PathBuf>,
+    /// Identity file for encrypted snapshots (the path; the file is read at restore time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
 }
 
 impl RestoreTargetConfig {
@@ -442,6 +459,9 @@ pub struct VerifyConfig {
     /// Older newest verify report (or none): overdue (`pgferry_verify_overdue_databases`).
     #[serde(serialize_with = "show::duration")]
     pub max_age: Duration,
+    /// Identity file for encrypted snapshots (the path; the file is read at verify time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
 }
 
 /// `[repair]`: when the daemon checks and repairs, and how long prune holds copies for it.
@@ -501,6 +521,25 @@ impl Config {
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The identity file restore uses for `target`: its own, else `[encryption]`'s.
+    pub fn restore_identity_file<'a>(
+        &'a self,
+        target: &'a RestoreTargetConfig,
+    ) -> Option<&'a Path> {
+        target
+            .identity_file
+            .as_deref()
+            .or(self.encryption.identity_file.as_deref())
+    }
+
+    /// The identity file verify uses: `[verify]`'s, else `[encryption]`'s.
+    pub fn verify_identity_file(&self) -> Option<&Path> {
+        self.verify
+            .identity_file
+            .as_deref()
+            .or(self.encryption.identity_file.as_deref())
     }
 
     /// The effective configuration as TOML, every secret replaced by `<redacted>`: what

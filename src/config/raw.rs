@@ -28,6 +28,24 @@ pub(super) struct RawConfig {
     pub(super) notify: super::ops::RawNotify,
     #[serde(default)]
     pub(super) repair: RawRepair,
+    #[serde(default)]
+    pub(super) encryption: RawEncryption,
+}
+
+/// `[encryption]`: age recipients new backups are encrypted to, and the identity file that
+/// restore and verify decrypt with when their own section names none.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEncryption {
+    /// Public keys, `age1…`; new snapshots are encrypted to all of them.
+    #[serde(default)]
+    pub(super) recipients: Vec<Text>,
+    /// A file of recipients, one per line (`#` comments); added to `recipients`.
+    #[serde(default)]
+    pub(super) recipients_file: Option<Text>,
+    /// Secret keys (age-keygen's format) for restore and verify; never in production.
+    #[serde(default)]
+    pub(super) identity_file: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +291,10 @@ pub(super) struct RawRestoreTarget {
     pub(super) hooks: Vec<Text>,
     #[serde(default)]
     pub(super) pg_bin_dir: Option<Text>,
+    /// Secret keys that open encrypted snapshots restored here; default
+    /// `encryption.identity_file`.
+    #[serde(default)]
+    pub(super) identity_file: Option<Text>,
 }
 
 fn default_owner() -> Text {
@@ -323,6 +345,10 @@ pub(super) struct RawVerify {
     /// `pgferry_verify_overdue_databases`.
     #[serde(default = "default_verify_max_age")]
     pub(super) max_age: Text,
+    /// Secret keys that open encrypted snapshots for verify; default
+    /// `encryption.identity_file`.
+    #[serde(default)]
+    pub(super) identity_file: Option<Text>,
 }
 
 impl Default for RawVerify {
@@ -335,6 +361,7 @@ impl Default for RawVerify {
             concurrency: default_verify_concurrency(),
             window: None,
             max_age: default_verify_max_age(),
+            identity_file: None,
         }
     }
 }

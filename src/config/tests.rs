@@ -60,6 +60,8 @@ fn the_example_config_parses() {
     assert!(c.targets.len() >= 2);
     assert!(!c.restore_targets.is_empty());
     assert!(c.restore_targets[0].hooks[0].exists(), "hook file missing");
+    assert_eq!(c.encryption.recipients.len(), 1);
+    assert!(c.encryption.identity_file.is_some());
 }
 
 #[test]
@@ -290,6 +292,19 @@ fn s3_ca_file_is_checked_and_shown() {
     assert!(err.contains("only applies to s3:// targets"), "{err}");
 }
 
+/// The recipients file of the fixtures (public keys only).
+fn fixture_recipients() -> String {
+    format!(
+        "{}/tests/fixtures/age/recipients.txt",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A recipient, `age1…`, of a key generated for the test.
+fn new_recipient() -> String {
+    age::x25519::Identity::generate().to_public().to_string()
+}
+
 /// Every key of the file, set to a non-default value, so `config check` must show each.
 fn every_key() -> String {
     format!(
@@ -337,6 +352,7 @@ url = "postgres://odoo:hunter2@pg.{{namespace}}.svc/postgres"
 owner = "app"
 hooks = ["{hook}"]
 pg_bin_dir = "/opt/pg16/bin"
+identity_file = "/keys/staging.txt"
 
 [restore]
 spool_dir = "/srv/spool"
@@ -349,8 +365,16 @@ pg_bin_dir = "/opt/pg15/bin"
 concurrency = 3
 window = "4h"
 max_age = "72h"
+identity_file = "/keys/verify.txt"
+
+[encryption]
+recipients = ["{recipient}"]
+recipients_file = "{recipients_file}"
+identity_file = "/keys/all.txt"
 "#,
         ca = fixture_ca(),
+        recipient = new_recipient(),
+        recipients_file = fixture_recipients(),
         hook = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/config/hooks/odoo-neutralize.sql"
@@ -658,4 +682,110 @@ fn verify_fleet_keys_have_defaults_and_bounds() {
         let err = error_at(&text, &format!("verify.{key}"), key);
         assert!(err.contains(says), "{err}");
     }
+}
+
+#[test]
+fn encryption_recipients_are_parsed_and_shown_identity_files_only_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recipients.txt");
+    let (a, b) = (new_recipient(), new_recipient());
+    std::fs::write(&file, format!("# ops\n{a}\n\n{b}\n{a}\n")).unwrap();
+    let text = format!(
+        "{MINIMAL}\n[encryption]\nrecipients = [\"{b}\"]\nrecipients_file = \"recipients.txt\"\nidentity_file = \"keys/id.txt\"\n"
+    );
+    let c = Config::from_str_at(&text, &dir.path().join("pgferry.toml")).unwrap();
+    let got: Vec<String> = c
+        .encryption
+        .recipients
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(got, [b.clone(), a.clone()], "in order, each once");
+    assert_eq!(
+        c.encryption.identity_file,
+        Some(dir.path().join("keys/id.txt"))
+    );
+    let shown = c.redacted_toml();
+    assert!(shown.contains(&a) && shown.contains(&b), "{shown}");
+    assert!(shown.contains("keys/id.txt"), "{shown}");
+    // The identity file is not read (it does not even exist here): production has none.
+    assert!(!dir.path().join("keys/id.txt").exists());
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Not encrypted by default.
+    assert!(parse(MINIMAL).unwrap().encryption.recipients.is_empty());
+}
+
+#[test]
+fn a_malformed_recipient_is_an_error_with_file_and_line() {
+    let good = new_recipient();
+    let text = format!(
+        "{MINIMAL}\n[encryption]\nrecipients = [\n  \"{good}\",\n  \"age1qqqqbroken\",\n]\n"
+    );
+    let err = error_at(&text, "encryption.recipients[1]", "age1qqqqbroken");
+    assert!(err.contains("age1"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recipients.txt");
+    std::fs::write(&file, format!("# team\n{good}\nage1typo\n")).unwrap();
+    let text = format!(
+        "{MINIMAL}\n[encryption]\nrecipients_file = \"{}\"\n",
+        file.display()
+    );
+    let err = error_at(&text, "encryption.recipients_file", "recipients_file");
+    assert!(
+        err.contains(&format!("{}:3: ", file.display())),
+        "no recipients file line in {err}"
+    );
+
+    // A secret key where a recipient belongs: refused, and not echoed.
+    let secret =
+        age::secrecy::ExposeSecret::expose_secret(&age::x25519::Identity::generate().to_string())
+            .to_string();
+    let text = format!("{MINIMAL}\n[encryption]\nrecipients = [\"{secret}\"]\n");
+    let err = error_at(&text, "encryption.recipients[0]", "recipients");
+    assert!(!err.contains(&secret[16..]), "{err}");
+    assert!(err.contains("secret key"), "{err}");
+
+    // Missing or empty recipients files are errors, not unencrypted backups.
+    let text = format!(
+        "{MINIMAL}\n[encryption]\nrecipients_file = \"{}\"\n",
+        dir.path().join("nope.txt").display()
+    );
+    error_at(&text, "encryption.recipients_file", "recipients_file");
+    std::fs::write(&file, "# nobody yet\n").unwrap();
+    let text = format!(
+        "{MINIMAL}\n[encryption]\nrecipients_file = \"{}\"\n",
+        file.display()
+    );
+    let err = error_at(&text, "encryption.recipients_file", "recipients_file");
+    assert!(err.contains("no recipient"), "{err}");
+}
+
+#[test]
+fn an_identity_file_without_recipients_is_a_warning() {
+    let text = format!("{MINIMAL}\n[encryption]\nidentity_file = \"/keys/id.txt\"\n");
+    let c = parse(&text).unwrap();
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].message.contains("unencrypted"));
+}
+
+#[test]
+fn restore_and_verify_fall_back_to_the_global_identity_file() {
+    let text = format!(
+        "{MINIMAL}\n[[restore_target]]\nnamespace = \"a\"\nurl = \"postgres://x@h/postgres\"\nidentity_file = \"/keys/a.txt\"\n\n[[restore_target]]\nnamespace = \"b\"\nurl = \"postgres://x@h/postgres\"\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.restore_identity_file(&c.restore_targets[0]),
+        Some(Path::new("/keys/a.txt"))
+    );
+    assert_eq!(c.restore_identity_file(&c.restore_targets[1]), None);
+    assert_eq!(c.verify_identity_file(), None);
+    let text = format!("{text}\n[encryption]\nidentity_file = \"/keys/all.txt\"\n");
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.restore_identity_file(&c.restore_targets[1]),
+        Some(Path::new("/keys/all.txt"))
+    );
+    assert_eq!(c.verify_identity_file(), Some(Path::new("/keys/all.txt")));
 }

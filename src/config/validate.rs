@@ -19,10 +19,11 @@ use super::rules::{
     MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT, RESTORE_URL_PLACEHOLDERS,
 };
 use super::{
-    parse_duration, Config, DaemonConfig, PgUrl, PipelineConfig, RestoreConfig,
+    parse_duration, Config, DaemonConfig, EncryptionConfig, PgUrl, PipelineConfig, RestoreConfig,
     RestoreTargetConfig, RetentionPolicy, Secret, SourceConfig, TargetConfig, TargetKind, Text,
     VerifyConfig,
 };
+use crate::encryption::Recipient;
 use crate::schedule::Schedule;
 
 /// What validation needs besides the raw values: where relative paths resolve, and where
@@ -63,6 +64,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
         .map_err(|(i, m)| finding(format!("target[{i}].url"), m))?;
     let restore_targets = restore_targets(raw.restore_target, &mut cx)?;
     let verify = verify(raw.verify, &cx)?;
+    let encryption = encryption(raw.encryption, &mut cx)?;
     let config = Config {
         path: path.to_path_buf(),
         daemon,
@@ -80,6 +82,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path) -> Result<(Config, Vec<Findi
                 .map_err(|e| finding("repair.schedule", e.to_string()))?,
             grace: parse_duration(&raw.repair.grace.0).map_err(|m| finding("repair.grace", m))?,
         },
+        encryption,
         warnings: Vec::new(),
     };
     Ok((config, cx.warnings))
@@ -515,6 +518,7 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &mut Ctx) -> Result<Restore
         owner: r.owner.0,
         hooks,
         pg_bin_dir: r.pg_bin_dir.map(|d| cx.resolve(&d.0)),
+        identity_file: r.identity_file.map(|f| cx.resolve(&f.0)),
     })
 }
 
@@ -547,5 +551,57 @@ fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {
             .transpose()
             .map_err(|m| finding("verify.window", m))?,
         max_age: parse_duration(&raw.max_age.0).map_err(|m| finding("verify.max_age", m))?,
+        identity_file: raw.identity_file.map(|f| cx.resolve(&f.0)),
+    })
+}
+
+/// `[encryption]`: every recipient parsed (a bad one names its entry, or its line in the
+/// recipients file). The recipients file must be readable here: a backup must never find out
+/// at 3 a.m. that it cannot encrypt. The identity file is only named, never read: production
+/// has none, and restore and verify read it when they need it.
+fn encryption(raw: RawEncryption, cx: &mut Ctx) -> Result<EncryptionConfig> {
+    let mut recipients = Vec::new();
+    for (i, r) in raw.recipients.iter().enumerate() {
+        recipients.push(
+            Recipient::parse(&r.0)
+                .map_err(|m| finding(format!("encryption.recipients[{i}]"), m))?,
+        );
+    }
+    let recipients_file = raw.recipients_file.map(|f| cx.resolve(&f.0));
+    if let Some(file) = &recipients_file {
+        let key = "encryption.recipients_file";
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            finding(
+                key,
+                format!("cannot read recipients file {}: {e}", file.display()),
+            )
+        })?;
+        let listed = crate::encryption::parse_recipients(&text)
+            .map_err(|(line, m)| finding(key, format!("{}:{line}: {m}", file.display())))?;
+        if listed.is_empty() {
+            return Err(finding(
+                key,
+                format!(
+                    "{} lists no recipient; add one \"age1…\" per line, or remove the key",
+                    file.display()
+                ),
+            ));
+        }
+        recipients.extend(listed);
+    }
+    let mut seen = std::collections::HashSet::new();
+    recipients.retain(|r| seen.insert(r.clone()));
+    let identity_file = raw.identity_file.map(|f| cx.resolve(&f.0));
+    if identity_file.is_some() && recipients.is_empty() {
+        cx.warn(
+            "encryption.identity_file",
+            "an identity file but no recipients: encrypted snapshots can be restored, but new \
+             backups are stored unencrypted",
+        );
+    }
+    Ok(EncryptionConfig {
+        recipients,
+        recipients_file,
+        identity_file,
     })
 }

@@ -1,8 +1,12 @@
-//! Loading one copy of a snapshot into the temporary database: download, sha256, zstd -d,
-//! pg_restore — streamed, or through a spool file for `pg_restore -j N`.
+//! Loading one copy of a snapshot into the temporary database: download, sha256, (age -d,)
+//! zstd -d, pg_restore — streamed, or through a spool file for `pg_restore -j N`.
 //!
 //! One attempt reads one target's object. Success needs all three: the stored bytes' sha256
-//! equals the manifest's, their count equals `stored_size`, and pg_restore exited 0. The
+//! equals the manifest's, their count equals `stored_size`, and pg_restore exited 0. An
+//! encrypted snapshot is decrypted between the checksum and zstd with the identity file the
+//! caller names ([`RestoreInto::identity_file`]), which is checked against the manifest's
+//! recipients before anything is downloaded; a ciphertext that fails age's authentication is
+//! a bad copy, like a checksum mismatch. The
 //! object is always read to its end (also after pg_restore gave up) so a corrupt copy is
 //! told apart from a destination problem: only the former is worth trying another target.
 //! Memory stays bounded by [`COPY_BUFFER_BYTES`] plus object_store's chunks. This module
@@ -23,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
+use crate::encryption::{self, DecryptFailed, Identities, KeyError};
 use crate::source::{self, PgTool};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::Target;
@@ -36,6 +41,9 @@ const SPOOL_DIR_MODE: u32 = 0o700;
 
 /// Mode of the spool file (a decompressed production dump): owner read/write only.
 const SPOOL_FILE_MODE: u32 = 0o600;
+
+/// Plaintext buffered between age and zstd: one age chunk.
+const DECRYPTED_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Free space required on the spool filesystem beyond the archive itself, so a spool never
 /// fills a disk to the last byte.
@@ -66,6 +74,10 @@ pub enum LoadError {
     Size { expected: u64, actual: u64 },
     #[error("cannot decompress the object ({source}); this copy is corrupt")]
     Decompress { source: std::io::Error },
+    #[error(transparent)]
+    Decrypt(DecryptFailed),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("pg_restore failed ({status}): {stderr}")]
     PgRestore { status: String, stderr: String },
     #[error(transparent)]
@@ -98,6 +110,7 @@ impl LoadError {
                 | LoadError::Checksum { .. }
                 | LoadError::Size { .. }
                 | LoadError::Decompress { .. }
+                | LoadError::Decrypt(_)
         )
     }
 
@@ -121,6 +134,9 @@ pub struct RestoreInto<'a> {
     pub url: &'a PgUrl,
     pub tmp_database: &'a str,
     pub owner: &'a str,
+    /// The age identity file that opens encrypted snapshots; `None`: none configured (an
+    /// unencrypted snapshot needs none).
+    pub identity_file: Option<&'a Path>,
 }
 
 /// sha256 and byte count of the stored bytes, updated as the stream passes by.
@@ -130,20 +146,59 @@ struct Tap {
     bytes: u64,
 }
 
-type ObjectReader = StreamReader<
-    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
-    bytes::Bytes,
->;
+/// The object's byte stream (hashed as it passes).
+type RawStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>;
 
-/// Opens the object and wraps it: stored bytes → tap → zstd decoder.
+/// The object's byte stream, shared between the reader chain above it and [`drain`], which
+/// takes it to read what is left after a stage above failed (a decryptor cannot hand back its
+/// input), so that the checksum always covers every stored byte.
+#[derive(Clone)]
+struct Detachable(Arc<Mutex<Option<RawStream>>>);
+
+impl futures::Stream for Detachable {
+    type Item = std::io::Result<bytes::Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.as_mut() {
+            Some(stream) => stream.as_mut().poll_next(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+type ObjectReader = StreamReader<Detachable, bytes::Bytes>;
+
+/// What the decompressor reads: the object, or its decrypted plaintext.
+type Plain = Box<dyn tokio::io::AsyncBufRead + Send + Unpin>;
+
+/// An opened object: the decoded stream, and its raw bytes for [`drain`].
+struct Opened {
+    decoder: ZstdDecoder<Plain>,
+    raw: Detachable,
+}
+
+/// Opens the object and wraps it: stored bytes → tap → (age decryption →) zstd decoder.
+/// The identities of an encrypted snapshot are read and checked first: a missing or wrong
+/// key fails before any download.
 async fn open(
     target: &Target,
     manifest: &Manifest,
+    identity_file: Option<&Path>,
     tap: Arc<Mutex<Tap>>,
     progress: Arc<LoadProgress>,
-) -> Result<ZstdDecoder<ObjectReader>, LoadError> {
-    // The object the manifest names (write-once: `<id>-<run>.dump.zst`, or `<id>.dump.zst`
-    // for format ≤ 2), never a key derived from the id.
+) -> Result<Opened, LoadError> {
+    let identities = encryption::identities_for(
+        &manifest.snapshot_id,
+        manifest.encryption.as_ref(),
+        identity_file,
+    )?;
+    // The object the manifest names (write-once: `<id>-<run>.dump.zst[.age]`, or
+    // `<id>.dump.zst` for format ≤ 2), never a key derived from the id.
     let object = crate::storage::key::object_path(&manifest.object_key).ok_or_else(|| {
         LoadError::ObjectKey {
             key: manifest.object_key.clone(),
@@ -172,10 +227,27 @@ async fn open(
                 .stored_bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
-    let boxed: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = Box::pin(stream);
-    let mut decoder = ZstdDecoder::new(StreamReader::new(boxed));
+    let raw = Detachable(Arc::new(Mutex::new(Some(Box::pin(stream)))));
+    let reader = StreamReader::new(raw.clone());
+    let plain: Plain = match &identities {
+        None => Box::new(reader),
+        Some(ids) => Box::new(decrypting(reader, ids).await?),
+    };
+    let mut decoder = ZstdDecoder::new(plain);
     decoder.multiple_members(true);
-    Ok(decoder)
+    Ok(Opened { decoder, raw })
+}
+
+/// The plaintext of an age-encrypted object, buffered for zstd.
+async fn decrypting(
+    reader: ObjectReader,
+    ids: &Identities,
+) -> Result<impl tokio::io::AsyncBufRead + Send + Unpin, LoadError> {
+    let plain = encryption::open(reader, ids).await.map_err(read_error)?;
+    Ok(tokio::io::BufReader::with_capacity(
+        DECRYPTED_BUFFER_BYTES,
+        plain,
+    ))
 }
 
 /// How a copy loop ended.
@@ -232,22 +304,37 @@ where
     out
 }
 
-/// Reads what is left of the object (after a decoder or pg_restore stopped early) so the
-/// checksum covers every stored byte.
-async fn drain(
-    decoder: ZstdDecoder<ObjectReader>,
-    cancel: &CancellationToken,
-) -> Result<(), LoadError> {
-    let mut inner = decoder.into_inner();
-    let mut sink = tokio::io::sink();
-    tokio::select! {
-        _ = cancel.cancelled() => Err(LoadError::Cancelled),
-        r = tokio::io::copy(&mut inner, &mut sink) => r.map(|_| ()).map_err(read_error),
+/// Reads what is left of the object (after a decoder, the decryptor or pg_restore stopped
+/// early) so the checksum covers every stored byte.
+async fn drain(raw: Detachable, cancel: &CancellationToken) -> Result<(), LoadError> {
+    use futures::StreamExt;
+    let taken = raw.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(mut stream) = taken else {
+        return Ok(());
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(LoadError::Cancelled),
+            next = stream.next() => match next {
+                None => return Ok(()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(read_error(e)),
+            },
+        }
     }
 }
 
-/// Maps a read error of the decoder: a download error inside, else corrupt compressed data.
+/// Maps a read error of the decoder: a download error inside, a ciphertext that did not
+/// decrypt, else corrupt compressed data.
 fn read_error(e: std::io::Error) -> LoadError {
+    if e.get_ref().is_some_and(|inner| inner.is::<DecryptFailed>()) {
+        if let Some(Ok(failed)) = e.into_inner().map(|b| b.downcast::<DecryptFailed>()) {
+            return LoadError::Decrypt(*failed);
+        }
+        return LoadError::Decrypt(DecryptFailed {
+            reason: "unknown".into(),
+        });
+    }
     let is_store = e
         .get_ref()
         .is_some_and(|inner| inner.is::<object_store::Error>());
@@ -365,7 +452,14 @@ pub async fn stream(
     cancel: &CancellationToken,
 ) -> Result<Loaded, LoadError> {
     let tap = Arc::new(Mutex::new(Tap::default()));
-    let mut decoder = open(target, manifest, tap.clone(), progress.clone()).await?;
+    let Opened { mut decoder, raw } = open(
+        target,
+        manifest,
+        into.identity_file,
+        tap.clone(),
+        progress.clone(),
+    )
+    .await?;
     let mut child = spawn_pg_restore(into, 1, None)?;
     let stderr = take_stderr(&mut child, into.url);
     let Some(mut stdin) = child.stdin.take() else {
@@ -382,7 +476,8 @@ pub async fn stream(
     }
     let decode_failed = pumped.read_error.map(read_error);
     // pg_restore stopped reading (its own error) or the copy is bad: read the rest to know.
-    let drained = drain(decoder, cancel).await;
+    drop(decoder);
+    let drained = drain(raw, cancel).await;
     let copy = check_copy(&tap, manifest);
     let bad_copy = decode_failed.is_some() || copy.is_err() || drained.is_err();
     let restored = finish_child(child, stderr, bad_copy).await;
@@ -550,7 +645,14 @@ pub async fn spooled(
         archive: DumpStatsTap::new(),
     };
     let tap = Arc::new(Mutex::new(Tap::default()));
-    let mut decoder = open(target, manifest, tap.clone(), progress.clone()).await?;
+    let Opened { mut decoder, raw } = open(
+        target,
+        manifest,
+        into.identity_file,
+        tap.clone(),
+        progress.clone(),
+    )
+    .await?;
     let pumped = pump(&mut decoder, &mut file, &progress, cancel).await;
     if pumped.cancelled {
         return Err(LoadError::Cancelled);
@@ -559,7 +661,8 @@ pub async fn spooled(
         return Err(LoadError::Spool { path, source: e });
     }
     let decode_failed = pumped.read_error.map(read_error);
-    let drained = drain(decoder, cancel).await;
+    drop(decoder);
+    let drained = drain(raw, cancel).await;
     if let Some(e @ LoadError::Download { .. }) = decode_failed {
         return Err(e);
     }
@@ -645,6 +748,21 @@ mod tests {
         ));
         assert!(matches!(e, LoadError::Decompress { .. }), "{e:?}");
         assert!(e.is_bad_copy() && !e.is_retryable());
+        // A ciphertext that failed age's authentication: a bad copy, the next target is tried.
+        let e = read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            DecryptFailed {
+                reason: "chunk 3".into(),
+            },
+        ));
+        assert!(matches!(e, LoadError::Decrypt(_)), "{e:?}");
+        assert!(e.is_bad_copy() && !e.is_retryable());
+        // No identity, or the wrong one: the same everywhere, not worth another target.
+        let e = LoadError::Key(KeyError::NoIdentity {
+            snapshot: "s".into(),
+            recipients: vec![],
+        });
+        assert!(!e.is_bad_copy());
         let restore_failed = LoadError::PgRestore {
             status: "exit status: 1".into(),
             stderr: "role does not exist".into(),

@@ -114,6 +114,8 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Swap(#[from] SwapError),
+    #[error(transparent)]
+    Key(#[from] crate::encryption::KeyError),
     #[error("snapshot {snapshot_id} of {source_name}/{database}: no target gave a good copy: {}. The destination is untouched; check the targets, or restore an older snapshot (`pgferry list --source {source_name} --database {database}`)", failures.iter().map(|f| format!("{}: {}", f.target, f.error)).collect::<Vec<_>>().join("; "))]
     AllTargetsFailed {
         source_name: String,
@@ -139,6 +141,8 @@ impl RestoreError {
     pub fn is_usage(&self) -> bool {
         match self {
             RestoreError::UnknownSource { .. } => true,
+            // No identity, a wrong one, an unreadable identity file: fixed in the config.
+            RestoreError::Key(_) => true,
             RestoreError::Guard(e) => e.is_usage(),
             _ => false,
         }
@@ -248,6 +252,13 @@ async fn run(
     let manifest = &entry.manifest;
     tracing::Span::current().record("snapshot_id", manifest.snapshot_id.as_str());
     tracing::info!(message = "Snapshot chosen.", chosen = %choose::describe(entry, &req.snapshot), targets = %entry.targets.join(","), destination = %dest.database);
+
+    // An encrypted snapshot needs a key that opens it: said before the destination is touched.
+    crate::encryption::identities_for(
+        &manifest.snapshot_id,
+        manifest.encryption.as_ref(),
+        config.restore_identity_file(&dest.target),
+    )?;
 
     // 3. The destination server: not production (by identity), not a template; then lock,
     //    clean leftovers, the right pg_restore.
@@ -469,6 +480,7 @@ async fn attempt(
         url: &dest.url,
         tmp_database: tmp,
         owner: &dest.target.owner,
+        identity_file: app.config.restore_identity_file(&dest.target),
     };
     let r = if req.jobs > 1 {
         load::spooled(

@@ -622,7 +622,7 @@ async fn load_folder(
                 });
             }
             Some(OwnedName::UploadMarker(id, _)) => {
-                let Some(dump) = upload::dump_key(&o.location) else {
+                let Some(dumps) = upload::dump_keys(&o.location) else {
                     continue;
                 };
                 if unknown.contains(&id) {
@@ -632,7 +632,7 @@ async fn load_folder(
                     target: t.name.clone(),
                     key: o.location.clone(),
                     last_modified: o.last_modified,
-                    committed: named.contains(&dump),
+                    committed: dumps.iter().any(|d| named.contains(d)),
                 });
             }
             _ => {}

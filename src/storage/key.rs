@@ -7,6 +7,7 @@
 //! <source>/<database>/<snapshot_id>.manifest.json       the commit (written last)
 //! <source>/<database>/<snapshot_id>.verify.json         the latest restore-verify report
 //! <source>/<database>/<snapshot_id>-<run>.dump.zst      one attempt's dump (write-once)
+//! <source>/<database>/<snapshot_id>-<run>.dump.zst.age  the same, encrypted (age)
 //! <source>/<database>/<snapshot_id>-<run>.upload.json   marker of that attempt's open upload
 //! <source>/<database>/<snapshot_id>.dump.zst            format ≤ 2 manifests' dump (read only)
 //! <source>/<database>/pgferry-index.json                the folder's derived index (see catalog)
@@ -28,6 +29,8 @@ use sha2::{Digest, Sha256};
 use crate::schedule;
 
 pub const DUMP_SUFFIX: &str = ".dump.zst";
+/// An encrypted dump: [`DUMP_SUFFIX`] then age's (see `crate::encryption`).
+pub const ENCRYPTED_DUMP_SUFFIX: &str = ".dump.zst.age";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 pub const VERIFY_SUFFIX: &str = ".verify.json";
 pub const UPLOAD_SUFFIX: &str = ".upload.json";
@@ -155,6 +158,15 @@ impl SnapshotKey {
         self.file(format!("{}-{run}{DUMP_SUFFIX}", self.id))
     }
 
+    /// The dump object of attempt `run`, encrypted when `encrypted`.
+    pub fn dump_as(&self, run: &RunId, encrypted: bool) -> Path {
+        if encrypted {
+            self.file(format!("{}-{run}{ENCRYPTED_DUMP_SUFFIX}", self.id))
+        } else {
+            self.dump(run)
+        }
+    }
+
     /// The dump object of a format ≤ 2 manifest (one key per slot, rewritten by retries).
     pub fn legacy_dump(&self) -> Path {
         self.file(format!("{}{DUMP_SUFFIX}", self.id))
@@ -191,7 +203,8 @@ pub fn folder_index(source: &str, database: &str) -> Path {
 pub enum OwnedName {
     Manifest(SnapshotId),
     Verify(SnapshotId),
-    /// A dump: `None` run for the format ≤ 2 shape `<id>.dump.zst`.
+    /// A dump, plain or encrypted: `None` run for the format ≤ 2 shape `<id>.dump.zst`
+    /// (encrypted dumps always name their run).
     Dump(SnapshotId, Option<RunId>),
     /// An upload marker: `None` run for the format ≤ 2 shape `<id>.upload.json`.
     UploadMarker(SnapshotId, Option<RunId>),
@@ -218,6 +231,12 @@ pub fn parse_name(name: &str) -> Option<OwnedName> {
     }
     if let Some(stem) = name.strip_suffix(DUMP_SUFFIX) {
         return parse_attempt(stem).map(|(id, run)| OwnedName::Dump(id, run));
+    }
+    if let Some(stem) = name.strip_suffix(ENCRYPTED_DUMP_SUFFIX) {
+        return match parse_attempt(stem) {
+            Some((id, Some(run))) => Some(OwnedName::Dump(id, Some(run))),
+            _ => None,
+        };
     }
     if let Some(stem) = name.strip_suffix(UPLOAD_SUFFIX) {
         return parse_attempt(stem).map(|(id, run)| OwnedName::UploadMarker(id, run));
@@ -297,6 +316,11 @@ mod tests {
             k.legacy_dump().as_ref(),
             "prod/acme/20261127T140000Z.dump.zst"
         );
+        assert_eq!(
+            k.dump_as(&run, true).as_ref(),
+            "prod/acme/20261127T140000Z-0123456789ab.dump.zst.age"
+        );
+        assert_eq!(k.dump_as(&run, false), k.dump(&run));
         let odd = SnapshotKey::new("prod", "a/b c\"é", k.id.clone());
         assert_eq!(odd.manifest().parts().count(), 3);
     }
@@ -333,7 +357,10 @@ mod tests {
         let run = RunId::parse("0123456789ab").unwrap();
         assert!(k.owns_object(k.dump(&run).as_ref()));
         assert!(k.owns_object(k.legacy_dump().as_ref()));
+        assert!(k.owns_object(k.dump_as(&run, true).as_ref()));
         for other in [
+            "prod/globex/20261127T140000Z-0123456789ab.dump.zst.age",
+            "prod/acme/20261127T140000Z.dump.zst.age",
             "prod/globex/20261127T140000Z.dump.zst",
             "prod/acme/20261127T150000Z.dump.zst",
             "otherteam/db1/x.dump.zst",
@@ -364,6 +391,10 @@ mod tests {
             (k.dump(&run), OwnedName::Dump(id.clone(), Some(run.clone()))),
             (k.legacy_dump(), OwnedName::Dump(id.clone(), None)),
             (
+                k.dump_as(&run, true),
+                OwnedName::Dump(id.clone(), Some(run.clone())),
+            ),
+            (
                 k.upload_marker(&run),
                 OwnedName::UploadMarker(id.clone(), Some(run.clone())),
             ),
@@ -377,6 +408,10 @@ mod tests {
             "20261127T140000Z-x.dump.zst",
             "20261127T140000Z.dump.zst.bak",
             "20261127T140000Z-0123456789ab-1.dump.zst",
+            "20261127T140000Z.dump.zst.age",
+            "20261127T140000Z-0123456789ab.dump.zst.age.age",
+            "20261127T140000Z-0123456789ab.age",
+            "manual-copy.dump.zst.age",
             "old.manifest.json",
             "20261127T140000Z.manifest.json.tmp",
             INDEX_NAME,

@@ -84,6 +84,10 @@ pub struct Manifest {
     /// destination with the same identifier, whatever address reaches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// How the object is encrypted (algorithm and recipients' public keys); absent: not
+    /// encrypted (and in manifests written before encryption existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::encryption::Encryption>,
 }
 
 impl Manifest {
@@ -197,6 +201,7 @@ pub(crate) mod tests {
             large_objects: Some(0),
             pgferry_version: "0.1.0".into(),
             system_identifier: Some("7300000000000000001".into()),
+            encryption: None,
         }
     }
 
@@ -231,6 +236,19 @@ pub(crate) mod tests {
             Manifest::summary_from_json("k", v.to_string().as_bytes()),
             Err(ManifestError::FutureVersion { .. })
         ));
+    }
+
+    #[test]
+    fn encryption_round_trips_and_is_absent_when_plain() {
+        let mut m = sample();
+        assert!(!String::from_utf8(m.to_json())
+            .unwrap()
+            .contains("encryption"));
+        m.encryption = Some(crate::encryption::Encryption {
+            algorithm: "age".into(),
+            recipients: vec!["age1xyz".into()],
+        });
+        assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use object_store::path::Path;
 use object_store::{MultipartId, MultipartUpload, PutPayload, PutResult, UploadPart};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::key::ENCRYPTED_DUMP_SUFFIX;
 use crate::storage::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
 
 /// Version of the marker document.
@@ -48,16 +49,23 @@ pub struct UploadMarker {
     pub pgferry_version: String,
 }
 
-/// The marker key of the upload of `dump_key`.
+/// The marker key of the upload of `dump_key` (plain or encrypted: one attempt writes one).
 pub fn marker_key(dump_key: &Path) -> Option<Path> {
-    let stem = dump_key.as_ref().strip_suffix(DUMP_SUFFIX)?;
+    let key = dump_key.as_ref();
+    let stem = key
+        .strip_suffix(DUMP_SUFFIX)
+        .or_else(|| key.strip_suffix(ENCRYPTED_DUMP_SUFFIX))?;
     Some(Path::from(format!("{stem}{UPLOAD_SUFFIX}")))
 }
 
-/// The dump key a marker belongs to.
-pub fn dump_key(marker_key: &Path) -> Option<Path> {
+/// The dump keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
+/// only one of them; the marker's body says which).
+pub fn dump_keys(marker_key: &Path) -> Option<[Path; 2]> {
     let stem = marker_key.as_ref().strip_suffix(UPLOAD_SUFFIX)?;
-    Some(Path::from(format!("{stem}{DUMP_SUFFIX}")))
+    Some([
+        Path::from(format!("{stem}{DUMP_SUFFIX}")),
+        Path::from(format!("{stem}{ENCRYPTED_DUMP_SUFFIX}")),
+    ])
 }
 
 /// Starts a multipart upload of `key` on `target`: marked (see the module doc) where the
@@ -275,7 +283,14 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
     }
     let parsed: UploadMarker =
         serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
-    let dump = dump_key(marker).ok_or_else(|| unreadable("not a marker key".into()))?;
+    let dumps = dump_keys(marker).ok_or_else(|| unreadable("not a marker key".into()))?;
+    // The body names the key being uploaded; it is followed only when it is one of this
+    // marker's own two (markers written before encryption existed name the plain one).
+    let dump = dumps
+        .iter()
+        .find(|d| d.as_ref() == parsed.key)
+        .unwrap_or(&dumps[0])
+        .clone();
     if let Some(multipart) = &target.multipart {
         match multipart.abort_multipart(&dump, &parsed.upload_id).await {
             // Gone already: completed (then the dump is an orphan, deleted below) or aborted.
@@ -289,7 +304,9 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
             }
         }
     }
-    delete(target, &dump).await?;
+    for d in &dumps {
+        delete(target, d).await?;
+    }
     delete(target, marker).await?;
     Ok(Cleaned::Aborted {
         upload_id: parsed.upload_id,
@@ -321,8 +338,8 @@ pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, Da
             let Some((stem, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
                 continue;
             };
-            if stem.ends_with(DUMP_SUFFIX) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
-            {
+            let is_dump = stem.ends_with(DUMP_SUFFIX) || stem.ends_with(ENCRYPTED_DUMP_SUFFIX);
+            if is_dump && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
                 let modified = entry.metadata()?.modified()?;
                 found.push((entry.path(), DateTime::<Utc>::from(modified)));
             }
@@ -384,7 +401,10 @@ mod tests {
     fn marker_keys_sit_beside_the_dump() {
         let dump = Path::from(DUMP);
         assert_eq!(marker_key(&dump).unwrap().as_ref(), MARKER);
-        assert_eq!(dump_key(&Path::from(MARKER)).unwrap(), dump);
+        assert_eq!(dump_keys(&Path::from(MARKER)).unwrap()[0], dump);
+        let sealed = Path::from(format!("{DUMP}.age"));
+        assert_eq!(marker_key(&sealed).unwrap().as_ref(), MARKER);
+        assert_eq!(dump_keys(&Path::from(MARKER)).unwrap()[1], sealed);
         assert!(marker_key(&Path::from("a/b.manifest.json")).is_none());
     }
 
@@ -448,6 +468,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_abandoned_encrypted_upload_is_aborted_under_its_own_key() {
+        let (t, store) = marked_target();
+        let sealed = Path::from(format!("{DUMP}.age"));
+        let mut upload = start(&t, &sealed).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(b"a"))
+            .await
+            .unwrap();
+        let id = marker_of(&store, MARKER).await.upload_id;
+        drop(upload);
+        let cleaned = clean(&t, &Path::from(MARKER), false).await.unwrap();
+        assert_eq!(
+            cleaned,
+            Cleaned::Aborted {
+                upload_id: id.clone()
+            }
+        );
+        assert!(keys(&store).await.is_empty());
+        let again = store.abort_multipart(&sealed, &id).await;
+        assert!(again.is_err(), "the encrypted upload is still open");
+    }
+
+    #[tokio::test]
     async fn a_stale_marker_of_a_committed_snapshot_goes_alone() {
         let (t, store) = marked_target();
         store
@@ -486,6 +529,7 @@ mod tests {
         for name in [
             "20261127T140000Z.dump.zst#1",
             "20261127T140000Z.dump.zst#12",
+            "20261127T140000Z-0123456789ab.dump.zst.age#3",
             "20261127T140000Z.dump.zst",
             "20261127T140000Z.manifest.json#1",
             "20261127T140000Z.dump.zst#x",
@@ -501,6 +545,7 @@ mod tests {
         assert_eq!(
             found,
             [
+                dir.join("20261127T140000Z-0123456789ab.dump.zst.age#3"),
                 dir.join("20261127T140000Z.dump.zst#1"),
                 dir.join("20261127T140000Z.dump.zst#12")
             ]

@@ -7,6 +7,7 @@ mod catalog;
 mod cli;
 mod daemon;
 mod deploy;
+mod encryption;
 mod faults;
 mod fleet;
 mod fleet_verify;

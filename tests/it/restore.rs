@@ -13,7 +13,7 @@ use crate::support::env::{self, Run, TestEnv};
 use crate::support::postgres::PgCluster;
 
 /// Environment variable carrying the staging cluster's superuser password into the config.
-const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
+pub(crate) const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 
 /// Tables the shipped Odoo hook changes: compared by their expected effect, not by hash.
 const HOOKED: [&str; 4] = [
@@ -53,7 +53,7 @@ pub(crate) struct World {
     pub(crate) config: PathBuf,
 }
 
-fn hook_path() -> String {
+pub(crate) fn hook_path() -> String {
     format!(
         "{}/config/hooks/odoo-neutralize.sql",
         env!("CARGO_MANIFEST_DIR")
@@ -123,7 +123,7 @@ impl World {
     }
 
     /// Backs up `acme` and returns the new snapshot id.
-    async fn backup(&self) -> String {
+    pub(crate) async fn backup(&self) -> String {
         self.pgferry(&["backup", "--source", "prod", "--force"])
             .await
             .snapshot_id()
@@ -144,7 +144,7 @@ impl World {
     }
 
     /// No temporary or set-aside database remains on staging.
-    async fn assert_no_leftovers(&self) {
+    pub(crate) async fn assert_no_leftovers(&self) {
         let dbs = self.staging.databases().await;
         assert!(
             dbs.iter().all(|d| !d.starts_with("pgferry_")),
@@ -158,7 +158,9 @@ impl World {
     }
 }
 
-fn without_hooked(fp: &BTreeMap<String, (i64, String)>) -> BTreeMap<String, (i64, String)> {
+pub(crate) fn without_hooked(
+    fp: &BTreeMap<String, (i64, String)>,
+) -> BTreeMap<String, (i64, String)> {
     fp.iter()
         .filter(|(k, _)| !HOOKED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -185,7 +187,7 @@ async fn assert_neutralized(pg: &PgCluster, db: &str) {
     assert_eq!(code.get::<_, i64>(0), 0);
 }
 
-fn json(run: &Run) -> serde_json::Value {
+pub(crate) fn json(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("--json output is JSON ({e}): {}", run.stdout))
 }
