@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::rules::{
-    duration_at_least, finding, hook, no_placeholders, placeholders_among, placeholders_in, Finding, Names, Result,
-    MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT, RESTORE_URL_PLACEHOLDERS,
+    duration_at_least, finding, hook, no_placeholders, placeholders_among, placeholders_in,
+    Finding, Names, Result, MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT,
+    RESTORE_URL_PLACEHOLDERS,
 };
 use super::{
     parse_duration, Config, DaemonConfig, EncryptionConfig, PgUrl, PipelineConfig, RestoreConfig,

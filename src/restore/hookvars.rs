@@ -140,7 +140,6 @@ pub fn quote_literal(value: &str) -> String {
     out
 }
 
-
 /// The index just past the quoted text opening at `start` (`b[start]` is the quote), where
 /// the quote doubled stands for itself and, with `backslash`, `\x` escapes any `x`.
 fn skip_quoted(b: &[u8], start: usize, quote: u8, backslash: bool) -> usize {
@@ -235,9 +234,9 @@ pub fn substitute<'v>(
                 };
                 let name = &sql[reference.name.clone()];
                 let replacement = match (lookup(name), reference.form) {
-                    (value, Form::Defined) => Some(
-                        if value.is_some() { "TRUE" } else { "FALSE" }.to_string(),
-                    ),
+                    (value, Form::Defined) => {
+                        Some(if value.is_some() { "TRUE" } else { "FALSE" }.to_string())
+                    }
                     (Some(v), Form::Raw) => Some(v.to_string()),
                     (Some(v), Form::Literal) => Some(quote_literal(v)),
                     (Some(v), Form::Ident) => Some(quote_ident(v)),
@@ -384,7 +383,10 @@ mod tests {
 
     #[test]
     fn casts_parameters_and_identifiers_with_dollars_are_not_variables() {
-        assert_eq!(sub("SELECT 1::text, now()::date"), "SELECT 1::text, now()::date");
+        assert_eq!(
+            sub("SELECT 1::text, now()::date"),
+            "SELECT 1::text, now()::date"
+        );
         assert_eq!(sub("SELECT $1, :database"), "SELECT $1, acme");
         assert_eq!(sub("SELECT a$b$ + :database"), "SELECT a$b$ + acme");
         assert_eq!(sub("SELECT e.x, :'database'"), "SELECT e.x, 'acme'");
@@ -401,13 +403,20 @@ mod tests {
 
     #[test]
     fn non_ascii_text_survives() {
-        assert_eq!(sub("SELECT 'é', ñ, :'database' -- ü"), "SELECT 'é', ñ, 'acme' -- ü");
+        assert_eq!(
+            sub("SELECT 'é', ñ, :'database' -- ü"),
+            "SELECT 'é', ñ, 'acme' -- ü"
+        );
     }
 
     #[test]
     fn values_expand_namespace_and_database_once() {
         assert_eq!(
-            expand("https://{namespace}.s.example/{database}/{other}", "n-1", "{namespace}"),
+            expand(
+                "https://{namespace}.s.example/{database}/{other}",
+                "n-1",
+                "{namespace}"
+            ),
             "https://n-1.s.example/{namespace}/{other}"
         );
     }

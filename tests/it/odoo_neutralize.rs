@@ -98,7 +98,10 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
                 .await
                 .unwrap_or_else(|e| panic!("{sql}: {e}"))
                 .iter()
-                .map(|r| r.get::<_, Option<String>>(0).unwrap_or_else(|| "NULL".into()))
+                .map(|r| {
+                    r.get::<_, Option<String>>(0)
+                        .unwrap_or_else(|| "NULL".into())
+                })
                 .collect::<Vec<String>>()
         }
     };
@@ -108,10 +111,7 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
         strings("SELECT name FROM ir_cron WHERE active").await,
         ["Base: Auto-vacuum internal data"]
     );
-    assert_eq!(
-        strings("SELECT count(*)::text FROM ir_cron").await,
-        ["21"]
-    );
+    assert_eq!(strings("SELECT count(*)::text FROM ir_cron").await, ["21"]);
     assert_eq!(
         strings("SELECT count(*)::text FROM ir_mail_server WHERE active UNION ALL SELECT count(*)::text FROM fetchmail_server WHERE active").await,
         ["0", "0"]
@@ -135,7 +135,10 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
         ["false"]
     );
     assert_eq!(
-        strings("SELECT proxy_type || ' ' || edi_mode FROM account_edi_proxy_client_user ORDER BY id").await,
+        strings(
+            "SELECT proxy_type || ' ' || edi_mode FROM account_edi_proxy_client_user ORDER BY id"
+        )
+        .await,
         ["peppol demo", "l10n_es_edi test", "l10n_my_edi prod"]
     );
     assert_eq!(
@@ -153,7 +156,8 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
     );
     // Websites: no domain, no CDN, no robots, the ribbon on.
     assert_eq!(
-        strings("SELECT concat_ws('|', domain, cdn_activated, robots_txt) FROM website").await,
+        strings("SELECT concat_ws('|', domain, cdn_activated::text, robots_txt) FROM website")
+            .await,
         ["false|User-agent: *\nDisallow: /"]
     );
     assert_eq!(
@@ -169,10 +173,13 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
     let param = |key: &'static str| {
         let c = &c;
         async move {
-            c.query_opt("SELECT value FROM ir_config_parameter WHERE key = $1", &[&key])
-                .await
-                .unwrap()
-                .map(|r| r.get::<_, String>(0))
+            c.query_opt(
+                "SELECT value FROM ir_config_parameter WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
         }
     };
     let uuid = param("database.uuid").await.expect("a database.uuid");
@@ -183,12 +190,18 @@ async fn restore_neutralizes_like_odoo_and_binds_the_variables() {
         [uuid]
     );
     let secret = param("database.secret").await.expect("a database.secret");
-    assert!(secret != "production-secret" && secret.len() >= 32, "{secret}");
+    assert!(
+        secret != "production-secret" && secret.len() >= 32,
+        "{secret}"
+    );
     assert_eq!(
         param("web.base.url").await.as_deref(),
         Some("https://staging-acme.staging.example.net")
     );
-    assert_eq!(param("database.is_neutralized").await.as_deref(), Some("True"));
+    assert_eq!(
+        param("database.is_neutralized").await.as_deref(),
+        Some("True")
+    );
     assert_eq!(param("database.enterprise_code").await, None);
     assert_eq!(
         param("sms.endpoint").await.as_deref(),
@@ -241,9 +254,12 @@ async fn the_hook_runs_on_databases_without_the_odoo_tables() {
 
     // No Odoo at all: nothing to do, nothing created, nothing left behind.
     pg.create_database("plain").await.unwrap();
-    pg.execute("plain", "CREATE TABLE t (id int, active boolean); INSERT INTO t VALUES (1, true);")
-        .await
-        .unwrap();
+    pg.execute(
+        "plain",
+        "CREATE TABLE t (id int, active boolean); INSERT INTO t VALUES (1, true);",
+    )
+    .await
+    .unwrap();
     run("plain").await;
     let c = pg.client("plain").await.unwrap();
     let tables: i64 = c
@@ -255,7 +271,11 @@ async fn the_hook_runs_on_databases_without_the_odoo_tables() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 1);
-    let active: bool = c.query_one("SELECT active FROM t", &[]).await.unwrap().get(0);
+    let active: bool = c
+        .query_one("SELECT active FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(active);
 
     // An older Odoo: crons but no ir_model_data, providers with `state` only, a website
