@@ -423,6 +423,10 @@ pub struct RestoreTargetConfig {
     /// Identity file for encrypted snapshots (the path; the file is read at restore time).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_file: Option<PathBuf>,
+    /// Hook variables (`:'base_url'`), values still holding `{namespace}` and `{database}`
+    /// (see `restore::hookvars`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub variables: std::collections::BTreeMap<String, String>,
 }
 
 impl RestoreTargetConfig {

@@ -295,6 +295,9 @@ pub(super) struct RawRestoreTarget {
     /// `encryption.identity_file`.
     #[serde(default)]
     pub(super) identity_file: Option<Text>,
+    /// psql-style variables for the hooks (`:'base_url'`), beside the built-in ones.
+    #[serde(default)]
+    pub(super) variables: std::collections::BTreeMap<String, Text>,
 }
 
 fn default_owner() -> Text {

@@ -164,8 +164,13 @@ fn placeholders(url: &str) -> Vec<String> {
         .replace("%7b", "{")
         .replace("%7D", "}")
         .replace("%7d", "}");
+    placeholders_in(&shown)
+}
+
+/// `{word}` placeholders in a plain text.
+pub(super) fn placeholders_in(text: &str) -> Vec<String> {
     let mut found = Vec::new();
-    let mut rest = shown.as_str();
+    let mut rest = text;
     while let Some(open) = rest.find('{') {
         rest = &rest[open..];
         let Some(close) = rest.find('}') else { break };

@@ -353,6 +353,7 @@ owner = "app"
 hooks = ["{hook}"]
 pg_bin_dir = "/opt/pg16/bin"
 identity_file = "/keys/staging.txt"
+variables = {{ base_url = "https://{{namespace}}.staging.example.net", db = "{{database}}" }}
 
 [restore]
 spool_dir = "/srv/spool"
@@ -489,6 +490,53 @@ fn hook_directories_are_refused_and_missing_hooks_warned_about() {
         w.contains(&format!(":{}: ", line_of(&text, "nope.sql"))),
         "{w}"
     );
+}
+
+#[test]
+fn hook_variables_are_checked_with_file_and_line() {
+    let with_vars = |vars: &str| {
+        format!(
+            "{MINIMAL}\n[[restore_target]]\nnamespace = \"s-*\"\nurl = \"postgres://u@h/postgres\"\nvariables = {{ {vars} }}\n"
+        )
+    };
+    let c = parse(&with_vars(
+        r#"base_url = "https://{namespace}.x.example/{database}/it's""#,
+    ))
+    .unwrap();
+    assert_eq!(
+        c.restore_targets[0].variables["base_url"],
+        "https://{namespace}.x.example/{database}/it's"
+    );
+    let vars = crate::restore::hookvars::HookVars::for_restore(
+        &c.restore_targets[0],
+        "s-acme",
+        "acme",
+        "20261206T090000Z",
+    );
+    assert_eq!(
+        vars.get("base_url"),
+        Some("https://s-acme.x.example/acme/it's")
+    );
+    assert_eq!(vars.get("snapshot_id"), Some("20261206T090000Z"));
+    for (vars, says) in [
+        (r#"ok = "1", namespace = "x""#, "set by pgferry itself"),
+        (r#""base-url" = "x""#, "not a variable name"),
+        (r#"_9 = "1", "9a" = "x""#, "not a variable name"),
+        (
+            r#"u = "https://{namepsace}.x""#,
+            "unknown placeholder {namepsace}",
+        ),
+        (r#"z = "a\u0000b""#, "NUL"),
+    ] {
+        let text = with_vars(vars);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("restore_target[0].variables."), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(
+            err.contains(&format!(":{}: ", line_of(&text, "variables ="))),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use super::raw::*;
 use super::rules::{
-    duration_at_least, finding, hook, no_placeholders, placeholders_among, Finding, Names, Result,
-    MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT, RESTORE_URL_PLACEHOLDERS,
+    duration_at_least, finding, hook, no_placeholders, placeholders_among, placeholders_in,
+    Finding, Names, Result, MAX_ZSTD_WORKERS, MIN_SHUTDOWN_GRACE, MIN_STALL_TIMEOUT,
+    RESTORE_URL_PLACEHOLDERS,
 };
 use super::{
     parse_duration, Config, DaemonConfig, EncryptionConfig, PgUrl, PipelineConfig, RestoreConfig,
@@ -511,6 +512,7 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &mut Ctx) -> Result<Restore
         }
         hooks.push(path);
     }
+    let variables = hook_variables(i, r.variables)?;
     Ok(RestoreTargetConfig {
         namespace: r.namespace.0,
         namespace_glob,
@@ -519,7 +521,57 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &mut Ctx) -> Result<Restore
         hooks,
         pg_bin_dir: r.pg_bin_dir.map(|d| cx.resolve(&d.0)),
         identity_file: r.identity_file.map(|f| cx.resolve(&f.0)),
+        variables,
     })
+}
+
+/// `[[restore_target]] variables`: identifier names that are not pgferry's own, values whose
+/// only placeholders are `{namespace}` and `{database}`.
+fn hook_variables(
+    i: usize,
+    raw: std::collections::BTreeMap<String, Text>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    use crate::restore::hookvars;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, value) in raw {
+        let key = format!("restore_target[{i}].variables.{name}");
+        if hookvars::BUILTIN.contains(&name.as_str()) {
+            return Err(finding(
+                key,
+                format!(
+                    "{name:?} is set by pgferry itself (as are {}); choose another name",
+                    hookvars::BUILTIN.join(", ")
+                ),
+            ));
+        }
+        if !hookvars::valid_name(&name) {
+            return Err(finding(
+                key,
+                format!(
+                    "{name:?} is not a variable name: use letters, digits and '_', not starting \
+                     with a digit, at most {} bytes",
+                    hookvars::MAX_NAME_BYTES
+                ),
+            ));
+        }
+        if let Some(p) = placeholders_in(&value.0)
+            .into_iter()
+            .find(|p| !hookvars::VALUE_PLACEHOLDERS.contains(&p.as_str()))
+        {
+            return Err(finding(
+                key,
+                format!(
+                    "unknown placeholder {p}; the placeholders are {}",
+                    hookvars::VALUE_PLACEHOLDERS.join(" and ")
+                ),
+            ));
+        }
+        if value.0.contains('\0') {
+            return Err(finding(key, "holds a NUL character, which SQL text cannot"));
+        }
+        out.insert(name, value.0);
+    }
+    Ok(out)
 }
 
 fn verify(raw: RawVerify, cx: &Ctx) -> Result<VerifyConfig> {

@@ -11,6 +11,7 @@
 
 pub mod choose;
 pub mod guard;
+pub mod hookvars;
 pub mod identity;
 pub mod load;
 pub mod swap;
@@ -377,7 +378,13 @@ async fn run(
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks, &cancel)
+        let vars = hookvars::HookVars::for_restore(
+            &dest.target,
+            &dest.namespace,
+            &dest.database,
+            &manifest.snapshot_id,
+        );
+        swap::run_hooks(&dest.url, &tmp, &dest.target.hooks, &vars, &cancel)
             .await
             .map_err(|e| match e {
                 SwapError::HookCancelled { .. } => RestoreError::Cancelled,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::guard::{kept_name, lock_key, old_like, old_name, quote_ident, quote_literal, tmp_like};
+use super::hookvars::HookVars;
 use crate::config::PgUrl;
 use crate::source::{self, SourceError};
 
@@ -361,7 +362,9 @@ async fn reopen_connections(url: &PgUrl, database: &str) -> Result<(), String> {
         .map_err(|_| format!("no answer within {CANCEL_TIMEOUT:?}"))?
 }
 
-/// Runs the hook files, in order, each in one transaction, in the temporary database. When
+/// Runs the hook files, in order, each in one transaction, in the temporary database, with
+/// `vars` substituted psql-style and set as `pgferry.<name>` for the transaction (see
+/// [`super::hookvars`]). When
 /// `cancel` fires, the running hook's query is cancelled (`pg_cancel_backend` from a fresh
 /// connection) and [`SwapError::HookCancelled`] returned at once; the caller drops the
 /// temporary database.
@@ -369,6 +372,7 @@ pub async fn run_hooks(
     url: &PgUrl,
     tmp: &str,
     hooks: &[PathBuf],
+    vars: &HookVars,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<(), SwapError> {
     if hooks.is_empty() {
@@ -395,8 +399,20 @@ pub async fn run_hooks(
             path: path.clone(),
             source,
         };
+        let (sql, unset) = vars.substitute(&sql);
+        if !unset.is_empty() {
+            // psql leaves them as written too; the server will most likely refuse the `:`.
+            tracing::warn!(message = "The hook names variables that are not set; they are left as written.", hook = %path.display(), variables = %unset.join(", "));
+        }
         let run = async {
             let tx = client.transaction().await?;
+            for (name, value) in vars.iter() {
+                tx.execute(
+                    "SELECT set_config($1, $2, true)",
+                    &[&format!("pgferry.{name}"), &value],
+                )
+                .await?;
+            }
             tx.batch_execute(&sql).await?;
             tx.commit().await
         };

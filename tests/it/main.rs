@@ -12,6 +12,7 @@ mod faults;
 mod fleet;
 mod fleet_verify;
 mod notify;
+mod odoo_neutralize;
 mod ops;
 mod production_guard;
 mod redaction;
