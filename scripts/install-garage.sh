@@ -4,11 +4,7 @@
 #
 # Idempotent: does nothing when that binary already reports the wanted version.
 # Otherwise builds it from crates.io with `cargo install --locked` (about 30 min
-# on 2 cores; needs a C compiler, and cargo on PATH), with only the features the
-# tests use: the S3 and admin APIs are always built; the sqlite metadata engine
-# (tests/it/support/garage.rs sets db_engine = "sqlite") with bundled C libraries.
-# Left out: lmdb, k2v and metrics (the defaults), which nothing here uses; that
-# is 265 crates to compile instead of 286 and a 51 MB binary instead of 56 MB.
+# on 2 cores; needs a C compiler, and cargo on PATH).
 #
 # Usage: scripts/install-garage.sh        (env: PGFERRY_TOOLS, GARAGE_VERSION)
 set -euo pipefail
@@ -39,10 +35,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 mkdir -p "$PGFERRY_TOOLS"
-features=(--no-default-features --features bundled-libs,sqlite)
-echo "install-garage: running: cargo install garage --version $GARAGE_VERSION --locked ${features[*]} --root $PGFERRY_TOOLS"
+echo "install-garage: running: cargo install garage --version $GARAGE_VERSION --locked --root $PGFERRY_TOOLS"
 echo "install-garage: (a long build: about 30 minutes on 2 cores)"
-cargo install garage --version "$GARAGE_VERSION" --locked "${features[@]}" --root "$PGFERRY_TOOLS"
+cargo install garage --version "$GARAGE_VERSION" --locked --root "$PGFERRY_TOOLS"
 
 have="$(installed_version)"
 if [ "$have" != "$GARAGE_VERSION" ]; then
