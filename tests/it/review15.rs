@@ -1,0 +1,232 @@
+//! Review 15: a hostile operator against the fleet-scale catalog (issue 15: derived indexes,
+//! paginated API, memory budget) and the encryption merge (issue 17), with the real binary,
+//! real PostgreSQL and real Garage servers.
+//!
+//! Written by a reviewer who had not seen the code's reasoning, against lead 45b0ead, where
+//! `prune_never_deletes_an_age_file_without_a_run_id_beside_a_legacy_marker` failed: a stale
+//! format ≤ 2 upload marker `<id>.upload.json` made prune delete `<id>.dump.zst.age`, a name
+//! pgferry does not own (encrypted dumps always name their run).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutPayload};
+
+use crate::support::env::{
+    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
+};
+use crate::support::proxy::{Proxy, RequestClass};
+
+async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
+    store
+        .put(&Key::from(key), PutPayload::from(body))
+        .await
+        .unwrap_or_else(|e| panic!("put {key}: {e}"));
+}
+
+/// What `pgferry prune` prints a day from now (every orphan and marker past the grace).
+async fn prune_a_day_later(env: &TestEnv, config: &std::path::Path) -> String {
+    crate::retention::prune_later(
+        config,
+        &env.env_vars(),
+        &pgferry::retention::prune::Selection::default(),
+        Duration::from_secs(25 * 3600),
+    )
+    .await
+}
+
+/// An upload marker's body as pgferry writes it, naming `key`.
+fn marker_body(key: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "format_version": 1,
+        "upload_id": "not-a-real-upload",
+        "key": key,
+        "started_at": "2025-01-01T00:00:00Z",
+        "host": "elsewhere",
+        "pid": 1,
+        "pgferry_version": "0.0.0",
+    }))
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Issue 17 key shapes and prune. `<id>.dump.zst.age` (no run id) is not a shape pgferry
+//    writes (parse_name refuses it), so nothing may delete it; a committed dump must survive
+//    a same-run `.age` sibling and a stale marker of that run.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_never_deletes_an_age_file_without_a_run_id_beside_a_legacy_marker() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (file, dir) = env.file_target_toml("local");
+    let store = file_store(&dir);
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{file}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    // A format ≤ 2 marker left by a dead run, and an operator's file of a shape pgferry does
+    // not own (an encrypted dump without a run id) beside it.
+    let legacy = "prod/acme/20250101T000000Z";
+    put(
+        &store,
+        &format!("{legacy}.upload.json"),
+        marker_body(&format!("{legacy}.dump.zst")),
+    )
+    .await;
+    let foreign = format!("{legacy}.dump.zst.age");
+    put(&store, &foreign, b"an operator's encrypted export".to_vec()).await;
+
+    let report = prune_a_day_later(&env, &config).await;
+    let after = keys(&store).await;
+    assert_every_manifest_names_an_intact_object(&store).await;
+    assert!(
+        !after.iter().any(|k| k == &format!("{legacy}.upload.json")),
+        "the stale legacy marker should be cleaned: {after:?}\n{report}"
+    );
+    assert!(
+        after.contains(&foreign),
+        "prune deleted {foreign}, which is not pgferry's (no run id): {after:?}\n{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_plain_dump_survives_a_same_run_age_sibling_and_a_stale_marker() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (file, dir) = env.file_target_toml("local");
+    let store = file_store(&dir);
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{file}",
+        env.source_toml("prod")
+    ));
+    let id = env.pgferry(&config, &["backup"]).await.snapshot_id();
+    let manifest_key = format!("prod/acme/{id}.manifest.json");
+    let manifest = get(&store, &manifest_key).await;
+    let object = manifest_of(&manifest)["object_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(object.ends_with(".dump.zst"), "{object}");
+    let dump = get(&store, &object).await;
+    let stem = object.strip_suffix(".dump.zst").unwrap();
+    // The same attempt's name, encrypted (a second writer, or a copy), and the attempt's marker
+    // left behind naming the encrypted one.
+    let age = format!("{stem}.dump.zst.age");
+    put(&store, &age, b"age-encryption.org/v1 not really".to_vec()).await;
+    put(&store, &format!("{stem}.upload.json"), marker_body(&age)).await;
+
+    let report = prune_a_day_later(&env, &config).await;
+    let after = keys(&store).await;
+    assert_eq!(
+        get(&store, &manifest_key).await,
+        manifest,
+        "prune changed the manifest\n{report}"
+    );
+    assert_eq!(
+        get(&store, &object).await,
+        dump,
+        "prune changed the committed dump\n{report}"
+    );
+    assert!(
+        !after.contains(&format!("{stem}.upload.json")),
+        "the stale marker stayed: {after:?}\n{report}"
+    );
+    assert!(
+        !after.contains(&age),
+        "the uncommitted `.age` sibling stayed: {after:?}\n{report}"
+    );
+    // `list` says exactly the one snapshot, on this target.
+    let list = env.pgferry(&config, &["list", "--json"]).await;
+    list.assert_code(0);
+    assert!(list.stdout.contains(&id), "{}", list.stdout);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The memory budget at its smallest with targets that die mid-way: one answering every part
+//    with 500 (after the retries, the target is dropped) and one stalling mid-part. Neither may
+//    hold the compressor (its parts hold budget permits) past `stall_timeout`: the healthy
+//    target commits. A hang is a failure after 120 s, not a hung suite.
+
+/// Fills database `db` with `mib` MiB of random bytes as one large object (incompressible).
+async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
+    let path = env.pg.data_dir().join("random.bin");
+    let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+    let mut file = std::fs::File::create(&path).unwrap();
+    std::io::copy(
+        &mut std::io::Read::take(&mut urandom, (mib as u64) << 20),
+        &mut file,
+    )
+    .unwrap();
+    drop(file);
+    env.pg
+        .execute(db, &format!("SELECT lo_import('{}');", path.display()))
+        .await
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Calls `then` once `proxy` forwarded more than `bytes` upstream (polled).
+fn after_bytes_up(proxy: Arc<Proxy>, bytes: u64, then: impl FnOnce(&Proxy) + Send + 'static) {
+    tokio::spawn(async move {
+        while proxy.bytes_up() <= bytes {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        then(&proxy);
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
+    const MIB: usize = 64;
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    random_large_object(&env, "big", MIB).await;
+    let (good, good_store) = env.s3_target("good").await;
+    let (failing, _) = env.s3_target("failing").await;
+    let (stalling, _) = env.s3_target("stalling").await;
+    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+    // Slow enough that the parts pile up behind them (and hold the budget) before they die.
+    fail_proxy.throttle_up(8 << 20);
+    stall_proxy.throttle_up(8 << 20);
+    let config = env.write_config(&format!(
+        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{good}{}{}",
+        env.source_toml("prod"),
+        fail_proxy.reroute(&failing),
+        stall_proxy.reroute(&stalling),
+    ));
+    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
+        p.fail_requests(500, RequestClass::UploadPart, None)
+    });
+    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
+
+    let started = Instant::now();
+    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
+        .await
+        .expect("the backup hung for 120 s with two dying targets at the smallest budget");
+    let took = started.elapsed();
+    fail_proxy.stop_failing();
+    stall_proxy.stall(false);
+    assert!(
+        fail_proxy.served(500) > 0,
+        "the failure never triggered\n{}",
+        run.output()
+    );
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("failing") && run.stdout.contains("stalling"),
+        "the run did not say which targets it lost:\n{}",
+        run.output()
+    );
+    let manifests = assert_every_manifest_names_an_intact_object(&good_store).await;
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let m = manifest_of(&get(&good_store, &manifests[0]).await);
+    assert_eq!(m["targets"], serde_json::json!(["good"]), "{m}");
+    assert!(
+        m["stored_size"].as_u64().unwrap() >= (MIB as u64) << 20,
+        "{m}"
+    );
+    eprintln!("two targets died mid-way at a 48 MiB budget: the backup took {took:?}");
+}
