@@ -230,3 +230,131 @@ async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
     );
     eprintln!("two targets died mid-way at a 48 MiB budget: the backup took {took:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 3. Hostile database names: one named like the index, one with `/`, `..`, a literal `%2F`,
+//    spaces and unicode. Each is its own folder: backed up, listed (through the manifests, then
+//    through the indexes list wrote) once each, and the index of one is never another's.
+
+/// (database, snapshot id) of what `pgferry list --json` printed; no row twice.
+fn listed(run: &crate::support::env::Run) -> Vec<(String, String)> {
+    run.assert_code(0);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", run.output()));
+    let mut rows: Vec<(String, String)> = v["snapshots"]
+        .as_array()
+        .expect("an array of snapshots")
+        .iter()
+        .map(|s| {
+            let m = &s["manifest"];
+            (
+                m["database"].as_str().unwrap().to_string(),
+                m["snapshot_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_database_names_are_each_their_own_folder_through_the_index() {
+    let env = TestEnv::start().await;
+    let names = [
+        "pgferry-index.json",
+        "a/b",
+        "..",
+        "%2F",
+        "spaces and ünïcode",
+    ];
+    for n in names {
+        env.small_database(n).await;
+    }
+    let (target, store) = env.s3_target("s3").await;
+    let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    let config = env.write_config(&format!(
+        "{}databases = [{}]\n{target}",
+        env.source_toml("prod"),
+        list.join(", ")
+    ));
+    let run = env.pgferry(&config, &["backup"]).await;
+    run.assert_code(0);
+    assert_every_manifest_names_an_intact_object(&store).await;
+    let first = env.pgferry(&config, &["list", "--json"]).await;
+    let rows = listed(&first);
+    let mut dbs: Vec<String> = rows.iter().map(|(d, _)| d.clone()).collect();
+    dbs.dedup();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(dbs, want, "{}", first.output());
+    // Every key, indexes included (`keys` leaves them out).
+    let all: Vec<String> = futures::StreamExt::collect::<Vec<_>>(store.list(None))
+        .await
+        .into_iter()
+        .map(|m| m.expect("list").location.to_string())
+        .collect();
+    let indexes: Vec<&String> = all
+        .iter()
+        .filter(|k| k.ends_with("/pgferry-index.json"))
+        .collect();
+    assert_eq!(indexes.len(), names.len(), "{all:?}\n{}", first.output());
+    // Through the indexes now: the same rows, no warning.
+    let second = env.pgferry(&config, &["list", "--json"]).await;
+    assert_eq!(listed(&second), rows, "{}", second.output());
+    assert!(!second.stderr.contains("warning"), "{}", second.output());
+    // One database at a time, by its name.
+    for n in names {
+        let one = env
+            .pgferry(&config, &["list", "--json", "--database", n])
+            .await;
+        let got = listed(&one);
+        assert_eq!(got.len(), 1, "{n:?}: {}", one.output());
+        assert_eq!(got[0].0, n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A stale or crafted index entry with the manifest's real stamp but a body that fails a
+//    check the listing makes after the index lookup (the object's size): the module doc says
+//    "an entry that fails one is read again from the manifest". It must never hide a real,
+//    intact snapshot from `list` (nor from the metrics and the API, which read the same way).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_entry_failing_the_size_check_never_hides_a_real_snapshot() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (target, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{target}",
+        env.source_toml("prod")
+    ));
+    let id = env.pgferry(&config, &["backup"]).await.snapshot_id();
+    let want = listed(&env.pgferry(&config, &["list", "--json"]).await);
+    assert_eq!(want, vec![("acme".to_string(), id.clone())]);
+    let index_key = "prod/acme/pgferry-index.json";
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&get(&store, index_key).await).unwrap();
+    let entry = &mut index["manifests"][0]["manifest"];
+    assert_eq!(entry["snapshot_id"], serde_json::json!(id));
+    let size = entry["stored_size"].as_u64().unwrap();
+    entry["stored_size"] = (size + 1).into();
+    put(&store, index_key, serde_json::to_vec(&index).unwrap()).await;
+
+    let list = env.pgferry(&config, &["list", "--json"]).await;
+    assert_eq!(
+        listed(&list),
+        want,
+        "a wrong index entry hid a real snapshot:\n{}",
+        list.output()
+    );
+    assert!(!list.stderr.contains("ignoring"), "{}", list.output());
+    let m = &serde_json::from_str::<serde_json::Value>(&list.stdout).unwrap()["snapshots"][0];
+    assert_eq!(m["manifest"]["stored_size"], serde_json::json!(size), "{m}");
+    // And the index was rewritten from the manifest.
+    let rewritten: serde_json::Value =
+        serde_json::from_slice(&get(&store, index_key).await).unwrap();
+    assert_eq!(
+        rewritten["manifests"][0]["manifest"]["stored_size"],
+        serde_json::json!(size)
+    );
+}
