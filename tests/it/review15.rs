@@ -358,3 +358,113 @@ async fn an_index_entry_failing_the_size_check_never_hides_a_real_snapshot() {
         serde_json::json!(size)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. A read-only credential for `list` (the index cannot be written: listing still answers,
+//    quietly), and `list`s racing a backup that writes the same folders: whatever order the
+//    index writes land in, the final listing says exactly what the manifests say.
+
+/// A key allowed only to read `bucket`: (access key id, secret).
+async fn read_only_key(s3: &crate::support::garage::Garage, bucket: &str) -> (String, String) {
+    let name = crate::support::unique_name("ro");
+    let out = s3.cli(&["key", "create", &name]).await.unwrap();
+    let field = |label: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{out}"))
+    };
+    let (id, secret) = (field("Key ID:"), field("Secret key:"));
+    s3.cli(&["bucket", "allow", "--read", bucket, "--key", &id])
+        .await
+        .unwrap();
+    (id, secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_with_a_read_only_credential_and_lists_racing_a_backup() {
+    let env = TestEnv::start().await;
+    for db in ["acme", "globex", "initech"] {
+        env.small_database(db).await;
+    }
+    let (target, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\", \"globex\", \"initech\"]\n{target}",
+        env.source_toml("prod")
+    ));
+    // Lists racing the backup (and each other) over the same folders.
+    let backup = env.pgferry(&config, &["backup"]);
+    let lists =
+        futures::future::join_all((0..4).map(|_| env.pgferry(&config, &["list", "--json"])));
+    let (backup, lists) = tokio::join!(backup, lists);
+    backup.assert_code(0);
+    for l in &lists {
+        listed(l);
+    }
+    let manifests = manifest_rows(&store).await;
+    assert_eq!(manifests.len(), 3, "{manifests:?}");
+    for _ in 0..2 {
+        let l = env.pgferry(&config, &["list", "--json"]).await;
+        assert_eq!(listed(&l), manifests, "{}", l.output());
+        assert!(!l.stderr.contains("warning"), "{}", l.output());
+    }
+
+    // The same target through a key that can only read: no index write succeeds.
+    let bucket = crate::support::env::bucket_of(&target);
+    let (id, secret) = read_only_key(&env.s3, &bucket).await;
+    env.add_secret_var("PGFERRY_REVIEW15_RO_KEY", &id);
+    env.add_secret_var("PGFERRY_REVIEW15_RO_SECRET", &secret);
+    let ro_target = target
+        .lines()
+        .map(|l| {
+            if l.starts_with("access_key_id") {
+                "access_key_id = \"${PGFERRY_REVIEW15_RO_KEY}\"".to_string()
+            } else if l.starts_with("secret_access_key") {
+                "secret_access_key = \"${PGFERRY_REVIEW15_RO_SECRET}\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let ro_config = env.write_config(&format!(
+        "{}databases = [\"acme\", \"globex\", \"initech\"]\n{ro_target}\n",
+        env.source_toml("prod")
+    ));
+    // Indexes made stale: a new snapshot of acme written by the read-write key.
+    let rw = env
+        .pgferry(&config, &["backup", "--force", "--database", "acme"])
+        .await;
+    rw.assert_code(0);
+    let want = manifest_rows(&store).await;
+    assert!(
+        want.contains(&("acme".to_string(), rw.snapshot_id())),
+        "{want:?}"
+    );
+    // A listing through the read-write key would rewrite acme's index: compare its version.
+    let index_before = get(&store, "prod/acme/pgferry-index.json").await;
+    for _ in 0..2 {
+        let l = env.pgferry(&ro_config, &["list", "--json"]).await;
+        assert_eq!(listed(&l), want, "{}", l.output());
+        assert!(!l.stderr.contains("warning"), "{}", l.output());
+    }
+    assert_eq!(
+        get(&store, "prod/acme/pgferry-index.json").await,
+        index_before,
+        "the read-only key wrote an index?"
+    );
+}
+
+/// (database, snapshot id) of every manifest in `store`, sorted.
+async fn manifest_rows(store: &Arc<dyn ObjectStore>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = keys(store)
+        .await
+        .iter()
+        .filter_map(|k| {
+            let parts: Vec<&str> = k.split('/').collect();
+            let id = parts.get(2)?.strip_suffix(".manifest.json")?;
+            Some((parts[1].to_string(), id.to_string()))
+        })
+        .collect();
+    v.sort();
+    v
+}
