@@ -468,3 +468,198 @@ async fn manifest_rows(store: &Arc<dyn ObjectStore>) -> Vec<(String, String)> {
     v.sort();
     v
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. The paginated API under a hostile client: snapshots pruned (the very one a cursor points
+//    after, and others) and added between pages, a cursor of another filter or past the end,
+//    and the read token offered to the mutating endpoint.
+
+/// A daemon on a free port, killed when dropped.
+struct Daemon {
+    _child: tokio::process::Child,
+    port: u16,
+}
+
+impl Daemon {
+    async fn start(env: &TestEnv, config: &std::path::Path, port: u16) -> Daemon {
+        let child = env
+            .command(config, &["daemon"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pgferry daemon");
+        let d = Daemon {
+            _child: child,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.request("GET", "/healthz", None).await.0 != 200 {
+            assert!(Instant::now() < deadline, "the daemon never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d
+    }
+
+    async fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let client = reqwest::Client::new();
+        let mut req = match method {
+            "POST" => client.post(url).json(&serde_json::json!({})),
+            _ => client.get(url),
+        };
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        match req.send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// One page: its (database, id) rows in order, and its next cursor.
+    async fn page(&self, query: &str, token: &str) -> (Vec<(String, String)>, Option<String>) {
+        let (code, body) = self
+            .request("GET", &format!("/api/v1/snapshots?{query}"), Some(token))
+            .await;
+        assert_eq!(code, 200, "{query}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("a page is JSON");
+        let rows = v["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["manifest"]["database"].as_str().unwrap().to_string(),
+                    s["manifest"]["snapshot_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        (rows, v["next_cursor"].as_str().map(str::to_string))
+    }
+}
+
+/// `id` moved by `seconds`.
+fn shift(id: &str, seconds: i64) -> String {
+    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+        .unwrap()
+        .and_utc()
+        + chrono::TimeDelta::seconds(seconds);
+    t.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+/// A copy of snapshot `id` of `db` as snapshot `new`, its data read `hours` earlier.
+async fn copy_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str, new: &str, hours: i64) {
+    let mut m = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
+    let body = get(store, m["object_key"].as_str().unwrap()).await;
+    let object = m["object_key"].as_str().unwrap().replace(id, new);
+    put(store, &object, body.to_vec()).await;
+    let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap()).unwrap()
+        - chrono::TimeDelta::hours(hours);
+    m["snapshot_id"] = new.into();
+    m["object_key"] = object.into();
+    m["started_at"] = started.to_rfc3339().into();
+    m["finished_at"] = started.to_rfc3339().into();
+    put(
+        store,
+        &format!("prod/{db}/{new}.manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .await;
+}
+
+async fn delete_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str) {
+    store
+        .delete(&Key::from(format!("prod/{db}/{id}.manifest.json").as_str()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_walk_survives_prunes_and_tampered_cursors() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    env.small_database("globex").await;
+    let (s3, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\", \"globex\"]\n{s3}",
+        env.source_toml("prod"),
+    ));
+    let run = env.pgferry(&config, &["backup"]).await;
+    run.assert_code(0);
+    let id = run.snapshot_id();
+    for db in ["acme", "globex"] {
+        for h in 1..=4 {
+            copy_snapshot(&store, db, &id, &shift(&id, -3600 * h), h).await;
+        }
+    }
+    let port = crate::support::free_port();
+    let dir = env.dir.path();
+    std::fs::write(dir.join("read-token"), "r3ad\n").unwrap();
+    std::fs::write(dir.join("api-token"), "wr1te\n").unwrap();
+    let config = env.write_config(&format!(
+        "[daemon]\nlisten = \"127.0.0.1:{port}\"\napi_token_file = \"{}\"\nread_token_file = \"{}\"\n{}databases = [\"zz_none_*\"]\n{s3}",
+        dir.join("api-token").display(),
+        dir.join("read-token").display(),
+        env.source_toml("prod"),
+    ));
+    let d = Daemon::start(&env, &config, port).await;
+
+    // The read token never starts a backup.
+    let (code, body) = d.request("POST", "/api/v1/backups", Some("r3ad")).await;
+    assert_eq!(code, 401, "the read token was accepted for a write: {body}");
+
+    // A walk at 2 a page; between pages, the snapshot the cursor points after is pruned, and
+    // so is one not yet sent, and an older one is added.
+    let at_start = manifest_rows(&store).await;
+    assert_eq!(at_start.len(), 10);
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let (rows, mut cursor) = d.page("limit=2", "r3ad").await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    seen.extend(rows.clone());
+    let anchor = rows.last().unwrap().clone();
+    delete_snapshot(&store, &anchor.0, &anchor.1).await;
+    let pruned_unsent = (anchor.0.clone(), shift(&id, -3600 * 4));
+    delete_snapshot(&store, &pruned_unsent.0, &pruned_unsent.1).await;
+    copy_snapshot(&store, &anchor.0, &id, &shift(&id, -3600 * 9), 9).await;
+    let mut pages = 1;
+    while let Some(c) = cursor.take() {
+        let (rows, next) = d.page(&format!("limit=2&cursor={c}"), "r3ad").await;
+        seen.extend(rows);
+        cursor = next;
+        pages += 1;
+        assert!(pages < 20, "the walk does not end: {seen:?}");
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seen.len(), "a snapshot came twice: {seen:?}");
+    let at_end = manifest_rows(&store).await;
+    for s in at_start.iter().filter(|s| at_end.contains(s)) {
+        assert!(
+            seen.contains(s),
+            "{s:?} existed all along, never sent: {seen:?}"
+        );
+    }
+    assert!(
+        !seen.contains(&pruned_unsent),
+        "a snapshot pruned before its page was sent: {seen:?}"
+    );
+
+    // Tampered cursors: one of another filter, one past the end. Never an error page, never a
+    // snapshot of another database than asked.
+    let (rows, c) = d.page("database=acme&limit=1", "r3ad").await;
+    assert_eq!(rows.len(), 1);
+    let acme_cursor = c.expect("acme has more than one snapshot");
+    let (rows, _) = d
+        .page(
+            &format!("database=globex&limit=100&cursor={acme_cursor}"),
+            "r3ad",
+        )
+        .await;
+    assert!(rows.iter().all(|(db, _)| db == "globex"), "{rows:?}");
+    let past = hex::encode(
+        serde_json::to_vec(&serde_json::json!({"folder": "prod/zzzz", "after": null})).unwrap(),
+    );
+    let (rows, next) = d.page(&format!("limit=5&cursor={past}"), "r3ad").await;
+    assert!(rows.is_empty() && next.is_none(), "{rows:?} {next:?}");
+}
