@@ -663,3 +663,117 @@ async fn the_api_walk_survives_prunes_and_tampered_cursors() {
     let (rows, next) = d.page(&format!("limit=5&cursor={past}"), "r3ad").await;
     assert!(rows.is_empty() && next.is_none(), "{rows:?} {next:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Issue 17: manifests lying about encryption, on every target (someone who can write the
+//    buckets): one claiming age for a plain object, one claiming none for an `.age` object.
+//    Restore must fail on every copy and leave staging as it was, with no leftover database.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_lying_about_encryption_never_touches_staging() {
+    use age::secrecy::ExposeSecret;
+    let w = crate::restore::World::start("", &[], "").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let identity = age::x25519::Identity::generate();
+    let secret = identity.to_string().expose_secret().to_string();
+    let recipient = identity.to_public().to_string();
+    w.env.add_secret_var("PGFERRY_REVIEW15_UNUSED_AGE", &secret);
+    let key_file = keys_dir.path().join("k.txt");
+    std::fs::write(&key_file, format!("{secret}\n")).unwrap();
+    let base = std::fs::read_to_string(&w.config).unwrap();
+    let enc = w.env.write_config(&format!(
+        "{base}\n[encryption]\nrecipients = [{recipient:?}]\nidentity_file = {:?}\n",
+        key_file.display().to_string()
+    ));
+    let restore = |config: std::path::PathBuf| {
+        let w = &w;
+        async move {
+            w.pgferry_with(
+                &config,
+                &[
+                    "restore",
+                    "--source",
+                    "prod",
+                    "--database",
+                    "acme",
+                    "--to",
+                    "staging-acme",
+                ],
+            )
+            .await
+        }
+    };
+    let manifest_key = |id: &str| format!("prod/acme/{id}.manifest.json");
+
+    // A plain snapshot, restored once for real (staging has it: what must not change).
+    let plain = w.backup().await;
+    restore(enc.clone()).await.assert_code(0);
+    let before = w.staging.table_fingerprints("acme").await.unwrap();
+    let originals: Vec<bytes::Bytes> = {
+        let mut v = Vec::new();
+        for s in &w.stores {
+            v.push(get(s, &manifest_key(&plain)).await);
+        }
+        v
+    };
+    let mut lie = manifest_of(&originals[0]);
+    assert!(lie["object_key"].as_str().unwrap().ends_with(".dump.zst"));
+    lie["encryption"] = serde_json::json!({"algorithm": "age", "recipients": [recipient]});
+    for s in &w.stores {
+        put(
+            s,
+            &manifest_key(&plain),
+            serde_json::to_vec_pretty(&lie).unwrap(),
+        )
+        .await;
+    }
+    let run = restore(enc.clone()).await;
+    assert_ne!(
+        run.code,
+        0,
+        "a plain object restored as encrypted?\n{}",
+        run.output()
+    );
+    eprintln!("claimed encrypted, plain object: {}", run.stderr.trim_end());
+    assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+    w.assert_no_leftovers().await;
+    for (s, original) in w.stores.iter().zip(&originals) {
+        put(s, &manifest_key(&plain), original.to_vec()).await;
+    }
+
+    // An encrypted snapshot (newer: the one restore picks) whose manifests say it is not.
+    crate::support::next_second().await;
+    let sealed = w
+        .pgferry_with(&enc, &["backup", "--source", "prod", "--force"])
+        .await
+        .snapshot_id();
+    let mut lie = manifest_of(&get(&w.stores[0], &manifest_key(&sealed)).await);
+    assert!(
+        lie["object_key"]
+            .as_str()
+            .unwrap()
+            .ends_with(".dump.zst.age"),
+        "{lie}"
+    );
+    lie.as_object_mut().unwrap().remove("encryption");
+    for s in &w.stores {
+        put(
+            s,
+            &manifest_key(&sealed),
+            serde_json::to_vec_pretty(&lie).unwrap(),
+        )
+        .await;
+    }
+    for config in [w.config.clone(), enc.clone()] {
+        let run = restore(config).await;
+        assert_ne!(
+            run.code,
+            0,
+            "an `.age` object restored as plain?\n{}",
+            run.output()
+        );
+        eprintln!("claimed plain, .age object: {}", run.stderr.trim_end());
+        assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+        w.assert_no_leftovers().await;
+    }
+}
