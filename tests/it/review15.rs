@@ -777,3 +777,46 @@ async fn a_manifest_lying_about_encryption_never_touches_staging() {
         w.assert_no_leftovers().await;
     }
 }
+
+/// Every target dying mid-way at the smallest budget: the backup fails (it does not hang on
+/// the permits of parts queued for dead targets) and commits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_dying_midway_at_the_smallest_budget_fails_promptly() {
+    const MIB: usize = 64;
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    random_large_object(&env, "big", MIB).await;
+    let (failing, failing_store) = env.s3_target("failing").await;
+    let (stalling, stalling_store) = env.s3_target("stalling").await;
+    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+    fail_proxy.throttle_up(8 << 20);
+    stall_proxy.throttle_up(8 << 20);
+    let config = env.write_config(&format!(
+        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{}{}",
+        env.source_toml("prod"),
+        fail_proxy.reroute(&failing),
+        stall_proxy.reroute(&stalling),
+    ));
+    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
+        p.fail_requests(500, RequestClass::UploadPart, None)
+    });
+    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
+    let started = Instant::now();
+    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
+        .await
+        .expect("the backup hung for 120 s with every target dead at the smallest budget");
+    let took = started.elapsed();
+    fail_proxy.stop_failing();
+    stall_proxy.stall(false);
+    assert!(fail_proxy.served(500) > 0, "{}", run.output());
+    assert_ne!(run.code, 0, "{}", run.output());
+    for store in [&failing_store, &stalling_store] {
+        let all = keys(store).await;
+        assert!(
+            !all.iter().any(|k| k.ends_with(".manifest.json")),
+            "{all:?}"
+        );
+    }
+    eprintln!("every target died mid-way at a 48 MiB budget: failed after {took:?}");
+}
