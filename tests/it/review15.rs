@@ -5,7 +5,11 @@
 //! Written by a reviewer who had not seen the code's reasoning, against lead 45b0ead, where
 //! `prune_never_deletes_an_age_file_without_a_run_id_beside_a_legacy_marker` failed: a stale
 //! format ≤ 2 upload marker `<id>.upload.json` made prune delete `<id>.dump.zst.age`, a name
-//! pgferry does not own (encrypted dumps always name their run).
+//! pgferry does not own (encrypted dumps always name their run); and
+//! `an_index_entry_failing_the_size_check_never_hides_a_real_snapshot` failed: an index entry
+//! with the manifest's real stamp but another `stored_size` made `list` (and the API and the
+//! metrics) hide an intact snapshot as "damaged", since the object-size check ran after the
+//! index lookup and a failure there did not read the manifest again. The others held.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
