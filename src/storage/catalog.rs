@@ -488,9 +488,15 @@ async fn load_folder(
     let mut to_read = Vec::new();
     for (meta, id) in manifest_metas {
         // An index entry counts only for this very version of the manifest, and only if it
-        // passes every check a manifest read now would have to: otherwise the manifest is read.
+        // passes every check a manifest read now would have to (its key, and its object there
+        // with its size, as below): otherwise the manifest is read. A wrong entry must never
+        // hide an intact snapshot as "damaged" (review 15).
+        let passes = |m: &Manifest| {
+            check_manifest(t, folder, &meta.location, &id, m)
+                .is_ok_and(|object| metas.get(&object).is_some_and(|o| o.size == m.stored_size))
+        };
         match lookup.manifest(meta) {
-            Some(m) if check_manifest(t, folder, &meta.location, &id, &m).is_ok() => {
+            Some(m) if passes(&m) => {
                 push_indexed(&mut index, meta, &m);
                 read_results.push((meta.location.clone(), id, Ok(m)));
             }

@@ -59,13 +59,21 @@ pub fn marker_key(dump_key: &Path) -> Option<Path> {
 }
 
 /// The dump keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
-/// only one of them; the marker's body says which).
-pub fn dump_keys(marker_key: &Path) -> Option<[Path; 2]> {
+/// only one of them; the marker's body says which), plain first. Only keys of shapes pgferry
+/// owns: a format ≤ 2 marker (`<id>.upload.json`, no run) has only the plain one, since an
+/// encrypted dump always names its run (`<id>.dump.zst.age` is someone else's file).
+pub fn dump_keys(marker_key: &Path) -> Option<Vec<Path>> {
     let stem = marker_key.as_ref().strip_suffix(UPLOAD_SUFFIX)?;
-    Some([
-        Path::from(format!("{stem}{DUMP_SUFFIX}")),
-        Path::from(format!("{stem}{ENCRYPTED_DUMP_SUFFIX}")),
-    ])
+    let keys: Vec<Path> = [DUMP_SUFFIX, ENCRYPTED_DUMP_SUFFIX]
+        .into_iter()
+        .map(|suffix| Path::from(format!("{stem}{suffix}")))
+        .filter(|k| {
+            k.filename()
+                .and_then(crate::storage::key::parse_name)
+                .is_some_and(|n| matches!(n, crate::storage::key::OwnedName::Dump(..)))
+        })
+        .collect();
+    (!keys.is_empty()).then_some(keys)
 }
 
 /// Starts a multipart upload of `key` on `target`: marked (see the module doc) where the
@@ -396,15 +404,24 @@ mod tests {
 
     const DUMP: &str = "pg/prod/acme/20261127T140000Z.dump.zst";
     const MARKER: &str = "pg/prod/acme/20261127T140000Z.upload.json";
+    /// An attempt's keys (what pgferry writes since write-once; encrypted dumps always have a run).
+    const RUN_DUMP: &str = "pg/prod/acme/20261127T140000Z-0123456789ab.dump.zst";
+    const RUN_MARKER: &str = "pg/prod/acme/20261127T140000Z-0123456789ab.upload.json";
 
     #[test]
     fn marker_keys_sit_beside_the_dump() {
         let dump = Path::from(DUMP);
         assert_eq!(marker_key(&dump).unwrap().as_ref(), MARKER);
         assert_eq!(dump_keys(&Path::from(MARKER)).unwrap()[0], dump);
-        let sealed = Path::from(format!("{DUMP}.age"));
-        assert_eq!(marker_key(&sealed).unwrap().as_ref(), MARKER);
-        assert_eq!(dump_keys(&Path::from(MARKER)).unwrap()[1], sealed);
+        // A format ≤ 2 marker (no run) has only the plain dump: `<id>.dump.zst.age` is not a
+        // shape pgferry writes, so nothing deletes it (review 15).
+        assert_eq!(dump_keys(&Path::from(MARKER)).unwrap(), vec![dump]);
+        let sealed = Path::from(format!("{RUN_DUMP}.age"));
+        assert_eq!(marker_key(&sealed).unwrap().as_ref(), RUN_MARKER);
+        assert_eq!(
+            dump_keys(&Path::from(RUN_MARKER)).unwrap(),
+            vec![Path::from(RUN_DUMP), sealed]
+        );
         assert!(marker_key(&Path::from("a/b.manifest.json")).is_none());
     }
 
@@ -470,15 +487,15 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_encrypted_upload_is_aborted_under_its_own_key() {
         let (t, store) = marked_target();
-        let sealed = Path::from(format!("{DUMP}.age"));
+        let sealed = Path::from(format!("{RUN_DUMP}.age"));
         let mut upload = start(&t, &sealed).await.unwrap();
         upload
             .put_part(PutPayload::from_static(b"a"))
             .await
             .unwrap();
-        let id = marker_of(&store, MARKER).await.upload_id;
+        let id = marker_of(&store, RUN_MARKER).await.upload_id;
         drop(upload);
-        let cleaned = clean(&t, &Path::from(MARKER), false).await.unwrap();
+        let cleaned = clean(&t, &Path::from(RUN_MARKER), false).await.unwrap();
         assert_eq!(
             cleaned,
             Cleaned::Aborted {

@@ -21,6 +21,7 @@ mod restore;
 mod restore_signals;
 mod retention;
 mod review13;
+mod review15;
 mod review2;
 mod review3;
 mod security;
