@@ -584,8 +584,8 @@ fn scrub_toml_message(message: &str) -> String {
 }
 
 /// The smallest `pipeline.memory_budget`: the raw buffers (4 MiB), zstd's (14 MiB with two
-/// workers), the rest (12 MiB, see `backup::pipeline`), one part of the smallest size (10 MiB)
-/// and some room. Measured: a backup with one 10 MiB part alive peaks 38 MiB above a tiny one.
+/// workers), the rest (20 MiB, see `backup::pipeline`) and one part of the smallest size
+/// (10 MiB). Measured: a backup with one 10 MiB part alive peaks 38 MiB above a tiny one.
 pub const MIN_MEMORY_BUDGET: u64 = 48 * 1024 * 1024;
 
 /// A duration above zero (a zero timeout would fail every run at once).

@@ -32,7 +32,7 @@ async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
 
 /// Peak RSS pgferry may reach with 10 MiB parts and the default `pipeline.memory_budget`
 /// (64 MiB of buffers) over the runtime's ~30 MiB. Measured (VmHWM, this test, debug build):
-/// 99 MiB. (It read 125–276 MiB before: `wait4`'s ru_maxrss carried the test process's own
+/// 82 MiB. (It read 125–276 MiB before: `wait4`'s ru_maxrss carried the test process's own
 /// size into the child's, see support/rusage.rs.)
 const RSS_BOUND: u64 = 128 << 20;
 
