@@ -40,10 +40,15 @@ SELECT lo_from_bytea(0, convert_to(repeat('large object payload ', 1000), 'UTF8'
 /// Restores a downloaded `.dump.zst` by hand, the way DESIGN promises a user can:
 /// `zstd -d | pg_restore`, into a new database of `pg`.
 pub async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
+    let decode = format!("zstd -q -d -c '{}'", dump_zst.display());
+    restore_piped(pg, &decode, into).await;
+}
+
+/// Runs `decode | pg_restore` (bash, pipefail) into a new database `into` of `pg`.
+pub async fn restore_piped(pg: &PgCluster, decode: &str, into: &str) {
     pg.create_database(into).await.unwrap();
     let script = format!(
-        "zstd -q -d -c '{}' | '{}' --no-owner --exit-on-error -h 127.0.0.1 -p {} -U postgres -d '{}'",
-        dump_zst.display(),
+        "{decode} | '{}' --no-owner --exit-on-error -h 127.0.0.1 -p {} -U postgres -d '{}'",
         pg.bin_dir().join("pg_restore").display(),
         pg.port(),
         into
@@ -56,7 +61,7 @@ pub async fn restore_by_hand(pg: &PgCluster, dump_zst: &Path, into: &str) {
         .unwrap();
     assert!(
         out.status.success(),
-        "manual restore failed: {}",
+        "{decode} | pg_restore failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

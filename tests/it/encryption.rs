@@ -84,28 +84,13 @@ fn encryption_toml(recipients: &[&Key], identity: Option<&Key>) -> String {
 
 /// `age -d -i KEY object | zstd -d | pg_restore` into a new database of `pg`.
 async fn restore_by_hand_with_age(pg: &PgCluster, object: &Path, identity: &Path, into: &str) {
-    let age = which("age");
-    pg.create_database(into).await.unwrap();
-    let script = format!(
-        "'{}' -d -i '{}' '{}' | zstd -q -d -c | '{}' --no-owner --exit-on-error -h 127.0.0.1 -p {} -U postgres -d '{}'",
-        age.display(),
+    let decode = format!(
+        "'{}' -d -i '{}' '{}' | zstd -q -d -c",
+        which("age").display(),
         identity.display(),
-        object.display(),
-        pg.bin_dir().join("pg_restore").display(),
-        pg.port(),
-        into
+        object.display()
     );
-    let out = tokio::process::Command::new("bash")
-        .args(["-o", "pipefail", "-c", &script])
-        .env("PGPASSWORD", pg.superuser_password())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "age -d | zstd -d | pg_restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::backup::restore_piped(pg, &decode, into).await;
 }
 
 /// The path of a tool the test needs; a missing one fails the test loudly

@@ -153,24 +153,6 @@ async fn a_committed_plain_dump_survives_a_same_run_age_sibling_and_a_stale_mark
 //    hold the compressor (its parts hold budget permits) past `stall_timeout`: the healthy
 //    target commits. A hang is a failure after 120 s, not a hung suite.
 
-/// Fills database `db` with `mib` MiB of random bytes as one large object (incompressible).
-async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
-    let path = env.pg.data_dir().join("random.bin");
-    let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
-    let mut file = std::fs::File::create(&path).unwrap();
-    std::io::copy(
-        &mut std::io::Read::take(&mut urandom, (mib as u64) << 20),
-        &mut file,
-    )
-    .unwrap();
-    drop(file);
-    env.pg
-        .execute(db, &format!("SELECT lo_import('{}');", path.display()))
-        .await
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-}
-
 /// Calls `then` once `proxy` forwarded more than `bytes` upstream (polled).
 fn after_bytes_up(proxy: Arc<Proxy>, bytes: u64, then: impl FnOnce(&Proxy) + Send + 'static) {
     tokio::spawn(async move {
@@ -186,7 +168,7 @@ async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
     const MIB: usize = 64;
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
-    random_large_object(&env, "big", MIB).await;
+    env.random_large_object("big", MIB).await;
     let (good, good_store) = env.s3_target("good").await;
     let (failing, _) = env.s3_target("failing").await;
     let (stalling, _) = env.s3_target("stalling").await;
@@ -789,7 +771,7 @@ async fn every_target_dying_midway_at_the_smallest_budget_fails_promptly() {
     const MIB: usize = 64;
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
-    random_large_object(&env, "big", MIB).await;
+    env.random_large_object("big", MIB).await;
     let (failing, failing_store) = env.s3_target("failing").await;
     let (stalling, stalling_store) = env.s3_target("stalling").await;
     let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);

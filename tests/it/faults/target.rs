@@ -11,25 +11,6 @@ use crate::support::env::{
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::rusage::pgferry_measured;
 
-/// Fills database `db` with `mib` MiB of random bytes as one large object: pg_dump writes
-/// them as they are and zstd cannot shrink them, so the stored object is as big.
-async fn random_large_object(env: &TestEnv, db: &str, mib: usize) {
-    let path = env.pg.data_dir().join("random.bin");
-    let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
-    let mut file = std::fs::File::create(&path).unwrap();
-    std::io::copy(
-        &mut std::io::Read::take(&mut urandom, (mib as u64) << 20),
-        &mut file,
-    )
-    .unwrap();
-    drop(file);
-    env.pg
-        .execute(db, &format!("SELECT lo_import('{}');", path.display()))
-        .await
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-}
-
 /// Peak RSS pgferry may reach with 10 MiB parts and the default `pipeline.memory_budget`
 /// (64 MiB of buffers) over the runtime's ~30 MiB. Measured (VmHWM, this test, debug build):
 /// 82 MiB. (It read 125–276 MiB before: `wait4`'s ru_maxrss carried the test process's own
@@ -42,7 +23,7 @@ async fn a_throttled_target_paces_the_others_and_memory_stays_bounded() {
     const RATE: u64 = 10 << 20; // bytes per second to the slow target
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
-    random_large_object(&env, "big", MIB).await;
+    env.random_large_object("big", MIB).await;
     let (fast, fast_store) = env.s3_target("fast").await;
     let (slow, slow_store) = env.s3_target("slow").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
@@ -99,7 +80,7 @@ async fn tiny_max_parts_and_a_slow_target_keep_the_buffers_within_the_budget() {
     const MIB: usize = 96;
     let env = TestEnv::start().await;
     env.pg.create_database("big").await.unwrap();
-    random_large_object(&env, "big", MIB).await;
+    env.random_large_object("big", MIB).await;
     env.small_database("small").await;
     for budget in [48u64 << 20, 64 << 20] {
         let (fast, fast_store) = env.s3_target("fast").await;

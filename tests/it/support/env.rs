@@ -87,6 +87,25 @@ impl TestEnv {
         }
     }
 
+    /// Fills database `db` with `mib` MiB of random bytes as one large object: pg_dump writes
+    /// them as they are and zstd cannot shrink them, so the stored object is as big.
+    pub async fn random_large_object(&self, db: &str, mib: usize) {
+        let path = self.pg.data_dir().join("random.bin");
+        let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+        let mut file = std::fs::File::create(&path).unwrap();
+        std::io::copy(
+            &mut std::io::Read::take(&mut urandom, (mib as u64) << 20),
+            &mut file,
+        )
+        .unwrap();
+        drop(file);
+        self.pg
+            .execute(db, &format!("SELECT lo_import('{}');", path.display()))
+            .await
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// Creates database `name` with one small table `t` (20 000 rows, ~1 MB of dump): enough
     /// for a real backup, quick to take.
     pub async fn small_database(&self, name: &str) {
