@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod encryption;
+pub mod files;
 pub mod metrics;
 pub mod notify;
 pub mod pgtls;

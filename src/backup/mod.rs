@@ -526,6 +526,7 @@ async fn run(
         pgferry_version: env!("CARGO_PKG_VERSION").to_string(),
         system_identifier: Some(system_identifier),
         encryption: encrypted.then(|| encryption::record(&cfg.encryption.recipients)),
+        files: None,
     };
 
     if !lock.confirm().await {

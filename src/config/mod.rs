@@ -358,6 +358,9 @@ pub struct SourceConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub spread: Option<Duration>,
+    /// Companion files archived with each dump (see `crate::files`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<crate::files::FilesTemplate>,
 }
 
 impl SourceConfig {
@@ -427,6 +430,9 @@ pub struct RestoreTargetConfig {
     /// (see `restore::hookvars`).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub variables: std::collections::BTreeMap<String, String>,
+    /// Where a restore puts the snapshot's companion files (see `crate::files`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<crate::files::FilesTemplate>,
 }
 
 impl RestoreTargetConfig {

@@ -190,6 +190,9 @@ pub(super) struct RawSource {
     /// a stable offset in [0, spread), from a hash of "source/database". Unset: all at once.
     #[serde(default)]
     pub(super) spread: Option<Text>,
+    /// Companion files archived with each dump: `"/mnt/filestore/filestore/{database}"`.
+    #[serde(default)]
+    pub(super) files: Option<Text>,
 }
 
 fn default_databases() -> Vec<Text> {
@@ -298,6 +301,9 @@ pub(super) struct RawRestoreTarget {
     /// psql-style variables for the hooks (`:'base_url'`), beside the built-in ones.
     #[serde(default)]
     pub(super) variables: std::collections::BTreeMap<String, Text>,
+    /// Where a restore puts the snapshot's companion files: `".../filestore/{database}"`.
+    #[serde(default)]
+    pub(super) files: Option<Text>,
 }
 
 fn default_owner() -> Text {

@@ -25,6 +25,7 @@ use super::{
     VerifyConfig,
 };
 use crate::encryption::Recipient;
+use crate::files::FilesTemplate;
 use crate::schedule::Schedule;
 
 /// What validation needs besides the raw values: where relative paths resolve, and where
@@ -231,6 +232,11 @@ fn source(i: usize, s: RawSource, cx: &mut Ctx) -> Result<SourceConfig> {
             .transpose()
             .map_err(|m| finding(key("spread"), m))?,
         schedule,
+        files: s
+            .files
+            .map(|raw| FilesTemplate::parse(&cx.resolve(&raw.0)))
+            .transpose()
+            .map_err(|m| finding(key("files"), m))?,
     })
 }
 
@@ -522,6 +528,11 @@ fn restore_target(i: usize, r: RawRestoreTarget, cx: &mut Ctx) -> Result<Restore
         pg_bin_dir: r.pg_bin_dir.map(|d| cx.resolve(&d.0)),
         identity_file: r.identity_file.map(|f| cx.resolve(&f.0)),
         variables,
+        files: r
+            .files
+            .map(|raw| FilesTemplate::parse(&cx.resolve(&raw.0)))
+            .transpose()
+            .map_err(|m| finding(key("files"), m))?,
     })
 }
 

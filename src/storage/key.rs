@@ -9,6 +9,8 @@
 //! <source>/<database>/<snapshot_id>-<run>.dump.zst      one attempt's dump (write-once)
 //! <source>/<database>/<snapshot_id>-<run>.dump.zst.age  the same, encrypted (age)
 //! <source>/<database>/<snapshot_id>-<run>.upload.json   marker of that attempt's open upload
+//! <source>/<database>/<snapshot_id>-<run>.files.tar.zst[.age]  the attempt's companion files
+//! <source>/<database>/<snapshot_id>-<run>.files.upload.json    marker of their open upload
 //! <source>/<database>/<snapshot_id>.dump.zst            format ≤ 2 manifests' dump (read only)
 //! <source>/<database>/pgferry-index.json                the folder's derived index (see catalog)
 //! ```
@@ -34,6 +36,12 @@ pub const ENCRYPTED_DUMP_SUFFIX: &str = ".dump.zst.age";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 pub const VERIFY_SUFFIX: &str = ".verify.json";
 pub const UPLOAD_SUFFIX: &str = ".upload.json";
+/// Companion files (`crate::files`): a tar of the directory, zstd, then age when encrypted.
+pub const FILES_SUFFIX: &str = ".files.tar.zst";
+pub const ENCRYPTED_FILES_SUFFIX: &str = ".files.tar.zst.age";
+/// The marker of a companion-files upload (checked before [`UPLOAD_SUFFIX`], which it ends
+/// with).
+pub const FILES_UPLOAD_SUFFIX: &str = ".files.upload.json";
 
 /// The file name of a database folder's derived index (`storage::catalog_index`). It matches
 /// no shape [`parse_name`] recognises, so nothing takes it for a snapshot's object: retention
@@ -176,6 +184,21 @@ impl SnapshotKey {
     pub fn upload_marker(&self, run: &RunId) -> Path {
         self.file(format!("{}-{run}{UPLOAD_SUFFIX}", self.id))
     }
+
+    /// The companion-files archive of attempt `run`, encrypted when `encrypted`.
+    pub fn files_as(&self, run: &RunId, encrypted: bool) -> Path {
+        let suffix = if encrypted {
+            ENCRYPTED_FILES_SUFFIX
+        } else {
+            FILES_SUFFIX
+        };
+        self.file(format!("{}-{run}{suffix}", self.id))
+    }
+
+    /// The marker of attempt `run`'s open companion-files upload.
+    pub fn files_upload_marker(&self, run: &RunId) -> Path {
+        self.file(format!("{}-{run}{FILES_UPLOAD_SUFFIX}", self.id))
+    }
 }
 
 impl fmt::Display for SnapshotKey {
@@ -208,6 +231,10 @@ pub enum OwnedName {
     Dump(SnapshotId, Option<RunId>),
     /// An upload marker: `None` run for the format ≤ 2 shape `<id>.upload.json`.
     UploadMarker(SnapshotId, Option<RunId>),
+    /// A companion-files archive, plain or encrypted (always named by its run).
+    Files(SnapshotId, RunId),
+    /// The marker of a companion-files upload.
+    FilesUploadMarker(SnapshotId, RunId),
 }
 
 impl OwnedName {
@@ -216,7 +243,9 @@ impl OwnedName {
             OwnedName::Manifest(id)
             | OwnedName::Verify(id)
             | OwnedName::Dump(id, _)
-            | OwnedName::UploadMarker(id, _) => id,
+            | OwnedName::UploadMarker(id, _)
+            | OwnedName::Files(id, _)
+            | OwnedName::FilesUploadMarker(id, _) => id,
         }
     }
 }
@@ -238,6 +267,21 @@ pub fn parse_name(name: &str) -> Option<OwnedName> {
             _ => None,
         };
     }
+    if let Some(stem) = name
+        .strip_suffix(FILES_SUFFIX)
+        .or_else(|| name.strip_suffix(ENCRYPTED_FILES_SUFFIX))
+    {
+        return match parse_attempt(stem) {
+            Some((id, Some(run))) => Some(OwnedName::Files(id, run)),
+            _ => None,
+        };
+    }
+    if let Some(stem) = name.strip_suffix(FILES_UPLOAD_SUFFIX) {
+        return match parse_attempt(stem) {
+            Some((id, Some(run))) => Some(OwnedName::FilesUploadMarker(id, run)),
+            _ => None,
+        };
+    }
     if let Some(stem) = name.strip_suffix(UPLOAD_SUFFIX) {
         return parse_attempt(stem).map(|(id, run)| OwnedName::UploadMarker(id, run));
     }
@@ -249,19 +293,28 @@ impl SnapshotKey {
     /// this snapshot's dump keys: in its folder, with its id. A manifest naming anything else
     /// (another database's object, another folder) is not pgferry's and is never followed.
     pub fn owns_object(&self, object_key: &str) -> bool {
-        let Some(key) = object_path(object_key) else {
-            return false;
-        };
+        matches!(self.owned_in_folder(object_key), Some(OwnedName::Dump(id, _)) if id == self.id)
+    }
+
+    /// Whether `object_key` is one of this snapshot's companion-files archives (what a
+    /// manifest's `files.object_key` may name).
+    pub fn owns_files_object(&self, object_key: &str) -> bool {
+        matches!(self.owned_in_folder(object_key), Some(OwnedName::Files(id, _)) if id == self.id)
+    }
+
+    /// What `object_key` is, when it is a key in this snapshot's folder.
+    fn owned_in_folder(&self, object_key: &str) -> Option<OwnedName> {
+        let key = object_path(object_key)?;
         let parts: Vec<PathPart<'_>> = key.parts().collect();
         let [source, database, name] = parts.as_slice() else {
-            return false;
+            return None;
         };
         let folder = self.folder();
         let want: Vec<PathPart<'_>> = folder.parts().collect();
         if want.as_slice() != [source.clone(), database.clone()] {
-            return false;
+            return None;
         }
-        matches!(parse_name(name.as_ref()), Some(OwnedName::Dump(id, _)) if id == self.id)
+        parse_name(name.as_ref())
     }
 }
 
@@ -321,6 +374,18 @@ mod tests {
             "prod/acme/20261127T140000Z-0123456789ab.dump.zst.age"
         );
         assert_eq!(k.dump_as(&run, false), k.dump(&run));
+        assert_eq!(
+            k.files_as(&run, false).as_ref(),
+            "prod/acme/20261127T140000Z-0123456789ab.files.tar.zst"
+        );
+        assert_eq!(
+            k.files_as(&run, true).as_ref(),
+            "prod/acme/20261127T140000Z-0123456789ab.files.tar.zst.age"
+        );
+        assert_eq!(
+            k.files_upload_marker(&run).as_ref(),
+            "prod/acme/20261127T140000Z-0123456789ab.files.upload.json"
+        );
         let odd = SnapshotKey::new("prod", "a/b c\"é", k.id.clone());
         assert_eq!(odd.manifest().parts().count(), 3);
     }
@@ -368,9 +433,21 @@ mod tests {
             "prod/acme/../acme/20261127T140000Z.dump.zst",
             "/prod/acme/20261127T140000Z.dump.zst",
             "prod/acme/20261127T140000Z.manifest.json",
+            "prod/acme/20261127T140000Z-0123456789ab.files.tar.zst",
             "",
         ] {
             assert!(!k.owns_object(other), "{other}");
+        }
+        assert!(k.owns_files_object(k.files_as(&run, false).as_ref()));
+        assert!(k.owns_files_object(k.files_as(&run, true).as_ref()));
+        for other in [
+            k.dump(&run).to_string(),
+            "prod/globex/20261127T140000Z-0123456789ab.files.tar.zst".into(),
+            "prod/acme/20261127T150000Z-0123456789ab.files.tar.zst".into(),
+            "prod/acme/20261127T140000Z.files.tar.zst".into(),
+            "prod/acme/x/20261127T140000Z-0123456789ab.files.tar.zst".into(),
+        ] {
+            assert!(!k.owns_files_object(&other), "{other}");
         }
         // Odd database names: the key is percent-encoded, and still owned.
         let odd = SnapshotKey::new("prod", "café/日本 \"x\"", k.id.clone());
@@ -398,6 +475,18 @@ mod tests {
                 k.upload_marker(&run),
                 OwnedName::UploadMarker(id.clone(), Some(run.clone())),
             ),
+            (
+                k.files_as(&run, false),
+                OwnedName::Files(id.clone(), run.clone()),
+            ),
+            (
+                k.files_as(&run, true),
+                OwnedName::Files(id.clone(), run.clone()),
+            ),
+            (
+                k.files_upload_marker(&run),
+                OwnedName::FilesUploadMarker(id.clone(), run.clone()),
+            ),
         ] {
             let name = path.filename().unwrap();
             assert_eq!(parse_name(name), Some(want), "{name}");
@@ -414,6 +503,10 @@ mod tests {
             "manual-copy.dump.zst.age",
             "old.manifest.json",
             "20261127T140000Z.manifest.json.tmp",
+            "20261127T140000Z.files.tar.zst",
+            "20261127T140000Z.files.upload.json",
+            "20261127T140000Z-0123456789ab.files.tar",
+            "20261127T140000Z-0123456789ab.files.tar.zst.age.age",
             INDEX_NAME,
         ] {
             assert_eq!(parse_name(other), None, "{other}");

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 /// refuses a version-3 manifest ("upgrade pgferry") instead of looking for the wrong object.
 pub const FORMAT_VERSION: u32 = 3;
 
+/// The format of a manifest that names a companion-files archive (`files` is an object): an
+/// older pgferry refuses it rather than restore, repair or prune the dump without its files.
+/// Manifests without an archive stay at [`FORMAT_VERSION`], which every replica of a rolling
+/// upgrade reads. The newest version this build reads.
+pub const FILES_FORMAT_VERSION: u32 = 4;
+
 /// Manifests larger than this are refused unread (a real one is a few KiB per 100 tables).
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
 
@@ -24,7 +30,7 @@ pub enum ManifestError {
         key: String,
         source: serde_json::Error,
     },
-    #[error("manifest {key} has format_version {version}, newer than this pgferry understands ({FORMAT_VERSION}); upgrade pgferry")]
+    #[error("manifest {key} has format_version {version}, newer than this pgferry understands ({FILES_FORMAT_VERSION}); upgrade pgferry")]
     FutureVersion { key: String, version: u32 },
     #[error("manifest {key} is {size} bytes, more than {MAX_MANIFEST_BYTES}; refusing to read it")]
     TooLarge { key: String, size: usize },
@@ -88,6 +94,65 @@ pub struct Manifest {
     /// encrypted (and in manifests written before encryption existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<crate::encryption::Encryption>,
+    /// The companion files (`[[source]] files`, see `crate::files`): absent when the source
+    /// has none configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Files>,
+}
+
+/// A snapshot's companion files: the archive committed with the dump, or `"none"` when the
+/// source has `files` configured but the database's directory did not exist at backup time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Files {
+    Archive(FilesArchive),
+    Missing(NoFiles),
+}
+
+/// The `"none"` of [`Files::Missing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoFiles {
+    #[serde(rename = "none")]
+    None,
+}
+
+/// The archive of a database's companion files: `tar`, zstd, then age when the manifest's
+/// `encryption` is set (same recipients as the dump). Same checks as the dump's object:
+/// `sha256` and `stored_size` are of the stored bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesArchive {
+    /// `<snapshot_id>-<run>.files.tar.zst[.age]`, in the snapshot's folder.
+    pub object_key: String,
+    pub stored_size: u64,
+    /// Bytes of the tar stream.
+    pub raw_size: u64,
+    pub sha256: String,
+    /// Regular files archived.
+    pub file_count: u64,
+    /// Bytes of those files' contents.
+    pub file_bytes: u64,
+    /// Entries not archived: special files (sockets, devices, FIFOs) and symlinks.
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+impl Manifest {
+    /// The companion-files archive, when the snapshot has one.
+    pub fn files_archive(&self) -> Option<&FilesArchive> {
+        match &self.files {
+            Some(Files::Archive(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The format version this manifest needs ([`FILES_FORMAT_VERSION`] with an archive).
+    pub fn required_version(&self) -> u32 {
+        if self.files_archive().is_some() {
+            FILES_FORMAT_VERSION
+        } else {
+            FORMAT_VERSION
+        }
+    }
 }
 
 impl Manifest {
@@ -114,7 +179,7 @@ impl Manifest {
                 key: key.into(),
                 source,
             })?;
-        if version.format_version > FORMAT_VERSION {
+        if version.format_version > FILES_FORMAT_VERSION {
             return Err(ManifestError::FutureVersion {
                 key: key.into(),
                 version: version.format_version,
@@ -202,7 +267,41 @@ pub(crate) mod tests {
             pgferry_version: "0.1.0".into(),
             system_identifier: Some("7300000000000000001".into()),
             encryption: None,
+            files: None,
         }
+    }
+
+    #[test]
+    fn files_are_an_archive_or_none() {
+        let mut m = sample();
+        m.files = Some(Files::Missing(NoFiles::None));
+        let json: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(json["files"], "none");
+        assert_eq!(Manifest::from_json("k", &m.to_json()).unwrap(), m);
+        assert_eq!(m.required_version(), FORMAT_VERSION);
+        m.files = Some(Files::Archive(FilesArchive {
+            object_key: "prod/acme/20261127T140000Z-0123456789ab.files.tar.zst".into(),
+            stored_size: 10,
+            raw_size: 20,
+            sha256: "11".repeat(32),
+            file_count: 2,
+            file_bytes: 5,
+            skipped: 1,
+        }));
+        m.format_version = m.required_version();
+        assert_eq!(m.format_version, FILES_FORMAT_VERSION);
+        let back = Manifest::from_json("k", &m.to_json()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.files_archive().unwrap().file_count, 2);
+        let mut v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        v["files"] = serde_json::json!("some");
+        assert!(Manifest::from_json("k", &serde_json::to_vec(&v).unwrap()).is_err());
+        v["format_version"] = serde_json::json!(FILES_FORMAT_VERSION + 1);
+        v["files"] = serde_json::json!("none");
+        assert!(matches!(
+            Manifest::from_json("k", &serde_json::to_vec(&v).unwrap()),
+            Err(ManifestError::FutureVersion { .. })
+        ));
     }
 
     #[test]
