@@ -66,4 +66,21 @@ impl App {
     pub async fn catalog_plan(&self, filter: &Filter) -> Plan {
         Plan::new(&self.targets, &self.source_names(), filter).await
     }
+
+    /// Sets the last-success gauges from what the buckets hold (see `metrics::from_catalog`):
+    /// every configured source, one database folder at a time through the folders' indexes,
+    /// so memory is one folder's whatever the fleet. A target that cannot be listed leaves
+    /// what the others say.
+    pub async fn refresh_bucket_metrics(&self) {
+        use futures::StreamExt;
+        let plan = self.catalog_plan(&Filter::default()).await;
+        let mut pieces = std::pin::pin!(plan.stream(Read::Indexed));
+        while let Some(piece) = pieces.next().await {
+            crate::metrics::from_catalog::seed(
+                &self.metrics,
+                &piece,
+                self.config.pipeline.min_targets,
+            );
+        }
+    }
 }

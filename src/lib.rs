@@ -8,14 +8,15 @@
 pub mod app;
 pub mod archive;
 pub mod backup;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod conninfo;
 pub mod daemon;
 pub mod encryption;
 pub mod files;
 pub mod metrics;
 pub mod notify;
-pub mod pgtls;
 pub mod repair;
 pub mod restore;
 pub mod retention;

@@ -172,31 +172,6 @@ impl Notifier {
     }
 }
 
-/// The webhook reports of a verify run, one per database.
-pub async fn verify_reports<E: std::fmt::Display>(
-    app: &crate::app::App,
-    results: &[(String, String, Result<crate::verify::VerifyReport, E>)],
-) {
-    for (source, database, r) in results {
-        let result = match r {
-            Ok(rep) if rep.passed() => "success",
-            _ => "failure",
-        };
-        let mut n = RunReport::new(RunKind::Verify, source, database, result);
-        match r {
-            Ok(rep) => {
-                n.snapshot_id = Some(rep.snapshot_id.clone());
-                n.duration_seconds = rep.total_seconds;
-                if !rep.passed() {
-                    n.error = Some(rep.problems.join("; "));
-                }
-            }
-            Err(e) => n.error = Some(e.to_string()),
-        }
-        app.notifier.report(&n).await;
-    }
-}
-
 /// A reqwest error in words, without the URL it carries.
 fn describe(e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {

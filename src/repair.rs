@@ -1,7 +1,7 @@
 //! `repair`: copies each snapshot a target is missing, or holds damaged, from a target that
 //! holds a good copy.
 //!
-//! It acts on a [`check`](crate::storage::check) report. Per snapshot (one snapshot's targets
+//! It acts on a [`check`](crate::check) report. Per snapshot (one snapshot's targets
 //! in turn, so that its manifests' `targets` grow consistently; [`REPAIR_CONCURRENCY`]
 //! snapshots at once), per target to fix:
 //!
@@ -32,9 +32,9 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::check::{CheckReport, Problem, ProblemKind};
 use crate::metrics::Outcome;
 use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
-use crate::storage::check::{CheckReport, Problem, ProblemKind};
 use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, PartSizer, Target};
@@ -554,8 +554,8 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::{self, CheckOptions};
     use crate::config::Config;
-    use crate::storage::check::{self, CheckOptions};
     use crate::storage::key::RunId;
     use crate::storage::manifest::tests::sample;
     use futures::TryStreamExt;

@@ -852,6 +852,32 @@ async fn put_group(url: &str, body: Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
+/// The webhook reports of a verify run, one per database.
+pub async fn notify_reports<E: std::fmt::Display>(
+    app: &crate::app::App,
+    results: &[(String, String, Result<VerifyReport, E>)],
+) {
+    for (source, database, r) in results {
+        let result = match r {
+            Ok(rep) if rep.passed() => "success",
+            _ => "failure",
+        };
+        let mut n =
+            crate::notify::RunReport::new(crate::notify::RunKind::Verify, source, database, result);
+        match r {
+            Ok(rep) => {
+                n.snapshot_id = Some(rep.snapshot_id.clone());
+                n.duration_seconds = rep.total_seconds;
+                if !rep.passed() {
+                    n.error = Some(rep.problems.join("; "));
+                }
+            }
+            Err(e) => n.error = Some(e.to_string()),
+        }
+        app.notifier.report(&n).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

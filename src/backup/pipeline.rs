@@ -102,16 +102,8 @@ impl PipelineSettings {
     }
 }
 
-/// Something that looks at the raw (uncompressed) stream as it passes, such as the per-table
-/// statistics parser. It runs on the compressor thread, so it must be cheap.
-pub trait RawTap: Send + 'static {
-    fn feed(&mut self, bytes: &[u8]);
-}
-
-/// A tap that looks at nothing.
-impl RawTap for () {
-    fn feed(&mut self, _: &[u8]) {}
-}
+/// What looks at the raw stream as it passes (`crate::archive`'s statistics parser, or `()`).
+pub use crate::archive::RawTap;
 
 /// Live byte counters, for progress lines and metrics.
 #[derive(Debug, Default)]

@@ -1,7 +1,7 @@
 //! `pgferry check` and `pgferry repair`: what they print and how they exit.
 //!
 //! Both exit 1 when something is wrong (a problem found, a copy not repaired, a target
-//! unreachable), and every line says what to do. The work is `storage::check` and `repair`.
+//! unreachable), and every line says what to do. The work is `check` and `repair`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use clap::Args;
 
 use super::CliError;
 use crate::app::App;
+use crate::check::{self, CheckOptions, CheckReport, DEFAULT_READ_JOBS};
 use crate::repair::{Copied, CopyResult, RepairOptions};
 use crate::storage::catalog::Filter;
-use crate::storage::check::{self, CheckOptions, CheckReport, DEFAULT_READ_JOBS};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {

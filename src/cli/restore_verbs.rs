@@ -152,7 +152,7 @@ pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliErr
             "no committed snapshot to verify; run `pgferry list`".into(),
         ));
     }
-    notify::verify_reports(app, results).await;
+    crate::verify::notify_reports(app, results).await;
     let mut failed = 0;
     let mut reports = Vec::new();
     for (source, database, r) in results {

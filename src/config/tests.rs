@@ -203,7 +203,7 @@ fn tls_settings_of_urls_are_checked() {
     )))
     .unwrap();
     let tls = &c.sources[0].url.tls;
-    assert_eq!(tls.mode, crate::pgtls::SslMode::VerifyFull);
+    assert_eq!(tls.mode, crate::conninfo::tls::SslMode::VerifyFull);
     assert_eq!(tls.root_cert.as_deref(), Some(Path::new(&ca)));
     // The TLS parameters stay visible in `config check`; the password does not.
     let shown = c.redacted_toml();

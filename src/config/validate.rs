@@ -431,7 +431,8 @@ fn s3_target(
                 ));
             }
             let path = cx.resolve(&f.0);
-            crate::pgtls::load_certs(&path, "ca_file").map_err(|m| finding(key("ca_file"), m))?;
+            crate::conninfo::tls::load_certs(&path, "ca_file")
+                .map_err(|m| finding(key("ca_file"), m))?;
             Some(path)
         }
         None => None,
@@ -542,7 +543,7 @@ fn hook_variables(
     i: usize,
     raw: std::collections::BTreeMap<String, Text>,
 ) -> Result<std::collections::BTreeMap<String, String>> {
-    use crate::restore::hookvars;
+    use super::hook_names as hookvars;
     let mut out = std::collections::BTreeMap::new();
     for (name, value) in raw {
         let key = format!("restore_target[{i}].variables.{name}");

@@ -210,7 +210,7 @@ const BUCKET_METRICS_REFRESH: std::time::Duration = std::time::Duration::from_se
 async fn bucket_metrics_loop(app: App, stop: CancellationToken) {
     loop {
         tokio::select! {
-            _ = crate::metrics::from_catalog::refresh(&app) => {}
+            _ = app.refresh_bucket_metrics() => {}
             _ = stop.cancelled() => return,
         }
         tokio::select! {
@@ -237,7 +237,7 @@ async fn verify_loop(app: App, schedule: crate::schedule::Schedule, stop: Cancel
         let req = crate::verify::VerifyRequest::default();
         match crate::verify::verify_all(&app, &req, stop.child_token()).await {
             Ok(run) => {
-                crate::notify::verify_reports(&app, &run.results).await;
+                crate::verify::notify_reports(&app, &run.results).await;
                 let failed = run
                     .results
                     .iter()

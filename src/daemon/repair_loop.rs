@@ -13,8 +13,8 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::check::{self, CheckOptions, DEFAULT_READ_JOBS};
 use crate::repair::{self, RepairOptions};
-use crate::storage::check::{self, CheckOptions, DEFAULT_READ_JOBS};
 
 /// How often the targets are probed (one LIST of the prefix each) to notice one coming back:
 /// the daemon's other bucket refresh runs this often too.

@@ -5,13 +5,13 @@
 //! `pgferry_verify_last_success_timestamp_seconds` from its newest passed `.verify.json`. Every
 //! replica seeds them at start and keeps them current, so a restart never makes a failing
 //! database disappear from the alerts, and the verify CronJob's push never erases a database's
-//! last success. This module reads the catalog; it writes nothing to the targets.
+//! last success. This module reads a catalog it is given (`App::refresh_bucket_metrics` streams
+//! the fleet's); it writes nothing to the targets.
 
 use std::collections::HashSet;
 
-use crate::app::App;
 use crate::metrics::{Metrics, Outcome};
-use crate::storage::catalog::{Catalog, Filter, Read};
+use crate::storage::catalog::Catalog;
 
 /// Sets the gauges of every database the catalog holds snapshots of.
 pub fn seed(metrics: &Metrics, catalog: &Catalog, min_targets: usize) {
@@ -44,18 +44,6 @@ fn set_max(metrics: &Metrics, (source, database): (&str, &str), t: f64) {
         .with_label_values(&[source, database]);
     if g.get() < t {
         g.set(t);
-    }
-}
-
-/// Reads the catalog of every configured source, one database folder at a time through the
-/// folders' indexes, and seeds the gauges from it: memory is one folder's, whatever the
-/// fleet. A target that cannot be listed leaves what the others say.
-pub async fn refresh(app: &App) {
-    use futures::StreamExt;
-    let plan = app.catalog_plan(&Filter::default()).await;
-    let mut pieces = std::pin::pin!(plan.stream(Read::Indexed));
-    while let Some(piece) = pieces.next().await {
-        seed(&app.metrics, &piece, app.config.pipeline.min_targets);
     }
 }
 

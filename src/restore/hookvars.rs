@@ -16,12 +16,8 @@ use std::collections::BTreeMap;
 
 use super::guard::quote_ident;
 use crate::config::RestoreTargetConfig;
-
-/// The variables pgferry binds itself; `[[restore_target]] variables` may not redefine them.
-pub const BUILTIN: &[&str] = &["namespace", "database", "snapshot_id"];
-
-/// The placeholders a `[[restore_target]] variables` value may hold.
-pub const VALUE_PLACEHOLDERS: &[&str] = &["{namespace}", "{database}"];
+// The names' rules are config's (validation checks them); substitution is here.
+pub use crate::config::hook_names::{valid_name, BUILTIN, MAX_NAME_BYTES, VALUE_PLACEHOLDERS};
 
 /// Name → value, for one restore.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,18 +88,6 @@ pub fn expand(template: &str, namespace: &str, database: &str) -> String {
     out.push_str(rest);
     out
 }
-
-/// A variable name pgferry accepts in config: an identifier, so that `pgferry.<name>` is a
-/// valid setting name too (psql itself takes any letters, digits and `_`).
-pub fn valid_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && name.len() <= MAX_NAME_BYTES
-}
-
-/// PostgreSQL truncates identifiers (and so setting names) at 63 bytes; `pgferry.` takes 8.
-pub const MAX_NAME_BYTES: usize = 55;
 
 /// psql's `variable_char`: ASCII letters, digits, `_` and any non-ASCII byte.
 fn variable_char(b: u8) -> bool {

@@ -3,7 +3,7 @@
 //! This module knows how to reach a server (tokio-postgres, with the password from the URL,
 //! `PGPASSWORD` or a passfile), which databases a source selects, which `pg_dump`/`pg_restore`
 //! matches a server, and how to start them so that no password ever appears in their argv.
-//! TLS follows the URL's `sslmode` (see `pgtls`), for our connections and the tools alike.
+//! TLS follows the URL's `sslmode` (see `conninfo::tls`), for our connections and the tools alike.
 //! It does not read the dump stream: that is `pipeline`'s job.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +16,7 @@ use tokio_postgres::Client;
 
 use crate::config::PgUrl;
 
-pub mod conninfo;
-use crate::pgtls::SslMode;
+use crate::conninfo::tls::SslMode;
 
 pub mod select;
 
@@ -237,16 +236,13 @@ pub async fn connect(url: &PgUrl, database: Option<&str>) -> Result<Client, Sour
 
 /// The server's version.
 pub async fn server_version(client: &Client, url: &PgUrl) -> Result<ServerVersion, SourceError> {
-    let row = client
-        .query_one(
-            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
-            &[],
-        )
-        .await
-        .map_err(|source| SourceError::Query {
-            url: url.redacted(),
-            source,
-        })?;
+    let row = query_one(
+        client,
+        url,
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+        &[],
+    )
+    .await?;
     let num: i32 = row.get(0);
     let text: String = row.get(1);
     Ok(ServerVersion {
@@ -259,17 +255,30 @@ pub async fn server_version(client: &Client, url: &PgUrl) -> Result<ServerVersio
 /// alias or port that reaches one cluster, and different for every other cluster (a
 /// physical replica shares its primary's). Text, since it is an unsigned 64-bit number.
 pub async fn system_identifier(client: &Client, url: &PgUrl) -> Result<String, SourceError> {
-    let row = client
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
+    let row = query_one(
+        client,
+        url,
+        "SELECT system_identifier::text FROM pg_control_system()",
+        &[],
+    )
+    .await?;
+    Ok(row.get(0))
+}
+
+/// One row of `sql`; a failure names the (redacted) server.
+async fn query_one(
+    client: &Client,
+    url: &PgUrl,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row, SourceError> {
+    client
+        .query_one(sql, params)
         .await
         .map_err(|source| SourceError::Query {
             url: url.redacted(),
             source,
-        })?;
-    Ok(row.get(0))
+        })
 }
 
 /// On-disk size of a database, to size upload parts.
@@ -278,13 +287,7 @@ pub async fn database_size(
     url: &PgUrl,
     database: &str,
 ) -> Result<u64, SourceError> {
-    let row = client
-        .query_one("SELECT pg_database_size($1)", &[&database])
-        .await
-        .map_err(|source| SourceError::Query {
-            url: url.redacted(),
-            source,
-        })?;
+    let row = query_one(client, url, "SELECT pg_database_size($1)", &[&database]).await?;
     Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 

@@ -6,7 +6,6 @@
 //! `retention`'s.
 pub mod catalog;
 pub mod catalog_index;
-pub mod check;
 pub mod key;
 pub mod manifest;
 pub mod target;

@@ -12,8 +12,18 @@
 //! every secret replaced, and a string that does not parse is never echoed back at all.
 //! Errors name the part or key that is wrong, never a value (a value may be a password).
 //! This module does no I/O and opens no socket.
+//!
+//! [`PgUrl`] (`url`) is the parsed string as the rest of pgferry holds it, and `tls` libpq's
+//! `sslmode`/`sslrootcert`/`sslcert`/`sslkey` taken out of it (and the rustls connector that
+//! honours them). `config` parses connection strings with it and `source` connects with it;
+//! it depends on neither.
 
 use std::fmt;
+
+pub mod tls;
+mod url;
+
+pub use url::{redact_url, PgUrl};
 
 /// Keys whose values are secrets: never rendered.
 const SECRET_KEYS: &[&str] = &["password", "sslpassword"];
@@ -550,5 +560,4 @@ fn parse_key_values(raw: &str, lookup: Lookup<'_>) -> Result<Vec<(String, String
 }
 
 #[cfg(test)]
-#[path = "conninfo_tests.rs"]
 mod tests;

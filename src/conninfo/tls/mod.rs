@@ -2,7 +2,7 @@
 //! every connection of pgferry goes through (`source::connect`).
 //!
 //! tokio-postgres knows only `disable`, `prefer` and `require`, and no certificate files, so
-//! `source::conninfo` takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a
+//! `conninfo` takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a
 //! connection string ([`PgTls::from_pairs`]) before the rest is handed to
 //! `tokio_postgres::Config`. [`PgTls`] keeps them: the
 //! connector is built from it ([`PgTls::connector`]), and pg_dump/pg_restore receive the same
@@ -205,7 +205,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 
 impl PgTls {
     /// The TLS settings from libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` pairs (any
-    /// other key is ignored): `source::conninfo` hands over what it parsed.
+    /// other key is ignored): `conninfo` hands over what it parsed.
     pub fn from_pairs(pairs: Vec<(String, String)>) -> Result<PgTls, String> {
         let mut tls = PgTls::default();
         for (key, value) in pairs {
