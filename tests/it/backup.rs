@@ -580,10 +580,9 @@ async fn a_backup_killed_mid_upload_leaves_an_upload_that_prune_aborts() {
         ]
     );
     w.restore(&[]).await.assert_code(0);
-    assert_eq!(
-        w.staging.table_fingerprints("acme").await.unwrap(),
-        w.env.pg.table_fingerprints("acme").await.unwrap()
-    );
+    w.staging
+        .assert_same_tables("acme", &w.env.pg, "acme")
+        .await;
 }
 
 /// Every file under `dir`, recursively, sorted.

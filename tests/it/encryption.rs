@@ -12,6 +12,7 @@ use crate::backup::TRICKY_SQL;
 use crate::restore::{hook_path, json, without_hooked, World, STAGING_PW_VAR};
 use crate::support::env::{self, get, keys, manifest_of, Run};
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 /// A generated key pair: its identity file (as age-keygen writes it) and public key.
 struct Key {
@@ -52,17 +53,8 @@ impl World {
     }
 
     async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ];
-        args.extend_from_slice(extra);
-        self.pgferry_with(config, &args).await
+        self.pgferry_with(config, &restore_argv("acme", "staging-acme", extra))
+            .await
     }
 
     async fn manifest(&self, i: usize, id: &str) -> serde_json::Value {

@@ -17,6 +17,7 @@ use crate::support::env::{
 use crate::support::garage::Garage;
 use crate::support::postgres::PgCluster;
 use crate::support::proxy::Proxy;
+use crate::support::restore_argv;
 
 /// Keeps every snapshot the tests take: retention is not under test here.
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
@@ -136,24 +137,11 @@ async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_a
     let restore = env
         .pgferry(
             &only_b,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "staging-acme",
-                "--snapshot",
-                newest,
-            ],
+            &restore_argv("acme", "staging-acme", &["--snapshot", newest]),
         )
         .await;
     restore.assert_code(0);
-    assert_eq!(
-        staging.table_fingerprints("acme").await.unwrap(),
-        env.pg.table_fingerprints("acme").await.unwrap()
-    );
+    staging.assert_same_tables("acme", &env.pg, "acme").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

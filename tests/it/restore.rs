@@ -11,6 +11,7 @@ use object_store::ObjectStore;
 use crate::backup::TRICKY_SQL;
 use crate::support::env::{self, Run, TestEnv};
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 /// Environment variable carrying the staging cluster's superuser password into the config.
 pub(crate) const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
@@ -130,17 +131,8 @@ impl World {
     }
 
     pub(crate) async fn restore(&self, extra: &[&str]) -> Run {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ];
-        args.extend_from_slice(extra);
-        self.pgferry(&args).await
+        self.pgferry(&restore_argv("acme", "staging-acme", extra))
+            .await
     }
 
     /// No temporary or set-aside database remains on staging.

@@ -21,6 +21,7 @@ use crate::support::env::{
     assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
+use crate::support::restore_argv;
 
 async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
     store
@@ -674,19 +675,8 @@ async fn a_manifest_lying_about_encryption_never_touches_staging() {
     let restore = |config: std::path::PathBuf| {
         let w = &w;
         async move {
-            w.pgferry_with(
-                &config,
-                &[
-                    "restore",
-                    "--source",
-                    "prod",
-                    "--database",
-                    "acme",
-                    "--to",
-                    "staging-acme",
-                ],
-            )
-            .await
+            w.pgferry_with(&config, &restore_argv("acme", "staging-acme", &[]))
+                .await
         }
     };
     let manifest_key = |id: &str| format!("prod/acme/{id}.manifest.json");

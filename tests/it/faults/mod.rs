@@ -20,6 +20,7 @@ use object_store::{ObjectStore, PutPayload};
 
 use crate::support::env::{self, Run, TestEnv};
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 /// Environment variable carrying the staging cluster's superuser password into the config.
 const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
@@ -99,17 +100,7 @@ impl World {
     }
 
     async fn restore(&self, extra: &[&str]) -> Run {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging",
-        ];
-        args.extend_from_slice(extra);
-        self.pgferry(&args).await
+        self.pgferry(&restore_argv("acme", "staging", extra)).await
     }
 
     async fn restored_version(&self) -> i32 {
@@ -352,22 +343,8 @@ async fn odd_database_and_table_names_round_trip() {
 
     // Restore each into staging under the same name: same contents.
     for name in &names {
-        let run = w
-            .pgferry(&[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                name,
-                "--to",
-                "staging",
-            ])
-            .await;
+        let run = w.pgferry(&restore_argv(name, "staging", &[])).await;
         run.assert_code(0);
-        assert_eq!(
-            w.staging.table_fingerprints(name).await.unwrap(),
-            w.env.pg.table_fingerprints(name).await.unwrap(),
-            "{name}"
-        );
+        w.staging.assert_same_tables(name, &w.env.pg, name).await;
     }
 }

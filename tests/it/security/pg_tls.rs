@@ -61,10 +61,7 @@ async fn verify_full_backup_restore_and_verify_all_run_over_tls() {
     )
     .await
     .assert_code(0);
-    assert_eq!(
-        staging.table_fingerprints("acme").await.unwrap(),
-        prod.table_fingerprints("acme").await.unwrap()
-    );
+    staging.assert_same_tables("acme", &prod, "acme").await;
 
     // The verify server, over TLS too.
     let verified = run(

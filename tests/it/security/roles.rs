@@ -182,10 +182,7 @@ async fn restore_and_verify_run_as_roles_with_only_createdb_and_the_owner_role()
     )
     .await
     .assert_code(0);
-    assert_eq!(
-        staging.table_fingerprints("acme").await.unwrap(),
-        env.pg.table_fingerprints("acme").await.unwrap()
-    );
+    staging.assert_same_tables("acme", &env.pg, "acme").await;
     let owner: String = staging
         .client("postgres")
         .await

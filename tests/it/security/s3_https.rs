@@ -80,10 +80,7 @@ async fn s3_over_https_needs_the_ca_file_and_works_with_it() {
     )
     .await
     .assert_code(0);
-    assert_eq!(
-        staging.table_fingerprints("acme").await.unwrap(),
-        env.pg.table_fingerprints("acme").await.unwrap()
-    );
+    staging.assert_same_tables("acme", &env.pg, "acme").await;
 
     // Without ca_file the system roots do not know the CA: the target is dropped with a
     // certificate error, the snapshot commits on the other target only.

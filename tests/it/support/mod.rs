@@ -24,6 +24,22 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+/// The argv of `pgferry restore` of source `prod`'s `database` into namespace `to`, then
+/// `extra` (`--as`, `--snapshot`, `--json`, …): every test's restore starts this way.
+pub fn restore_argv<'a>(database: &'a str, to: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec![
+        "restore",
+        "--source",
+        "prod",
+        "--database",
+        database,
+        "--to",
+        to,
+    ];
+    argv.extend_from_slice(extra);
+    argv
+}
+
 /// How long a helper waits for a server to become ready before giving up with its log.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 

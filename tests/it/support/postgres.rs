@@ -331,6 +331,15 @@ impl PgCluster {
     /// objects appear as the pseudo-table `"pg_largeobject"`: their count and an md5 over
     /// their contents that does not depend on their oids. Rows are hashed as their text form
     /// sorted bytewise, with output settings pinned so two servers agree.
+    /// Every table of `db` here has the rows of `of_db` on `of` (same fingerprints).
+    pub async fn assert_same_tables(&self, db: &str, of: &PgCluster, of_db: &str) {
+        assert_eq!(
+            self.table_fingerprints(db).await.unwrap(),
+            of.table_fingerprints(of_db).await.unwrap(),
+            "tables of {db:?} differ from those of {of_db:?}"
+        );
+    }
+
     pub async fn table_fingerprints(&self, db: &str) -> Result<BTreeMap<String, (i64, String)>> {
         let client = self.client(db).await?;
         // Pin every setting that changes a value's text form, so two clusters agree.
