@@ -76,6 +76,13 @@ pub enum RepairError {
         target: String,
         tried: String,
     },
+    #[error("target {target}: an upload of {key} is open, its marker rewritten {age:?} ago: another repair (another replica?) is copying it, or one was killed; it is left alone until its marker is {stale:?} old, then the next repair cleans it and copies")]
+    Busy {
+        target: String,
+        key: String,
+        age: std::time::Duration,
+        stale: std::time::Duration,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -313,9 +320,12 @@ async fn repair_copy(
             return Err(RepairError::Cancelled);
         }
         tracing::info!(message = "Repair copying a snapshot.", snapshot_id = %m.snapshot_id, source = %m.source, database = %m.database, target = %target.name, from = %from.name, bytes = m.stored_size);
-        match copy_object(from, target, &object, m, copied, cancel).await {
+        let grace = app.config.pipeline.orphan_grace;
+        match copy_object(from, target, &object, m, grace, copied, cancel).await {
             Ok(()) => {}
             Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
+            // About the destination: another holder would find the same upload open.
+            Err(e @ RepairError::Busy { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
                 tried.push(format!("{}: {e}", from.name));
@@ -420,6 +430,7 @@ async fn copy_object(
     to: &Target,
     object: &Path,
     m: &Manifest,
+    grace: std::time::Duration,
     copied: &AtomicU64,
     cancel: &CancellationToken,
 ) -> Result<(), RepairError> {
@@ -435,9 +446,10 @@ async fn copy_object(
         key: dst.to_string(),
         error: error_text(&e),
     };
+    clear_left_upload(to, &dst, grace).await?;
     let mut stream = from.store.get(&src).await.map_err(read_err)?.into_stream();
-    clear_left_upload(to, &dst).await;
     let mut upload = upload::start(to, &dst).await.map_err(write_err)?;
+    let heartbeat = upload::Heartbeat::start(to, &dst, upload::MARKER_HEARTBEAT).await;
     // The size is known: one part size that fits the whole object in the target's limit.
     let fits = m
         .stored_size
@@ -492,6 +504,9 @@ async fn copy_object(
         Ok(())
     }
     .await;
+    if let Some(h) = heartbeat {
+        h.stop().await;
+    }
     if let Err(e) = fed {
         abort(to, &dst, upload.as_mut()).await;
         return Err(e);
@@ -518,13 +533,33 @@ async fn abort(to: &Target, dst: &Path, upload: &mut dyn MultipartUpload) {
 }
 
 /// Aborts the upload a killed repair (or backup) left open on this very key: its marker
-/// would otherwise be overwritten by ours and the upload forgotten.
-async fn clear_left_upload(to: &Target, dst: &Path) {
+/// would otherwise be overwritten by ours and the upload forgotten. Only a marker not
+/// rewritten for [`upload::MARKER_STALE`] (or `pipeline.orphan_grace`, when shorter): a live
+/// repair (a second replica's) rewrites its marker every [`upload::MARKER_HEARTBEAT`], and
+/// cleaning would destroy its upload or, once completed, its object; this copy is then
+/// [`RepairError::Busy`] and left to a later run.
+async fn clear_left_upload(
+    to: &Target,
+    dst: &Path,
+    grace: std::time::Duration,
+) -> Result<(), RepairError> {
     let Some(marker) = upload::marker_key(dst) else {
-        return;
+        return Ok(());
     };
-    if to.store.head(&marker).await.is_err() {
-        return;
+    let Ok(head) = to.store.head(&marker).await else {
+        return Ok(());
+    };
+    let age = (chrono::Utc::now() - head.last_modified)
+        .to_std()
+        .unwrap_or_default();
+    let stale = upload::MARKER_STALE.min(grace);
+    if age < stale {
+        return Err(RepairError::Busy {
+            target: to.name.clone(),
+            key: dst.to_string(),
+            age: std::time::Duration::from_secs(age.as_secs()),
+            stale,
+        });
     }
     match upload::clean(to, &marker, false).await {
         Ok(cleaned) => {
@@ -534,6 +569,7 @@ async fn clear_left_upload(to: &Target, dst: &Path) {
             tracing::warn!(message = "Could not clean an upload left by an earlier run; prune will.", target = %to.name, key = %marker, error = %error)
         }
     }
+    Ok(())
 }
 
 /// Queues one part, first waiting until fewer than [`PARTS_IN_FLIGHT`] are uploading.

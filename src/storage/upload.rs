@@ -76,6 +76,62 @@ pub fn dump_keys(marker_key: &Path) -> Option<Vec<Path>> {
     (!keys.is_empty()).then_some(keys)
 }
 
+/// How often a long copy rewrites its upload's marker ([`Heartbeat`]).
+pub const MARKER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A marker not rewritten for this long belongs to a run that is gone (three missed beats).
+pub const MARKER_STALE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the marker of `key`'s open upload fresh while a copy runs: its `last_modified` then
+/// tells another run a live upload (younger than [`MARKER_STALE`]) from one a killed process
+/// left. The marker's body is rewritten as it is, every [`MARKER_HEARTBEAT`], until
+/// [`Heartbeat::stop`] (awaited before the upload is completed or aborted, so no rewrite can
+/// land after the marker's removal) or drop.
+pub struct Heartbeat {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Starts beating for `key`'s marker on `target`; `None` where there is no marker (a
+    /// directory target, or the marker is gone).
+    pub async fn start(
+        target: &Target,
+        key: &Path,
+        every: std::time::Duration,
+    ) -> Option<Heartbeat> {
+        let marker = marker_key(key)?;
+        target.multipart.as_ref()?;
+        let body = target.store.get(&marker).await.ok()?.bytes().await.ok()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (store, beating) = (target.store.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = beating.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(error) = store.put(&marker, PutPayload::from(body.clone())).await {
+                    tracing::debug!(message = "Could not refresh an upload marker.", key = %marker, error = %error);
+                }
+            }
+        });
+        Some(Heartbeat { stop, task })
+    }
+
+    /// Stops beating, after any rewrite in flight has landed.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Starts a multipart upload of `key` on `target`: marked (see the module doc) where the
 /// store allows it, the store's generic upload otherwise.
 pub async fn start(

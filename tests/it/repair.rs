@@ -261,6 +261,7 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
     }
     child.start_kill().unwrap();
     child.wait().await.unwrap();
+    let killed_at = Instant::now();
     let log = log.await.unwrap();
     assert!(log.contains("Repair copying a snapshot."), "{log}");
     let left = keys(&b_store).await;
@@ -276,6 +277,19 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
     assert!(manifest_of(&get(&b_store, marker).await)["upload_id"].is_string());
 
     proxy.throttle_up(0);
+    // Right after the kill, its marker is as fresh as a live repair's (another replica's,
+    // which rewrites it every 20 s): the next repair leaves that upload alone.
+    let busy = env.pgferry(&slow_b, &["repair"]).await;
+    assert_ne!(busy.code, 0, "{}", busy.output());
+    assert!(
+        busy.output().contains("is open, its marker rewritten"),
+        "{}",
+        busy.output()
+    );
+    assert!(keys(&b_store).await.contains(marker));
+    // Once the marker is a minute old (three missed rewrites), the next repair cleans it.
+    let stale = Duration::from_secs(61);
+    tokio::time::sleep(stale.saturating_sub(killed_at.elapsed())).await;
     let run = env.pgferry(&slow_b, &["repair"]).await;
     run.assert_code(0);
     assert!(run.stdout.contains(&id), "{}", run.stdout);
@@ -293,4 +307,71 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
             .len(),
         1
     );
+}
+
+/// A second repair (another replica's loop) that finds a live repair's upload open on the key
+/// it is about to write leaves it alone: it used to abort it (and delete the key), failing the
+/// first repair mid-copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_repair_leaves_a_live_repairs_upload_alone() {
+    let env = TestEnv::start().await;
+    env.pg.create_database("big").await.unwrap();
+    env.pg
+        .execute(
+            "big",
+            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
+        )
+        .await
+        .unwrap();
+    let (a, _a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let proxy = Proxy::start(&env.s3.endpoint()).await;
+    proxy.throttle_up(512 * 1024);
+    let source = format!(
+        "{}databases = [\"big\"]\n{KEEP_ALL}",
+        env.source_toml("prod")
+    );
+    let only_a = env.write_config(&format!("{source}{a}"));
+    env.pgferry(&only_a, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+    let fast_b = env.write_config(&format!("{source}{a}{b}"));
+
+    let first = env.command(&slow_b, &["repair"]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while proxy.bytes_up() < 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the first copy never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = env.pgferry(&fast_b, &["repair"]).await;
+    assert_ne!(second.code, 0, "{}", second.output());
+    assert!(
+        second.output().contains("is open, its marker rewritten"),
+        "{}",
+        second.output()
+    );
+    proxy.throttle_up(0);
+    let first = tokio::time::timeout(Duration::from_secs(180), first.wait_with_output())
+        .await
+        .expect("the first repair hung")
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "the live repair failed:\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    env.pgferry(&fast_b, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    assert_eq!(
+        assert_every_manifest_names_an_intact_object(&b_store)
+            .await
+            .len(),
+        1
+    );
+    assert!(keys(&b_store)
+        .await
+        .iter()
+        .all(|k| !k.ends_with(".upload.json")));
 }

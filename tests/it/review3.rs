@@ -253,13 +253,11 @@ async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
     }
 }
 
-/// Known defect, not run: each repair aborts an upload it finds open on the key it is about to
-/// write (left by a killed repair), which can be the other repair's live one, so two repairs
-/// at once can both fail (nothing is damaged: every manifest stays intact). It passed in the
-/// reviewer's runs and failed in one full run here. Fix: a per-snapshot lock (like the backup
-/// lock) or a marker age check before aborting.
+/// Two repairs at once (two replicas' repair loops): each used to abort the upload it found
+/// open on the key it was about to write, which could be the other's live one. A live repair
+/// now rewrites its marker every 20 s and only a marker a minute old is cleaned, so one of
+/// the two copies each snapshot and the other reports it busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: two concurrent repairs can abort each other's uploads"]
 async fn two_repairs_at_once_leave_every_manifest_intact() {
     let env = TestEnv::start().await;
     env.small_database("acme").await;
@@ -293,12 +291,15 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
             String::from_utf8_lossy(&o.stderr)
         )
     };
-    assert!(
-        one.status.success() || two.status.success(),
-        "neither repair succeeded:\n{}\n{}",
-        say(&one),
-        say(&two)
-    );
+    // A repair may fail only because the other was copying the same snapshot.
+    for o in [&one, &two] {
+        let out = say(o);
+        assert!(
+            o.status.success() || out.contains("is open, its marker rewritten"),
+            "{out}"
+        );
+        assert!(!out.contains("Could not abort"), "{out}");
+    }
     env.pgferry(&config, &["repair"]).await.assert_code(0);
     env.pgferry(&config, &["check", "--read-data"])
         .await
