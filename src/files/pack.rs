@@ -545,6 +545,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn long_and_non_utf8_names_and_an_empty_tree_archive() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let (bytes, stats) = pack_to_vec(d.path()).await.unwrap();
+        assert_eq!(stats, PackStats::default());
+        assert!(
+            entries(&bytes).is_empty(),
+            "an empty tree is an empty archive"
+        );
+        let long = "d".repeat(120);
+        fs::create_dir_all(d.path().join(&long)).unwrap();
+        fs::write(d.path().join(&long).join("f".repeat(200)), b"long").unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"latin1-\xe9");
+        fs::write(d.path().join(odd), b"odd").unwrap();
+        let (bytes, stats) = pack_to_vec(d.path()).await.unwrap();
+        assert_eq!(stats.file_count, 2);
+        let got = entries(&bytes);
+        assert_eq!(got[0].0, long);
+        assert_eq!(
+            got[1].0, "latin1-\u{fffd}",
+            "lossy in the test's listing only"
+        );
+        assert_eq!(got[2].0, format!("{long}/{}", "f".repeat(200)));
+        assert_eq!(got[2].2, b"long");
+        let mut a = tar::Archive::new(&bytes[..]);
+        let raw: Vec<Vec<u8>> = a
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path_bytes().into_owned())
+            .collect();
+        assert_eq!(raw[1], b"latin1-\xe9");
+    }
+
+    #[tokio::test]
     async fn symlinks_and_special_files_are_skipped_and_counted() {
         let d = tree();
         let root = d.path();
