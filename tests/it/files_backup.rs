@@ -450,3 +450,50 @@ async fn only_newest_files(
     }
     newest.expect("a manifest with files")["files"].clone()
 }
+
+/// SIGTERM while the files stream: the run is cancelled, nothing is committed, and neither
+/// the dump's upload (open, waiting for the files) nor the files' is left on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_archiving_commits_nothing_and_leaves_nothing() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let root = env.dir.path().join("filestore");
+    let dir = root.join("acme");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    for i in 0..40 {
+        let mut buf = vec![0u8; 1 << 20];
+        std::io::Read::read_exact(&mut random, &mut buf).unwrap();
+        std::fs::write(dir.join(format!("{i:040x}")), buf).unwrap();
+    }
+    let (s3, s3_store) = env.s3_target("s3").await;
+    let proxy = Proxy::start(&env.s3.endpoint()).await;
+    proxy.throttle_up(2 << 20); // 40 MiB of files: 20 s
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{}{}",
+        env.source_toml("prod"),
+        files_key(&root),
+        proxy.reroute(&s3)
+    ));
+
+    let (mut child, log) = env
+        .start_until(&config, &["backup"], "Archiving the companion files.")
+        .await;
+    // SAFETY: kill(2) of the child this test started.
+    assert_eq!(
+        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait())
+        .await
+        .expect("pgferry still running 60 s after SIGTERM")
+        .unwrap();
+    let log = log.await.unwrap();
+    assert_ne!(status.code(), Some(0), "{log}");
+    assert!(log.contains("cancelled"), "{log}");
+    assert_eq!(
+        keys(&s3_store).await,
+        Vec::<String>::new(),
+        "the cancelled run left objects or markers"
+    );
+}
