@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::pipeline::{
     self, OpenUpload, PipelineError, PipelineSettings, Progress, Sink, TargetFailure,
 };
-use crate::files::pack::{self, PackError, PackStats, Presence};
+use crate::files::pack::{self, PackError, Presence};
 use crate::files::FilesTemplate;
 use crate::storage::manifest::FilesArchive;
 use crate::storage::target::Target;
@@ -39,7 +39,6 @@ pub enum Companion {
 pub struct Archived {
     /// What the manifest records (`object_key` relative to the targets' prefixes).
     pub archive: FilesArchive,
-    pub stats: PackStats,
     pub uploads: Vec<OpenUpload>,
     /// Targets that dropped out of the files pipeline.
     pub failures: Vec<TargetFailure>,
@@ -57,6 +56,25 @@ pub enum FilesError {
     },
     #[error("archiving the companion files in {}: {source}", dir.display())]
     Pipeline { dir: PathBuf, source: PipelineError },
+}
+
+impl FilesError {
+    /// Whether another attempt in the same slot may succeed: not when the directory is not
+    /// one or cannot be read for lack of permission (someone must fix the mount; retrying
+    /// would dump the database again for nothing).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FilesError::Pack {
+                source: PackError::NotADirectory { .. },
+                ..
+            } => false,
+            FilesError::Pack {
+                source: PackError::Read { source, .. },
+                ..
+            } => source.kind() != std::io::ErrorKind::PermissionDenied,
+            _ => true,
+        }
+    }
 }
 
 /// Archives `database`'s directory of `template` to `targets` at `object` (see the module
@@ -139,8 +157,35 @@ pub async fn archive(
             file_bytes: stats.file_bytes,
             skipped: stats.skipped,
         },
-        stats,
         uploads: out.uploads,
         failures: out.failures,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_mount_problem_is_not_retried() {
+        let dir = PathBuf::from("/fs/acme");
+        let pack = |source| FilesError::Pack {
+            dir: dir.clone(),
+            source,
+        };
+        let read = |kind| {
+            pack(PackError::Read {
+                path: dir.join("ab"),
+                source: std::io::Error::from(kind),
+            })
+        };
+        assert!(!pack(PackError::NotADirectory { path: dir.clone() }).is_retryable());
+        assert!(!read(std::io::ErrorKind::PermissionDenied).is_retryable());
+        assert!(read(std::io::ErrorKind::Other).is_retryable());
+        assert!(FilesError::Idle {
+            dir: dir.clone(),
+            after: std::time::Duration::from_secs(1)
+        }
+        .is_retryable());
+    }
 }

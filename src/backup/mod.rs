@@ -109,8 +109,8 @@ impl BackupError {
             BackupError::DumpFailed { .. }
             | BackupError::NotCommitted { .. }
             | BackupError::Degraded { .. }
-            | BackupError::LockLost { .. }
-            | BackupError::Files { .. } => true,
+            | BackupError::LockLost { .. } => true,
+            BackupError::Files { source, .. } => source.is_retryable(),
             BackupError::Pipeline { source, .. } => !matches!(source, PipelineError::Cancelled),
             BackupError::Cancelled { .. } => false,
         }

@@ -497,3 +497,32 @@ async fn a_signal_while_archiving_commits_nothing_and_leaves_nothing() {
         "the cancelled run left objects or markers"
     );
 }
+
+/// A `files` path that exists but is not a directory is an error a human must fix (unlike a
+/// missing one): the run fails saying which path, and the dump's upload is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_path_that_is_not_a_directory_fails_the_run_and_leaves_nothing() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let root = env.dir.path().join("filestore");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("acme"), b"a file, not the filestore").unwrap();
+    let (s3, s3_store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\n{}{s3}",
+        env.source_toml("prod"),
+        files_key(&root)
+    ));
+
+    let run = env.pgferry(&config, &["backup"]).await;
+    run.assert_code(1);
+    let out = run.output();
+    assert!(
+        out.contains(&format!(
+            "{} is not a directory",
+            root.join("acme").display()
+        )),
+        "{out}"
+    );
+    assert_eq!(keys(&s3_store).await, Vec::<String>::new());
+}
