@@ -5,17 +5,20 @@
 //! in turn, so that its manifests' `targets` grow consistently; [`REPAIR_CONCURRENCY`]
 //! snapshots at once), per target to fix:
 //!
-//! 1. the object first, under the very key the manifest names (write-once keys: every holder's
-//!    manifest stays identical): GET from a holder, sha256 and byte count as the bytes pass,
+//! 1. the objects first (the dump, then the companion-files archive when the snapshot has
+//!    one), each under the very key the manifest names (write-once keys: every holder's
+//!    manifest stays identical): an object already there with the manifest's size and sha256
+//!    is kept as it is; otherwise GET from a holder, sha256 and byte count as the bytes pass,
 //!    cut into parts and uploaded through `upload::start` (a marked multipart upload, so that a
 //!    repair killed mid-copy leaves only an upload `prune` aborts);
 //! 2. hash and size equal to the manifest's? Complete the upload; otherwise abort it (a copy
 //!    whose hash differs is never written) and try the next holder;
-//! 3. the manifest, with `targets` naming every holder, on the repaired target; then, best
-//!    effort, the same manifest on the other holders.
+//! 3. once every object is there, the manifest (its existence commits the copy), with
+//!    `targets` naming every holder, on the repaired target; then, best effort, the same
+//!    manifest on the other holders.
 //!
-//! It never overwrites a good copy: a target that meanwhile holds a manifest naming another
-//! intact object, or the same object intact, is left alone. Memory: per copy, at most
+//! It never overwrites a good copy: a target that meanwhile holds a manifest naming other
+//! intact objects, or the same objects intact, is left alone. Memory: per copy, at most
 //! [`PARTS_IN_FLIGHT`] parts uploading plus the one being filled.
 
 use std::collections::BTreeMap;
@@ -34,8 +37,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
-use crate::storage::check::{CheckReport, Problem, ProblemKind};
-use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
+use crate::storage::catalog::same_objects;
+use crate::storage::check::{CheckReport, Expected, Problem, ProblemKind};
+use crate::storage::key::{SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, PartSizer, Target};
 use crate::storage::upload;
@@ -191,8 +195,19 @@ async fn repair_snapshot(
         .filter(|t| !suspect.contains(&t.as_str()))
         .cloned()
         .collect();
-    let mut out = Vec::new();
+    // One copy per target, whatever number of its objects are damaged (dump and files).
+    let mut per_target: Vec<(&Problem, Vec<&Problem>)> = Vec::new();
     for p in problems {
+        match per_target.iter_mut().find(|(first, _)| first.target == p.target) {
+            Some((_, all)) => all.push(p),
+            None => per_target.push((p, vec![p])),
+        }
+    }
+    let bytes = Expected::of(m)
+        .map(|o| o.iter().map(|o| o.size).sum())
+        .unwrap_or(m.stored_size);
+    let mut out = Vec::new();
+    for (p, of_target) in per_target {
         if opts.to.as_deref().is_some_and(|to| to != p.target) {
             continue;
         }
@@ -208,20 +223,21 @@ async fn repair_snapshot(
             snapshot: name.clone(),
             target: p.target.clone(),
             from: candidates.first().map(|t| t.name.clone()),
-            bytes: m.stored_size,
+            bytes,
             result: CopyResult::Planned,
         };
         if opts.dry_run {
             if candidates.is_empty() {
                 done.result = CopyResult::Failed("no good copy to copy from".into());
             }
-            tracing::info!(message = "Repair would copy a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size);
+            tracing::info!(message = "Repair would copy a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes);
             out.push(done);
             continue;
         }
+        let kinds: Vec<&Problem> = of_target;
         done.result = match repair_copy(
             entry,
-            &p.kind,
+            &kinds,
             target,
             &candidates,
             &holders,
@@ -253,7 +269,7 @@ async fn repair_snapshot(
         }
         match &done.result {
             CopyResult::Copied => {
-                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size)
+                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes)
             }
             CopyResult::LeftAlone(why) => {
                 tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why)
@@ -276,7 +292,7 @@ enum Fixed {
 #[allow(clippy::too_many_arguments)]
 async fn repair_copy(
     entry: &SnapshotEntry,
-    kind: &ProblemKind,
+    problems: &[&Problem],
     target: &Target,
     candidates: &[&Target],
     holders: &[String],
@@ -285,18 +301,24 @@ async fn repair_copy(
     cancel: &CancellationToken,
 ) -> Result<(String, Fixed), RepairError> {
     let m = &entry.manifest;
-    let object = object_path(&m.object_key).ok_or_else(|| RepairError::Read {
+    let objects = Expected::of(m).ok_or_else(|| RepairError::Read {
         target: target.name.clone(),
         key: m.object_key.clone(),
         error: "not a key pgferry wrote".into(),
     })?;
+    // Objects the check found damaged here: copied over without reading them again.
+    let damaged: Vec<&str> = problems
+        .iter()
+        .filter(|p| is_damage(&p.kind))
+        .map(|p| p.object_key.as_str())
+        .collect();
     let id = SnapshotId::parse(&m.snapshot_id).ok_or_else(|| RepairError::Read {
         target: target.name.clone(),
         key: m.snapshot_id.clone(),
         error: "not a snapshot id".into(),
     })?;
     let manifest_key = target.at(&SnapshotKey::new(&m.source, &m.database, id).manifest());
-    if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+    if let Some(why) = good_copy_there(target, &manifest_key, m, &damaged).await {
         return Ok((target.name.clone(), Fixed::LeftAlone(why)));
     }
     // The catalog holds summaries (no `tables`): what is written is the manifest in full.
@@ -313,17 +335,29 @@ async fn repair_copy(
             return Err(RepairError::Cancelled);
         }
         tracing::info!(message = "Repair copying a snapshot.", snapshot_id = %m.snapshot_id, source = %m.source, database = %m.database, target = %target.name, from = %from.name, bytes = m.stored_size);
-        match copy_object(from, target, &object, m, copied, cancel).await {
-            Ok(()) => {}
-            Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
-            Err(e) => {
-                tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
-                tried.push(format!("{}: {e}", from.name));
+        let mut failed = None;
+        for object in &objects {
+            let known_bad = damaged.contains(&object.key.as_ref());
+            if !known_bad && intact_there(target, object).await {
+                tracing::info!(message = "Repair kept an intact object.", target = %target.name, key = %object.key);
                 continue;
             }
+            match copy_object(from, target, object, copied, cancel).await {
+                Ok(()) => {}
+                Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        // The object is there, whole: now the manifest, unless a good one appeared meanwhile.
-        if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+        if let Some(e) = failed {
+            tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
+            tried.push(format!("{}: {e}", from.name));
+            continue;
+        }
+        // The objects are there, whole: now the manifest, unless a good one appeared meanwhile.
+        if let Some(why) = good_copy_there(target, &manifest_key, m, &damaged).await {
             return Ok((from.name.clone(), Fixed::LeftAlone(why)));
         }
         let mut repaired = full.clone();
@@ -375,7 +409,7 @@ fn manifest_key_on(h: &Target, key_on_target: &Path, target: &Target) -> Path {
 /// failure only leaves that holder's `targets` out of date, so it is logged.
 async fn rewrite_manifest(h: &Target, key: &Path, m: &Manifest, body: PutPayload) {
     match read_manifest(h, key).await {
-        Ok(there) if there.object_key == m.object_key => {}
+        Ok(there) if same_objects(&there, m) => {}
         _ => return,
     }
     if let Err(error) = h.store.put(key, body).await {
@@ -383,28 +417,34 @@ async fn rewrite_manifest(h: &Target, key: &Path, m: &Manifest, body: PutPayload
     }
 }
 
-/// `Some(why)` when `target` holds a manifest of the snapshot that names an intact object
-/// (listed with the manifest's size) and the check did not find that very copy damaged.
+/// Whether the check found this object of a copy damaged (not merely the copy missing).
+fn is_damage(kind: &ProblemKind) -> bool {
+    matches!(
+        kind,
+        ProblemKind::WrongHash { .. }
+            | ProblemKind::WrongSize { .. }
+            | ProblemKind::ObjectMissing
+            | ProblemKind::Unreadable { .. }
+    )
+}
+
+/// `Some(why)` when `target` holds a manifest of the snapshot whose objects (dump and files)
+/// are intact (listed with the manifest's sizes) and the check did not find that very copy
+/// damaged (`damaged`: the objects it found damaged there).
 async fn good_copy_there(
     target: &Target,
     manifest_key: &Path,
     m: &Manifest,
-    kind: &ProblemKind,
+    damaged: &[&str],
 ) -> Option<String> {
     let there = read_manifest(target, manifest_key).await.ok()?;
-    let object = object_path(&there.object_key)?;
-    let head = target.store.head(&target.at(&object)).await.ok()?;
-    if head.size != there.stored_size {
-        return None;
+    for object in Expected::of(&there)? {
+        let head = target.store.head(&target.at(&object.key)).await.ok()?;
+        if head.size != object.size {
+            return None;
+        }
     }
-    let damaged_here = there.object_key == m.object_key
-        && matches!(
-            kind,
-            ProblemKind::WrongHash { .. }
-                | ProblemKind::WrongSize { .. }
-                | ProblemKind::ObjectMissing
-                | ProblemKind::Unreadable { .. }
-        );
+    let damaged_here = same_objects(&there, m) && !damaged.is_empty();
     (!damaged_here).then(|| {
         format!(
             "it holds a manifest naming the intact object {}",
@@ -413,18 +453,32 @@ async fn good_copy_there(
     })
 }
 
+/// Whether `object` is on `target` already with the manifest's size and sha256 (read to be
+/// sure): then it is never written again.
+async fn intact_there(target: &Target, object: &Expected) -> bool {
+    let key = target.at(&object.key);
+    match target.store.head(&key).await {
+        Ok(head) if head.size == object.size => {}
+        _ => return false,
+    }
+    matches!(
+        crate::storage::check::hash_object(target, &key).await,
+        Ok((sha256, size)) if sha256 == object.sha256 && size == object.size
+    )
+}
+
 /// Streams `object` from `from` to `to` (same relative key), checking the manifest's sha256
 /// and size before completing the upload; aborts it otherwise.
 async fn copy_object(
     from: &Target,
     to: &Target,
-    object: &Path,
-    m: &Manifest,
+    object: &Expected,
     copied: &AtomicU64,
     cancel: &CancellationToken,
 ) -> Result<(), RepairError> {
-    let src = from.at(object);
-    let dst = to.at(object);
+    let src = from.at(&object.key);
+    let dst = to.at(&object.key);
+    let (stored_size, want_sha256) = (object.size, &object.sha256);
     let read_err = |e: object_store::Error| RepairError::Read {
         target: from.name.clone(),
         key: src.to_string(),
@@ -439,11 +493,10 @@ async fn copy_object(
     clear_left_upload(to, &dst).await;
     let mut upload = upload::start(to, &dst).await.map_err(write_err)?;
     // The size is known: one part size that fits the whole object in the target's limit.
-    let fits = m
-        .stored_size
+    let fits = stored_size
         .div_ceil(u64::from(to.max_parts.max(1)))
         .next_multiple_of(1 << 20);
-    let part = PartSizer::new(Some(m.stored_size), to.max_parts)
+    let part = PartSizer::new(Some(stored_size), to.max_parts)
         .first()
         .max(fits) as usize;
     let fed = async {
@@ -480,13 +533,13 @@ async fn copy_object(
             r.map_err(write_err)?;
         }
         let sha256 = hex::encode(hasher.finalize());
-        if sha256 != m.sha256 || size != m.stored_size {
+        if sha256 != *want_sha256 || size != stored_size {
             return Err(RepairError::Mismatch {
                 target: from.name.clone(),
                 key: src.to_string(),
                 sha256,
                 size,
-                expected: m.sha256.clone(),
+                expected: want_sha256.clone(),
             });
         }
         Ok(())
@@ -498,13 +551,13 @@ async fn copy_object(
     }
     upload.complete().await.map_err(write_err)?;
     let head = to.store.head(&dst).await.map_err(write_err)?;
-    if head.size != m.stored_size {
+    if head.size != stored_size {
         return Err(RepairError::Write {
             target: to.name.clone(),
             key: dst.to_string(),
             error: format!(
                 "the completed object has {} bytes, the manifest says {}",
-                head.size, m.stored_size
+                head.size, stored_size
             ),
         });
     }
@@ -520,7 +573,7 @@ async fn abort(to: &Target, dst: &Path, upload: &mut dyn MultipartUpload) {
 /// Aborts the upload a killed repair (or backup) left open on this very key: its marker
 /// would otherwise be overwritten by ours and the upload forgotten.
 async fn clear_left_upload(to: &Target, dst: &Path) {
-    let Some(marker) = upload::marker_key(dst) else {
+    let Some(marker) = upload::marker_key(dst).or_else(|| upload::files_marker_key(dst)) else {
         return;
     };
     if to.store.head(&marker).await.is_err() {

@@ -25,7 +25,9 @@ use object_store::path::Path;
 use object_store::{MultipartId, MultipartUpload, PutPayload, PutResult, UploadPart};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::key::ENCRYPTED_DUMP_SUFFIX;
+use crate::storage::key::{
+    ENCRYPTED_DUMP_SUFFIX, ENCRYPTED_FILES_SUFFIX, FILES_SUFFIX, FILES_UPLOAD_SUFFIX,
+};
 use crate::storage::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
 
 /// Version of the marker document.
@@ -58,19 +60,45 @@ pub fn marker_key(dump_key: &Path) -> Option<Path> {
     Some(Path::from(format!("{stem}{UPLOAD_SUFFIX}")))
 }
 
-/// The dump keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
-/// only one of them; the marker's body says which), plain first. Only keys of shapes pgferry
-/// owns: a format ≤ 2 marker (`<id>.upload.json`, no run) has only the plain one, since an
-/// encrypted dump always names its run (`<id>.dump.zst.age` is someone else's file).
+/// The marker key of the upload of the companion-files archive `files_key` (plain or
+/// encrypted): `<id>-<run>.files.upload.json` beside it. (`marker_key` is the dump's.)
+pub fn files_marker_key(files_key: &Path) -> Option<Path> {
+    let key = files_key.as_ref();
+    let stem = key
+        .strip_suffix(FILES_SUFFIX)
+        .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))?;
+    // `parse`: the stem is already percent-encoded (`from` would encode its `%` again).
+    Path::parse(format!("{stem}{FILES_UPLOAD_SUFFIX}")).ok()
+}
+
+/// The object keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
+/// only one of them; the marker's body says which), plain first; for a companion-files marker
+/// (`<id>-<run>.files.upload.json`) the attempt's plain and encrypted files archive. Only keys
+/// of shapes pgferry owns: a format ≤ 2 marker (`<id>.upload.json`, no run) has only the plain
+/// dump, since an encrypted dump always names its run (`<id>.dump.zst.age` is someone else's
+/// file).
 pub fn dump_keys(marker_key: &Path) -> Option<Vec<Path>> {
-    let stem = marker_key.as_ref().strip_suffix(UPLOAD_SUFFIX)?;
-    let keys: Vec<Path> = [DUMP_SUFFIX, ENCRYPTED_DUMP_SUFFIX]
+    use crate::storage::key::{parse_name, OwnedName};
+    let key = marker_key.as_ref();
+    let (stem, suffixes, files) = match key.strip_suffix(FILES_UPLOAD_SUFFIX) {
+        Some(stem) => (stem, [FILES_SUFFIX, ENCRYPTED_FILES_SUFFIX], true),
+        None => (
+            key.strip_suffix(UPLOAD_SUFFIX)?,
+            [DUMP_SUFFIX, ENCRYPTED_DUMP_SUFFIX],
+            false,
+        ),
+    };
+    let keys: Vec<Path> = suffixes
         .into_iter()
-        .map(|suffix| Path::from(format!("{stem}{suffix}")))
+        // `parse`, not `from`: the stem is already percent-encoded (odd database names), and
+        // `from` would encode its `%` again, naming another key.
+        .filter_map(|suffix| Path::parse(format!("{stem}{suffix}")).ok())
         .filter(|k| {
-            k.filename()
-                .and_then(crate::storage::key::parse_name)
-                .is_some_and(|n| matches!(n, crate::storage::key::OwnedName::Dump(..)))
+            k.filename().and_then(parse_name).is_some_and(|n| match n {
+                OwnedName::Dump(..) => !files,
+                OwnedName::Files(..) => files,
+                _ => false,
+            })
         })
         .collect();
     (!keys.is_empty()).then_some(keys)
@@ -321,8 +349,8 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
     })
 }
 
-/// The staging files of dump uploads under a directory target's `root`, with their
-/// modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
+/// The staging files of dump and companion-files uploads under a directory target's `root`,
+/// with their modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
 /// names the file an upload writes before it is renamed into place. One that is old was left by
 /// a killed process (an abort or a drop removes it). A missing `root` holds none. Blocking:
 /// call it off the async threads.
@@ -346,7 +374,14 @@ pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, Da
             let Some((stem, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
                 continue;
             };
-            let is_dump = stem.ends_with(DUMP_SUFFIX) || stem.ends_with(ENCRYPTED_DUMP_SUFFIX);
+            let is_dump = [
+                DUMP_SUFFIX,
+                ENCRYPTED_DUMP_SUFFIX,
+                FILES_SUFFIX,
+                ENCRYPTED_FILES_SUFFIX,
+            ]
+            .iter()
+            .any(|s| stem.ends_with(s));
             if is_dump && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
                 let modified = entry.metadata()?.modified()?;
                 found.push((entry.path(), DateTime::<Utc>::from(modified)));
