@@ -609,7 +609,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::storage::check::{self, CheckOptions};
-    use crate::storage::key::RunId;
+    use crate::storage::key::{object_path, RunId};
     use crate::storage::manifest::tests::sample;
     use futures::TryStreamExt;
     use object_store::ObjectStore;

@@ -430,16 +430,16 @@ pub async fn delete_snapshot(t: &Target, entry: &SnapshotEntry) -> Result<(), Pr
     let sk = SnapshotKey::new(&entry.manifest.source, &entry.manifest.database, id);
     delete(t, &t.at(&sk.manifest())).await?;
     delete(t, &t.at(&sk.verify())).await?;
-    if let Some(object) = entry.objects.get(&t.name) {
-        delete(t, object).await?;
-        if let Some(marker) = upload::marker_key(object) {
+    if let Some(objects) = entry.objects.get(&t.name) {
+        delete(t, &objects.dump).await?;
+        if let Some(marker) = upload::marker_key(&objects.dump) {
             delete(t, &marker).await?;
         }
-    }
-    if let Some(files) = entry.files.get(&t.name) {
-        delete(t, files).await?;
-        if let Some(marker) = upload::files_marker_key(files) {
-            delete(t, &marker).await?;
+        if let Some(files) = &objects.files {
+            delete(t, files).await?;
+            if let Some(marker) = upload::files_marker_key(files) {
+                delete(t, &marker).await?;
+            }
         }
     }
     Ok(())

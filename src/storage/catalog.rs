@@ -77,13 +77,10 @@ pub struct SnapshotEntry {
     /// The newest verify report found on any target.
     pub verify: Option<VerifySummary>,
     /// Per target holding a valid manifest of this snapshot (even one naming another attempt's
-    /// object than `manifest`), the full key of the dump object that target's manifest names:
+    /// objects than `manifest`), the full keys of the objects that target's manifest names:
     /// what prune deletes with the snapshot on that target, and nothing else.
     #[serde(skip)]
-    pub objects: BTreeMap<String, Path>,
-    /// The same for the companion-files archive, on the targets whose manifest names one.
-    #[serde(skip)]
-    pub files: BTreeMap<String, Path>,
+    pub objects: BTreeMap<String, CopyKeys>,
 }
 
 impl SnapshotEntry {
@@ -376,13 +373,9 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
                 targets: Vec::new(),
                 verify: None,
                 objects: BTreeMap::new(),
-                files: BTreeMap::new(),
             });
             // Every target's own objects, for prune (which deletes that target's copy).
-            entry.objects.insert(t.name.clone(), found.objects.dump);
-            if let Some(files) = found.objects.files {
-                entry.files.insert(t.name.clone(), files);
-            }
+            entry.objects.insert(t.name.clone(), found.objects);
             // Two attempts at one slot can leave manifests naming different objects on
             // different targets: a copy counts (for restore) only with the manifest it was
             // written with, and the newest wins.
@@ -415,16 +408,17 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
 struct Found {
     manifest: Manifest,
     /// Full keys of the objects it names.
-    objects: Named,
+    objects: CopyKeys,
     verify: Option<VerifySummary>,
 }
 
-/// The full keys of the objects one manifest names, checked to be its snapshot's own.
-#[derive(Debug, Clone)]
-struct Named {
-    dump: Path,
+/// The full keys of the objects one target's manifest of a snapshot names, checked to be that
+/// snapshot's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyKeys {
+    pub dump: Path,
     /// The companion-files archive, when the manifest has one.
-    files: Option<Path>,
+    pub files: Option<Path>,
 }
 
 /// Whether two manifests of one snapshot name the same objects (are the same attempt's).
@@ -438,7 +432,7 @@ pub fn same_objects(a: &Manifest, b: &Manifest) -> bool {
 /// every object is there with its size.
 fn damage(
     metas: &HashMap<&Path, &object_store::ObjectMeta>,
-    named: &Named,
+    named: &CopyKeys,
     m: &Manifest,
 ) -> Option<String> {
     let mut objects = vec![(&named.dump, m.stored_size)];
@@ -729,7 +723,7 @@ fn check_manifest(
     key: &Path,
     id: &SnapshotId,
     m: &Manifest,
-) -> Result<Named, String> {
+) -> Result<CopyKeys, String> {
     if m.snapshot_id != id.as_str() {
         return Err(format!(
             "its body says snapshot {:?}, its name {id}",
@@ -768,7 +762,7 @@ fn check_manifest(
             }
         },
     };
-    Ok(Named {
+    Ok(CopyKeys {
         dump: object,
         files,
     })
