@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::metrics::Outcome;
-use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
 use crate::storage::catalog::same_objects;
+use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
 use crate::storage::check::{CheckReport, Expected, Problem, ProblemKind};
 use crate::storage::key::{SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
@@ -198,7 +198,10 @@ async fn repair_snapshot(
     // One copy per target, whatever number of its objects are damaged (dump and files).
     let mut per_target: Vec<(&Problem, Vec<&Problem>)> = Vec::new();
     for p in problems {
-        match per_target.iter_mut().find(|(first, _)| first.target == p.target) {
+        match per_target
+            .iter_mut()
+            .find(|(first, _)| first.target == p.target)
+        {
             Some((_, all)) => all.push(p),
             None => per_target.push((p, vec![p])),
         }
@@ -760,6 +763,266 @@ mod tests {
                 .with_label_values(&["b", "failure"])
                 .get(),
             1
+        );
+    }
+
+    /// Commits a snapshot with companion files on `a`: dump `body`, archive `files`, then the
+    /// manifest naming both (sha256 of what they hold).
+    async fn commit_with_files_on_a(app: &App, body: &[u8], files: &[u8]) -> Manifest {
+        use crate::storage::manifest::{Files, FilesArchive, FILES_FORMAT_VERSION};
+        let a = app.target("a").unwrap();
+        let mut m = commit_on_a(app, body, body).await;
+        let key = SnapshotKey::new(
+            &m.source,
+            &m.database,
+            SnapshotId::parse(&m.snapshot_id).unwrap(),
+        );
+        let run = match crate::storage::key::parse_name(
+            object_path(&m.object_key).unwrap().filename().unwrap(),
+        ) {
+            Some(crate::storage::key::OwnedName::Dump(_, Some(run))) => run,
+            other => panic!("{other:?}"),
+        };
+        let archive = key.files_as(&run, false);
+        m.files = Some(Files::Archive(FilesArchive {
+            object_key: archive.to_string(),
+            stored_size: files.len() as u64,
+            raw_size: 0,
+            sha256: hex::encode(Sha256::digest(files)),
+            file_count: 1,
+            file_bytes: 1,
+            skipped: 0,
+        }));
+        m.format_version = FILES_FORMAT_VERSION;
+        a.store
+            .put(&a.at(&archive), PutPayload::from(files.to_vec()))
+            .await
+            .unwrap();
+        a.store
+            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+        m
+    }
+
+    /// Copies every object of `a` to `b` as it is (a copy made while both were up).
+    async fn mirror(app: &App) {
+        let (a, b) = (app.target("a").unwrap(), app.target("b").unwrap());
+        for k in keys(a).await {
+            let bytes = a
+                .store
+                .get(&Path::from(k.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let rel = k
+                .strip_prefix(&format!("{}/", a.folder(None, None)))
+                .unwrap_or(&k)
+                .to_string();
+            b.store
+                .put(&b.at(&Path::from(rel.as_str())), PutPayload::from(bytes))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn bytes_of(t: &Target, key: &str) -> Vec<u8> {
+        let key = t.at(&object_path(key).unwrap());
+        t.store
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    /// The identity of the file a directory target holds for `key`: (inode, mtime). A rewrite
+    /// (object_store writes a new file and renames it into place) changes the inode.
+    fn file_id(dir: &std::path::Path, t: &str, key: &str) -> (u64, std::time::SystemTime) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join(t).join(key)).unwrap();
+        (meta.ino(), meta.modified().unwrap())
+    }
+
+    fn files_key(m: &Manifest) -> String {
+        m.files_archive().unwrap().object_key.clone()
+    }
+
+    #[tokio::test]
+    async fn a_missing_files_archive_is_copied_alone_and_the_intact_dump_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        mirror(&app).await;
+        let b = app.target("b").unwrap();
+        b.store
+            .delete(&b.at(&object_path(&files_key(&m)).unwrap()))
+            .await
+            .unwrap();
+        let dump_before = file_id(dir.path(), "b", &m.object_key);
+
+        let report = check::check(&app, &CheckOptions::default()).await;
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        let p = &report.problems[0];
+        assert_eq!(
+            (p.target.as_str(), &p.kind),
+            ("b", &ProblemKind::ObjectMissing)
+        );
+        assert_eq!(p.object_key, files_key(&m));
+
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));
+        assert_eq!(
+            file_id(dir.path(), "b", &m.object_key),
+            dump_before,
+            "the intact dump was rewritten"
+        );
+        let clean = check::check(
+            &app,
+            &CheckOptions {
+                read_data: true,
+                jobs: 1,
+                ..CheckOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            clean.is_clean(),
+            "{:?} {:?}",
+            clean.problems,
+            clean.warnings
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flipped_files_byte_is_found_by_read_data_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let tar = b"tar bytes".repeat(300);
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &tar).await;
+        mirror(&app).await;
+        let b = app.target("b").unwrap();
+        let mut flipped = tar.clone();
+        flipped[100] ^= 1;
+        b.store
+            .put(
+                &b.at(&object_path(&files_key(&m)).unwrap()),
+                PutPayload::from(flipped),
+            )
+            .await
+            .unwrap();
+        let dump_before = file_id(dir.path(), "b", &m.object_key);
+
+        assert!(
+            check::check(&app, &CheckOptions::default())
+                .await
+                .is_clean(),
+            "a listing sees no flip"
+        );
+        let read = CheckOptions {
+            read_data: true,
+            jobs: 1,
+            ..CheckOptions::default()
+        };
+        let report = check::check(&app, &read).await;
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].object_key, files_key(&m));
+        assert!(matches!(
+            report.problems[0].kind,
+            ProblemKind::WrongHash { .. }
+        ));
+
+        let done = repair(
+            &app,
+            &report,
+            &RepairOptions::default(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(bytes_of(b, &files_key(&m)).await, tar);
+        assert_eq!(
+            file_id(dir.path(), "b", &m.object_key),
+            dump_before,
+            "the intact dump was rewritten"
+        );
+        assert!(check::check(&app, &read).await.is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_missing_copy_gets_its_dump_and_files_then_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(done.copies[0].bytes, 2000 + 2100);
+        let b = app.target("b").unwrap();
+        assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));
+        assert_eq!(bytes_of(b, &m.object_key).await, b"dump".repeat(500));
+        let id = SnapshotId::parse(&m.snapshot_id).unwrap();
+        let there = read_manifest(b, &b.at(&SnapshotKey::new("prod", "acme", id).manifest()))
+            .await
+            .unwrap();
+        assert_eq!(there.files, m.files);
+        assert_eq!(there.targets, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_files_archive_on_the_only_holder_is_never_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        let a = app.target("a").unwrap();
+        let mut bad = b"tar".repeat(700);
+        bad[0] ^= 1;
+        a.store
+            .put(
+                &a.at(&object_path(&files_key(&m)).unwrap()),
+                PutPayload::from(bad),
+            )
+            .await
+            .unwrap();
+        let done = run(&app, false).await;
+        assert_eq!(done.failed(), 1, "{done:?}");
+        let left = keys(app.target("b").unwrap()).await;
+        assert!(
+            left.iter()
+                .all(|k| !k.ends_with(".manifest.json") && !k.ends_with(".files.tar.zst")),
+            "{left:?}"
         );
     }
 }

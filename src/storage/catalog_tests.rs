@@ -739,7 +739,10 @@ async fn a_manifest_naming_files_not_its_own_does_not_count() {
         put(&t, &m).await;
     }
 
-    for c in [all(std::slice::from_ref(&t)).await, indexed(std::slice::from_ref(&t)).await] {
+    for c in [
+        all(std::slice::from_ref(&t)).await,
+        indexed(std::slice::from_ref(&t)).await,
+    ] {
         let counted: Vec<(&str, &str)> = c
             .snapshots
             .iter()
@@ -827,7 +830,10 @@ async fn files_archives_no_manifest_names_are_orphans_and_their_markers_uploads(
     // `damage_of` explains a missing snapshot by its archive left without a manifest.
     let damage = c.damage_of(&[t], "prod", "acme", "20261127T090000Z");
     assert_eq!(damage.len(), 1, "{damage:?}");
-    assert!(damage[0].contains(".files.tar.zst has no manifest"), "{damage:?}");
+    assert!(
+        damage[0].contains(".files.tar.zst has no manifest"),
+        "{damage:?}"
+    );
 }
 
 #[tokio::test]
@@ -841,13 +847,23 @@ async fn a_copy_whose_files_archive_is_missing_or_truncated_does_not_count_there
         put_with_files(&b, "acme", id, &run).await;
     }
     // Indexed while intact: the index entries must not vouch for the copies below.
-    assert_eq!(indexed(&[a.clone(), b.clone()]).await.snapshots[0].targets.len(), 2);
+    assert_eq!(
+        indexed(&[a.clone(), b.clone()]).await.snapshots[0]
+            .targets
+            .len(),
+        2
+    );
     // On b: the first's archive is gone, the second's truncated (0 of 1 bytes).
     b.store
         .delete(&b.at(&sk("acme", slots[0]).files_as(&run, false)))
         .await
         .unwrap();
-    put_raw(&b, &b.at(&sk("acme", slots[1]).files_as(&run, false)), Vec::new()).await;
+    put_raw(
+        &b,
+        &b.at(&sk("acme", slots[1]).files_as(&run, false)),
+        Vec::new(),
+    )
+    .await;
 
     let ab = vec!["a".to_string(), "b".to_string()];
     let want = vec![

@@ -460,6 +460,48 @@ mod tests {
         assert!(marker_key(&Path::from("a/b.manifest.json")).is_none());
     }
 
+    #[test]
+    fn a_files_marker_names_its_archives_and_only_them() {
+        let stem = "pg/prod/acme/20261127T140000Z-0123456789ab";
+        let marker = Path::from(format!("{stem}.files.upload.json"));
+        assert_eq!(
+            dump_keys(&marker).unwrap(),
+            vec![
+                Path::from(format!("{stem}.files.tar.zst")),
+                Path::from(format!("{stem}.files.tar.zst.age"))
+            ]
+        );
+        for archive in [".files.tar.zst", ".files.tar.zst.age"] {
+            let key = Path::from(format!("{stem}{archive}"));
+            assert_eq!(files_marker_key(&key), Some(marker.clone()));
+        }
+        assert_eq!(files_marker_key(&Path::from(RUN_DUMP)), None);
+        // A files marker without a run is not a shape pgferry writes.
+        assert!(dump_keys(&Path::from(
+            "pg/prod/acme/20261127T140000Z.files.upload.json"
+        ))
+        .is_none());
+        // Odd database names: the keys stay the ones the listing shows (no double encoding).
+        let odd = crate::storage::key::SnapshotKey::new(
+            "prod",
+            "café 100%",
+            crate::storage::key::SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = crate::storage::key::RunId::parse("0123456789ab").unwrap();
+        assert_eq!(
+            dump_keys(&odd.files_upload_marker(&run)).unwrap()[0],
+            odd.files_as(&run, false)
+        );
+        assert_eq!(
+            files_marker_key(&odd.files_as(&run, true)),
+            Some(odd.files_upload_marker(&run))
+        );
+        assert_eq!(
+            dump_keys(&odd.upload_marker(&run)).unwrap()[0],
+            odd.dump(&run)
+        );
+    }
+
     #[tokio::test]
     async fn a_completed_upload_leaves_the_object_in_part_order_and_no_marker() {
         let (t, store) = marked_target();
