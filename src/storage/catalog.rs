@@ -754,10 +754,12 @@ fn check_manifest(
         None => None,
         Some(a) => match key::object_path(&a.object_key) {
             Some(rel) if sk.owns_files_object(&a.object_key) => Some(t.at(&rel)),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "its files.object_key {:?} is not a files archive of this snapshot in its folder",
                 a.object_key
-            )),
+            ))
+            }
         },
     };
     Ok(CopyKeys {
