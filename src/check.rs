@@ -8,11 +8,14 @@
 //! Then, per expected snapshot and target:
 //!
 //! - the target holds no manifest of it → [`ProblemKind::Missing`];
-//! - the object its manifest names is not listed, or listed with another size than the
-//!   manifest's `stored_size` → [`ProblemKind::ObjectMissing`], [`ProblemKind::WrongSize`]
-//!   (one LIST per database folder per target: cheap);
-//! - with `read_data`, the object is read (streamed, `jobs` at once) and its sha256 and size
+//! - an object its manifest names (the dump, and the companion-files archive when it has one)
+//!   is not listed, or listed with another size than the manifest's `stored_size` →
+//!   [`ProblemKind::ObjectMissing`], [`ProblemKind::WrongSize`] (one LIST per database folder
+//!   per target: cheap);
+//! - with `read_data`, each object is read (streamed, `jobs` at once) and its sha256 and size
 //!   compared with the manifest's → [`ProblemKind::WrongHash`], [`ProblemKind::Unreadable`].
+//!
+//! A problem names the object it is about (`object_key`): the dump's or the files archive's.
 //!
 //! A target that holds a manifest of another attempt at the slot (naming another object) is
 //! not missing it: that is a copy too, and it is not this module's to judge. This module never
@@ -29,6 +32,7 @@ use crate::app::App;
 use crate::retention::{self, SnapshotRef};
 use crate::storage::catalog::{self, Filter, SnapshotEntry};
 use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
+use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, Target};
 
 /// Copies re-hashed at once by `check --read-data` when `--jobs` is not given: each is one
@@ -58,7 +62,8 @@ pub struct Problem {
     pub source: String,
     pub database: String,
     pub snapshot_id: String,
-    /// The object the snapshot's manifest names, relative to the target's prefix.
+    /// The object of the snapshot the problem is about (its dump, or its companion-files
+    /// archive), relative to the target's prefix.
     pub object_key: String,
     #[serde(flatten)]
     pub kind: ProblemKind,
@@ -191,15 +196,15 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
     let mut to_read = Vec::new();
     for entry in &report.expected {
         let m = &entry.manifest;
-        let Some(object) = object_path(&m.object_key) else {
-            continue; // The catalog only keeps manifests that own their object.
+        let Some(objects) = Expected::of(m) else {
+            continue; // The catalog only keeps manifests that own their objects.
         };
-        let problem = |target: &str, kind| Problem {
+        let problem = |target: &str, object: &Expected, kind| Problem {
             target: target.to_string(),
             source: m.source.clone(),
             database: m.database.clone(),
             snapshot_id: m.snapshot_id.clone(),
-            object_key: m.object_key.clone(),
+            object_key: object.key.to_string(),
             kind,
         };
         for t in app.targets.iter() {
@@ -214,36 +219,35 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
                     u.target == t.name && Some(&u.key) == manifest_key(t, entry).as_ref()
                 });
                 if let Some(refused) = refused {
-                    let kind = match listed.get(&t.at(&object)) {
-                        None => ProblemKind::ObjectMissing,
-                        Some(&size) if size != m.stored_size => ProblemKind::WrongSize {
-                            size,
-                            expected: m.stored_size,
-                        },
-                        Some(_) => ProblemKind::Unreadable {
-                            error: refused.error.clone(),
-                        },
-                    };
-                    report.problems.push(problem(&t.name, kind));
+                    let found: Vec<Problem> = objects
+                        .iter()
+                        .filter_map(|o| Some(problem(&t.name, o, o.listed(t, listed)?)))
+                        .collect();
+                    if found.is_empty() {
+                        let first = &objects[0];
+                        report.problems.push(problem(
+                            &t.name,
+                            first,
+                            ProblemKind::Unreadable {
+                                error: refused.error.clone(),
+                            },
+                        ));
+                    }
+                    report.problems.extend(found);
                 } else if !holds_other_attempt(t, entry, listed) {
-                    report.problems.push(problem(&t.name, ProblemKind::Missing));
+                    report
+                        .problems
+                        .push(problem(&t.name, &objects[0], ProblemKind::Missing));
                 }
                 continue;
             }
             report.copies += 1;
-            match listed.get(&t.at(&object)) {
-                None => report
-                    .problems
-                    .push(problem(&t.name, ProblemKind::ObjectMissing)),
-                Some(&size) if size != m.stored_size => report.problems.push(problem(
-                    &t.name,
-                    ProblemKind::WrongSize {
-                        size,
-                        expected: m.stored_size,
-                    },
-                )),
-                Some(_) if opts.read_data => to_read.push((t, entry, object.clone())),
-                Some(_) => {}
+            for o in &objects {
+                match o.listed(t, listed) {
+                    Some(kind) => report.problems.push(problem(&t.name, o, kind)),
+                    None if opts.read_data => to_read.push((t, entry, o.clone())),
+                    None => {}
+                }
             }
         }
     }
@@ -262,15 +266,57 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
         (&a.target, &a.source, &a.database)
             .cmp(&(&b.target, &b.source, &b.database))
             .then_with(|| b.snapshot_id.cmp(&a.snapshot_id))
+            .then_with(|| a.object_key.cmp(&b.object_key))
     });
     report
 }
 
-/// Re-hashes one copy; `Some` when it does not match its manifest.
-async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Path) -> Option<Problem> {
+/// One object a snapshot's manifest names, with what the manifest says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Relative to a target's prefix.
+    pub key: Path,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl Expected {
+    /// The objects of `m`: its dump, then its companion-files archive when it has one.
+    /// `None` when a key is not one pgferry writes (the catalog keeps no such manifest).
+    pub fn of(m: &Manifest) -> Option<Vec<Expected>> {
+        let mut objects = vec![Expected {
+            key: object_path(&m.object_key)?,
+            size: m.stored_size,
+            sha256: m.sha256.clone(),
+        }];
+        if let Some(a) = m.files_archive() {
+            objects.push(Expected {
+                key: object_path(&a.object_key)?,
+                size: a.stored_size,
+                sha256: a.sha256.clone(),
+            });
+        }
+        Some(objects)
+    }
+
+    /// What is wrong with this object in `t`'s listing (`None`: listed with its size).
+    fn listed(&self, t: &Target, listed: &HashMap<Path, u64>) -> Option<ProblemKind> {
+        match listed.get(&t.at(&self.key)) {
+            None => Some(ProblemKind::ObjectMissing),
+            Some(&size) if size != self.size => Some(ProblemKind::WrongSize {
+                size,
+                expected: self.size,
+            }),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Re-hashes one object of a copy; `Some` when it does not match its manifest.
+async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Expected) -> Option<Problem> {
     let m = &entry.manifest;
-    let kind = match hash_object(t, &t.at(&object)).await {
-        Ok((sha256, size)) if sha256 == m.sha256 && size == m.stored_size => return None,
+    let kind = match hash_object(t, &t.at(&object.key)).await {
+        Ok((sha256, size)) if sha256 == object.sha256 && size == object.size => return None,
         Ok((sha256, size)) => ProblemKind::WrongHash { sha256, size },
         Err(e) => ProblemKind::Unreadable {
             error: error_text(&e),
@@ -281,7 +327,7 @@ async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Path) -> Option<Pr
         source: m.source.clone(),
         database: m.database.clone(),
         snapshot_id: m.snapshot_id.clone(),
-        object_key: m.object_key.clone(),
+        object_key: object.key.to_string(),
         kind,
     })
 }

@@ -5,17 +5,20 @@
 //! in turn, so that its manifests' `targets` grow consistently; [`REPAIR_CONCURRENCY`]
 //! snapshots at once), per target to fix:
 //!
-//! 1. the object first, under the very key the manifest names (write-once keys: every holder's
-//!    manifest stays identical): GET from a holder, sha256 and byte count as the bytes pass,
+//! 1. the objects first (the dump, then the companion-files archive when the snapshot has
+//!    one), each under the very key the manifest names (write-once keys: every holder's
+//!    manifest stays identical): an object already there with the manifest's size and sha256
+//!    is kept as it is; otherwise GET from a holder, sha256 and byte count as the bytes pass,
 //!    cut into parts and uploaded through `upload::start` (a marked multipart upload, so that a
 //!    repair killed mid-copy leaves only an upload `prune` aborts);
 //! 2. hash and size equal to the manifest's? Complete the upload; otherwise abort it (a copy
 //!    whose hash differs is never written) and try the next holder;
-//! 3. the manifest, with `targets` naming every holder, on the repaired target; then, best
-//!    effort, the same manifest on the other holders.
+//! 3. once every object is there, the manifest (its existence commits the copy), with
+//!    `targets` naming every holder, on the repaired target; then, best effort, the same
+//!    manifest on the other holders.
 //!
-//! It never overwrites a good copy: a target that meanwhile holds a manifest naming another
-//! intact object, or the same object intact, is left alone. Memory: per copy, at most
+//! It never overwrites a good copy: a target that meanwhile holds a manifest naming other
+//! intact objects, or the same objects intact, is left alone. Memory: per copy, at most
 //! [`PARTS_IN_FLIGHT`] parts uploading plus the one being filled.
 
 use std::collections::BTreeMap;
@@ -32,10 +35,11 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::check::{CheckReport, Problem, ProblemKind};
+use crate::check::{CheckReport, Expected, Problem, ProblemKind};
 use crate::metrics::Outcome;
+use crate::storage::catalog::same_objects;
 use crate::storage::catalog::{full_manifest, read_manifest, SnapshotEntry};
-use crate::storage::key::{object_path, SnapshotId, SnapshotKey};
+use crate::storage::key::{SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, PartSizer, Target};
 use crate::storage::upload;
@@ -198,8 +202,22 @@ async fn repair_snapshot(
         .filter(|t| !suspect.contains(&t.as_str()))
         .cloned()
         .collect();
-    let mut out = Vec::new();
+    // One copy per target, whatever number of its objects are damaged (dump and files).
+    let mut per_target: Vec<(&Problem, Vec<&Problem>)> = Vec::new();
     for p in problems {
+        match per_target
+            .iter_mut()
+            .find(|(first, _)| first.target == p.target)
+        {
+            Some((_, all)) => all.push(p),
+            None => per_target.push((p, vec![p])),
+        }
+    }
+    let bytes = Expected::of(m)
+        .map(|o| o.iter().map(|o| o.size).sum())
+        .unwrap_or(m.stored_size);
+    let mut out = Vec::new();
+    for (p, of_target) in per_target {
         if opts.to.as_deref().is_some_and(|to| to != p.target) {
             continue;
         }
@@ -215,20 +233,21 @@ async fn repair_snapshot(
             snapshot: name.clone(),
             target: p.target.clone(),
             from: candidates.first().map(|t| t.name.clone()),
-            bytes: m.stored_size,
+            bytes,
             result: CopyResult::Planned,
         };
         if opts.dry_run {
             if candidates.is_empty() {
                 done.result = CopyResult::Failed("no good copy to copy from".into());
             }
-            tracing::info!(message = "Repair would copy a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size);
+            tracing::info!(message = "Repair would copy a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes);
             out.push(done);
             continue;
         }
+        let kinds: Vec<&Problem> = of_target;
         done.result = match repair_copy(
             entry,
-            &p.kind,
+            &kinds,
             target,
             &candidates,
             &holders,
@@ -260,7 +279,7 @@ async fn repair_snapshot(
         }
         match &done.result {
             CopyResult::Copied => {
-                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = m.stored_size)
+                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes)
             }
             CopyResult::LeftAlone(why) => {
                 tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why)
@@ -283,7 +302,7 @@ enum Fixed {
 #[allow(clippy::too_many_arguments)]
 async fn repair_copy(
     entry: &SnapshotEntry,
-    kind: &ProblemKind,
+    problems: &[&Problem],
     target: &Target,
     candidates: &[&Target],
     holders: &[String],
@@ -292,18 +311,24 @@ async fn repair_copy(
     cancel: &CancellationToken,
 ) -> Result<(String, Fixed), RepairError> {
     let m = &entry.manifest;
-    let object = object_path(&m.object_key).ok_or_else(|| RepairError::Read {
+    let objects = Expected::of(m).ok_or_else(|| RepairError::Read {
         target: target.name.clone(),
         key: m.object_key.clone(),
         error: "not a key pgferry wrote".into(),
     })?;
+    // Objects the check found damaged here: copied over without reading them again.
+    let damaged: Vec<&str> = problems
+        .iter()
+        .filter(|p| is_damage(&p.kind))
+        .map(|p| p.object_key.as_str())
+        .collect();
     let id = SnapshotId::parse(&m.snapshot_id).ok_or_else(|| RepairError::Read {
         target: target.name.clone(),
         key: m.snapshot_id.clone(),
         error: "not a snapshot id".into(),
     })?;
     let manifest_key = target.at(&SnapshotKey::new(&m.source, &m.database, id).manifest());
-    if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+    if let Some(why) = good_copy_there(target, &manifest_key, m, &damaged).await {
         return Ok((target.name.clone(), Fixed::LeftAlone(why)));
     }
     // The catalog holds summaries (no `tables`): what is written is the manifest in full.
@@ -320,20 +345,32 @@ async fn repair_copy(
             return Err(RepairError::Cancelled);
         }
         tracing::info!(message = "Repair copying a snapshot.", snapshot_id = %m.snapshot_id, source = %m.source, database = %m.database, target = %target.name, from = %from.name, bytes = m.stored_size);
-        let grace = app.config.pipeline.orphan_grace;
-        match copy_object(from, target, &object, m, grace, copied, cancel).await {
-            Ok(()) => {}
-            Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
-            // About the destination: another holder would find the same upload open.
-            Err(e @ RepairError::Busy { .. }) => return Err(e),
-            Err(e) => {
-                tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
-                tried.push(format!("{}: {e}", from.name));
+        let mut failed = None;
+        for object in &objects {
+            let known_bad = damaged.contains(&object.key.as_ref());
+            if !known_bad && intact_there(target, object).await {
+                tracing::info!(message = "Repair kept an intact object.", target = %target.name, key = %object.key);
                 continue;
             }
+            let grace = app.config.pipeline.orphan_grace;
+            match copy_object(from, target, object, grace, copied, cancel).await {
+                Ok(()) => {}
+                Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
+                // About the destination: another holder would find the same upload open.
+                Err(e @ RepairError::Busy { .. }) => return Err(e),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        // The object is there, whole: now the manifest, unless a good one appeared meanwhile.
-        if let Some(why) = good_copy_there(target, &manifest_key, m, kind).await {
+        if let Some(e) = failed {
+            tracing::warn!(message = "Repair could not copy from this holder.", target = %target.name, from = %from.name, error = %e);
+            tried.push(format!("{}: {e}", from.name));
+            continue;
+        }
+        // The objects are there, whole: now the manifest, unless a good one appeared meanwhile.
+        if let Some(why) = good_copy_there(target, &manifest_key, m, &damaged).await {
             return Ok((from.name.clone(), Fixed::LeftAlone(why)));
         }
         let mut repaired = full.clone();
@@ -385,7 +422,7 @@ fn manifest_key_on(h: &Target, key_on_target: &Path, target: &Target) -> Path {
 /// failure only leaves that holder's `targets` out of date, so it is logged.
 async fn rewrite_manifest(h: &Target, key: &Path, m: &Manifest, body: PutPayload) {
     match read_manifest(h, key).await {
-        Ok(there) if there.object_key == m.object_key => {}
+        Ok(there) if same_objects(&there, m) => {}
         _ => return,
     }
     if let Err(error) = h.store.put(key, body).await {
@@ -393,28 +430,34 @@ async fn rewrite_manifest(h: &Target, key: &Path, m: &Manifest, body: PutPayload
     }
 }
 
-/// `Some(why)` when `target` holds a manifest of the snapshot that names an intact object
-/// (listed with the manifest's size) and the check did not find that very copy damaged.
+/// Whether the check found this object of a copy damaged (not merely the copy missing).
+fn is_damage(kind: &ProblemKind) -> bool {
+    matches!(
+        kind,
+        ProblemKind::WrongHash { .. }
+            | ProblemKind::WrongSize { .. }
+            | ProblemKind::ObjectMissing
+            | ProblemKind::Unreadable { .. }
+    )
+}
+
+/// `Some(why)` when `target` holds a manifest of the snapshot whose objects (dump and files)
+/// are intact (listed with the manifest's sizes) and the check did not find that very copy
+/// damaged (`damaged`: the objects it found damaged there).
 async fn good_copy_there(
     target: &Target,
     manifest_key: &Path,
     m: &Manifest,
-    kind: &ProblemKind,
+    damaged: &[&str],
 ) -> Option<String> {
     let there = read_manifest(target, manifest_key).await.ok()?;
-    let object = object_path(&there.object_key)?;
-    let head = target.store.head(&target.at(&object)).await.ok()?;
-    if head.size != there.stored_size {
-        return None;
+    for object in Expected::of(&there)? {
+        let head = target.store.head(&target.at(&object.key)).await.ok()?;
+        if head.size != object.size {
+            return None;
+        }
     }
-    let damaged_here = there.object_key == m.object_key
-        && matches!(
-            kind,
-            ProblemKind::WrongHash { .. }
-                | ProblemKind::WrongSize { .. }
-                | ProblemKind::ObjectMissing
-                | ProblemKind::Unreadable { .. }
-        );
+    let damaged_here = same_objects(&there, m) && !damaged.is_empty();
     (!damaged_here).then(|| {
         format!(
             "it holds a manifest naming the intact object {}",
@@ -423,19 +466,33 @@ async fn good_copy_there(
     })
 }
 
+/// Whether `object` is on `target` already with the manifest's size and sha256 (read to be
+/// sure): then it is never written again.
+async fn intact_there(target: &Target, object: &Expected) -> bool {
+    let key = target.at(&object.key);
+    match target.store.head(&key).await {
+        Ok(head) if head.size == object.size => {}
+        _ => return false,
+    }
+    matches!(
+        crate::check::hash_object(target, &key).await,
+        Ok((sha256, size)) if sha256 == object.sha256 && size == object.size
+    )
+}
+
 /// Streams `object` from `from` to `to` (same relative key), checking the manifest's sha256
 /// and size before completing the upload; aborts it otherwise.
 async fn copy_object(
     from: &Target,
     to: &Target,
-    object: &Path,
-    m: &Manifest,
+    object: &Expected,
     grace: std::time::Duration,
     copied: &AtomicU64,
     cancel: &CancellationToken,
 ) -> Result<(), RepairError> {
-    let src = from.at(object);
-    let dst = to.at(object);
+    let src = from.at(&object.key);
+    let dst = to.at(&object.key);
+    let (stored_size, want_sha256) = (object.size, &object.sha256);
     let read_err = |e: object_store::Error| RepairError::Read {
         target: from.name.clone(),
         key: src.to_string(),
@@ -451,11 +508,10 @@ async fn copy_object(
     let mut upload = upload::start(to, &dst).await.map_err(write_err)?;
     let heartbeat = upload::Heartbeat::start(to, &dst, upload::MARKER_HEARTBEAT).await;
     // The size is known: one part size that fits the whole object in the target's limit.
-    let fits = m
-        .stored_size
+    let fits = stored_size
         .div_ceil(u64::from(to.max_parts.max(1)))
         .next_multiple_of(1 << 20);
-    let part = PartSizer::new(Some(m.stored_size), to.max_parts)
+    let part = PartSizer::new(Some(stored_size), to.max_parts)
         .first()
         .max(fits) as usize;
     let fed = async {
@@ -492,13 +548,13 @@ async fn copy_object(
             r.map_err(write_err)?;
         }
         let sha256 = hex::encode(hasher.finalize());
-        if sha256 != m.sha256 || size != m.stored_size {
+        if sha256 != *want_sha256 || size != stored_size {
             return Err(RepairError::Mismatch {
                 target: from.name.clone(),
                 key: src.to_string(),
                 sha256,
                 size,
-                expected: m.sha256.clone(),
+                expected: want_sha256.clone(),
             });
         }
         Ok(())
@@ -513,13 +569,13 @@ async fn copy_object(
     }
     upload.complete().await.map_err(write_err)?;
     let head = to.store.head(&dst).await.map_err(write_err)?;
-    if head.size != m.stored_size {
+    if head.size != stored_size {
         return Err(RepairError::Write {
             target: to.name.clone(),
             key: dst.to_string(),
             error: format!(
                 "the completed object has {} bytes, the manifest says {}",
-                head.size, m.stored_size
+                head.size, stored_size
             ),
         });
     }
@@ -592,7 +648,7 @@ mod tests {
     use super::*;
     use crate::check::{self, CheckOptions};
     use crate::config::Config;
-    use crate::storage::key::RunId;
+    use crate::storage::key::{object_path, RunId};
     use crate::storage::manifest::tests::sample;
     use futures::TryStreamExt;
     use object_store::ObjectStore;
@@ -743,6 +799,266 @@ mod tests {
                 .with_label_values(&["b", "failure"])
                 .get(),
             1
+        );
+    }
+
+    /// Commits a snapshot with companion files on `a`: dump `body`, archive `files`, then the
+    /// manifest naming both (sha256 of what they hold).
+    async fn commit_with_files_on_a(app: &App, body: &[u8], files: &[u8]) -> Manifest {
+        use crate::storage::manifest::{Files, FilesArchive, FILES_FORMAT_VERSION};
+        let a = app.target("a").unwrap();
+        let mut m = commit_on_a(app, body, body).await;
+        let key = SnapshotKey::new(
+            &m.source,
+            &m.database,
+            SnapshotId::parse(&m.snapshot_id).unwrap(),
+        );
+        let run = match crate::storage::key::parse_name(
+            object_path(&m.object_key).unwrap().filename().unwrap(),
+        ) {
+            Some(crate::storage::key::OwnedName::Dump(_, Some(run))) => run,
+            other => panic!("{other:?}"),
+        };
+        let archive = key.files_as(&run, false);
+        m.files = Some(Files::Archive(FilesArchive {
+            object_key: archive.to_string(),
+            stored_size: files.len() as u64,
+            raw_size: 0,
+            sha256: hex::encode(Sha256::digest(files)),
+            file_count: 1,
+            file_bytes: 1,
+            skipped: 0,
+        }));
+        m.format_version = FILES_FORMAT_VERSION;
+        a.store
+            .put(&a.at(&archive), PutPayload::from(files.to_vec()))
+            .await
+            .unwrap();
+        a.store
+            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
+            .await
+            .unwrap();
+        m
+    }
+
+    /// Copies every object of `a` to `b` as it is (a copy made while both were up).
+    async fn mirror(app: &App) {
+        let (a, b) = (app.target("a").unwrap(), app.target("b").unwrap());
+        for k in keys(a).await {
+            let bytes = a
+                .store
+                .get(&Path::from(k.as_str()))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let rel = k
+                .strip_prefix(&format!("{}/", a.folder(None, None)))
+                .unwrap_or(&k)
+                .to_string();
+            b.store
+                .put(&b.at(&Path::from(rel.as_str())), PutPayload::from(bytes))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn bytes_of(t: &Target, key: &str) -> Vec<u8> {
+        let key = t.at(&object_path(key).unwrap());
+        t.store
+            .get(&key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    /// The identity of the file a directory target holds for `key`: (inode, mtime). A rewrite
+    /// (object_store writes a new file and renames it into place) changes the inode.
+    fn file_id(dir: &std::path::Path, t: &str, key: &str) -> (u64, std::time::SystemTime) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join(t).join(key)).unwrap();
+        (meta.ino(), meta.modified().unwrap())
+    }
+
+    fn files_key(m: &Manifest) -> String {
+        m.files_archive().unwrap().object_key.clone()
+    }
+
+    #[tokio::test]
+    async fn a_missing_files_archive_is_copied_alone_and_the_intact_dump_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        mirror(&app).await;
+        let b = app.target("b").unwrap();
+        b.store
+            .delete(&b.at(&object_path(&files_key(&m)).unwrap()))
+            .await
+            .unwrap();
+        let dump_before = file_id(dir.path(), "b", &m.object_key);
+
+        let report = check::check(&app, &CheckOptions::default()).await;
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        let p = &report.problems[0];
+        assert_eq!(
+            (p.target.as_str(), &p.kind),
+            ("b", &ProblemKind::ObjectMissing)
+        );
+        assert_eq!(p.object_key, files_key(&m));
+
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));
+        assert_eq!(
+            file_id(dir.path(), "b", &m.object_key),
+            dump_before,
+            "the intact dump was rewritten"
+        );
+        let clean = check::check(
+            &app,
+            &CheckOptions {
+                read_data: true,
+                jobs: 1,
+                ..CheckOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            clean.is_clean(),
+            "{:?} {:?}",
+            clean.problems,
+            clean.warnings
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flipped_files_byte_is_found_by_read_data_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let tar = b"tar bytes".repeat(300);
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &tar).await;
+        mirror(&app).await;
+        let b = app.target("b").unwrap();
+        let mut flipped = tar.clone();
+        flipped[100] ^= 1;
+        b.store
+            .put(
+                &b.at(&object_path(&files_key(&m)).unwrap()),
+                PutPayload::from(flipped),
+            )
+            .await
+            .unwrap();
+        let dump_before = file_id(dir.path(), "b", &m.object_key);
+
+        assert!(
+            check::check(&app, &CheckOptions::default())
+                .await
+                .is_clean(),
+            "a listing sees no flip"
+        );
+        let read = CheckOptions {
+            read_data: true,
+            jobs: 1,
+            ..CheckOptions::default()
+        };
+        let report = check::check(&app, &read).await;
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].object_key, files_key(&m));
+        assert!(matches!(
+            report.problems[0].kind,
+            ProblemKind::WrongHash { .. }
+        ));
+
+        let done = repair(
+            &app,
+            &report,
+            &RepairOptions::default(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(bytes_of(b, &files_key(&m)).await, tar);
+        assert_eq!(
+            file_id(dir.path(), "b", &m.object_key),
+            dump_before,
+            "the intact dump was rewritten"
+        );
+        assert!(check::check(&app, &read).await.is_clean());
+    }
+
+    #[tokio::test]
+    async fn a_missing_copy_gets_its_dump_and_files_then_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        let done = run(&app, false).await;
+        assert!(
+            matches!(
+                done.copies[..],
+                [Copied {
+                    result: CopyResult::Copied,
+                    ..
+                }]
+            ),
+            "{done:?}"
+        );
+        assert_eq!(done.copies[0].bytes, 2000 + 2100);
+        let b = app.target("b").unwrap();
+        assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));
+        assert_eq!(bytes_of(b, &m.object_key).await, b"dump".repeat(500));
+        let id = SnapshotId::parse(&m.snapshot_id).unwrap();
+        let there = read_manifest(b, &b.at(&SnapshotKey::new("prod", "acme", id).manifest()))
+            .await
+            .unwrap();
+        assert_eq!(there.files, m.files);
+        assert_eq!(there.targets, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_files_archive_on_the_only_holder_is_never_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
+        let a = app.target("a").unwrap();
+        let mut bad = b"tar".repeat(700);
+        bad[0] ^= 1;
+        a.store
+            .put(
+                &a.at(&object_path(&files_key(&m)).unwrap()),
+                PutPayload::from(bad),
+            )
+            .await
+            .unwrap();
+        let done = run(&app, false).await;
+        assert_eq!(done.failed(), 1, "{done:?}");
+        let left = keys(app.target("b").unwrap()).await;
+        assert!(
+            left.iter()
+                .all(|k| !k.ends_with(".manifest.json") && !k.ends_with(".files.tar.zst")),
+            "{left:?}"
         );
     }
 }

@@ -4,9 +4,10 @@
 //! and database folders; only manifests that belong at their key, see `catalog`), ask
 //! [`retention::prune_allowed`], plan by when each snapshot's data was read, then delete each
 //! expired snapshot's manifest first (so a crash leaves an orphan dump, never a manifest
-//! pointing at nothing), then its verify report, then the object that manifest names (never a
-//! key derived from the id); finally remove the dumps no manifest names that are older than
-//! the orphan grace, and abort the multipart uploads whose markers (see `upload`) are that old
+//! pointing at nothing), then its verify report, then the objects that manifest names (its
+//! dump, then its companion-files archive; never a key derived from the id); finally remove
+//! the dumps and files archives no manifest names that are older than the orphan grace, and
+//! abort the multipart uploads (dump or files) whose markers (see `upload`) are that old
 //! without a manifest. Only keys of the shapes pgferry writes, inside the selected folders, are
 //! ever deleted; nothing a manifest names is deleted except with that manifest's snapshot. The
 //! decisions are `retention`'s; this module only lists, aborts and deletes. A target that
@@ -318,7 +319,7 @@ async fn clean_staging_files(
                         .and_then(|n| n.to_str())
                         .and_then(|n| n.rsplit_once('#'))
                         .and_then(|(stem, _)| key::parse_name(stem))
-                        .is_some_and(|n| matches!(n, OwnedName::Dump(..)));
+                        .is_some_and(|n| matches!(n, OwnedName::Dump(..) | OwnedName::Files(..)));
                 if owned_here {
                     found.push((path, modified));
                 }
@@ -418,8 +419,10 @@ async fn clean_uploads(
     }
 }
 
-/// Deletes one snapshot from a target: its manifest first, then its verify report, then the
-/// object that target's manifest names and the marker its completed upload may have left.
+/// Deletes one snapshot from a target: its manifest first (a crash after it leaves orphans,
+/// never a manifest naming a missing object), then its verify report, then the objects that
+/// target's manifest names (dump, companion files) and the markers their completed uploads
+/// may have left.
 pub async fn delete_snapshot(t: &Target, entry: &SnapshotEntry) -> Result<(), PruneError> {
     let Some(id) = SnapshotId::parse(entry.id()) else {
         return Ok(());
@@ -427,10 +430,16 @@ pub async fn delete_snapshot(t: &Target, entry: &SnapshotEntry) -> Result<(), Pr
     let sk = SnapshotKey::new(&entry.manifest.source, &entry.manifest.database, id);
     delete(t, &t.at(&sk.manifest())).await?;
     delete(t, &t.at(&sk.verify())).await?;
-    if let Some(object) = entry.objects.get(&t.name) {
-        delete(t, object).await?;
-        if let Some(marker) = upload::marker_key(object) {
+    if let Some(objects) = entry.objects.get(&t.name) {
+        delete(t, &objects.dump).await?;
+        if let Some(marker) = upload::marker_key(&objects.dump) {
             delete(t, &marker).await?;
+        }
+        if let Some(files) = &objects.files {
+            delete(t, files).await?;
+            if let Some(marker) = upload::marker_key(files) {
+                delete(t, &marker).await?;
+            }
         }
     }
     Ok(())
@@ -475,9 +484,15 @@ pub fn render(report: &PruneReport, dry_run: bool) -> String {
         }
     }
     for (t, key) in &report.orphans {
+        let what = if key.ends_with(key::FILES_SUFFIX) || key.ends_with(key::ENCRYPTED_FILES_SUFFIX)
+        {
+            "orphan files archive"
+        } else {
+            "orphan dump"
+        };
         let _ = writeln!(
             out,
-            "orphan dump on {t} (no manifest, older than the grace): {verb} {key}"
+            "{what} on {t} (no manifest, older than the grace): {verb} {key}"
         );
     }
     let abort = if dry_run { "would abort" } else { "abort" };

@@ -433,3 +433,172 @@ async fn a_snapshot_the_policy_expires_everywhere_is_not_held_for_repair() {
         .all(|(_, why)| !why.contains(&KeepReason::RepairSource)));
     assert!(keys(&a).await.iter().all(|k| !k.contains(IDS[1])));
 }
+
+/// A snapshot with companion files as a backup with `files` commits it: dump, files archive,
+/// then the manifest naming both; its data read at its slot.
+async fn put_with_files(t: &Target, id: &str, run: &RunId) -> (String, String) {
+    use crate::storage::manifest::{Files, FilesArchive, FILES_FORMAT_VERSION};
+    let sk = SnapshotKey::new("prod", "acme", SnapshotId::parse(id).unwrap());
+    let mut m = sample();
+    m.snapshot_id = id.into();
+    m.started_at = SnapshotId::parse(id).unwrap().time();
+    m.object_key = sk.dump(run).to_string();
+    let files = sk.files_as(run, false).to_string();
+    m.files = Some(Files::Archive(FilesArchive {
+        object_key: files.clone(),
+        stored_size: 1,
+        raw_size: 2,
+        sha256: "11".repeat(32),
+        file_count: 1,
+        file_bytes: 1,
+        skipped: 0,
+    }));
+    m.format_version = FILES_FORMAT_VERSION;
+    put_raw(t, &m.object_key).await;
+    put_raw(t, &files).await;
+    t.store
+        .put(&t.at(&sk.manifest()), PutPayload::from(m.to_json()))
+        .await
+        .unwrap();
+    (m.object_key, files)
+}
+
+#[tokio::test]
+async fn a_snapshot_takes_its_files_archive_and_keeps_it_otherwise() {
+    let a = Target::new("a", Arc::new(InMemory::new()), "pg", 10_000);
+    let run = RunId::random();
+    let mut objects = Vec::new();
+    for id in IDS {
+        objects.push(put_with_files(&a, id, &run).await);
+    }
+    // The marker a completed files upload of the oldest left behind.
+    let old = SnapshotKey::new("prod", "acme", SnapshotId::parse(IDS[0]).unwrap());
+    put_raw(&a, old.files_upload_marker(&run).as_ref()).await;
+    let app = app(vec![a.clone()]);
+    let r = prune(
+        &app,
+        &Selection::default(),
+        &|_, _| None,
+        Utc::now(),
+        retention::DEFAULT_ORPHAN_GRACE,
+        false,
+    )
+    .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.deleted_snapshots, 2);
+    let left = keys(&a).await;
+    let mut want: Vec<String> = IDS[2..]
+        .iter()
+        .flat_map(|id| {
+            let sk = SnapshotKey::new("prod", "acme", SnapshotId::parse(id).unwrap());
+            [
+                sk.dump(&run).to_string(),
+                sk.files_as(&run, false).to_string(),
+                sk.manifest().to_string(),
+            ]
+        })
+        .map(|k| format!("pg/{k}"))
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+}
+
+#[tokio::test]
+async fn orphan_files_archives_and_files_uploads_are_cleaned_after_the_grace_only() {
+    use object_store::multipart::MultipartStore;
+    let store = Arc::new(InMemory::new());
+    let a = Target::new("a", store.clone(), "pg", 10_000).with_multipart(store.clone());
+    let (committed, dead, crashed) = (RunId::random(), RunId::random(), RunId::random());
+    let (_, kept_files) = put_with_files(&a, IDS[3], &committed).await;
+    let sk = SnapshotKey::new("prod", "acme", SnapshotId::parse(IDS[3]).unwrap());
+    // A run that died after its files upload completed but before the manifest (orphan).
+    let orphan = sk.files_as(&crashed, true);
+    put_raw(&a, orphan.as_ref()).await;
+    // A run killed mid-upload of its files: the open upload and its marker.
+    let files = a.at(&sk.files_as(&dead, false));
+    let upload_id = store.create_multipart(&files).await.unwrap();
+    store
+        .put_part(&files, &upload_id, 0, PutPayload::from_static(b"part"))
+        .await
+        .unwrap();
+    let marker = a.at(&sk.files_upload_marker(&dead));
+    let body = crate::storage::upload::UploadMarker {
+        format_version: 1,
+        upload_id: upload_id.clone(),
+        key: files.to_string(),
+        started_at: Utc::now(),
+        host: "test".into(),
+        pid: 1,
+        pgferry_version: "0".into(),
+    };
+    a.store
+        .put(
+            &marker,
+            PutPayload::from(serde_json::to_vec(&body).unwrap()),
+        )
+        .await
+        .unwrap();
+    let app = app(vec![a.clone()]);
+    let all = Selection::default();
+    let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
+
+    let before = keys(&a).await;
+    assert_eq!(before.len(), 5, "{before:?}");
+    let r = run(retention::DEFAULT_ORPHAN_GRACE, false).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.orphans.is_empty() && r.unfinished_uploads.is_empty());
+    assert_eq!(keys(&a).await, before, "within the grace nothing goes");
+
+    let r = run(Duration::ZERO, true).await;
+    assert_eq!(
+        r.orphans,
+        vec![("a".to_string(), a.at(&orphan).to_string())]
+    );
+    assert_eq!(
+        r.unfinished_uploads,
+        vec![("a".to_string(), marker.to_string())]
+    );
+    assert!(render(&r, true).contains("orphan files archive on a"));
+    assert_eq!(keys(&a).await, before, "a dry run touches nothing");
+
+    let r = run(Duration::ZERO, false).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.deleted_orphans, r.aborted_uploads), (1, 1));
+    let left = keys(&a).await;
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.contains(&format!("pg/{kept_files}")), "{left:?}");
+    assert!(
+        store.abort_multipart(&files, &upload_id).await.is_err(),
+        "the files upload is still open"
+    );
+}
+
+#[tokio::test]
+async fn staging_files_of_a_killed_files_upload_go_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let mut a = Target::new("a", store, "", 10_000);
+    a.root = Some(dir.path().to_path_buf());
+    let run = RunId::random();
+    put_with_files(&a, IDS[3], &run).await;
+    let folder = dir.path().join("prod").join("acme");
+    let staging = folder.join(format!("{}-{run}.files.tar.zst#1", IDS[2]));
+    std::fs::write(&staging, b"x").unwrap();
+    let app = app(vec![a.clone()]);
+    let r = prune(
+        &app,
+        &Selection::default(),
+        &|_, _| None,
+        Utc::now(),
+        Duration::ZERO,
+        false,
+    )
+    .await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        !staging.exists(),
+        "the staging file of a files upload stayed"
+    );
+    assert_eq!(keys(&a).await.len(), 3);
+}

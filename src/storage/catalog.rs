@@ -3,10 +3,12 @@
 //! A snapshot exists on a target iff its manifest does, and a manifest counts only where
 //! pgferry writes it: at exactly `<prefix>/<source>/<database>/<snapshot_id>.manifest.json`
 //! for a configured source, with a body whose source, database and snapshot id match that key
-//! and whose `object_key` names a dump of that snapshot in the same folder. Anything else (a
-//! manifest copied into a subfolder, a body that says another database, another deployment's
-//! objects under a nested prefix) is a warning naming the key, and is ignored by `list`,
-//! `restore` and `prune` alike.
+//! and whose `object_key` names a dump of that snapshot in the same folder (and whose
+//! `files.object_key`, when it has companion files, one of that snapshot's files archives
+//! there). Anything else (a manifest copied into a subfolder, a body that says another
+//! database, another deployment's objects under a nested prefix, another snapshot's files) is
+//! a warning naming the key, and is ignored by `list`, `restore` and `prune` alike. A copy
+//! counts only with every object its manifest names listed at the manifest's size.
 //!
 //! Listing is per configured source and database folder, never recursive over a prefix: the
 //! source folder is listed with a delimiter to find its database folders ([`Plan`]), and each
@@ -14,8 +16,9 @@
 //! [`key::parse_name`] recognises are looked at. Manifests are read without their `tables`
 //! (a summary: listing never needs the table statistics; verify reads them with
 //! [`full_manifest`]), with bounded concurrency, and merged by (source, database, snapshot id),
-//! noting on which targets each one is and which object each target's manifest names. Dump
-//! objects that no manifest in their folder names are reported as orphans, and the markers of
+//! noting on which targets each one is and which objects each target's manifest names. Dump
+//! and files objects that no manifest in their folder names are reported as orphans, and the
+//! markers of
 //! open multipart uploads (see `upload`) as uploads, for retention to clean. An unreachable
 //! target is reported, not fatal. Snapshots are ordered by when their data was read
 //! (`started_at`), newest first.
@@ -74,10 +77,10 @@ pub struct SnapshotEntry {
     /// The newest verify report found on any target.
     pub verify: Option<VerifySummary>,
     /// Per target holding a valid manifest of this snapshot (even one naming another attempt's
-    /// object than `manifest`), the full key of the dump object that target's manifest names:
+    /// objects than `manifest`), the full keys of the objects that target's manifest names:
     /// what prune deletes with the snapshot on that target, and nothing else.
     #[serde(skip)]
-    pub objects: BTreeMap<String, Path>,
+    pub objects: BTreeMap<String, CopyKeys>,
 }
 
 impl SnapshotEntry {
@@ -92,8 +95,8 @@ impl SnapshotEntry {
     }
 }
 
-/// A dump object that no manifest in its folder names: an upload in flight, or a leftover of
-/// a crash.
+/// A dump or companion-files object that no manifest in its folder names: an upload in flight,
+/// or a leftover of a crash. Its key names its snapshot and run (`key::parse_name`).
 #[derive(Debug, Clone)]
 pub struct Orphan {
     pub target: String,
@@ -107,10 +110,11 @@ pub struct Orphan {
 #[derive(Debug, Clone)]
 pub struct OpenUploadMarker {
     pub target: String,
-    /// The marker's key (`<snapshot_id>-<run>.upload.json`).
+    /// The marker's key (`<snapshot_id>-<run>.upload.json`, or `.files.upload.json` for a
+    /// companion-files upload).
     pub key: Path,
     pub last_modified: DateTime<Utc>,
-    /// Whether a manifest names the marker's dump (then the upload completed and the marker
+    /// Whether a manifest names the marker's object (then the upload completed and the marker
     /// is stale).
     pub committed: bool,
 }
@@ -370,12 +374,12 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
                 verify: None,
                 objects: BTreeMap::new(),
             });
-            // Every target's own object, for prune (which deletes that target's copy).
-            entry.objects.insert(t.name.clone(), found.object);
+            // Every target's own objects, for prune (which deletes that target's copy).
+            entry.objects.insert(t.name.clone(), found.objects);
             // Two attempts at one slot can leave manifests naming different objects on
             // different targets: a copy counts (for restore) only with the manifest it was
             // written with, and the newest wins.
-            if entry.manifest.object_key != m.object_key {
+            if !same_objects(&entry.manifest, &m) {
                 if m.finished_at <= entry.manifest.finished_at {
                     continue;
                 }
@@ -403,9 +407,49 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
 /// A valid manifest on one target.
 struct Found {
     manifest: Manifest,
-    /// Full key of the dump it names.
-    object: Path,
+    /// Full keys of the objects it names.
+    objects: CopyKeys,
     verify: Option<VerifySummary>,
+}
+
+/// The full keys of the objects one target's manifest of a snapshot names, checked to be that
+/// snapshot's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyKeys {
+    pub dump: Path,
+    /// The companion-files archive, when the manifest has one.
+    pub files: Option<Path>,
+}
+
+/// Whether two manifests of one snapshot name the same objects (are the same attempt's).
+pub fn same_objects(a: &Manifest, b: &Manifest) -> bool {
+    a.object_key == b.object_key
+        && a.files_archive().map(|f| &f.object_key) == b.files_archive().map(|f| &f.object_key)
+}
+
+/// Why the copy of manifest `m` (whose objects are `named`) is damaged on a target whose
+/// listing is `metas`: an object missing or of another size than the manifest says. `None`:
+/// every object is there with its size.
+fn damage(
+    metas: &HashMap<&Path, &object_store::ObjectMeta>,
+    named: &CopyKeys,
+    m: &Manifest,
+) -> Option<String> {
+    let mut objects = vec![(&named.dump, m.stored_size)];
+    if let (Some(files), Some(a)) = (&named.files, m.files_archive()) {
+        objects.push((files, a.stored_size));
+    }
+    objects.into_iter().find_map(|(object, want)| {
+        match metas.get(object).map(|o| o.size) {
+            Some(size) if size == want => None,
+            Some(size) => Some(format!(
+                "the object it names, {object}, is {size} bytes, the manifest says {want}; this copy is damaged (`pgferry repair` can replace it from another target)"
+            )),
+            None => Some(format!(
+                "the object it names, {object}, does not exist; this copy is damaged (`pgferry repair` can replace it from another target)"
+            )),
+        }
+    })
 }
 
 #[derive(Default)]
@@ -493,7 +537,7 @@ async fn load_folder(
         // hide an intact snapshot as "damaged" (review 15).
         let passes = |m: &Manifest| {
             check_manifest(t, folder, &meta.location, &id, m)
-                .is_ok_and(|object| metas.get(&object).is_some_and(|o| o.size == m.stored_size))
+                .is_ok_and(|named| damage(&metas, &named, m).is_none())
         };
         match lookup.manifest(meta) {
             Some(m) if passes(&m) => {
@@ -524,7 +568,8 @@ async fn load_folder(
     }
 
     let mut listing = Listing::default();
-    // Dumps named by any manifest body in this folder (valid or not): never orphans.
+    // Dumps and files archives named by any manifest body in this folder (valid or not):
+    // never orphans.
     let mut named: HashSet<Path> = HashSet::new();
     // Snapshots with a manifest that could not be read: we cannot know what it names, so their
     // dumps and markers are left alone.
@@ -537,25 +582,22 @@ async fn load_folder(
                 why
             }
             Ok(m) => {
-                if let Some(rel) = key::object_path(&m.object_key) {
-                    named.insert(t.at(&rel));
+                let files = m.files_archive().map(|a| a.object_key.as_str());
+                for object in std::iter::once(m.object_key.as_str()).chain(files) {
+                    if let Some(rel) = key::object_path(object) {
+                        named.insert(t.at(&rel));
+                    }
                 }
                 match check_manifest(t, folder, &key, &id, &m) {
-                    // The object must be there with the manifest's size: a manifest whose
-                    // object is gone (or was never written) is no snapshot, so retention never
-                    // keeps it in place of a real one.
-                    Ok(object) => match metas.get(&object).map(|o| o.size) {
-                        Some(size) if size == m.stored_size => {
-                            valid.push((m, object, id));
+                    // Every object must be there with the manifest's size: a manifest whose
+                    // dump or files are gone (or were never written) is no snapshot, so
+                    // retention never keeps it in place of a real one.
+                    Ok(objects) => match damage(&metas, &objects, &m) {
+                        None => {
+                            valid.push((m, objects, id));
                             continue;
                         }
-                        Some(size) => format!(
-                            "the object it names, {object}, is {size} bytes, the manifest says {}; this copy is damaged (`pgferry repair` can replace it from another target)",
-                            m.stored_size
-                        ),
-                        None => format!(
-                            "the object it names, {object}, does not exist; this copy is damaged (`pgferry repair` can replace it from another target)"
-                        ),
+                        Some(why) => why,
                     },
                     Err(why) => why,
                 }
@@ -572,7 +614,7 @@ async fn load_folder(
         });
     }
     let mut verify_reads = Vec::new();
-    for (m, object, id) in valid {
+    for (m, objects, id) in valid {
         let sk = SnapshotKey::new(&m.source, &m.database, id);
         let verify_key = t.at(&sk.verify());
         let meta = metas.get(&verify_key).copied();
@@ -589,14 +631,14 @@ async fn load_folder(
                 (None, Some(meta)) => read_verify(t, &verify_key).await.map(|v| (v, Some(meta))),
                 (None, None) => None,
             };
-            (m, object, verify)
+            (m, objects, verify)
         });
     }
     let found: Vec<_> = futures::stream::iter(verify_reads)
         .buffer_unordered(FETCH_CONCURRENCY)
         .collect()
         .await;
-    for (manifest, object, verify) in found {
+    for (manifest, objects, verify) in found {
         let verify = verify.map(|(v, read_now)| {
             if let Some(meta) = read_now {
                 push_verify(&mut index, meta, &v);
@@ -605,7 +647,7 @@ async fn load_folder(
         });
         listing.manifests.push(Found {
             manifest,
-            object,
+            objects,
             verify,
         });
     }
@@ -617,7 +659,7 @@ async fn load_folder(
 
     for o in &listed.objects {
         match owned(&o.location) {
-            Some(OwnedName::Dump(id, _))
+            Some(OwnedName::Dump(id, _) | OwnedName::Files(id, _))
                 if !named.contains(&o.location) && !unknown.contains(&id) =>
             {
                 listing.orphans.push(Orphan {
@@ -627,7 +669,7 @@ async fn load_folder(
                     size: o.size,
                 });
             }
-            Some(OwnedName::UploadMarker(id, _)) => {
+            Some(OwnedName::UploadMarker(id, _) | OwnedName::FilesUploadMarker(id, _)) => {
                 let Some(dumps) = upload::dump_keys(&o.location) else {
                     continue;
                 };
@@ -674,21 +716,22 @@ fn push_verify(
 }
 
 /// Whether manifest `m`, read from `key` in `folder` under the name of snapshot `id`, belongs
-/// there; if so, the full key of the dump it names.
+/// there; if so, the full keys of the dump and files archive it names.
 fn check_manifest(
     t: &Target,
     folder: &Path,
     key: &Path,
     id: &SnapshotId,
     m: &Manifest,
-) -> Result<Path, String> {
+) -> Result<CopyKeys, String> {
     if m.snapshot_id != id.as_str() {
         return Err(format!(
             "its body says snapshot {:?}, its name {id}",
             m.snapshot_id
         ));
     }
-    let own_key = t.at(&SnapshotKey::new(&m.source, &m.database, id.clone()).manifest());
+    let sk = SnapshotKey::new(&m.source, &m.database, id.clone());
+    let own_key = t.at(&sk.manifest());
     if own_key != *key {
         return Err(format!(
             "its body says {}/{}, whose manifest would be {own_key}; a manifest counts only at its own key (a copy or a misplaced file?)",
@@ -705,7 +748,24 @@ fn check_manifest(
             m.object_key
         ));
     };
-    Ok(object)
+    // The same rule for the companion files: only an archive of this very snapshot, in its
+    // folder (never another snapshot's, whose prune would take it away).
+    let files = match m.files_archive() {
+        None => None,
+        Some(a) => match key::object_path(&a.object_key) {
+            Some(rel) if sk.owns_files_object(&a.object_key) => Some(t.at(&rel)),
+            _ => {
+                return Err(format!(
+                "its files.object_key {:?} is not a files archive of this snapshot in its folder",
+                a.object_key
+            ))
+            }
+        },
+    };
+    Ok(CopyKeys {
+        dump: object,
+        files,
+    })
 }
 
 /// What pgferry object `key` is, by its file name; `None`: not pgferry's.

@@ -88,7 +88,7 @@ async fn merges_targets_newest_first_and_skips_bad_manifests() {
     assert!(!c.uploads[0].committed);
     let entry = &c.snapshots[1];
     assert_eq!(
-        entry.objects["a"].as_ref(),
+        entry.objects["a"].dump.as_ref(),
         format!("pg/prod/acme/20261127T140000Z-{run}.dump.zst")
     );
 
@@ -378,7 +378,7 @@ fn facts(c: &Catalog) -> Facts {
                 s.verify.as_ref().map(|v| v.result.clone()),
                 s.objects
                     .iter()
-                    .map(|(t, o)| (t.clone(), o.to_string()))
+                    .map(|(t, o)| (t.clone(), format!("{o:?}")))
                     .collect(),
             )
         })
@@ -673,5 +673,217 @@ async fn an_unchanged_folder_costs_no_write_even_with_a_bad_manifest_in_it() {
         assert_eq!(facts(&again), facts(&first));
         assert_eq!(again.warnings, first.warnings);
         assert_eq!(puts(&store), 0, "nothing changed: no write");
+    }
+}
+
+/// `m` with a companion-files archive at `files_key` (relative) of `size` bytes.
+fn with_files(mut m: Manifest, files_key: &str, size: u64) -> Manifest {
+    use crate::storage::manifest::{Files, FilesArchive, FILES_FORMAT_VERSION};
+    m.files = Some(Files::Archive(FilesArchive {
+        object_key: files_key.into(),
+        stored_size: size,
+        raw_size: size * 2,
+        sha256: "11".repeat(32),
+        file_count: 3,
+        file_bytes: size,
+        skipped: 0,
+    }));
+    m.format_version = FILES_FORMAT_VERSION;
+    m
+}
+
+/// A committed snapshot with companion files, as a backup with `files` leaves it: dump,
+/// files archive (one byte each), then the manifest naming both.
+async fn put_with_files(t: &Target, database: &str, id: &str, run: &RunId) -> Manifest {
+    let files = sk(database, id).files_as(run, false);
+    let m = with_files(manifest(database, id, run), files.as_ref(), 1);
+    put_raw(t, &t.at(&files), b"f".to_vec()).await;
+    put(t, &m).await;
+    m
+}
+
+#[tokio::test]
+async fn a_manifest_naming_files_not_its_own_does_not_count() {
+    let t = target("a", "pg");
+    let run = RunId::random();
+    // Two good snapshots with files: the second's archive is what the strays name.
+    put_with_files(&t, "acme", "20261127T100000Z", &run).await;
+    let theirs = sk("acme", "20261127T100000Z").files_as(&run, false);
+    put_with_files(&t, "globex", "20261127T100000Z", &run).await;
+    let globex_files = sk("globex", "20261127T100000Z").files_as(&run, false);
+    let cases = [
+        // Another snapshot's archive, in the same folder.
+        ("20261127T110000Z", theirs.to_string()),
+        // Another database's archive (another folder).
+        ("20261127T120000Z", globex_files.to_string()),
+        // Not a files shape: its own dump.
+        (
+            "20261127T130000Z",
+            sk("acme", "20261127T130000Z").dump(&run).to_string(),
+        ),
+        // A files shape in a subfolder.
+        (
+            "20261127T140000Z",
+            format!("prod/acme/x/20261127T140000Z-{run}.files.tar.zst"),
+        ),
+        // Outside every configured folder.
+        (
+            "20261127T150000Z",
+            format!("otherteam/20261127T150000Z-{run}.files.tar.zst"),
+        ),
+    ];
+    for (id, files) in &cases {
+        let m = with_files(manifest("acme", id, &run), files, 1);
+        // The object the stray names exists with its size: only ownership refuses it.
+        put_raw(&t, &t.at(&Path::parse(files).unwrap()), b"f".to_vec()).await;
+        put(&t, &m).await;
+    }
+
+    for c in [
+        all(std::slice::from_ref(&t)).await,
+        indexed(std::slice::from_ref(&t)).await,
+    ] {
+        let counted: Vec<(&str, &str)> = c
+            .snapshots
+            .iter()
+            .map(|s| (s.manifest.database.as_str(), s.id()))
+            .collect();
+        assert_eq!(
+            counted,
+            vec![("acme", "20261127T100000Z"), ("globex", "20261127T100000Z")],
+            "{:?}",
+            c.warnings
+        );
+        assert_eq!(c.warnings.len(), cases.len(), "{:?}", c.warnings);
+        for (id, files) in &cases {
+            assert!(
+                c.warnings
+                    .iter()
+                    .any(|w| w.contains(&format!("{id}.manifest.json"))
+                        && w.contains("files.object_key")
+                        && w.contains(files.as_str())),
+                "{id}: {:?}",
+                c.warnings
+            );
+        }
+        // Whatever a manifest names is never an orphan, even a refused one's.
+        let orphans: Vec<String> = c.orphans.iter().map(|o| o.key.to_string()).collect();
+        assert!(orphans.is_empty(), "{orphans:?}");
+    }
+}
+
+#[tokio::test]
+async fn files_archives_no_manifest_names_are_orphans_and_their_markers_uploads() {
+    let t = target("a", "");
+    let (run, other) = (RunId::random(), RunId::random());
+    let committed = put_with_files(&t, "acme", "20261127T100000Z", &run).await;
+    let s = sk("acme", "20261127T100000Z");
+    // Another attempt at the slot left its archive (plain and encrypted) and its marker.
+    put_raw(&t, &t.at(&s.files_as(&other, false)), b"f".to_vec()).await;
+    put_raw(&t, &t.at(&s.files_as(&other, true)), b"f".to_vec()).await;
+    put_raw(&t, &t.at(&s.files_upload_marker(&other)), b"{}".to_vec()).await;
+    // The committed run's marker was left behind after its upload completed.
+    put_raw(&t, &t.at(&s.files_upload_marker(&run)), b"{}".to_vec()).await;
+    // An archive and a marker of a slot that has no manifest at all.
+    let lone = sk("acme", "20261127T090000Z");
+    put_raw(&t, &t.at(&lone.files_as(&run, false)), b"f".to_vec()).await;
+    put_raw(&t, &t.at(&lone.files_upload_marker(&run)), b"{}".to_vec()).await;
+
+    let c = all(std::slice::from_ref(&t)).await;
+    assert_eq!(c.snapshots.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let entry = &c.snapshots[0];
+    assert_eq!(entry.manifest, {
+        let mut m = committed.clone();
+        m.tables = None;
+        m
+    });
+    let mut orphans: Vec<String> = c.orphans.iter().map(|o| o.key.to_string()).collect();
+    orphans.sort();
+    let mut want = vec![
+        s.files_as(&other, false).to_string(),
+        s.files_as(&other, true).to_string(),
+        lone.files_as(&run, false).to_string(),
+    ];
+    want.sort();
+    assert_eq!(orphans, want);
+    // Each orphan names its snapshot and run.
+    for o in &c.orphans {
+        assert!(matches!(
+            owned(&o.key),
+            Some(OwnedName::Files(_, r)) if r == other || r == run
+        ));
+    }
+    let mut uploads: Vec<(String, bool)> = c
+        .uploads
+        .iter()
+        .map(|u| (u.key.to_string(), u.committed))
+        .collect();
+    uploads.sort();
+    let mut want = vec![
+        (s.files_upload_marker(&other).to_string(), false),
+        (s.files_upload_marker(&run).to_string(), true),
+        (lone.files_upload_marker(&run).to_string(), false),
+    ];
+    want.sort();
+    assert_eq!(uploads, want);
+    // `damage_of` explains a missing snapshot by its archive left without a manifest.
+    let damage = c.damage_of(&[t], "prod", "acme", "20261127T090000Z");
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert!(
+        damage[0].contains(".files.tar.zst has no manifest"),
+        "{damage:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_copy_whose_files_archive_is_missing_or_truncated_does_not_count_there() {
+    let a = target("a", "pg");
+    let b = target("b", "");
+    let run = RunId::random();
+    let slots = ["20261127T100000Z", "20261127T110000Z", "20261127T120000Z"];
+    for id in slots {
+        put_with_files(&a, "acme", id, &run).await;
+        put_with_files(&b, "acme", id, &run).await;
+    }
+    // Indexed while intact: the index entries must not vouch for the copies below.
+    assert_eq!(
+        indexed(&[a.clone(), b.clone()]).await.snapshots[0]
+            .targets
+            .len(),
+        2
+    );
+    // On b: the first's archive is gone, the second's truncated (0 of 1 bytes).
+    b.store
+        .delete(&b.at(&sk("acme", slots[0]).files_as(&run, false)))
+        .await
+        .unwrap();
+    put_raw(
+        &b,
+        &b.at(&sk("acme", slots[1]).files_as(&run, false)),
+        Vec::new(),
+    )
+    .await;
+
+    let ab = vec!["a".to_string(), "b".to_string()];
+    let want = vec![
+        ("acme", slots[2], ab),
+        ("acme", slots[1], vec!["a".to_string()]),
+        ("acme", slots[0], vec!["a".to_string()]),
+    ];
+    for c in [
+        all(&[a.clone(), b.clone()]).await,
+        indexed(&[a.clone(), b.clone()]).await,
+    ] {
+        assert_eq!(ids(&c), want);
+        assert_eq!(c.unreadable.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings.iter().any(|w| w.contains("does not exist")
+            && w.contains(&sk("acme", slots[0]).files_as(&run, false).to_string())));
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("is 0 bytes, the manifest says 1")));
+        // The dumps and archives those manifests name are not orphans.
+        assert!(c.orphans.is_empty(), "{:?}", c.orphans);
     }
 }

@@ -56,31 +56,47 @@ pub struct UploadMarker {
 /// so that a killed run's files upload is found like its dump's.
 pub fn marker_key(object_key: &Path) -> Option<Path> {
     let key = object_key.as_ref();
+    // `parse`: the stem is already percent-encoded (`from` would encode its `%` again).
     if let Some(stem) = key
         .strip_suffix(FILES_SUFFIX)
         .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))
     {
-        return Some(Path::from(format!("{stem}{FILES_UPLOAD_SUFFIX}")));
+        return Path::parse(format!("{stem}{FILES_UPLOAD_SUFFIX}")).ok();
     }
     let stem = key
         .strip_suffix(DUMP_SUFFIX)
         .or_else(|| key.strip_suffix(ENCRYPTED_DUMP_SUFFIX))?;
-    Some(Path::from(format!("{stem}{UPLOAD_SUFFIX}")))
+    Path::parse(format!("{stem}{UPLOAD_SUFFIX}")).ok()
 }
 
-/// The dump keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
-/// only one of them; the marker's body says which), plain first. Only keys of shapes pgferry
-/// owns: a format ≤ 2 marker (`<id>.upload.json`, no run) has only the plain one, since an
-/// encrypted dump always names its run (`<id>.dump.zst.age` is someone else's file).
+/// The object keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
+/// only one of them; the marker's body says which), plain first; for a companion-files marker
+/// (`<id>-<run>.files.upload.json`) the attempt's plain and encrypted files archive. Only keys
+/// of shapes pgferry owns: a format ≤ 2 marker (`<id>.upload.json`, no run) has only the plain
+/// dump, since an encrypted dump always names its run (`<id>.dump.zst.age` is someone else's
+/// file).
 pub fn dump_keys(marker_key: &Path) -> Option<Vec<Path>> {
-    let stem = marker_key.as_ref().strip_suffix(UPLOAD_SUFFIX)?;
-    let keys: Vec<Path> = [DUMP_SUFFIX, ENCRYPTED_DUMP_SUFFIX]
+    use crate::storage::key::{parse_name, OwnedName};
+    let key = marker_key.as_ref();
+    let (stem, suffixes, files) = match key.strip_suffix(FILES_UPLOAD_SUFFIX) {
+        Some(stem) => (stem, [FILES_SUFFIX, ENCRYPTED_FILES_SUFFIX], true),
+        None => (
+            key.strip_suffix(UPLOAD_SUFFIX)?,
+            [DUMP_SUFFIX, ENCRYPTED_DUMP_SUFFIX],
+            false,
+        ),
+    };
+    let keys: Vec<Path> = suffixes
         .into_iter()
-        .map(|suffix| Path::from(format!("{stem}{suffix}")))
+        // `parse`, not `from`: the stem is already percent-encoded (odd database names), and
+        // `from` would encode its `%` again, naming another key.
+        .filter_map(|suffix| Path::parse(format!("{stem}{suffix}")).ok())
         .filter(|k| {
-            k.filename()
-                .and_then(crate::storage::key::parse_name)
-                .is_some_and(|n| matches!(n, crate::storage::key::OwnedName::Dump(..)))
+            k.filename().and_then(parse_name).is_some_and(|n| match n {
+                OwnedName::Dump(..) => !files,
+                OwnedName::Files(..) => files,
+                _ => false,
+            })
         })
         .collect();
     (!keys.is_empty()).then_some(keys)
@@ -387,8 +403,8 @@ pub async fn clean(target: &Target, marker: &Path, committed: bool) -> Result<Cl
     })
 }
 
-/// The staging files of dump uploads under a directory target's `root`, with their
-/// modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
+/// The staging files of dump and companion-files uploads under a directory target's `root`,
+/// with their modification times: `<snapshot_id>.dump.zst#<n>`, as object_store's `LocalFileSystem`
 /// names the file an upload writes before it is renamed into place. One that is old was left by
 /// a killed process (an abort or a drop removes it). A missing `root` holds none. Blocking:
 /// call it off the async threads.
@@ -412,7 +428,14 @@ pub fn staging_files(root: &std::path::Path) -> std::io::Result<Vec<(PathBuf, Da
             let Some((stem, n)) = name.to_str().and_then(|n| n.rsplit_once('#')) else {
                 continue;
             };
-            let is_dump = stem.ends_with(DUMP_SUFFIX) || stem.ends_with(ENCRYPTED_DUMP_SUFFIX);
+            let is_dump = [
+                DUMP_SUFFIX,
+                ENCRYPTED_DUMP_SUFFIX,
+                FILES_SUFFIX,
+                ENCRYPTED_FILES_SUFFIX,
+            ]
+            .iter()
+            .any(|s| stem.ends_with(s));
             if is_dump && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
                 let modified = entry.metadata()?.modified()?;
                 found.push((entry.path(), DateTime::<Utc>::from(modified)));
@@ -531,6 +554,49 @@ mod tests {
             .unwrap();
         upload.complete().await.unwrap();
         assert_eq!(keys(&store).await, [files.to_string()]);
+    }
+
+    #[test]
+    fn a_files_marker_names_its_archives_and_only_them() {
+        let stem = "pg/prod/acme/20261127T140000Z-0123456789ab";
+        let marker = Path::from(format!("{stem}.files.upload.json"));
+        assert_eq!(
+            dump_keys(&marker).unwrap(),
+            vec![
+                Path::from(format!("{stem}.files.tar.zst")),
+                Path::from(format!("{stem}.files.tar.zst.age"))
+            ]
+        );
+        for archive in [".files.tar.zst", ".files.tar.zst.age"] {
+            let key = Path::from(format!("{stem}{archive}"));
+            assert_eq!(marker_key(&key), Some(marker.clone()));
+        }
+        assert_ne!(marker_key(&Path::from(RUN_DUMP)), Some(marker.clone()));
+        // A files marker without a run is not a shape pgferry writes.
+        assert!(dump_keys(&Path::from(
+            "pg/prod/acme/20261127T140000Z.files.upload.json"
+        ))
+        .is_none());
+        // Odd database names: the keys stay the ones the listing shows (no double encoding).
+        let odd = crate::storage::key::SnapshotKey::new(
+            "prod",
+            "café 100%",
+            crate::storage::key::SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = crate::storage::key::RunId::parse("0123456789ab").unwrap();
+        assert_eq!(
+            dump_keys(&odd.files_upload_marker(&run)).unwrap()[0],
+            odd.files_as(&run, false)
+        );
+        assert_eq!(
+            marker_key(&odd.files_as(&run, true)),
+            Some(odd.files_upload_marker(&run))
+        );
+        assert_eq!(
+            dump_keys(&odd.upload_marker(&run)).unwrap()[0],
+            odd.dump(&run)
+        );
+        assert_eq!(marker_key(&odd.dump(&run)), Some(odd.upload_marker(&run)));
     }
 
     #[tokio::test]

@@ -1,0 +1,448 @@
+//! Companion files on the storage side (issue 18), with the real binary against real
+//! PostgreSQL and Garage servers: a snapshot's `<id>-<run>.files.tar.zst` is part of the
+//! snapshot everywhere its dump is. Prune deletes it with its snapshot and never otherwise;
+//! an orphan archive and a `.files.upload.json` marker with a real open multipart upload are
+//! cleaned after the orphan grace, not before; a manifest naming another snapshot's archive
+//! does not count; `check` reports a missing, a truncated and (`--read-data`) a flipped
+//! archive; `repair` restores them byte for byte without rewriting the intact dump.
+//!
+//! The snapshots are crafted in the buckets from one real backup: its manifest gains a
+//! `files` archive (format 4), and older slots are copies of it under their own keys. The
+//! backup side of companion files is not needed for any of this.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutPayload};
+use sha2::Digest;
+
+use crate::support::env::{bucket_of, get, keys, manifest_of, TestEnv, S3_PREFIX};
+
+async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
+    store
+        .put(&Key::parse(key).unwrap(), PutPayload::from(body))
+        .await
+        .unwrap_or_else(|e| panic!("put {key}: {e}"));
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The archive bytes of snapshot `id`: distinct per snapshot, a few parts' worth of nothing.
+fn archive_of(id: &str) -> Vec<u8> {
+    format!("tar of the filestore of {id};")
+        .repeat(20_000)
+        .into_bytes()
+}
+
+/// One real backup of `acme`, with a `files` archive added to its manifest, and copies of it
+/// under older `ids` (each with its own dump, archive and manifest, data read at its slot) on
+/// every store. Returns the manifests by id (the real one under its own id).
+struct Crafted {
+    /// id → (manifest key, dump key, files key).
+    keys: BTreeMap<String, (String, String, String)>,
+    /// The real snapshot's id.
+    now_id: String,
+}
+
+async fn craft(stores: &[&Arc<dyn ObjectStore>], ids: &[&str]) -> Crafted {
+    let first = stores[0];
+    let now_id = keys(first)
+        .await
+        .iter()
+        .find_map(|k| {
+            k.strip_prefix("prod/acme/")?
+                .strip_suffix(".manifest.json")
+                .map(str::to_string)
+        })
+        .expect("a committed snapshot");
+    let manifest = get(first, &format!("prod/acme/{now_id}.manifest.json")).await;
+    let object_key = manifest_of(&manifest)["object_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dump = get(first, &object_key).await;
+    let mut crafted = Crafted {
+        keys: BTreeMap::new(),
+        now_id: now_id.clone(),
+    };
+    for id in ids.iter().copied().chain([now_id.as_str()]) {
+        let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let own_dump = object_key.replace(&now_id, id);
+        let files_key = own_dump.replace(".dump.zst", ".files.tar.zst");
+        let archive = archive_of(id);
+        m["snapshot_id"] = id.into();
+        m["object_key"] = own_dump.clone().into();
+        m["format_version"] = 4.into();
+        m["files"] = serde_json::json!({
+            "object_key": files_key,
+            "stored_size": archive.len(),
+            "raw_size": archive.len() * 3,
+            "sha256": sha256(&archive),
+            "file_count": 12,
+            "file_bytes": archive.len() * 2,
+            "skipped": 0,
+        });
+        if id != now_id {
+            m["started_at"] = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+                .unwrap()
+                .and_utc()
+                .to_rfc3339()
+                .into();
+        }
+        let manifest_key = format!("prod/acme/{id}.manifest.json");
+        for store in stores {
+            if id != now_id {
+                put(store, &own_dump, dump.to_vec()).await;
+            }
+            put(store, &files_key, archive.clone()).await;
+            put(store, &manifest_key, serde_json::to_vec(&m).unwrap()).await;
+        }
+        crafted
+            .keys
+            .insert(id.to_string(), (manifest_key, own_dump, files_key));
+    }
+    crafted
+}
+
+/// `pgferry prune` as it would run once the orphan grace has passed (a day and a minute on).
+async fn prune_after_the_grace(env: &TestEnv, config: &Path) -> String {
+    crate::retention::prune_later(
+        config,
+        &env.env_vars(),
+        &pgferry::retention::prune::Selection::default(),
+        pgferry::retention::DEFAULT_ORPHAN_GRACE + Duration::from_secs(60),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_deletes_the_files_archive_with_its_snapshot_and_keeps_it_otherwise() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (s3, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nretention = {{ keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    let old = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z"];
+    let c = craft(&[&store], &old).await;
+
+    let run = env.pgferry(&config, &["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("deleted 2 snapshot(s) and 0 orphan dump(s)"),
+        "{}",
+        run.stdout
+    );
+    let mut want: Vec<String> = [old[2], c.now_id.as_str()]
+        .iter()
+        .flat_map(|id| {
+            let (m, d, f) = &c.keys[*id];
+            [m.clone(), d.clone(), f.clone()]
+        })
+        .collect();
+    want.sort();
+    assert_eq!(keys(&store).await, want);
+    // The kept archives are untouched.
+    for id in [old[2], c.now_id.as_str()] {
+        assert_eq!(get(&store, &c.keys[id].2).await.to_vec(), archive_of(id));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_archive_and_a_stale_files_upload_are_cleaned_after_the_grace_not_before() {
+    use object_store::multipart::MultipartStore;
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (s3, store) = env.s3_target("s3").await;
+    let bucket = bucket_of(&s3);
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nretention = {{ keep_last = 5 }}\n{s3}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    let c = craft(&[&store], &[]).await;
+    let (_, _, kept_files) = c.keys[&c.now_id].clone();
+    // A run that died between its archive and its manifest: the archive is an orphan.
+    let orphan = "prod/acme/20260101T000000Z-0123456789ab.files.tar.zst.age".to_string();
+    put(&store, &orphan, b"sealed".to_vec()).await;
+    // A run killed mid-upload of its archive: a real open multipart upload, and its marker.
+    let raw = env.s3.object_store(&bucket).unwrap();
+    let uploading = "prod/acme/20260102T000000Z-abcdefabcdef.files.tar.zst";
+    let full = Key::from(format!("{S3_PREFIX}/{uploading}"));
+    let upload_id = raw.create_multipart(&full).await.unwrap();
+    raw.put_part(&full, &upload_id, 0, PutPayload::from(vec![7u8; 6 << 20]))
+        .await
+        .unwrap();
+    let marker = "prod/acme/20260102T000000Z-abcdefabcdef.files.upload.json";
+    put(
+        &store,
+        marker,
+        serde_json::to_vec(&serde_json::json!({
+            "format_version": 1,
+            "upload_id": upload_id,
+            "key": full.to_string(),
+            "started_at": "2026-01-02T00:00:00Z",
+            "host": "killed",
+            "pid": 1,
+            "pgferry_version": "0.1.0",
+        }))
+        .unwrap(),
+    )
+    .await;
+    let open = || async {
+        env.s3
+            .bucket_counter(&bucket, "unfinishedMultipartUploads")
+            .await
+            .unwrap()
+    };
+    assert_eq!(open().await, 1);
+    let before = keys(&store).await;
+
+    // Within the grace both may belong to a live run: left alone.
+    let run = env.pgferry(&config, &["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("deleted 0 snapshot(s) and 0 orphan dump(s), aborted 0 unfinished upload(s)"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(keys(&store).await, before);
+    assert_eq!(open().await, 1);
+    // `list` names both.
+    let list = env.pgferry(&config, &["list"]).await;
+    assert!(list.stderr.contains(&orphan), "{}", list.stderr);
+    assert!(list.stderr.contains(marker), "{}", list.stderr);
+
+    let out = prune_after_the_grace(&env, &config).await;
+    assert!(
+        out.contains("deleted 0 snapshot(s) and 1 orphan dump(s), aborted 1 unfinished upload(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "orphan files archive on s3 (no manifest, older than the grace): delete {S3_PREFIX}/{orphan}"
+        )),
+        "{out}"
+    );
+    let (m, d, _) = &c.keys[&c.now_id];
+    let mut want = vec![m.clone(), d.clone(), kept_files.clone()];
+    want.sort();
+    assert_eq!(keys(&store).await, want);
+    assert_eq!(
+        get(&store, &kept_files).await.to_vec(),
+        archive_of(&c.now_id)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while open().await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Garage still counts the files upload open: {}",
+            env.s3.bucket_info(&bucket).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_naming_another_snapshots_archive_does_not_count() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (s3, store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    let old = "20260101T000000Z";
+    let c = craft(&[&store], &[old]).await;
+    // A newer slot whose manifest names the old snapshot's archive (its own dump is there).
+    let stray = "20260105T000000Z";
+    let (old_manifest, _, old_files) = c.keys[old].clone();
+    let mut m = manifest_of(&get(&store, &old_manifest).await);
+    let (_, now_dump, _) = &c.keys[&c.now_id];
+    let stray_dump = now_dump.replace(&c.now_id, stray);
+    put(&store, &stray_dump, get(&store, now_dump).await.to_vec()).await;
+    m["snapshot_id"] = stray.into();
+    m["object_key"] = stray_dump.clone().into();
+    m["started_at"] = "2026-01-05T00:00:00Z".into();
+    put(
+        &store,
+        &format!("prod/acme/{stray}.manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .await;
+
+    let list = env.pgferry(&config, &["list"]).await;
+    list.assert_code(0);
+    assert!(!list.stdout.contains(stray), "{}", list.stdout);
+    assert!(list.stdout.contains(old), "{}", list.stdout);
+    assert!(
+        list.stderr.contains(&format!("{stray}.manifest.json"))
+            && list.stderr.contains("files.object_key"),
+        "{}",
+        list.stderr
+    );
+
+    // Prune expires the old snapshot (keep_last = 1) and takes its archive; the stray
+    // manifest is not a snapshot, so nothing of its is touched.
+    let run = env.pgferry(&config, &["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("deleted 1 snapshot(s)"),
+        "{}",
+        run.stdout
+    );
+    let left = keys(&store).await;
+    assert!(!left.contains(&old_files), "{left:?}");
+    assert!(
+        left.contains(&format!("prod/acme/{stray}.manifest.json")) && left.contains(&stray_dump),
+        "{left:?}"
+    );
+}
+
+/// The e_tags of every crafted snapshot's dump in `store` (an overwrite changes them).
+async fn etags(store: &Arc<dyn ObjectStore>, c: &Crafted) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for (_, dump, _) in c.keys.values() {
+        out.push(store.head(&Key::parse(dump).unwrap()).await.unwrap().e_tag);
+    }
+    out
+}
+
+/// The problems of a `check --json` run: (target, snapshot, object, kind).
+fn problems(json: &str) -> Vec<(String, String, String, String)> {
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mut v: Vec<_> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["target"].as_str().unwrap().to_string(),
+                p["snapshot_id"].as_str().unwrap().to_string(),
+                p["object_key"].as_str().unwrap().to_string(),
+                p["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_them() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let (a, a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nretention = {{ keep_last = 100 }}\n{a}{b}",
+        env.source_toml("prod")
+    ));
+    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    let old = ["20260101T000000Z", "20260102T000000Z"];
+    let c = craft(&[&a_store, &b_store], &old).await;
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    let (missing, truncated, flipped) = (old[0], old[1], c.now_id.as_str());
+    let files = |id: &str| c.keys[id].2.clone();
+    // On b: one archive gone, one cut short, one with a byte flipped (same size).
+    b_store
+        .delete(&Key::parse(files(missing)).unwrap())
+        .await
+        .unwrap();
+    let archive = archive_of(truncated);
+    put(
+        &b_store,
+        &files(truncated),
+        archive[..archive.len() / 2].to_vec(),
+    )
+    .await;
+    let mut bad = archive_of(flipped);
+    bad[1000] ^= 0x20;
+    put(&b_store, &files(flipped), bad).await;
+    let dumps_before = etags(&b_store, &c).await;
+    let a_before: Vec<_> = futures::future::join_all(
+        keys(&a_store)
+            .await
+            .into_iter()
+            .map(|k| async { (get(&a_store, &k).await, k) }),
+    )
+    .await;
+
+    let check = env.pgferry(&config, &["check", "--json"]).await;
+    check.assert_code(1);
+    let listed = problems(&check.stdout);
+    assert_eq!(
+        listed,
+        vec![
+            (
+                "b".to_string(),
+                missing.to_string(),
+                files(missing),
+                "object_missing".to_string()
+            ),
+            (
+                "b".to_string(),
+                truncated.to_string(),
+                files(truncated),
+                "wrong_size".to_string()
+            ),
+        ],
+        "{}",
+        check.stdout
+    );
+    let text = env.pgferry(&config, &["check"]).await;
+    assert!(
+        text.stdout.contains(&format!(
+            "has the manifest but not the object {}",
+            files(missing)
+        )) && text.stdout.contains("run `pgferry repair --to b`"),
+        "{}",
+        text.stdout
+    );
+    let read = env
+        .pgferry(&config, &["check", "--read-data", "--json"])
+        .await;
+    read.assert_code(1);
+    let read = problems(&read.stdout);
+    assert_eq!(read.len(), 3, "{read:?}");
+    assert!(read.contains(&(
+        "b".to_string(),
+        flipped.to_string(),
+        files(flipped),
+        "wrong_hash".to_string()
+    )));
+
+    let run = env.pgferry(&config, &["repair"]).await;
+    run.assert_code(0);
+    assert_eq!(run.stdout.matches("copied ").count(), 3, "{}", run.stdout);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    for id in [missing, truncated, flipped] {
+        let m = manifest_of(&get(&b_store, &c.keys[id].0).await);
+        let restored = get(&b_store, &files(id)).await;
+        assert_eq!(sha256(&restored), m["files"]["sha256"].as_str().unwrap());
+        assert_eq!(restored.to_vec(), archive_of(id));
+        assert_eq!(m["targets"], serde_json::json!(["a", "b"]), "{m}");
+    }
+    // The intact dumps on b were not rewritten, nor anything on a but the manifests' targets.
+    let dumps_after = etags(&b_store, &c).await;
+    assert_eq!(dumps_after, dumps_before, "an intact dump was rewritten");
+    for (bytes, k) in a_before {
+        if !k.ends_with(".manifest.json") {
+            assert_eq!(get(&a_store, &k).await, bytes, "{k} changed on a");
+        }
+    }
+}
