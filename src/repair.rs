@@ -593,7 +593,8 @@ async fn abort(to: &Target, dst: &Path, upload: &mut dyn MultipartUpload) {
 /// rewritten for [`upload::MARKER_STALE`] (or `pipeline.orphan_grace`, when shorter): a live
 /// repair (a second replica's) rewrites its marker every [`upload::MARKER_HEARTBEAT`], and
 /// cleaning would destroy its upload or, once completed, its object; this copy is then
-/// [`RepairError::Busy`] and left to a later run.
+/// [`RepairError::Busy`] and left to a later run. A marker written on this host by a process
+/// that is gone is stale at once (a repair killed and run again on the same machine).
 async fn clear_left_upload(
     to: &Target,
     dst: &Path,
@@ -609,7 +610,12 @@ async fn clear_left_upload(
         .to_std()
         .unwrap_or_default();
     let stale = upload::MARKER_STALE.min(grace);
-    if age < stale {
+    let dead = || async {
+        upload::read_marker(to, &marker)
+            .await
+            .is_some_and(|m| upload::left_by_dead_process(&m))
+    };
+    if age < stale && !dead().await {
         return Err(RepairError::Busy {
             target: to.name.clone(),
             key: dst.to_string(),

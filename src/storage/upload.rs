@@ -197,6 +197,32 @@ pub async fn start(
     }))
 }
 
+/// Whether `marker` was written by a process of this host that no longer runs: its upload
+/// is then certainly abandoned, whatever its age (a repair or backup killed and run again on
+/// the same machine). A marker of another host, of this process, or of a pid that is alive
+/// (perhaps reused: a container's restarted PID 1) is not known dead.
+pub fn left_by_dead_process(marker: &UploadMarker) -> bool {
+    if marker.host != hostname() || marker.pid == std::process::id() || marker.pid == 0 {
+        return false;
+    }
+    let Ok(pid) = libc::pid_t::try_from(marker.pid) else {
+        return false;
+    };
+    // Signal 0 checks for existence only; ESRCH: no such process.
+    // SAFETY: kill(2) with signal 0 sends nothing and touches no memory.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Reads and parses the marker at `key` (at most [`MAX_MARKER_BYTES`]).
+pub async fn read_marker(target: &Target, key: &Path) -> Option<UploadMarker> {
+    let bytes = target.store.get(key).await.ok()?.bytes().await.ok()?;
+    if bytes.len() > MAX_MARKER_BYTES {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -758,5 +784,29 @@ mod tests {
             .unwrap();
         upload.complete().await.unwrap();
         assert_eq!(keys(&store).await, [DUMP]);
+    }
+
+    #[test]
+    fn only_a_gone_process_of_this_host_leaves_a_dead_marker() {
+        let mut m = UploadMarker {
+            format_version: MARKER_FORMAT_VERSION,
+            upload_id: "u".into(),
+            key: "k".into(),
+            started_at: Utc::now(),
+            host: hostname(),
+            pid: std::process::id(),
+            pgferry_version: "x".into(),
+        };
+        assert!(!left_by_dead_process(&m), "this process");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        m.pid = gone;
+        assert!(left_by_dead_process(&m), "a reaped child");
+        m.host = "another-host".into();
+        assert!(!left_by_dead_process(&m), "another host");
+        m.host = hostname();
+        m.pid = 1;
+        assert!(!left_by_dead_process(&m), "a live pid");
     }
 }
