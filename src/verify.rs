@@ -137,7 +137,7 @@ pub struct CheckResult {
 }
 
 /// The `<snapshot_id>.verify.json` document (`catalog::VerifySummary` reads its gist).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct VerifyReport {
     pub format_version: u32,
     /// "success" or "failure".
@@ -572,7 +572,7 @@ pub async fn verify_one(
                 tracing::warn!(message = "This target's copy did not restore; trying the next target.", target = %target.name, error = %e);
                 failures.push(TargetFailure {
                     target: target.name.clone(),
-                    error: e.to_string(),
+                    error: e,
                 });
             }
         }

@@ -83,11 +83,7 @@ pub enum BackupError {
 }
 
 fn describe(failures: &[TargetFailure]) -> String {
-    failures
-        .iter()
-        .map(|f| format!("{}: {}", f.target, f.error))
-        .collect::<Vec<_>>()
-        .join("; ")
+    crate::storage::target::describe_failures(failures)
 }
 
 impl BackupError {

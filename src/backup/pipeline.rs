@@ -163,11 +163,7 @@ pub enum UploadError {
 }
 
 /// One target whose upload failed; it was aborted.
-#[derive(Debug)]
-pub struct TargetFailure {
-    pub target: String,
-    pub error: UploadError,
-}
+pub type TargetFailure = crate::storage::target::TargetFailure<UploadError>;
 
 /// One target whose parts were all uploaded; the upload is still open.
 pub struct OpenUpload {
@@ -237,11 +233,7 @@ pub enum PipelineError {
 }
 
 fn describe(failures: &[TargetFailure]) -> String {
-    failures
-        .iter()
-        .map(|f| format!("{}: {}", f.target, f.error))
-        .collect::<Vec<_>>()
-        .join("; ")
+    crate::storage::target::describe_failures(failures)
 }
 
 /// One destination of the stream.

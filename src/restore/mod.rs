@@ -49,14 +49,10 @@ pub struct RestoreRequest {
 }
 
 /// One target that could not provide a good copy.
-#[derive(Debug, Clone, Serialize)]
-pub struct TargetFailure {
-    pub target: String,
-    pub error: String,
-}
+pub type TargetFailure = crate::storage::target::TargetFailure<LoadError>;
 
 /// What a successful restore did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct RestoreReport {
     pub source: String,
     pub database: String,
@@ -117,7 +113,7 @@ pub enum RestoreError {
     Swap(#[from] SwapError),
     #[error(transparent)]
     Key(#[from] crate::encryption::KeyError),
-    #[error("snapshot {snapshot_id} of {source_name}/{database}: no target gave a good copy: {}. The destination is untouched; check the targets, or restore an older snapshot (`pgferry list --source {source_name} --database {database}`)", failures.iter().map(|f| format!("{}: {}", f.target, f.error)).collect::<Vec<_>>().join("; "))]
+    #[error("snapshot {snapshot_id} of {source_name}/{database}: no target gave a good copy: {}. The destination is untouched; check the targets, or restore an older snapshot (`pgferry list --source {source_name} --database {database}`)", crate::storage::target::describe_failures(failures))]
     AllTargetsFailed {
         source_name: String,
         database: String,
@@ -342,7 +338,7 @@ async fn run(
                         tracing::warn!(message = "This target's copy failed; trying the next target.", target = %target.name, error = %e);
                         failures.push(TargetFailure {
                             target: target.name.clone(),
-                            error: e.to_string(),
+                            error: e,
                         });
                         progress
                             .stored_bytes

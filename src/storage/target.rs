@@ -362,6 +362,41 @@ fn unsupported_profile(env: impl Fn(&str) -> Option<String>) -> Option<String> {
     env("AWS_PROFILE").filter(|p| !p.is_empty())
 }
 
+/// One target that failed its part of a run (a backup's upload, a restore's or verify's
+/// download, a repair's copy), and why: the one failure type of every stage, typed by the
+/// stage's error (`backup::pipeline::UploadError`, `restore::load::LoadError`). Each is logged
+/// once, where it is handled; reports serialize it as `{"target", "error"}` (the error's text).
+#[derive(Debug)]
+pub struct TargetFailure<E> {
+    pub target: String,
+    pub error: E,
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for TargetFailure<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.target, self.error)
+    }
+}
+
+impl<E: std::fmt::Display> serde::Serialize for TargetFailure<E> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("TargetFailure", 2)?;
+        st.serialize_field("target", &self.target)?;
+        st.serialize_field("error", &self.error.to_string())?;
+        st.end()
+    }
+}
+
+/// `a: why; b: why`, for error messages.
+pub fn describe_failures<E: std::fmt::Display>(failures: &[TargetFailure<E>]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// An object store error with its causes: object_store shows only the outermost ("HTTP
 /// error: error sending request"), while the reason (a refused certificate, a reset
 /// connection) is further down the chain. Causes already quoted by an outer error are skipped.
