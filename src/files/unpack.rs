@@ -76,9 +76,7 @@ impl Listing {
     pub fn contains(&self, relative: &str) -> bool {
         let trimmed = relative.trim_start_matches('/');
         match normalize(Path::new(trimmed)) {
-            Ok(p) if !p.as_os_str().is_empty() => {
-                self.hashes.binary_search(&path_hash(&p)).is_ok()
-            }
+            Ok(p) if !p.as_os_str().is_empty() => self.hashes.binary_search(&path_hash(&p)).is_ok(),
             _ => false,
         }
     }
@@ -158,9 +156,7 @@ where
     .await
 }
 
-async fn join<T>(
-    task: tokio::task::JoinHandle<Result<T, UnpackError>>,
-) -> Result<T, UnpackError> {
+async fn join<T>(task: tokio::task::JoinHandle<Result<T, UnpackError>>) -> Result<T, UnpackError> {
     match task.await {
         Ok(r) => r,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -246,7 +242,9 @@ fn check<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Checked>, UnpackEr
         EntryType::Link => return Err(refuse(Refusal::HardLink)),
         _ => return Err(refuse(Refusal::Special)),
     };
-    let raw = entry.path().map_err(|source| UnpackError::Read { source })?;
+    let raw = entry
+        .path()
+        .map_err(|source| UnpackError::Read { source })?;
     let path = normalize(&raw).map_err(refuse)?;
     if path.as_os_str().is_empty() && !dir {
         return Err(refuse(Refusal::EmptyPath));
@@ -519,7 +517,14 @@ pub(crate) mod tests {
             raw_entry(b, b"ab/abcdef", EntryType::Regular, 0o4644, b"hello", None);
             raw_entry(b, b"ab/empty", EntryType::Regular, 0o600, b"", None);
             // A file whose directory is not listed, and one under `./`.
-            raw_entry(b, b"cd/ef/x.bin", EntryType::Regular, 0o640, &[0u8, 1, 2, 255], None);
+            raw_entry(
+                b,
+                b"cd/ef/x.bin",
+                EntryType::Regular,
+                0o640,
+                &[0u8, 1, 2, 255],
+                None,
+            );
             raw_entry(b, b"./top", EntryType::Regular, 0o644, b"t", None);
         })
     }
@@ -611,7 +616,14 @@ pub(crate) mod tests {
             (
                 archive(|b| {
                     raw_entry(b, b"ab/x", EntryType::Regular, 0o644, b"x", None);
-                    raw_entry(b, b"hard", EntryType::Link, 0o644, b"", Some(b"/etc/passwd"));
+                    raw_entry(
+                        b,
+                        b"hard",
+                        EntryType::Link,
+                        0o644,
+                        b"",
+                        Some(b"/etc/passwd"),
+                    );
                 }),
                 "hard",
                 Refusal::HardLink,
