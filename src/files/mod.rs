@@ -10,6 +10,7 @@
 //! `{database}`, so every database's directory is a sibling of the others and a restore's
 //! temporary directory is on the same filesystem as the one it replaces (one `rename`).
 
+pub mod pack;
 pub mod unpack;
 
 use std::fmt;

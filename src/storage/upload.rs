@@ -25,7 +25,9 @@ use object_store::path::Path;
 use object_store::{MultipartId, MultipartUpload, PutPayload, PutResult, UploadPart};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::key::ENCRYPTED_DUMP_SUFFIX;
+use crate::storage::key::{
+    ENCRYPTED_DUMP_SUFFIX, ENCRYPTED_FILES_SUFFIX, FILES_SUFFIX, FILES_UPLOAD_SUFFIX,
+};
 use crate::storage::target::{Target, DUMP_SUFFIX, UPLOAD_SUFFIX};
 
 /// Version of the marker document.
@@ -49,9 +51,17 @@ pub struct UploadMarker {
     pub pgferry_version: String,
 }
 
-/// The marker key of the upload of `dump_key` (plain or encrypted: one attempt writes one).
-pub fn marker_key(dump_key: &Path) -> Option<Path> {
-    let key = dump_key.as_ref();
+/// The marker key of the upload of `object_key`: a dump's (plain or encrypted: one attempt
+/// writes one) is `<stem>.upload.json`, a companion-files archive's `<stem>.files.upload.json`,
+/// so that a killed run's files upload is found like its dump's.
+pub fn marker_key(object_key: &Path) -> Option<Path> {
+    let key = object_key.as_ref();
+    if let Some(stem) = key
+        .strip_suffix(FILES_SUFFIX)
+        .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))
+    {
+        return Some(Path::from(format!("{stem}{FILES_UPLOAD_SUFFIX}")));
+    }
     let stem = key
         .strip_suffix(DUMP_SUFFIX)
         .or_else(|| key.strip_suffix(ENCRYPTED_DUMP_SUFFIX))?;
@@ -423,6 +433,48 @@ mod tests {
             vec![Path::from(RUN_DUMP), sealed]
         );
         assert!(marker_key(&Path::from("a/b.manifest.json")).is_none());
+    }
+
+    #[test]
+    fn files_archives_have_their_own_marker() {
+        use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
+        let k = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = RunId::random();
+        for encrypted in [false, true] {
+            assert_eq!(
+                marker_key(&k.files_as(&run, encrypted)),
+                Some(k.files_upload_marker(&run)),
+                "encrypted: {encrypted}"
+            );
+        }
+        assert_eq!(marker_key(&k.dump(&run)), Some(k.upload_marker(&run)));
+        assert!(marker_key(&Path::from("a/b.files.tar")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_files_upload_writes_and_removes_its_files_marker() {
+        use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
+        let (t, store) = marked_target();
+        let k = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = RunId::random();
+        let files = t.at(&k.files_as(&run, false));
+        let mut upload = start(&t, &files).await.unwrap();
+        let marker = t.at(&k.files_upload_marker(&run));
+        assert_eq!(marker_of(&store, marker.as_ref()).await.key, files.as_ref());
+        upload
+            .put_part(PutPayload::from_static(b"tar"))
+            .await
+            .unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(keys(&store).await, [files.to_string()]);
     }
 
     #[tokio::test]
