@@ -176,7 +176,7 @@ pub struct VerifyReport {
 }
 
 /// The companion files' archive against its manifest and the restored attachments.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct FilesCheck {
     /// Files the manifest records.
     pub expected_files: u64,
@@ -849,10 +849,8 @@ async fn check_files(
             | Err(load::Consumed::Consumer(UnpackError::Cancelled)) => {
                 return Err(VerifyError::Cancelled)
             }
-            Err(load::Consumed::Load(e)) => e.to_string(),
-            Err(load::Consumed::Consumer(UnpackError::Read { source })) => {
-                load::read_error(source).to_string()
-            }
+            Err(load::Consumed::Load(e)) => e,
+            Err(load::Consumed::Consumer(UnpackError::Read { source })) => load::read_error(source),
             // The copy is good but the archive is not: every target has the same bytes.
             Err(load::Consumed::Consumer(e)) => {
                 problems.push(format!("the companion files archive: {e}"));

@@ -108,7 +108,7 @@ impl FilesError {
 }
 
 /// What the restore did with companion files (in the report, text and JSON).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum FilesReport {
     Restored {
@@ -541,7 +541,7 @@ impl DirSwap {
 }
 
 /// What [`extract`] did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Extracted {
     pub counts: Counts,
     pub stored_bytes: u64,
@@ -638,7 +638,7 @@ pub async fn extract(
         tracing::warn!(message = "This target's copy of the companion files failed; trying the next target.", target = %target.name, error = %bad);
         failures.push(TargetFailure {
             target: target.name.clone(),
-            error: bad.to_string(),
+            error: bad,
         });
     }
     Err(FilesError::AllTargetsFailed {
