@@ -576,7 +576,7 @@ async fn abort(to: &Target, dst: &Path, upload: &mut dyn MultipartUpload) {
 /// Aborts the upload a killed repair (or backup) left open on this very key: its marker
 /// would otherwise be overwritten by ours and the upload forgotten.
 async fn clear_left_upload(to: &Target, dst: &Path) {
-    let Some(marker) = upload::marker_key(dst).or_else(|| upload::files_marker_key(dst)) else {
+    let Some(marker) = upload::marker_key(dst) else {
         return;
     };
     if to.store.head(&marker).await.is_err() {

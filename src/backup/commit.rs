@@ -7,6 +7,12 @@
 //! 2. the upload is completed, and the object's size, read back, equals the stored size;
 //! 3. the manifest naming the object is written: the snapshot exists there from now on.
 //!
+//! With companion files (`crate::files`), each target has two uploads, the dump and the files
+//! archive (`<snapshot_id>-<run>.files.tar.zst`): steps 1 and 2 apply to both, and a target
+//! where either failed gets no manifest; the one that completed there is deleted (this run's
+//! own, named by no manifest). A target whose files upload is missing (it dropped out of the
+//! files pipeline) has its dump upload aborted.
+//!
 //! The snapshot commits wherever step 3 succeeded. Fewer copies than `min_targets` make the
 //! run a failure ([`Commit::is_degraded`]) but the copies stay: a completed copy is never
 //! deleted because another target failed (`repair` copies it where it is missing).
@@ -36,7 +42,9 @@ pub struct Committed {
     pub target: Target,
     /// The object's full key on that target.
     pub key: Path,
-    /// Bytes written to that target.
+    /// The companion-files archive's full key on that target, when the snapshot has one.
+    pub files_key: Option<Path>,
+    /// Bytes written to that target (dump and files).
     pub bytes: u64,
 }
 
@@ -67,12 +75,14 @@ impl Commit {
     }
 }
 
-/// Completes `uploads` and writes `manifest` (with `targets` filled in) beside each complete
-/// object, at `snapshot`'s manifest key. `stopped` is asked right before the first manifest is
+/// Completes `uploads` (and, when `manifest` names a files archive, each target's upload of
+/// it in `files`) and writes `manifest` (with `targets` filled in) beside each complete pair,
+/// at `snapshot`'s manifest key. `stopped` is asked right before the first manifest is
 /// written: when it answers (the lock was lost, the run was cancelled), the completed objects
 /// are deleted and nothing is committed.
 pub async fn commit(
     uploads: Vec<OpenUpload>,
+    files: Vec<OpenUpload>,
     snapshot: &SnapshotKey,
     mut manifest: Manifest,
     min_targets: usize,
@@ -80,11 +90,11 @@ pub async fn commit(
     stopped: impl Fn() -> Option<Stopped>,
 ) -> Result<Commit, Stopped> {
     let mut failures = Vec::new();
-    let completions = join_all(
-        uploads
-            .into_iter()
-            .map(|u| complete(u, manifest.stored_size, patience)),
-    )
+    let files_size = manifest.files_archive().map(|a| a.stored_size);
+    let pairs = pair(uploads, files, files_size.is_some()).await;
+    let completions = join_all(pairs.into_iter().map(|(dump, files)| {
+        complete_pair(dump, files, manifest.stored_size, files_size, patience)
+    }))
     .await;
     let mut complete = Vec::new();
     for c in completions {
@@ -97,6 +107,9 @@ pub async fn commit(
     if let Some(why) = stopped() {
         for c in &complete {
             delete_own(&c.target, &c.key).await;
+            if let Some(k) = &c.files_key {
+                delete_own(&c.target, k).await;
+            }
         }
         return Err(why);
     }
@@ -128,6 +141,66 @@ pub async fn commit(
         failures,
         min_targets,
     })
+}
+
+/// Each dump upload with its target's files upload. With `files_wanted`, a dump upload
+/// whose target has no files upload (it dropped out of the files pipeline, which reported
+/// why) is aborted, and so is a files upload without a dump (none is expected).
+async fn pair(
+    uploads: Vec<OpenUpload>,
+    mut files: Vec<OpenUpload>,
+    files_wanted: bool,
+) -> Vec<(OpenUpload, Option<OpenUpload>)> {
+    let mut pairs = Vec::new();
+    for dump in uploads {
+        let mine = files
+            .iter()
+            .position(|f| f.target.name == dump.target.name)
+            .map(|i| files.swap_remove(i));
+        match mine {
+            Some(f) if files_wanted => pairs.push((dump, Some(f))),
+            Some(f) => {
+                f.abort().await;
+                pairs.push((dump, None));
+            }
+            None if files_wanted => dump.abort().await,
+            None => pairs.push((dump, None)),
+        }
+    }
+    for f in files {
+        f.abort().await;
+    }
+    pairs
+}
+
+/// Completes a target's dump and files uploads together: when one fails, the other, if it
+/// completed, is deleted (this run's own object, named by no manifest yet).
+async fn complete_pair(
+    dump: OpenUpload,
+    files: Option<OpenUpload>,
+    stored_size: u64,
+    files_size: Option<u64>,
+    patience: Duration,
+) -> Result<Committed, TargetFailure> {
+    let Some(files) = files else {
+        return complete(dump, stored_size, patience).await;
+    };
+    let (d, f) = futures::join!(
+        complete(dump, stored_size, patience),
+        complete(files, files_size.unwrap_or_default(), patience)
+    );
+    match (d, f) {
+        (Ok(mut d), Ok(f)) => {
+            d.files_key = Some(f.key);
+            d.bytes += f.bytes;
+            Ok(d)
+        }
+        (Ok(done), Err(failed)) | (Err(failed), Ok(done)) => {
+            delete_own(&done.target, &done.key).await;
+            Err(failed)
+        }
+        (Err(failed), Err(_)) => Err(failed),
+    }
 }
 
 /// Completes one upload and checks the object's size, each request bounded by `patience`
@@ -178,7 +251,12 @@ async fn complete(
         Err(_) => return Err(fail(UploadError::Stalled { after: patience })),
     };
     match head {
-        Ok(meta) if meta.size == stored_size => Ok(Committed { target, key, bytes }),
+        Ok(meta) if meta.size == stored_size => Ok(Committed {
+            target,
+            key,
+            files_key: None,
+            bytes,
+        }),
         Ok(meta) => {
             delete_own(&target, &key).await;
             Err(fail(UploadError::SizeMismatch {
@@ -306,9 +384,17 @@ mod tests {
         let (a, b, snap, m, key) = setup();
         let ua = open(&a, &key, b"dump").await;
         let ub = open(&b, &key, b"du").await; // b accepted fewer bytes than were stored
-        let c = commit(vec![ua, ub], &snap, m, 2, Duration::from_secs(5), || None)
-            .await
-            .unwrap();
+        let c = commit(
+            vec![ua, ub],
+            vec![],
+            &snap,
+            m,
+            2,
+            Duration::from_secs(5),
+            || None,
+        )
+        .await
+        .unwrap();
         assert!(c.is_degraded());
         assert_eq!(c.manifest.targets, ["a"]);
         assert_eq!(c.failures.len(), 1);
@@ -326,6 +412,97 @@ mod tests {
         );
     }
 
+    /// `m` with a files archive of 5 stored bytes, and its key.
+    fn with_files(snap: &SnapshotKey, m: &mut Manifest) -> Path {
+        use crate::storage::manifest::{Files, FilesArchive};
+        let key = snap.files_as(&RunId::random(), false);
+        m.files = Some(Files::Archive(FilesArchive {
+            object_key: key.to_string(),
+            stored_size: 5,
+            raw_size: 10240,
+            sha256: "00".repeat(32),
+            file_count: 1,
+            file_bytes: 3,
+            skipped: 0,
+        }));
+        key
+    }
+
+    #[tokio::test]
+    async fn a_target_commits_only_with_both_its_dump_and_its_files() {
+        let (a, b, snap, mut m, key) = setup();
+        let files = with_files(&snap, &mut m);
+        let c = commit(
+            vec![open(&a, &key, b"dump").await, open(&b, &key, b"dump").await],
+            vec![
+                open(&a, &files, b"files").await,
+                open(&b, &files, b"fil").await, // b's files upload is short
+            ],
+            &snap,
+            m,
+            1,
+            Duration::from_secs(5),
+            || None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.manifest.targets, ["a"]);
+        assert_eq!(c.committed[0].files_key.as_ref(), Some(&files));
+        assert_eq!(c.committed[0].bytes, 9);
+        assert_eq!(c.failures.len(), 1);
+        assert_eq!(c.failures[0].target, "b");
+        let mut want = vec![
+            key.to_string(),
+            files.to_string(),
+            snap.manifest().to_string(),
+        ];
+        want.sort();
+        assert_eq!(keys(&a).await, want);
+        assert!(
+            keys(&b).await.is_empty(),
+            "b's completed dump was deleted with its failed files"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_target_without_a_files_upload_gets_nothing() {
+        let (a, b, snap, mut m, key) = setup();
+        let files = with_files(&snap, &mut m);
+        let c = commit(
+            vec![open(&a, &key, b"dump").await, open(&b, &key, b"dump").await],
+            vec![open(&a, &files, b"files").await],
+            &snap,
+            m,
+            2,
+            Duration::from_secs(5),
+            || None,
+        )
+        .await
+        .unwrap();
+        assert!(c.is_degraded());
+        assert_eq!(c.manifest.targets, ["a"]);
+        assert!(keys(&b).await.is_empty(), "b's dump upload was aborted");
+        assert_eq!(keys(&a).await.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_lost_lock_deletes_the_files_too() {
+        let (a, _, snap, mut m, key) = setup();
+        let files = with_files(&snap, &mut m);
+        let c = commit(
+            vec![open(&a, &key, b"dump").await],
+            vec![open(&a, &files, b"files").await],
+            &snap,
+            m,
+            1,
+            Duration::from_secs(5),
+            || Some(Stopped::Cancelled),
+        )
+        .await;
+        assert_eq!(c.unwrap_err(), Stopped::Cancelled);
+        assert!(keys(&a).await.is_empty());
+    }
+
     #[tokio::test]
     async fn a_lost_lock_commits_nothing_and_removes_only_its_own_objects() {
         let (a, _, snap, m, key) = setup();
@@ -341,9 +518,15 @@ mod tests {
             .await
             .unwrap();
         let ua = open(&a, &key, b"dump").await;
-        let c = commit(vec![ua], &snap, m, 1, Duration::from_secs(5), || {
-            Some(Stopped::LockLost)
-        })
+        let c = commit(
+            vec![ua],
+            vec![],
+            &snap,
+            m,
+            1,
+            Duration::from_secs(5),
+            || Some(Stopped::LockLost),
+        )
         .await;
         assert_eq!(c.unwrap_err(), Stopped::LockLost);
         let mut want = vec![other.to_string(), manifest.to_string()];

@@ -3,11 +3,13 @@
 //! [`backup_slot`] is what the daemon and `pgferry backup` call: it takes the database's
 //! advisory lock (`lock`), skips a slot that is already committed, and runs
 //! [`backup_database`]: connect, spawn pg_dump, stream it through the `pipeline` (zstd,
-//! sha256, fan-out to every target), and once pg_dump exited 0, hand the open uploads to the
-//! `commit` (write-once objects, manifests last, copies kept below `min_targets`). Scheduling
-//! and retention are the caller's (`schedule`, `daemon`).
+//! sha256, fan-out to every target), and once pg_dump exited 0, archive the database's
+//! companion files the same way when the source has `files` (`files`), then hand the open
+//! uploads to the `commit` (write-once objects, manifests last, copies kept below
+//! `min_targets`). Scheduling and retention are the caller's (`schedule`, `daemon`).
 
 pub mod commit;
+pub mod files;
 pub mod lock;
 pub mod pipeline;
 
@@ -26,9 +28,10 @@ use crate::metrics::{now_seconds, Outcome};
 use crate::notify;
 use crate::source::{self, SourceError};
 use crate::storage::key::{RunId, SnapshotKey};
-use crate::storage::manifest::{Compression, Manifest, TableEntry, FORMAT_VERSION};
+use crate::storage::manifest::{Compression, Files, Manifest, NoFiles, TableEntry};
 use crate::storage::target;
 use commit::{Commit, Stopped};
+use files::{Companion, FilesError};
 use lock::{DumpLock, Presence};
 use pipeline::{PipelineError, PipelineSettings, Progress, Sink, TargetFailure};
 
@@ -72,6 +75,11 @@ pub enum BackupError {
     LockLost { database: String },
     #[error("backup of {database} was cancelled; nothing was committed")]
     Cancelled { database: String },
+    #[error("backup of {database}: {source}; nothing was committed")]
+    Files {
+        database: String,
+        source: FilesError,
+    },
 }
 
 fn describe(failures: &[TargetFailure]) -> String {
@@ -102,6 +110,7 @@ impl BackupError {
             | BackupError::NotCommitted { .. }
             | BackupError::Degraded { .. }
             | BackupError::LockLost { .. } => true,
+            BackupError::Files { source, .. } => source.is_retryable(),
             BackupError::Pipeline { source, .. } => !matches!(source, PipelineError::Cancelled),
             BackupError::Cancelled { .. } => false,
         }
@@ -119,8 +128,13 @@ impl BackupError {
 /// How long reading the previous snapshot's size may take (it only sizes the first part).
 const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The stored size of the newest committed snapshot of `database`, to size the first part.
-async fn previous_stored_size(app: &App, source: &str, database: &str) -> Option<u64> {
+/// The stored sizes of the newest committed snapshot of `database` (its dump, its files
+/// archive), to size the first parts.
+async fn previous_stored_size(
+    app: &App,
+    source: &str,
+    database: &str,
+) -> Option<(u64, Option<u64>)> {
     let filter = crate::storage::catalog::Filter {
         source: Some(source.into()),
         databases: vec![database.into()],
@@ -128,7 +142,12 @@ async fn previous_stored_size(app: &App, source: &str, database: &str) -> Option
     };
     let cat = app.catalog(&filter).await;
     let newest = cat.of(source, database).next();
-    newest.map(|e| e.manifest.stored_size)
+    newest.map(|e| {
+        (
+            e.manifest.stored_size,
+            e.manifest.files_archive().map(|a| a.stored_size),
+        )
+    })
 }
 
 /// What held the lock pg_dump gave up on, for its error message.
@@ -239,10 +258,15 @@ pub async fn backup_database(
     let outcome = match &result {
         Ok(report) => {
             let m = &report.manifest;
+            let files = m.files_archive();
             tracing::info!(
                 message = "Backup committed.",
                 raw_bytes = m.raw_size,
                 stored_bytes = m.stored_size,
+                files = files.map(|a| a.file_count),
+                file_bytes = files.map(|a| a.file_bytes),
+                files_stored_bytes = files.map(|a| a.stored_size),
+                files_skipped = files.map(|a| a.skipped),
                 targets = %m.targets.join(","),
                 seconds = elapsed.as_secs_f64()
             );
@@ -335,10 +359,10 @@ async fn run(
     let stop = cancel.child_token();
     let relay = {
         let (lost, stop) = (lock.lost().clone(), stop.clone());
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             lost.cancelled().await;
             stop.cancel();
-        })
+        }))
     };
     let stopped = || {
         if lock.is_lost() {
@@ -371,6 +395,8 @@ async fn run(
         tracing::warn!(message = "The targets did not list the previous snapshot in time; sizing parts from the database size.");
         None
     });
+    let (previous, previous_files) = previous.unzip();
+    let previous_files = previous_files.flatten();
     // No history: the on-disk size, an upper bound of what the compressed dump stores.
     let parts = target::PartSizer::new(previous.or(Some(db_size)), max_parts);
     let settings = PipelineSettings {
@@ -421,7 +447,7 @@ async fn run(
                 &settings,
                 sinks,
                 DumpStatsTap::new(),
-                progress,
+                progress.clone(),
                 stop.clone(),
             )
             .await;
@@ -440,7 +466,6 @@ async fn run(
             }
         }
     );
-    relay.abort();
     let mut stderr = stderr_task.await.unwrap_or_default();
     if source::is_lock_timeout(&stderr) {
         stderr.push_str(&lock_diagnosis(source, database, cfg.pipeline.lock_wait_timeout).await);
@@ -492,8 +517,76 @@ async fn run(
             None
         }
     };
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
+
+    // The companion files, after pg_dump exited 0 and before the commit. Sequential, so the
+    // memory budget holds: the dump's uploads stay open meanwhile, with no part in memory.
+    // And after pg_dump's snapshot: every row of the dump that names a file (Odoo's
+    // `ir_attachment.store_fname`) names one already written, since Odoo writes the file
+    // before the row's transaction commits and only deletes files whose rows are gone.
+    let files_object = snapshot.files_as(&run_id, encrypted);
+    let companion = match &source.files {
+        None => Companion::NotConfigured,
+        Some(template) => {
+            let targets = output.uploads.iter().map(|u| u.target.clone()).collect();
+            let settings = PipelineSettings {
+                parts: target::PartSizer::new(previous_files, max_parts),
+                ..settings.clone()
+            };
+            let archived = files::archive(
+                template,
+                database,
+                &files_object,
+                targets,
+                &settings,
+                progress,
+                stop.clone(),
+            )
+            .await;
+            match archived {
+                Ok(c) => c,
+                Err(e) => {
+                    for u in output.uploads {
+                        u.abort().await;
+                    }
+                    count_failures(app, &output.failures);
+                    if let Some(why) = stopped() {
+                        return Err(stopped_error(why));
+                    }
+                    return Err(match e {
+                        FilesError::Pipeline {
+                            source: PipelineError::NoTargetLeft(mut failures),
+                            ..
+                        } => {
+                            count_failures(app, &failures);
+                            let mut all = output.failures;
+                            all.append(&mut failures);
+                            BackupError::NotCommitted {
+                                database: database.to_string(),
+                                failures: all,
+                            }
+                        }
+                        FilesError::Pipeline {
+                            source: PipelineError::Cancelled,
+                            ..
+                        } => stopped_error(Stopped::Cancelled),
+                        source => BackupError::Files {
+                            database: database.to_string(),
+                            source,
+                        },
+                    });
+                }
+            }
+        }
+    };
+    drop(relay);
+    let (files, files_uploads, mut files_failures) = match companion {
+        Companion::NotConfigured => (None, Vec::new(), Vec::new()),
+        Companion::Missing => (Some(Files::Missing(NoFiles::None)), Vec::new(), Vec::new()),
+        Companion::Archived(a) => (Some(Files::Archive(a.archive)), a.uploads, a.failures),
+    };
+
+    let mut manifest = Manifest {
+        format_version: 0,
         snapshot_id: snapshot.id.to_string(),
         source: source.name.clone(),
         database: database.to_string(),
@@ -526,17 +619,19 @@ async fn run(
         pgferry_version: env!("CARGO_PKG_VERSION").to_string(),
         system_identifier: Some(system_identifier),
         encryption: encrypted.then(|| encryption::record(&cfg.encryption.recipients)),
-        files: None,
+        files,
     };
+    manifest.format_version = manifest.required_version();
 
     if !lock.confirm().await {
-        for u in output.uploads {
+        for u in output.uploads.into_iter().chain(files_uploads) {
             u.abort().await;
         }
         return Err(stopped_error(Stopped::LockLost));
     }
     let mut done = commit::commit(
         output.uploads,
+        files_uploads,
         snapshot,
         manifest,
         cfg.pipeline.min_targets,
@@ -546,6 +641,7 @@ async fn run(
     .await
     .map_err(stopped_error)?;
     let mut failures = output.failures;
+    failures.append(&mut files_failures);
     failures.append(&mut done.failures);
     count_failures(app, &failures);
     let now = now_seconds();

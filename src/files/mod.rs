@@ -10,6 +10,8 @@
 //! `{database}`, so every database's directory is a sibling of the others and a restore's
 //! temporary directory is on the same filesystem as the one it replaces (one `rename`).
 
+pub mod pack;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

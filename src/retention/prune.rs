@@ -437,7 +437,7 @@ pub async fn delete_snapshot(t: &Target, entry: &SnapshotEntry) -> Result<(), Pr
         }
         if let Some(files) = &objects.files {
             delete(t, files).await?;
-            if let Some(marker) = upload::files_marker_key(files) {
+            if let Some(marker) = upload::marker_key(files) {
                 delete(t, &marker).await?;
             }
         }

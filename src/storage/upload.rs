@@ -51,24 +51,22 @@ pub struct UploadMarker {
     pub pgferry_version: String,
 }
 
-/// The marker key of the upload of `dump_key` (plain or encrypted: one attempt writes one).
-pub fn marker_key(dump_key: &Path) -> Option<Path> {
-    let key = dump_key.as_ref();
+/// The marker key of the upload of `object_key`: a dump's (plain or encrypted: one attempt
+/// writes one) is `<stem>.upload.json`, a companion-files archive's `<stem>.files.upload.json`,
+/// so that a killed run's files upload is found like its dump's.
+pub fn marker_key(object_key: &Path) -> Option<Path> {
+    let key = object_key.as_ref();
+    if let Some(stem) = key
+        .strip_suffix(FILES_SUFFIX)
+        .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))
+    {
+        // `parse`, not `from`: the stem is already percent-encoded (odd database names).
+        return Path::parse(format!("{stem}{FILES_UPLOAD_SUFFIX}")).ok();
+    }
     let stem = key
         .strip_suffix(DUMP_SUFFIX)
         .or_else(|| key.strip_suffix(ENCRYPTED_DUMP_SUFFIX))?;
-    Some(Path::from(format!("{stem}{UPLOAD_SUFFIX}")))
-}
-
-/// The marker key of the upload of the companion-files archive `files_key` (plain or
-/// encrypted): `<id>-<run>.files.upload.json` beside it. (`marker_key` is the dump's.)
-pub fn files_marker_key(files_key: &Path) -> Option<Path> {
-    let key = files_key.as_ref();
-    let stem = key
-        .strip_suffix(FILES_SUFFIX)
-        .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))?;
-    // `parse`: the stem is already percent-encoded (`from` would encode its `%` again).
-    Path::parse(format!("{stem}{FILES_UPLOAD_SUFFIX}")).ok()
+    Path::parse(format!("{stem}{UPLOAD_SUFFIX}")).ok()
 }
 
 /// The object keys a marker may belong to: the attempt's plain and encrypted dump (it wrote
@@ -473,9 +471,12 @@ mod tests {
         );
         for archive in [".files.tar.zst", ".files.tar.zst.age"] {
             let key = Path::from(format!("{stem}{archive}"));
-            assert_eq!(files_marker_key(&key), Some(marker.clone()));
+            assert_eq!(marker_key(&key), Some(marker.clone()));
         }
-        assert_eq!(files_marker_key(&Path::from(RUN_DUMP)), None);
+        assert_eq!(
+            marker_key(&Path::from(RUN_DUMP)),
+            Some(Path::from(RUN_MARKER))
+        );
         // A files marker without a run is not a shape pgferry writes.
         assert!(dump_keys(&Path::from(
             "pg/prod/acme/20261127T140000Z.files.upload.json"
@@ -493,13 +494,56 @@ mod tests {
             odd.files_as(&run, false)
         );
         assert_eq!(
-            files_marker_key(&odd.files_as(&run, true)),
+            marker_key(&odd.files_as(&run, true)),
             Some(odd.files_upload_marker(&run))
         );
+        assert_eq!(marker_key(&odd.dump(&run)), Some(odd.upload_marker(&run)));
         assert_eq!(
             dump_keys(&odd.upload_marker(&run)).unwrap()[0],
             odd.dump(&run)
         );
+    }
+
+    #[test]
+    fn files_archives_have_their_own_marker() {
+        use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
+        let k = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = RunId::random();
+        for encrypted in [false, true] {
+            assert_eq!(
+                marker_key(&k.files_as(&run, encrypted)),
+                Some(k.files_upload_marker(&run)),
+                "encrypted: {encrypted}"
+            );
+        }
+        assert_eq!(marker_key(&k.dump(&run)), Some(k.upload_marker(&run)));
+        assert!(marker_key(&Path::from("a/b.files.tar")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_files_upload_writes_and_removes_its_files_marker() {
+        use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
+        let (t, store) = marked_target();
+        let k = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = RunId::random();
+        let files = t.at(&k.files_as(&run, false));
+        let mut upload = start(&t, &files).await.unwrap();
+        let marker = t.at(&k.files_upload_marker(&run));
+        assert_eq!(marker_of(&store, marker.as_ref()).await.key, files.as_ref());
+        upload
+            .put_part(PutPayload::from_static(b"tar"))
+            .await
+            .unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(keys(&store).await, [files.to_string()]);
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ mod daemon;
 mod deploy;
 mod encryption;
 mod faults;
+mod files_backup;
 mod files_storage;
 mod fleet;
 mod fleet_verify;

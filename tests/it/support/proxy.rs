@@ -46,6 +46,14 @@ pub enum RequestClass {
     ManifestPut,
     /// A `DELETE` of an upload marker (`….upload.json`).
     MarkerDelete,
+    /// Requests with this method on a key ending with `suffix` whose query holds `query`:
+    /// e.g. a companion-files archive's part uploads (`PUT`, `partNumber=`) or its
+    /// completion (`POST`, `uploadId=`).
+    Object {
+        method: &'static str,
+        suffix: &'static str,
+        query: &'static str,
+    },
 }
 
 impl RequestClass {
@@ -60,6 +68,14 @@ impl RequestClass {
                         .next()
                         .unwrap_or("")
                         .ends_with(".manifest.json")
+            }
+            RequestClass::Object {
+                method: m,
+                suffix,
+                query,
+            } => {
+                let (path, q) = target.split_once('?').unwrap_or((target, ""));
+                method == m && path.ends_with(suffix) && q.contains(query)
             }
             RequestClass::MarkerDelete => {
                 method == "DELETE"
