@@ -61,6 +61,7 @@ pub fn marker_key(object_key: &Path) -> Option<Path> {
         .strip_suffix(FILES_SUFFIX)
         .or_else(|| key.strip_suffix(ENCRYPTED_FILES_SUFFIX))
     {
+        // `parse`, not `from`: the stem is already percent-encoded (odd database names).
         return Path::parse(format!("{stem}{FILES_UPLOAD_SUFFIX}")).ok();
     }
     let stem = key
@@ -541,6 +542,52 @@ mod tests {
     }
 
     #[test]
+    fn a_files_marker_names_its_archives_and_only_them() {
+        let stem = "pg/prod/acme/20261127T140000Z-0123456789ab";
+        let marker = Path::from(format!("{stem}.files.upload.json"));
+        assert_eq!(
+            dump_keys(&marker).unwrap(),
+            vec![
+                Path::from(format!("{stem}.files.tar.zst")),
+                Path::from(format!("{stem}.files.tar.zst.age"))
+            ]
+        );
+        for archive in [".files.tar.zst", ".files.tar.zst.age"] {
+            let key = Path::from(format!("{stem}{archive}"));
+            assert_eq!(marker_key(&key), Some(marker.clone()));
+        }
+        assert_eq!(
+            marker_key(&Path::from(RUN_DUMP)),
+            Some(Path::from(RUN_MARKER))
+        );
+        // A files marker without a run is not a shape pgferry writes.
+        assert!(dump_keys(&Path::from(
+            "pg/prod/acme/20261127T140000Z.files.upload.json"
+        ))
+        .is_none());
+        // Odd database names: the keys stay the ones the listing shows (no double encoding).
+        let odd = crate::storage::key::SnapshotKey::new(
+            "prod",
+            "café 100%",
+            crate::storage::key::SnapshotId::parse("20261127T140000Z").unwrap(),
+        );
+        let run = crate::storage::key::RunId::parse("0123456789ab").unwrap();
+        assert_eq!(
+            dump_keys(&odd.files_upload_marker(&run)).unwrap()[0],
+            odd.files_as(&run, false)
+        );
+        assert_eq!(
+            marker_key(&odd.files_as(&run, true)),
+            Some(odd.files_upload_marker(&run))
+        );
+        assert_eq!(marker_key(&odd.dump(&run)), Some(odd.upload_marker(&run)));
+        assert_eq!(
+            dump_keys(&odd.upload_marker(&run)).unwrap()[0],
+            odd.dump(&run)
+        );
+    }
+
+    #[test]
     fn files_archives_have_their_own_marker() {
         use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
         let k = SnapshotKey::new(
@@ -580,49 +627,6 @@ mod tests {
             .unwrap();
         upload.complete().await.unwrap();
         assert_eq!(keys(&store).await, [files.to_string()]);
-    }
-
-    #[test]
-    fn a_files_marker_names_its_archives_and_only_them() {
-        let stem = "pg/prod/acme/20261127T140000Z-0123456789ab";
-        let marker = Path::from(format!("{stem}.files.upload.json"));
-        assert_eq!(
-            dump_keys(&marker).unwrap(),
-            vec![
-                Path::from(format!("{stem}.files.tar.zst")),
-                Path::from(format!("{stem}.files.tar.zst.age"))
-            ]
-        );
-        for archive in [".files.tar.zst", ".files.tar.zst.age"] {
-            let key = Path::from(format!("{stem}{archive}"));
-            assert_eq!(marker_key(&key), Some(marker.clone()));
-        }
-        assert_ne!(marker_key(&Path::from(RUN_DUMP)), Some(marker.clone()));
-        // A files marker without a run is not a shape pgferry writes.
-        assert!(dump_keys(&Path::from(
-            "pg/prod/acme/20261127T140000Z.files.upload.json"
-        ))
-        .is_none());
-        // Odd database names: the keys stay the ones the listing shows (no double encoding).
-        let odd = crate::storage::key::SnapshotKey::new(
-            "prod",
-            "café 100%",
-            crate::storage::key::SnapshotId::parse("20261127T140000Z").unwrap(),
-        );
-        let run = crate::storage::key::RunId::parse("0123456789ab").unwrap();
-        assert_eq!(
-            dump_keys(&odd.files_upload_marker(&run)).unwrap()[0],
-            odd.files_as(&run, false)
-        );
-        assert_eq!(
-            marker_key(&odd.files_as(&run, true)),
-            Some(odd.files_upload_marker(&run))
-        );
-        assert_eq!(
-            dump_keys(&odd.upload_marker(&run)).unwrap()[0],
-            odd.dump(&run)
-        );
-        assert_eq!(marker_key(&odd.dump(&run)), Some(odd.upload_marker(&run)));
     }
 
     #[tokio::test]

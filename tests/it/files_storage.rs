@@ -446,3 +446,98 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
         }
     }
 }
+
+/// End to end with the backup side (branch `files-backup`): a real backup with companion
+/// files on two targets, one target's archive deleted, `check` finds it, `repair` heals it,
+/// and prune at the end of retention deletes the expired snapshot's every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
+    let env = TestEnv::start().await;
+    env.small_database("acme").await;
+    let root = env.dir.path().join("filestore");
+    let dir = root.join("acme");
+    std::fs::create_dir_all(dir.join("ab")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            dir.join("ab").join(format!("f{i}")),
+            format!("{i}").repeat(5000),
+        )
+        .unwrap();
+    }
+    let (a, a_store) = env.s3_target("a").await;
+    let (b, b_store) = env.s3_target("b").await;
+    let config = env.write_config(&format!(
+        "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
+        env.source_toml("prod"),
+        root.display()
+    ));
+    let first = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let manifest_key = format!("prod/acme/{first}.manifest.json");
+    let m = manifest_of(&get(&b_store, &manifest_key).await);
+    let files = m["files"]["object_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no files archive: {m}"))
+        .to_string();
+    let dump = m["object_key"].as_str().unwrap().to_string();
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+
+    b_store.delete(&Key::parse(&files).unwrap()).await.unwrap();
+    let check = env.pgferry(&config, &["check", "--json"]).await;
+    check.assert_code(1);
+    assert_eq!(
+        problems(&check.stdout),
+        vec![(
+            "b".to_string(),
+            first.clone(),
+            files.clone(),
+            "object_missing".to_string()
+        )],
+        "{}",
+        check.stdout
+    );
+    let run = env.pgferry(&config, &["repair"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains("copied "), "{}", run.stdout);
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+    assert_eq!(get(&b_store, &files).await, get(&a_store, &files).await);
+    assert_eq!(
+        sha256(&get(&b_store, &files).await),
+        m["files"]["sha256"].as_str().unwrap()
+    );
+
+    // A newer snapshot: keep_last = 1 expires the first, which goes whole on both targets.
+    crate::support::next_second().await;
+    let second = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let run = env.pgferry(&config, &["prune"]).await;
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("deleted 2 snapshot(s)"),
+        "{}",
+        run.stdout
+    );
+    for store in [&a_store, &b_store] {
+        let left = keys(store).await;
+        assert!(
+            left.iter().all(|k| !k.contains(&first)),
+            "the expired snapshot left {left:?}"
+        );
+        assert!(!left.contains(&files) && !left.contains(&dump) && !left.contains(&manifest_key));
+        assert_eq!(
+            left.iter()
+                .filter(|k| k.contains(&second) && k.contains(".files.tar.zst"))
+                .count(),
+            1,
+            "{left:?}"
+        );
+    }
+}
