@@ -420,8 +420,11 @@ async fn a_failed_restore_leaves_the_database_and_its_files_untouched() {
     w.assert_no_leftovers().await;
 }
 
-/// A tar written by hand (the tar crate's raw header): `entries` of (path, type, link).
-fn crafted_tar(entries: &[(&[u8], tar::EntryType, Option<&[u8]>)]) -> Vec<u8> {
+/// One entry of [`crafted_tar`]: path, type, link target.
+type RawEntry<'a> = (&'a [u8], tar::EntryType, Option<&'a [u8]>);
+
+/// A tar written by hand (the tar crate's raw header).
+fn crafted_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, kind, link) in entries {
         let mut h = tar::Header::new_old();
