@@ -414,3 +414,58 @@ fn the_restore_job_and_the_verify_cronjob_never_retry_blindly() {
         .iter()
         .any(|a| a.as_str().unwrap().starts_with("--pushgateway=")));
 }
+
+/// The companion files: the daemon reads the filestore through a read-only mount, the restore
+/// Job writes the staging one through a read-write mount, each where the config's `files`
+/// points; the verify CronJob needs none (it reads the archive from the buckets).
+#[test]
+fn the_filestores_are_mounted_read_only_for_backups_and_read_write_for_restores() {
+    let docs = all_docs();
+    let config: toml::Table = toml::from_str(&config_text(&docs)).expect("TOML");
+    let source_files = config["source"][0]["files"]
+        .as_str()
+        .expect("[[source]] files");
+    let restore_files = config["restore_target"][0]["files"]
+        .as_str()
+        .expect("[[restore_target]] files");
+    // The mount holding `files`, and whether it is read only.
+    let mount_of = |doc: &Value, files: &str| -> Option<(String, bool)> {
+        pod_spec(doc)["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| files.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    m["readOnly"] == true,
+                )
+            })
+            .next()
+    };
+    let claim = |doc: &Value, volume: &str| -> Value {
+        let v = pod_spec(doc)["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == volume)
+            .cloned()
+            .unwrap_or_else(|| panic!("no volume {volume}"));
+        v["persistentVolumeClaim"].clone()
+    };
+    let daemon = find(&docs, "Deployment", "pgferry");
+    let (volume, read_only) =
+        mount_of(daemon, source_files).expect("the daemon mounts the filestore");
+    assert!(read_only, "the daemon's filestore mount is read only");
+    assert_eq!(claim(daemon, &volume)["readOnly"], true);
+    let job = find(&docs, "Job", "pgferry-restore");
+    let (volume, read_only) =
+        mount_of(job, restore_files).expect("the restore Job mounts the staging filestore");
+    assert!(!read_only, "the restore Job writes the staging filestore");
+    assert!(claim(job, &volume)["claimName"].is_string());
+    assert_ne!(claim(job, &volume)["readOnly"], true);
+    assert!(
+        mount_of(daemon, restore_files).is_none(),
+        "production never mounts the staging filestore"
+    );
+}
