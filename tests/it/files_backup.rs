@@ -3,7 +3,6 @@
 //! and opened by hand with the real `zstd`, `tar` and `age` tools. Real PostgreSQL, real
 //! Garage, real directories.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use age::secrecy::ExposeSecret;
@@ -14,6 +13,7 @@ use crate::support::env::{
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::rusage::pgferry_measured;
+use crate::support::tree_of;
 
 /// `files = "<root>/{database}"`, the source key under test.
 fn files_key(root: &Path) -> String {
@@ -36,30 +36,6 @@ fn write_tree(dir: &Path) {
     std::fs::write(dir.join("ab/empty"), b"").unwrap();
     std::fs::write(dir.join("cd/sub/deep.txt"), "nested\n".repeat(1000)).unwrap();
     std::fs::write(dir.join("name with spaces é 日本.txt"), "ünïcode").unwrap();
-}
-
-/// Every regular file and directory under `dir` (relative path → contents, `None` for a
-/// directory); anything else is listed as `Some(b"<other>")`.
-fn tree_of(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
-            let entry = entry.unwrap();
-            let rel = rel.join(entry.file_name());
-            let kind = entry.file_type().unwrap();
-            let key = rel.to_string_lossy().into_owned();
-            if kind.is_dir() {
-                out.insert(key, None);
-                pending.push(rel);
-            } else if kind.is_file() {
-                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
-            } else {
-                out.insert(key, Some(b"<other>".to_vec()));
-            }
-        }
-    }
-    out
 }
 
 /// Runs `script` with bash (pipefail) and returns its stdout; fails the test on an error.

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv};
 use crate::support::postgres::PgCluster;
+use crate::support::{restore_argv, tree_of};
 
 const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 
@@ -59,30 +60,6 @@ fn attachment_files() -> Vec<(String, Vec<u8>)> {
             (n.to_string(), body)
         })
         .collect()
-}
-
-/// Every regular file and directory under `dir`: relative path → contents (`None`: a
-/// directory); anything else is `<other>`.
-fn tree_of(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
-            let entry = entry.unwrap();
-            let rel = rel.join(entry.file_name());
-            let kind = entry.file_type().unwrap();
-            let key = rel.to_string_lossy().into_owned();
-            if kind.is_dir() {
-                out.insert(key, None);
-                pending.push(rel);
-            } else if kind.is_file() {
-                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
-            } else {
-                out.insert(key, Some(b"<other>".to_vec()));
-            }
-        }
-    }
-    out
 }
 
 /// The names in a directory, sorted.
@@ -212,17 +189,8 @@ impl World {
     }
 
     async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ];
-        args.extend_from_slice(extra);
-        self.pgferry(config, &args).await
+        self.pgferry(config, &restore_argv("acme", "staging-acme", extra))
+            .await
     }
 
     async fn restore(&self, extra: &[&str]) -> Run {

@@ -215,14 +215,7 @@ async fn a_flipped_byte_is_found_by_read_data_and_healed_without_touching_the_go
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes() {
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.pg
-        .execute(
-            "big",
-            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
-        )
-        .await
-        .unwrap();
+    env.random_rows_database("big", 200_000).await;
     let (a, _a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
@@ -302,14 +295,7 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_repair_leaves_a_live_repairs_upload_alone() {
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.pg
-        .execute(
-            "big",
-            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
-        )
-        .await
-        .unwrap();
+    env.random_rows_database("big", 200_000).await;
     let (a, _a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;

@@ -449,14 +449,7 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.pg
-        .execute(
-            "big",
-            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
-        )
-        .await
-        .unwrap();
+    env.random_rows_database("big", 200_000).await;
     let (a, a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;

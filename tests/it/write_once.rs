@@ -101,14 +101,7 @@ async fn slow_setup(
     Proxy,
     std::sync::Arc<dyn object_store::ObjectStore>,
 ) {
-    env.pg.create_database("big").await.unwrap();
-    env.pg
-        .execute(
-            "big",
-            "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 200000) g;",
-        )
-        .await
-        .unwrap();
+    env.random_rows_database("big", 200_000).await;
     let (target, store) = env.s3_target("slow").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
     proxy.throttle_up(512 * 1024);

@@ -119,6 +119,21 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Creates database `name` with table `t` of `rows` rows of random text (~70 bytes each,
+    /// incompressible enough that a copy of it takes a while through a throttled proxy).
+    pub async fn random_rows_database(&self, name: &str, rows: u32) {
+        self.pg.create_database(name).await.unwrap();
+        self.pg
+            .execute(
+                name,
+                &format!(
+                    "CREATE TABLE t AS SELECT g AS id, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, {rows}) g;"
+                ),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Every secret of this environment: none may appear in any output.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = vec![

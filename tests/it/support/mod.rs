@@ -40,6 +40,30 @@ pub fn restore_argv<'a>(database: &'a str, to: &'a str, extra: &[&'a str]) -> Ve
     argv
 }
 
+/// Every regular file and directory under `dir` (relative path → contents, `None` for a
+/// directory); anything else is listed as `Some(b"<other>")`.
+pub fn tree_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Option<Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut pending = vec![std::path::PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let rel = rel.join(entry.file_name());
+            let kind = entry.file_type().unwrap();
+            let key = rel.to_string_lossy().into_owned();
+            if kind.is_dir() {
+                out.insert(key, None);
+                pending.push(rel);
+            } else if kind.is_file() {
+                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
+            } else {
+                out.insert(key, Some(b"<other>".to_vec()));
+            }
+        }
+    }
+    out
+}
+
 /// How long a helper waits for a server to become ready before giving up with its log.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
