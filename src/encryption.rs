@@ -268,7 +268,8 @@ pub fn identities_for(
 /// place by [`payload`], faster than age's own writer).
 pub enum Sealer<W: Write> {
     Plain(W),
-    Age(payload::PayloadWriter<W>),
+    /// Boxed: the key schedule and chunk state are ~570 bytes, `Plain` a pointer or two.
+    Age(Box<payload::PayloadWriter<W>>),
 }
 
 impl<W: Write> Sealer<W> {
@@ -281,17 +282,15 @@ impl<W: Write> Sealer<W> {
             .iter()
             .map(|r| &r.0 as &dyn age::Recipient)
             .collect();
-        Ok(Sealer::Age(payload::PayloadWriter::new(
-            &recipients,
-            inner,
-        )?))
+        let writer = payload::PayloadWriter::new(&recipients, inner)?;
+        Ok(Sealer::Age(Box::new(writer)))
     }
 
     /// Ends the stream (age's last chunk) and hands the writer back.
     pub fn finish(self) -> std::io::Result<W> {
         match self {
             Sealer::Plain(w) => Ok(w),
-            Sealer::Age(w) => w.finish(),
+            Sealer::Age(w) => (*w).finish(),
         }
     }
 }
