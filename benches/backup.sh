@@ -15,7 +15,8 @@
 # Usage: benches/backup.sh [rounds]
 #   env: SIZES="2", RSS_SIZES="6", LEVELS="1 3", WORK_DIR, SKIP_GZIP=1, ENCRYPTION_ONLY=1,
 #        MAX_PARTS="10000 1000 100" (the memory runs: 2 targets with each max_parts; 100 sizes
-#        parts as a 60 GB database would at 1000)
+#        parts as a 60 GB database would at 1000), SKIP_SETUP=1 (do not run scripts/setup.sh:
+#        everything is installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -30,7 +31,7 @@ S3_PORT="${S3_PORT:-39100}"
 export PGFERRY_TOOLS="${PGFERRY_TOOLS:-/opt/pgferry-tools}"
 AWSCLI_VERSION=1.46.3
 
-scripts/setup.sh >/dev/null
+[ -n "${SKIP_SETUP:-}" ] || scripts/setup.sh >/dev/null
 command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
 command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
 AWS="$PGFERRY_TOOLS/awscli/bin/aws"

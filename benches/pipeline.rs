@@ -16,6 +16,12 @@
 //! cutting, fan-out, multipart upload), `sha256` (alone, over the raw bytes), `stats_tap`
 //! (`DumpStatsTap::feed` alone), `fanout` (`pipeline::run` at level 1 to 1/2/3 targets) and
 //! `pipeline_tap` (`pipeline::run` at level 3 to 2 targets, without and with the stats tap).
+//! `sealer` (issue 17) is apart: the last stage of the compressor alone, on 64 MiB of random
+//! bytes (what zstd's output looks like) written in zstd's 32 KiB pieces into a reused
+//! buffer: `memcpy` (the buffer alone), `plain` and `age` ([`Sealer`] without and with two
+//! recipients), `age_crate` (the `age` crate's own stream writer, which `Sealer` used before), `aead` / `aead_ring` (ChaCha20-Poly1305 in place on 64 KiB chunks, by
+//! the RustCrypto crate age uses and by ring: the crypto's own cost). Its MB/s are of the bytes sealed, not of raw dump bytes; run
+//! it alone with `cargo bench --bench pipeline -- sealer`.
 //!
 //! For instruction counts under valgrind, `PGFERRY_BENCH_ONCE=<stage>` runs one stage once
 //! without criterion (`none` only builds the input, to subtract), and `PGFERRY_BENCH_MIB`
@@ -32,6 +38,7 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput
 use object_store::memory::InMemory;
 use pgferry::archive::DumpStatsTap;
 use pgferry::backup::pipeline::{self, PipelineSettings, RawTap, Sink, READ_CHUNK};
+use pgferry::encryption::{Recipient, Sealer};
 use pgferry::storage::target::{self, Target, DUMP_SUFFIX};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -147,6 +154,100 @@ fn zstd_direct(input: &[u8], level: i32) -> u64 {
         encoder.write_all(chunk).unwrap();
     }
     encoder.finish().unwrap().0
+}
+
+/// Bytes sealed per `sealer` iteration.
+const SEALER_MIB: usize = 64;
+/// The size of the writes zstd's stream encoder makes into its writer (its output buffer).
+const ZSTD_OUT_CHUNK: usize = 32 * 1024;
+/// age's plaintext chunk.
+const AGE_CHUNK: usize = 64 * 1024;
+
+/// Two fresh age recipients, as `benches/backup.sh` configures.
+fn age_recipients() -> Vec<age::x25519::Recipient> {
+    (0..2)
+        .map(|_| age::x25519::Identity::generate().to_public())
+        .collect()
+}
+
+fn recipients() -> Vec<Recipient> {
+    age_recipients()
+        .iter()
+        .map(|r| Recipient::parse(&r.to_string()).unwrap())
+        .collect()
+}
+
+/// Seals `input` (written in zstd's pieces) into `out` (cleared, capacity kept).
+fn seal(input: &[u8], recipients: &[Recipient], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let mut sealer = Sealer::new(recipients, &mut *out).unwrap();
+    for piece in input.chunks(ZSTD_OUT_CHUNK) {
+        sealer.write_all(piece).unwrap();
+    }
+    sealer.finish().unwrap();
+    out.len()
+}
+
+/// The same with the `age` crate's own stream writer (what `Sealer` was until issue 17's
+/// speed-up), for comparison.
+fn seal_age_crate(input: &[u8], recipients: &[age::x25519::Recipient], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .unwrap();
+    let mut writer = encryptor.wrap_output(&mut *out).unwrap();
+    for piece in input.chunks(ZSTD_OUT_CHUNK) {
+        writer.write_all(piece).unwrap();
+    }
+    writer.finish().unwrap();
+    out.len()
+}
+
+/// The copy into the part buffer alone.
+fn memcpy(input: &[u8], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    for piece in input.chunks(ZSTD_OUT_CHUNK) {
+        out.extend_from_slice(black_box(piece));
+    }
+    out.len()
+}
+
+/// ChaCha20-Poly1305 alone, in place, chunk by chunk (nonces as age's STREAM makes them).
+fn aead(input: &[u8], out: &mut Vec<u8>) -> usize {
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&[7u8; 32].into());
+    out.clear();
+    out.extend_from_slice(input);
+    let mut tags = 0u8;
+    for (i, chunk) in out.chunks_mut(AGE_CHUNK).enumerate() {
+        let mut nonce = [0u8; 12];
+        nonce[3..11].copy_from_slice(&(i as u64).to_be_bytes());
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce.into(), &[], chunk)
+            .unwrap();
+        tags ^= tag[0];
+    }
+    black_box(tags);
+    out.len()
+}
+
+/// The same with ring's ChaCha20-Poly1305 (what `src/encryption/payload.rs` uses).
+fn aead_ring(input: &[u8], out: &mut Vec<u8>) -> usize {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).unwrap());
+    out.clear();
+    out.extend_from_slice(input);
+    let mut tags = 0u8;
+    for (i, chunk) in out.chunks_mut(AGE_CHUNK).enumerate() {
+        let mut nonce = [0u8; 12];
+        nonce[3..11].copy_from_slice(&(i as u64).to_be_bytes());
+        let tag = key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), chunk)
+            .unwrap();
+        tags ^= tag.as_ref()[0];
+    }
+    black_box(tags);
+    out.len()
 }
 
 /// A writer that only counts.
@@ -318,6 +419,24 @@ fn benches(c: &mut Criterion, input: &Bytes) {
     g.finish();
 }
 
+/// The `sealer` group (see the module doc).
+fn sealer_benches(c: &mut Criterion) {
+    let input = Rng(17).bytes(SEALER_MIB << 20);
+    let recipients = recipients();
+    let mut out = Vec::with_capacity(input.len() + input.len() / 1000 + 4096);
+    let mut g = configure(c, input.len() as u64, "sealer");
+    g.bench_function("memcpy", |b| b.iter(|| memcpy(&input, &mut out)));
+    g.bench_function("plain", |b| b.iter(|| seal(&input, &[], &mut out)));
+    g.bench_function("age", |b| b.iter(|| seal(&input, &recipients, &mut out)));
+    let age_recipients = age_recipients();
+    g.bench_function("age_crate", |b| {
+        b.iter(|| seal_age_crate(&input, &age_recipients, &mut out))
+    });
+    g.bench_function("aead", |b| b.iter(|| aead(&input, &mut out)));
+    g.bench_function("aead_ring", |b| b.iter(|| aead_ring(&input, &mut out)));
+    g.finish();
+}
+
 /// Runs one stage once, for valgrind; see the module doc.
 fn run_once(stage: &str, input: &Bytes) {
     let rt = runtime();
@@ -344,6 +463,19 @@ fn run_once(stage: &str, input: &Bytes) {
         "pipeline_tap/stats" => {
             black_box(rt.block_on(run_pipeline(input, 3, 2, DumpStatsTap::new())));
         }
+        s if s.starts_with("sealer/") => {
+            let input = Rng(17).bytes(mib() << 20);
+            let mut out = Vec::with_capacity(input.len() * 2);
+            black_box(match &s[7..] {
+                "memcpy" => memcpy(&input, &mut out),
+                "plain" => seal(&input, &[], &mut out),
+                "age" => seal(&input, &recipients(), &mut out),
+                "age_crate" => seal_age_crate(&input, &age_recipients(), &mut out),
+                "aead" => aead(&input, &mut out),
+                "aead_ring" => aead_ring(&input, &mut out),
+                other => panic!("unknown sealer {other}"),
+            });
+        }
         other => panic!("unknown stage {other}"),
     }
 }
@@ -357,5 +489,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     describe(&input);
     benches(&mut c, &input);
+    sealer_benches(&mut c);
     c.final_summary();
 }

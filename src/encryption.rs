@@ -12,6 +12,8 @@
 //! identity (secret) never is — not in errors, logs or `Debug` output; a malformed line of an
 //! identity file is reported by its file and line number only. It does no network I/O.
 
+mod payload;
+
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -262,9 +264,12 @@ pub fn identities_for(
 }
 
 /// The last stage of the compressor: the compressed stream, encrypted or not, into `W`.
+/// Encrypted, it is an age file (the header by the `age` crate, the 64 KiB chunks sealed in
+/// place by [`payload`], faster than age's own writer).
 pub enum Sealer<W: Write> {
     Plain(W),
-    Age(age::stream::StreamWriter<W>),
+    /// Boxed: the key schedule and chunk state are ~570 bytes, `Plain` a pointer or two.
+    Age(Box<payload::PayloadWriter<W>>),
 }
 
 impl<W: Write> Sealer<W> {
@@ -273,17 +278,19 @@ impl<W: Write> Sealer<W> {
         if recipients.is_empty() {
             return Ok(Sealer::Plain(inner));
         }
-        let encryptor =
-            age::Encryptor::with_recipients(recipients.iter().map(|r| &r.0 as &dyn age::Recipient))
-                .map_err(std::io::Error::other)?;
-        Ok(Sealer::Age(encryptor.wrap_output(inner)?))
+        let recipients: Vec<&dyn age::Recipient> = recipients
+            .iter()
+            .map(|r| &r.0 as &dyn age::Recipient)
+            .collect();
+        let writer = payload::PayloadWriter::new(&recipients, inner)?;
+        Ok(Sealer::Age(Box::new(writer)))
     }
 
     /// Ends the stream (age's last chunk) and hands the writer back.
     pub fn finish(self) -> std::io::Result<W> {
         match self {
             Sealer::Plain(w) => Ok(w),
-            Sealer::Age(w) => w.finish(),
+            Sealer::Age(w) => (*w).finish(),
         }
     }
 }
