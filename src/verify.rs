@@ -16,6 +16,11 @@
 //! share one. After a run that covered a whole source, `pgferry_verify_overdue_databases`
 //! counts its databases whose newest report is older than `verify.max_age` or missing.
 //!
+//! A snapshot with companion files (`crate::files`) also has its archive read (sha256, age,
+//! zstd, tar; nothing written to disk): its file count must be the manifest's, and every
+//! `ir_attachment.store_fname` of the restored database (Odoo's attachments, when that table
+//! exists) must name a file in it; missing ones fail the verify, reported by count.
+//!
 //! This module never touches a source or a staging database: it writes only to the verify
 //! server (scratch databases it created) and to `.verify.json` objects.
 
@@ -31,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::files::unpack::{self, Listing, UnpackError};
 use crate::metrics::Outcome;
 use crate::restore::guard::{self, quote_ident};
 use crate::restore::identity::{self, IdentityError};
@@ -40,13 +46,16 @@ use crate::restore::TargetFailure;
 use crate::source::{self, SourceError};
 use crate::storage::catalog::{Filter, SnapshotEntry};
 use crate::storage::key::{SnapshotId, SnapshotKey};
-use crate::storage::manifest::TableEntry;
+use crate::storage::manifest::{FilesArchive, TableEntry};
 
 /// The manifest format from which every manifest records table statistics.
 const TABLE_STATS_FORMAT: u32 = 2;
 
 /// Version of the verify report format.
 pub const REPORT_FORMAT_VERSION: u32 = 1;
+
+/// Missing attachments named in a report (the count is always whole).
+const MISSING_EXAMPLES: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -161,6 +170,29 @@ pub struct VerifyReport {
     /// before this one started.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cleaned_leftovers: Vec<String>,
+    /// The companion files, when the snapshot has an archive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesCheck>,
+}
+
+/// The companion files' archive against its manifest and the restored attachments.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FilesCheck {
+    /// Files the manifest records.
+    pub expected_files: u64,
+    /// Files in the archive as read; `None` when no copy could be read.
+    pub actual_files: Option<u64>,
+    /// The target whose copy was read.
+    pub read_from: Option<String>,
+    pub failed_targets: Vec<TargetFailure>,
+    /// Non-null `ir_attachment.store_fname` values compared; `None`: the restored database
+    /// has no such column (not an Odoo database).
+    pub attachments_checked: Option<u64>,
+    /// Of those, how many name no file of the archive.
+    pub missing_attachments: u64,
+    /// The first few of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_examples: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -583,6 +615,7 @@ pub async fn verify_one(
     let mut tables = Vec::new();
     let mut large_objects = None;
     let mut checks = Vec::new();
+    let mut files = None;
     if restored_from.is_some() {
         // Copies that failed before a good one are reported (in `failed_targets` and the
         // log), but do not fail the verify of the snapshot: the snapshot itself restored.
@@ -594,6 +627,20 @@ pub async fn verify_one(
                 problems = found.problems;
             }
             Err(e) => problems.push(format!("cannot inspect the restored database: {e}")),
+        }
+        if let Some(archive) = m.files_archive() {
+            let first = restored_from.as_deref().unwrap_or_default();
+            match check_files(app, entry, archive, first, url, &scratch, &cancel).await {
+                Ok((check, p)) => {
+                    files = Some(check);
+                    problems.extend(p);
+                }
+                Err(VerifyError::Cancelled) => {
+                    server.drop_database(&scratch).await.ok();
+                    return Err(VerifyError::Cancelled);
+                }
+                Err(e) => problems.push(format!("cannot check the companion files: {e}")),
+            }
         }
     } else {
         problems.extend(
@@ -628,6 +675,7 @@ pub async fn verify_one(
         restore_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
         cleaned_leftovers: cleaned,
+        files,
     };
     write_report(app, entry, &report).await;
     if report.passed() {
@@ -747,6 +795,161 @@ async fn inspect(
         checks,
         problems,
     })
+}
+
+/// Reads the companion files' archive (the target the dump came from first, then the others
+/// on a bad copy) into a [`Listing`], compares its file count with the manifest's and checks
+/// every `ir_attachment.store_fname` of the scratch database against it. Returns the check
+/// and its problems.
+async fn check_files(
+    app: &App,
+    entry: &SnapshotEntry,
+    archive: &FilesArchive,
+    first: &str,
+    url: &crate::config::PgUrl,
+    scratch: &str,
+    cancel: &CancellationToken,
+) -> Result<(FilesCheck, Vec<String>), VerifyError> {
+    let m = &entry.manifest;
+    let mut check = FilesCheck {
+        expected_files: archive.file_count,
+        ..FilesCheck::default()
+    };
+    let mut problems = Vec::new();
+    let order = std::iter::once(first).chain(
+        entry
+            .targets
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != first),
+    );
+    let mut listing = None;
+    for name in order {
+        let Some(target) = app.target(name) else {
+            continue;
+        };
+        let c = cancel.clone();
+        let r = load::consume(
+            target,
+            m,
+            load::StoredObject::files(archive),
+            app.config.verify_identity_file(),
+            Arc::new(LoadProgress::default()),
+            cancel,
+            move |reader| unpack::list(reader, c),
+        )
+        .await;
+        let error = match r {
+            Ok((l, _)) => {
+                check.read_from = Some(target.name.clone());
+                listing = Some(l);
+                break;
+            }
+            Err(load::Consumed::Load(LoadError::Cancelled))
+            | Err(load::Consumed::Consumer(UnpackError::Cancelled)) => {
+                return Err(VerifyError::Cancelled)
+            }
+            Err(load::Consumed::Load(e)) => e.to_string(),
+            Err(load::Consumed::Consumer(UnpackError::Read { source })) => {
+                load::read_error(source).to_string()
+            }
+            // The copy is good but the archive is not: every target has the same bytes.
+            Err(load::Consumed::Consumer(e)) => {
+                problems.push(format!("the companion files archive: {e}"));
+                return Ok((check, problems));
+            }
+        };
+        tracing::warn!(message = "This target's copy of the companion files failed; trying the next target.", target = %target.name, error = %error);
+        check.failed_targets.push(TargetFailure {
+            target: target.name.clone(),
+            error,
+        });
+    }
+    let Some(listing) = listing else {
+        problems.push("no target holds a readable copy of the companion files".into());
+        return Ok((check, problems));
+    };
+    check.actual_files = Some(listing.counts.files);
+    if listing.counts.files != archive.file_count {
+        problems.push(format!(
+            "the companion files archive holds {} files, the manifest says {}",
+            listing.counts.files, archive.file_count
+        ));
+    }
+    let client = source::connect(url, Some(scratch)).await?;
+    let query_err = |source| SourceError::Query {
+        url: url.redacted(),
+        source,
+    };
+    if let Some((checked, missing)) = missing_attachments(&client, &listing)
+        .await
+        .map_err(query_err)?
+    {
+        check.attachments_checked = Some(checked);
+        check.missing_attachments = missing.count;
+        check.missing_examples = missing.examples;
+        if missing.count > 0 {
+            tracing::error!(message = "Attachments name files missing from the companion files.", missing = missing.count, checked, examples = %check.missing_examples.join(", "));
+            problems.push(format!(
+                "{} of {checked} ir_attachment rows name a file missing from the companion files (e.g. {})",
+                missing.count,
+                check.missing_examples.join(", ")
+            ));
+        }
+    }
+    Ok((check, problems))
+}
+
+/// Missing attachments: their count and the first few names.
+#[derive(Debug, Default)]
+struct Missing {
+    count: u64,
+    examples: Vec<String>,
+}
+
+impl Missing {
+    fn note(&mut self, name: &str, listing: &Listing) {
+        if !listing.contains(name) {
+            self.count += 1;
+            if self.examples.len() < MISSING_EXAMPLES {
+                self.examples.push(name.to_string());
+            }
+        }
+    }
+}
+
+/// Streams every non-null `ir_attachment.store_fname` (one row at a time, however many)
+/// and counts those the listing lacks. `None` when the table or column does not exist.
+async fn missing_attachments(
+    client: &tokio_postgres::Client,
+    listing: &Listing,
+) -> Result<Option<(u64, Missing)>, tokio_postgres::Error> {
+    let has_column = client
+        .query_opt(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('ir_attachment') \
+             AND attname = 'store_fname' AND NOT attisdropped",
+            &[],
+        )
+        .await?
+        .is_some();
+    if !has_column {
+        return Ok(None);
+    }
+    let rows = client
+        .query_raw(
+            "SELECT store_fname::text FROM ir_attachment WHERE store_fname IS NOT NULL",
+            std::iter::empty::<i32>(),
+        )
+        .await?;
+    futures::pin_mut!(rows);
+    let mut checked = 0u64;
+    let mut missing = Missing::default();
+    while let Some(row) = rows.next().await {
+        let name: String = row?.get(0);
+        checked += 1;
+        missing.note(&name, listing);
+    }
+    Ok(Some((checked, missing)))
 }
 
 /// Writes the report beside the manifest on every target holding the snapshot.
@@ -1022,6 +1225,40 @@ mod tests {
         let h100 = std::time::Duration::from_secs(100 * 3600);
         let got = overdue(&p, &HashSet::new(), &["prod"], now, h100);
         assert_eq!(got, BTreeMap::from([("prod".into(), 2)]));
+    }
+
+    #[tokio::test]
+    async fn missing_attachments_are_counted_with_a_few_examples() {
+        use crate::files::unpack::tests::raw_entry;
+        let mut b = tar::Builder::new(Vec::new());
+        for name in ["ab/ab01", "ab/ab02", "cd/cd03"] {
+            raw_entry(
+                &mut b,
+                name.as_bytes(),
+                tar::EntryType::Regular,
+                0o644,
+                b"x",
+                None,
+            );
+        }
+        let listing = unpack::list(
+            std::io::Cursor::new(b.into_inner().unwrap()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let mut missing = Missing::default();
+        for name in ["ab/ab01", "/cd/cd03", "ab/ab02"] {
+            missing.note(name, &listing);
+        }
+        assert_eq!(missing.count, 0);
+        let absent: Vec<String> = (0..8).map(|i| format!("ef/ef{i:02}")).collect();
+        for name in &absent {
+            missing.note(name, &listing);
+        }
+        missing.note("../ab/ab01", &listing);
+        assert_eq!(missing.count, 9);
+        assert_eq!(missing.examples, absent[..MISSING_EXAMPLES].to_vec());
     }
 
     #[test]

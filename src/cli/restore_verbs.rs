@@ -93,6 +93,28 @@ fn restore_line(r: &restore::RestoreReport) -> String {
     if let Some(k) = &r.kept_old {
         line.push_str(&format!("; previous database kept as {k}"));
     }
+    match &r.files {
+        Some(restore::files::FilesReport::Restored {
+            directory,
+            file_count,
+            file_bytes,
+            kept_old,
+            ..
+        }) => {
+            line.push_str(&format!(
+                "; companion files: {file_count} ({}) into {}",
+                human_bytes(*file_bytes),
+                directory.display()
+            ));
+            if let Some(k) = kept_old {
+                line.push_str(&format!(", previous files kept as {}", k.display()));
+            }
+        }
+        Some(restore::files::FilesReport::Skipped { warning }) => {
+            line.push_str(&format!("\nwarning: {warning}"));
+        }
+        None => {}
+    }
     if !r.failed_targets.is_empty() {
         line.push_str(&format!(
             " (failed first: {})",

@@ -11,6 +11,7 @@
 //! temporary directory is on the same filesystem as the one it replaces (one `rename`).
 
 pub mod pack;
+pub mod unpack;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

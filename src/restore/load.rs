@@ -29,7 +29,7 @@ use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
 use crate::encryption::{self, DecryptFailed, Identities, KeyError};
 use crate::source::{self, PgTool};
-use crate::storage::manifest::Manifest;
+use crate::storage::manifest::{FilesArchive, Manifest};
 use crate::storage::target::Target;
 
 /// Decompressed bytes moved per read/write: large enough for few syscalls, small enough
@@ -120,6 +120,34 @@ impl LoadError {
     }
 }
 
+/// One stored object a manifest names, and what its stored bytes must be: the dump, or the
+/// companion files' archive (`crate::files`). Both are zstd, then age when the manifest's
+/// `encryption` is set.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredObject<'a> {
+    pub key: &'a str,
+    pub stored_size: u64,
+    pub sha256: &'a str,
+}
+
+impl<'a> StoredObject<'a> {
+    pub fn dump(m: &'a Manifest) -> Self {
+        StoredObject {
+            key: &m.object_key,
+            stored_size: m.stored_size,
+            sha256: &m.sha256,
+        }
+    }
+
+    pub fn files(a: &'a FilesArchive) -> Self {
+        StoredObject {
+            key: &a.object_key,
+            stored_size: a.stored_size,
+            sha256: &a.sha256,
+        }
+    }
+}
+
 /// What a finished attempt read.
 #[derive(Debug, Clone, Copy)]
 pub struct Loaded {
@@ -188,6 +216,7 @@ struct Opened {
 async fn open(
     target: &Target,
     manifest: &Manifest,
+    object: StoredObject<'_>,
     identity_file: Option<&Path>,
     tap: Arc<Mutex<Tap>>,
     progress: Arc<LoadProgress>,
@@ -199,15 +228,14 @@ async fn open(
     )?;
     // The object the manifest names (write-once: `<id>-<run>.dump.zst[.age]`, or
     // `<id>.dump.zst` for format ≤ 2), never a key derived from the id.
-    let object = crate::storage::key::object_path(&manifest.object_key).ok_or_else(|| {
-        LoadError::ObjectKey {
-            key: manifest.object_key.clone(),
-        }
-    })?;
-    let key = target.at(&object);
+    let path =
+        crate::storage::key::object_path(object.key).ok_or_else(|| LoadError::ObjectKey {
+            key: object.key.to_string(),
+        })?;
+    let key = target.at(&path);
     progress
         .total_stored_bytes
-        .store(manifest.stored_size, Ordering::Relaxed);
+        .store(object.stored_size, Ordering::Relaxed);
     let got = target
         .store
         .get(&key)
@@ -326,7 +354,7 @@ async fn drain(raw: Detachable, cancel: &CancellationToken) -> Result<(), LoadEr
 
 /// Maps a read error of the decoder: a download error inside, a ciphertext that did not
 /// decrypt, else corrupt compressed data.
-fn read_error(e: std::io::Error) -> LoadError {
+pub fn read_error(e: std::io::Error) -> LoadError {
     if e.get_ref().is_some_and(|inner| inner.is::<DecryptFailed>()) {
         if let Some(Ok(failed)) = e.into_inner().map(|b| b.downcast::<DecryptFailed>()) {
             return LoadError::Decrypt(*failed);
@@ -355,18 +383,18 @@ fn read_error(e: std::io::Error) -> LoadError {
 }
 
 /// Checks the stored bytes against the manifest; `Ok` only when size and sha256 agree.
-fn check_copy(tap: &Mutex<Tap>, manifest: &Manifest) -> Result<u64, LoadError> {
+fn check_copy(tap: &Mutex<Tap>, object: StoredObject<'_>) -> Result<u64, LoadError> {
     let t = tap.lock().unwrap_or_else(|p| p.into_inner());
     let actual = hex::encode(t.hasher.clone().finalize());
-    if t.bytes != manifest.stored_size {
+    if t.bytes != object.stored_size {
         return Err(LoadError::Size {
-            expected: manifest.stored_size,
+            expected: object.stored_size,
             actual: t.bytes,
         });
     }
-    if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+    if !actual.eq_ignore_ascii_case(object.sha256) {
         return Err(LoadError::Checksum {
-            expected: manifest.sha256.clone(),
+            expected: object.sha256.to_string(),
             actual,
         });
     }
@@ -455,6 +483,7 @@ pub async fn stream(
     let Opened { mut decoder, raw } = open(
         target,
         manifest,
+        StoredObject::dump(manifest),
         into.identity_file,
         tap.clone(),
         progress.clone(),
@@ -478,7 +507,7 @@ pub async fn stream(
     // pg_restore stopped reading (its own error) or the copy is bad: read the rest to know.
     drop(decoder);
     let drained = drain(raw, cancel).await;
-    let copy = check_copy(&tap, manifest);
+    let copy = check_copy(&tap, StoredObject::dump(manifest));
     let bad_copy = decode_failed.is_some() || copy.is_err() || drained.is_err();
     let restored = finish_child(child, stderr, bad_copy).await;
     if matches!(drained, Err(LoadError::Cancelled)) {
@@ -501,6 +530,58 @@ pub async fn stream(
         stored_bytes,
         raw_bytes: pumped.raw_bytes,
     })
+}
+
+/// The decoded (decrypted, decompressed) bytes of an object, for [`consume`]'s reader.
+pub type Decoded = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Why [`consume`] failed: the copy (download, size, sha256, decoding) or the consumer.
+#[derive(Debug)]
+pub enum Consumed<E> {
+    Load(LoadError),
+    /// The copy was good (size and sha256 as the manifest says); what read it failed.
+    Consumer(E),
+}
+
+/// Reads one target's copy of `object` through `consume`, which gets the decoded stream
+/// (and should read it to its end: zstd and age check their last bytes only there). Then
+/// the rest of the stored bytes is read and the copy checked: a bad copy (download, size,
+/// sha256) is reported before anything the consumer says, so the caller knows whether another
+/// target may do better. The consumer's read errors are the decoders' (map them with
+/// [`read_error`]).
+pub async fn consume<T, E, F, Fut>(
+    target: &Target,
+    manifest: &Manifest,
+    object: StoredObject<'_>,
+    identity_file: Option<&Path>,
+    progress: Arc<LoadProgress>,
+    cancel: &CancellationToken,
+    consume: F,
+) -> Result<(T, u64), Consumed<E>>
+where
+    F: FnOnce(Decoded) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let tap = Arc::new(Mutex::new(Tap::default()));
+    let Opened { decoder, raw } = open(
+        target,
+        manifest,
+        object,
+        identity_file,
+        tap.clone(),
+        progress,
+    )
+    .await
+    .map_err(Consumed::Load)?;
+    let consumed = consume(Box::new(decoder)).await;
+    let drained = drain(raw, cancel).await;
+    if let Err(e) = drained {
+        return Err(Consumed::Load(e));
+    }
+    let stored_bytes = check_copy(&tap, object).map_err(Consumed::Load)?;
+    consumed
+        .map(|t| (t, stored_bytes))
+        .map_err(Consumed::Consumer)
 }
 
 /// Writes to the spool, reading the archive as it passes (for [`set_data_offsets`]).
@@ -648,6 +729,7 @@ pub async fn spooled(
     let Opened { mut decoder, raw } = open(
         target,
         manifest,
+        StoredObject::dump(manifest),
         into.identity_file,
         tap.clone(),
         progress.clone(),
@@ -667,7 +749,7 @@ pub async fn spooled(
         return Err(e);
     }
     drained?;
-    let stored_bytes = check_copy(&tap, manifest)?;
+    let stored_bytes = check_copy(&tap, StoredObject::dump(manifest))?;
     if let Some(e) = decode_failed {
         return Err(e);
     }
@@ -717,15 +799,17 @@ mod tests {
         let mut m = sample();
         m.stored_size = 3;
         m.sha256 = hex::encode(Sha256::digest(b"abc"));
-        assert_eq!(check_copy(&tap_of(b"abc"), &m).unwrap(), 3);
+        let m = &m;
+        let obj = StoredObject::dump(m);
+        assert_eq!(check_copy(&tap_of(b"abc"), obj).unwrap(), 3);
         // Same length, other bytes: the checksum catches it.
         assert!(matches!(
-            check_copy(&tap_of(b"abd"), &m),
+            check_copy(&tap_of(b"abd"), obj),
             Err(LoadError::Checksum { .. })
         ));
         // Truncated: the size says so first.
         assert!(matches!(
-            check_copy(&tap_of(b"ab"), &m),
+            check_copy(&tap_of(b"ab"), obj),
             Err(LoadError::Size {
                 expected: 3,
                 actual: 2

@@ -10,6 +10,7 @@
 //! when this one was killed. This module does not print: the CLI renders [`RestoreReport`].
 
 pub mod choose;
+pub mod files;
 pub mod guard;
 pub mod hookvars;
 pub mod identity;
@@ -29,6 +30,7 @@ use crate::metrics::Outcome;
 use crate::source::{self, SourceError};
 use crate::storage::catalog::Filter;
 use choose::{ChooseError, SnapshotChoice};
+use files::{FilesError, FilesReport};
 use guard::{Destination, GuardError};
 use load::{LoadError, LoadProgress, RestoreInto};
 use swap::{Server, SwapError};
@@ -79,8 +81,13 @@ pub struct RestoreReport {
     pub replaced: bool,
     /// With `--keep-old`: the name the previous database is kept under.
     pub kept_old: Option<String>,
-    /// Leftovers of earlier, interrupted restores that were dropped first.
+    /// Leftovers of earlier, interrupted restores that were dropped (databases) or settled
+    /// (companion files' directories) first.
     pub cleaned_leftovers: Vec<String>,
+    /// The companion files: restored, or why not (absent when neither the snapshot nor the
+    /// restore target has any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesReport>,
     #[serde(serialize_with = "secs")]
     pub duration: Duration,
 }
@@ -115,6 +122,13 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Swap(#[from] SwapError),
+    #[error(
+        "snapshot {snapshot_id}: {source}. The destination database and its files are untouched"
+    )]
+    Files {
+        snapshot_id: String,
+        source: FilesError,
+    },
     #[error(transparent)]
     Key(#[from] crate::encryption::KeyError),
     #[error("snapshot {snapshot_id} of {source_name}/{database}: no target gave a good copy: {}. The destination is untouched; check the targets, or restore an older snapshot (`pgferry list --source {source_name} --database {database}`)", failures.iter().map(|f| format!("{}: {}", f.target, f.error)).collect::<Vec<_>>().join("; "))]
@@ -157,6 +171,9 @@ impl RestoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             RestoreError::NoTargets { .. } | RestoreError::AllTargetsFailed { .. } => true,
+            RestoreError::Files { source, .. } => {
+                matches!(source, FilesError::AllTargetsFailed { .. })
+            }
             RestoreError::Destination { source, .. } => source.is_retryable(),
             RestoreError::Swap(e) => e.is_retryable(),
             RestoreError::Guard(e) => e.is_retryable(),
@@ -254,6 +271,29 @@ async fn run(
     tracing::Span::current().record("snapshot_id", manifest.snapshot_id.as_str());
     tracing::info!(message = "Snapshot chosen.", chosen = %choose::describe(entry, &req.snapshot), targets = %entry.targets.join(","), destination = %dest.database);
 
+    // Companion files: the snapshot's and the target's must both have them; the directory's
+    // parent must exist when they are restored (said before anything is touched).
+    let files_template = dest.target.files.as_ref();
+    let files_error = |source| RestoreError::Files {
+        snapshot_id: manifest.snapshot_id.clone(),
+        source,
+    };
+    let mut files_report = None;
+    if let Some(warning) = files::mismatch(manifest, files_template) {
+        tracing::warn!(message = "Companion files not restored.", reason = %warning);
+        files_report = Some(FilesReport::Skipped { warning });
+    }
+    let dirs = match (files_template, manifest.files_archive()) {
+        (Some(t), Some(_)) => Some(
+            files::Dirs::new(t, &dest.database)
+                .await
+                .map_err(files_error)?,
+        ),
+        // Only to settle what an interrupted restore left, when it can be found.
+        (Some(t), None) => files::Dirs::new(t, &dest.database).await.ok(),
+        _ => None,
+    };
+
     // An encrypted snapshot needs a key that opens it: said before the destination is touched.
     crate::encryption::identities_for(
         &manifest.snapshot_id,
@@ -286,7 +326,12 @@ async fn run(
         }
         .into());
     }
-    let cleaned = server.clean_leftovers(&dest.database).await?;
+    // The directories first: their settling asks whether a temporary database is left.
+    let mut cleaned = match &dirs {
+        Some(d) => files::settle(d, &server).await.map_err(files_error)?,
+        None => Vec::new(),
+    };
+    cleaned.extend(server.clean_leftovers(&dest.database).await?);
     let version = source::server_version(&server.client, &dest.url)
         .await
         .map_err(|source| RestoreError::Destination {
@@ -373,7 +418,9 @@ async fn run(
         });
     };
 
-    // 5. Hooks, then the swap; any failure drops the temporary database.
+    // 5. Hooks, the companion files, then the swap; any failure drops the temporary database
+    //    and removes the files' temporary directory.
+    let mut staged: Option<files::DirSwap> = None;
     let finish = async {
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
@@ -391,6 +438,33 @@ async fn run(
                 e => e.into(),
             })?;
         let tables = swap::count_tables(&dest.url, &tmp).await?;
+        let extracted = match (&dirs, manifest.files_archive()) {
+            (Some(d), Some(archive)) => {
+                let (s, owner) = files::DirSwap::stage(d, &stamp, req.keep_old)
+                    .await
+                    .map_err(files_error)?;
+                let s = staged.insert(s);
+                let extracted = files::extract(
+                    app,
+                    manifest,
+                    archive,
+                    &entry.targets,
+                    &target_used,
+                    config.restore_identity_file(&dest.target),
+                    s,
+                    owner,
+                    &cancel,
+                )
+                .await
+                .map_err(|e| match e {
+                    FilesError::Cancelled => RestoreError::Cancelled,
+                    e => files_error(e),
+                })?;
+                tracing::info!(message = "Companion files extracted.", files = extracted.counts.files, bytes = extracted.counts.bytes, target = %extracted.target);
+                Some(extracted)
+            }
+            _ => None,
+        };
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
@@ -404,19 +478,49 @@ async fn run(
             Utc::now().to_rfc3339()
         );
         let kept = server
-            .swap(&tmp, &dest.database, &stamp, req.keep_old, &comment)
+            .swap(
+                &tmp,
+                &dest.database,
+                &stamp,
+                req.keep_old,
+                &comment,
+                staged.as_mut(),
+            )
             .await?;
-        Ok::<_, RestoreError>((tables, existed, kept))
+        Ok::<_, RestoreError>((tables, existed, kept, extracted))
     }
     .await;
-    let (tables, replaced, kept_old) = match finish {
+    let (tables, replaced, kept_old, extracted) = match finish {
         Ok(v) => v,
         Err(e) => {
+            if let Some(s) = &staged {
+                if s.is_swapped_in() {
+                    // Whether the databases' rename took place is unknown: the temporary
+                    // database is what tells the next restore (see `files`), so it stays.
+                    tracing::error!(message = "The swap's outcome is unknown; the temporary database is left for the next restore of this destination to settle.", database = %tmp);
+                    return Err(e);
+                }
+                if let Err(error) = s.discard().await {
+                    tracing::error!(message = "Cannot remove the companion files' temporary directory; the next restore of this destination will.", path = %s.staged().display(), error = %error);
+                }
+            }
             drop_tmp(&server, &tmp).await;
             return Err(e);
         }
     };
-    tracing::info!(message = "Restore swapped in.", target = %target_used, destination = %dest.database, tables);
+    if let (Some(ex), Some(s), Some(d)) = (extracted, &staged, &dirs) {
+        files_report = Some(FilesReport::Restored {
+            directory: d.dest().to_path_buf(),
+            file_count: ex.counts.files,
+            file_bytes: ex.counts.bytes,
+            stored_bytes: ex.stored_bytes,
+            target: ex.target,
+            failed_targets: ex.failed_targets,
+            replaced: s.replaced(),
+            kept_old: s.kept().map(|p| p.to_path_buf()),
+        });
+    }
+    tracing::info!(message = "Restore swapped in.", target = %target_used, destination = %dest.database, tables, files = ?files_report);
     Ok(RestoreReport {
         source: req.source.clone(),
         database: req.database.clone(),
@@ -434,6 +538,7 @@ async fn run(
         replaced,
         kept_old,
         cleaned_leftovers: cleaned,
+        files: files_report,
         duration: started.elapsed(),
     })
 }

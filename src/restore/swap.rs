@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::files::{DirSwap, FilesError};
 use super::guard::{kept_name, lock_key, old_like, old_name, quote_ident, quote_literal, tmp_like};
 use super::hookvars::HookVars;
 use crate::config::PgUrl;
@@ -63,6 +64,8 @@ pub enum SwapError {
     HookCancelled { path: PathBuf },
     #[error("sessions of {database:?} did not end within {DRAIN_TIMEOUT:?} after pg_terminate_backend; the old database is untouched")]
     Busy { database: String },
+    #[error("swapping the companion files in: {source}; the old database is untouched")]
+    Files { source: FilesError },
 }
 
 impl SwapError {
@@ -130,6 +133,20 @@ impl Server {
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
             .await
             .map_err(self.sql_err("looking up a database"))?
+            .is_some())
+    }
+
+    /// Whether a temporary database of a restore into `database` exists (`guard::tmp_like`):
+    /// under the destination's lock, one a killed run left before its swap committed.
+    pub async fn has_tmp(&self, database: &str) -> Result<bool, SwapError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname LIKE $1",
+                &[&tmp_like(database)],
+            )
+            .await
+            .map_err(self.sql_err("looking up temporary databases"))?
             .is_some())
     }
 
@@ -271,6 +288,9 @@ impl Server {
 
     /// Puts `tmp` in place of `dest`. The old destination, if any, is renamed aside in the
     /// same transaction, then dropped, or kept under a dated name with `keep_old` (returned).
+    /// With `files`, the companion files' directories are swapped just before the databases'
+    /// rename (with the old database closed to connections) and put back if it fails (see
+    /// `restore::files`).
     pub async fn swap(
         &self,
         tmp: &str,
@@ -278,18 +298,35 @@ impl Server {
         stamp: &str,
         keep_old: bool,
         comment: &str,
+        mut files: Option<&mut DirSwap>,
     ) -> Result<Option<String>, SwapError> {
         let (qt, qd) = (quote_ident(tmp), quote_ident(dest));
         self.wait_idle(tmp).await?;
         if !self.exists(dest).await? {
-            self.exec(
-                "renaming the temporary database into place",
-                &format!(
-                    "BEGIN; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
-                    quote_literal(comment)
-                ),
-            )
-            .await?;
+            let renamed = async {
+                if let Some(f) = files.as_deref_mut() {
+                    f.swap_in()
+                        .await
+                        .map_err(|source| SwapError::Files { source })?;
+                }
+                self.exec(
+                    "renaming the temporary database into place",
+                    &format!(
+                        "BEGIN; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
+                        quote_literal(comment)
+                    ),
+                )
+                .await
+            }
+            .await;
+            if let Err(e) = renamed {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                self.settle_files(tmp, files).await;
+                return Err(e);
+            }
+            if let Some(f) = files {
+                f.finish().await;
+            }
             return Ok(None);
         }
         let aside = if keep_old {
@@ -307,6 +344,11 @@ impl Server {
         let renamed = async {
             self.terminate(dest).await?;
             self.wait_idle(dest).await?;
+            if let Some(f) = files.as_deref_mut() {
+                f.swap_in()
+                    .await
+                    .map_err(|source| SwapError::Files { source })?;
+            }
             // ALTER DATABASE … RENAME is transactional: both renames or neither.
             self.exec(
                 "swapping the restored database in",
@@ -321,10 +363,14 @@ impl Server {
         if let Err(e) = renamed {
             // The maintenance connection may be what failed: reopen from a fresh one.
             let _ = self.client.batch_execute("ROLLBACK").await;
+            self.settle_files(tmp, files).await;
             if let Err(reopen) = reopen_connections(&self.url, dest).await {
                 tracing::error!(message = "Cannot reopen the old destination to connections; the next restore of it will, or run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
             }
             return Err(e);
+        }
+        if let Some(f) = files {
+            f.finish().await;
         }
         if keep_old {
             self.exec(
@@ -341,6 +387,46 @@ impl Server {
             Ok(None)
         }
     }
+}
+
+impl Server {
+    /// After a failed rename: the companion files go back unless the rename committed after
+    /// all (the temporary database is gone, asked over a fresh connection: this one may be
+    /// what failed). Unknown: left for the next restore, which settles by the same rule.
+    async fn settle_files(&self, tmp: &str, files: Option<&mut DirSwap>) {
+        let Some(f) = files else { return };
+        match still_exists(&self.url, tmp).await {
+            Ok(true) => {
+                if let Err(error) = f.roll_back().await {
+                    tracing::error!(message = "Cannot put the previous companion files back; the next restore of this destination will.", error = %error);
+                }
+            }
+            Ok(false) => {
+                tracing::warn!(message = "The databases' rename reported an error but took place; the companion files stay swapped in.");
+                f.finish().await;
+            }
+            Err(error) => {
+                tracing::error!(message = "Cannot tell whether the databases' rename took place; the next restore of this destination settles the companion files.", error = %error);
+            }
+        }
+    }
+}
+
+/// Whether `database` exists, asked over a fresh connection, bounded in time.
+async fn still_exists(url: &PgUrl, database: &str) -> Result<bool, String> {
+    let ask = async {
+        let client = source::connect(url, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await
+            .map(|r| r.is_some())
+            .map_err(|e| source::pg_message(&e))
+    };
+    tokio::time::timeout(CANCEL_TIMEOUT, ask)
+        .await
+        .map_err(|_| format!("no answer within {CANCEL_TIMEOUT:?}"))?
 }
 
 /// `ALTER DATABASE … ALLOW_CONNECTIONS true` over a fresh connection, bounded in time.
