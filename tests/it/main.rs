@@ -10,6 +10,7 @@ mod deploy;
 mod encryption;
 mod faults;
 mod files_backup;
+mod files_restore;
 mod files_storage;
 mod fleet;
 mod fleet_verify;
