@@ -1,0 +1,386 @@
+//! Hostile review of companion files (issue 18), against real PostgreSQL and Garage: a
+//! destination directory that is a regular file or a symlink, and a restore SIGKILLed at
+//! the moments its directories move, then settled by the next run: the staging database
+//! and its directory must always match (both old or both new).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+
+use crate::support::env::{self, Run, TestEnv};
+use crate::support::postgres::PgCluster;
+
+const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
+/// Everything one test may take; a hang is a failure.
+const TEST_DEADLINE: Duration = Duration::from_secs(600);
+
+const ODOO_SQL: &str = r#"
+CREATE TABLE ir_attachment (id serial PRIMARY KEY, name varchar, type varchar,
+    store_fname varchar, db_datas bytea);
+INSERT INTO ir_attachment (name, type, store_fname) VALUES
+    ('invoice.pdf', 'binary', 'ab/ab0123456789abcdef0123456789abcdef0123'),
+    ('big.bin', 'binary', 'f0/f0aabbccddeeff00112233445566778899aabb');
+CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g;
+"#;
+const PREVIOUS_SQL: &str =
+    "CREATE TABLE previous_contents AS SELECT g AS id FROM generate_series(1, 10) g;";
+const FAILING_HOOK: &str = "SELECT 1/0;";
+
+fn tree_of(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let rel = rel.join(entry.file_name());
+            let kind = entry.file_type().unwrap();
+            let key = rel.to_string_lossy().into_owned();
+            if kind.is_dir() {
+                out.insert(key, None);
+                pending.push(rel);
+            } else if kind.is_file() {
+                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
+            } else {
+                out.insert(key, Some(b"<other>".to_vec()));
+            }
+        }
+    }
+    out
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+struct World {
+    env: TestEnv,
+    staging: PgCluster,
+    _stores: Vec<Arc<dyn ObjectStore>>,
+    targets: String,
+    prod_fs: PathBuf,
+    staging_fs: PathBuf,
+    config: PathBuf,
+}
+
+impl World {
+    async fn start() -> World {
+        let env = TestEnv::start().await;
+        let staging = PgCluster::start().await.expect("start staging");
+        env.pg.create_database("acme").await.unwrap();
+        env.pg.execute("acme", ODOO_SQL).await.unwrap();
+        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
+        staging.create_database("acme").await.unwrap();
+        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
+        let prod_fs = env.dir.path().join("prod-fs");
+        for (name, body) in [
+            ("ab/ab0123456789abcdef0123456789abcdef0123", vec![7u8; 1000]),
+            (
+                "f0/f0aabbccddeeff00112233445566778899aabb",
+                vec![9u8; 3 << 20],
+            ),
+        ] {
+            let p = prod_fs.join("acme").join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let staging_fs = env.dir.path().join("staging-fs");
+        std::fs::create_dir_all(&staging_fs).unwrap();
+        let (a, store_a) = env.s3_target("a").await;
+        let (b, store_b) = env.s3_target("b").await;
+        let mut w = World {
+            env,
+            staging,
+            _stores: vec![store_a, store_b],
+            targets: format!("{a}{b}"),
+            prod_fs,
+            staging_fs,
+            config: PathBuf::new(),
+        };
+        w.reset_staging_files();
+        w.config = w.config_with_hooks(&[], "main");
+        w
+    }
+
+    /// Staging's `acme` directory as before any restore.
+    fn reset_staging_files(&self) {
+        let d = self.staging_fs.join("acme");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("old")).unwrap();
+        std::fs::write(d.join("old/previous.txt"), "previous files").unwrap();
+    }
+
+    async fn reset_staging(&self) {
+        self.staging
+            .execute("postgres", "DROP DATABASE IF EXISTS acme WITH (FORCE)")
+            .await
+            .unwrap();
+        self.staging.create_database("acme").await.unwrap();
+        self.staging.execute("acme", PREVIOUS_SQL).await.unwrap();
+        self.reset_staging_files();
+    }
+
+    fn config_with_hooks(&self, hooks: &[&Path], name: &str) -> PathBuf {
+        let hooks = hooks
+            .iter()
+            .map(|h| format!("{:?}", h.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let body = format!(
+            "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\nfiles = \"{}/{{database}}\"\n",
+            self.env.source_toml("prod"),
+            self.prod_fs.display(),
+            self.targets,
+            self.staging_fs.display(),
+            port = self.staging.port(),
+        );
+        let path = self.env.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn env_vars(&self) -> Vec<(String, String)> {
+        let mut vars = self.env.env_vars();
+        vars.push((
+            STAGING_PW_VAR.into(),
+            self.staging.superuser_password().to_string(),
+        ));
+        vars
+    }
+
+    async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
+        env::pgferry_with_env(config, args, &self.env_vars()).await
+    }
+
+    async fn backup(&self) -> String {
+        let run = self
+            .pgferry(&self.config, &["backup", "--source", "prod", "--force"])
+            .await;
+        run.assert_code(0);
+        run.snapshot_id()
+    }
+
+    fn restore_args(extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "restore",
+            "--source",
+            "prod",
+            "--database",
+            "acme",
+            "--to",
+            "staging-acme",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
+        let args = Self::restore_args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.pgferry(config, &args).await
+    }
+
+    /// Whether staging's `acme` is the previous database (else the restored one).
+    async fn database_is_previous(&self) -> bool {
+        let t = self.staging.table_fingerprints("acme").await.unwrap();
+        let previous = t.keys().any(|k| k.contains("previous_contents"));
+        let new = t.keys().any(|k| k.contains("ir_attachment"));
+        assert!(previous != new, "staging acme is neither or both: {t:?}");
+        previous
+    }
+
+    /// Whether staging's `acme` directory holds the previous files (else the restored ones);
+    /// it must exist and be one or the other.
+    fn files_are_previous(&self) -> bool {
+        let d = self.staging_fs.join("acme");
+        assert!(
+            d.is_dir(),
+            "the destination directory is missing: {:?}",
+            names_in(&self.staging_fs)
+        );
+        let t = tree_of(&d);
+        let previous = t.contains_key("old/previous.txt");
+        let new = t == tree_of(&self.prod_fs.join("acme"));
+        assert!(previous != new, "the destination directory is mixed: {t:?}");
+        previous
+    }
+}
+
+/// A destination "directory" that is a regular file (an operator's mistake, a stray `touch`):
+/// the restore must either refuse it before touching anything, or replace it; and a
+/// restore after that must succeed — a leftover the next runs cannot settle would wedge
+/// every later refresh of this destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let w = World::start().await;
+        w.backup().await;
+        let d = w.staging_fs.join("acme");
+        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::write(&d, "not a directory").unwrap();
+        let first = w.restore_with(&w.config, &[]).await;
+        if first.code != 0 {
+            // Refused: nothing changed.
+            assert_eq!(std::fs::read(&d).unwrap(), b"not a directory");
+            assert!(w.database_is_previous().await, "{}", first.stderr);
+            std::fs::remove_file(&d).unwrap();
+        }
+        let second = w.restore_with(&w.config, &[]).await;
+        assert_eq!(
+            second.code, 0,
+            "first run: {} / {}\nsecond run:\n{}",
+            first.code, first.stderr, second.stderr
+        );
+        assert!(!w.database_is_previous().await);
+        assert!(!w.files_are_previous());
+        let leftovers: Vec<String> = names_in(&w.staging_fs)
+            .into_iter()
+            .filter(|n| n.starts_with(".pgferry-"))
+            .collect();
+        assert!(leftovers.is_empty(), "leftovers: {leftovers:?}");
+    })
+    .await
+    .expect("the test hung");
+}
+
+/// A destination directory that is a symlink to the real filestore elsewhere: replacing it
+/// must never delete or write through what it points to, with or without `--keep-old`
+/// (twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_symlink_is_replaced_never_followed() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let w = World::start().await;
+        w.backup().await;
+        let d = w.staging_fs.join("acme");
+        let real = w.env.dir.path().join("elsewhere/acme");
+        std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+        std::fs::rename(&d, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &d).unwrap();
+        let before = tree_of(&real);
+        for extra in [&[][..], &["--keep-old"][..], &["--keep-old"][..]] {
+            let run = w.restore_with(&w.config, extra).await;
+            run.assert_code(0);
+            assert_eq!(tree_of(&real), before, "{extra:?}: followed the symlink");
+            assert!(!w.files_are_previous());
+            // The next round replaces a symlink again.
+            if extra.is_empty() {
+                std::fs::remove_dir_all(&d).unwrap();
+                std::os::unix::fs::symlink(&real, &d).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(1100)).await; // a new stamp
+        }
+        assert_eq!(tree_of(&real), before);
+    })
+    .await
+    .expect("the test hung");
+}
+
+/// SIGKILLs a restore as soon as a name starting with `prefix` appears in the staging
+/// filestore parent, `delay` later; returns whether it was killed (else it finished).
+async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bool {
+    let args = World::restore_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = w.env.command(&w.config, &args);
+    cmd.envs(w.env_vars())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap() as i32;
+    let parent = w.staging_fs.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline {
+            let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            });
+            if seen {
+                std::thread::sleep(delay);
+                // SAFETY: kill(2) of the child this test started (maybe already gone).
+                return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+            }
+        }
+        false
+    });
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait())
+        .await
+        .expect("the restore hung")
+        .unwrap();
+    let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+        .await
+        .unwrap();
+    killed && status.code().is_none()
+}
+
+/// A restore SIGKILLed while its companion files are extracted or swapped, then settled by
+/// the next restore (which fails in a hook after settling): staging's database and its
+/// directory are both the previous ones or both the restored ones, the directory never
+/// missing, nothing of the runs left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matching() {
+    tokio::time::timeout(Duration::from_secs(1500), async {
+        let w = World::start().await;
+        w.backup().await;
+        let hook = w.env.dir.path().join("fail.sql");
+        std::fs::write(&hook, FAILING_HOOK).unwrap();
+        let failing = w.config_with_hooks(&[&hook], "failing");
+        let cases: &[(&'static str, u64)] = &[
+            (".pgferry-tmp-acme-", 0),
+            (".pgferry-tmp-acme-", 30),
+            (".pgferry-old-acme-", 0),
+            (".pgferry-old-acme-", 2),
+            (".pgferry-old-acme-", 10),
+            (".pgferry-old-acme-", 50),
+        ];
+        let mut outcomes = Vec::new();
+        for &(prefix, ms) in cases {
+            let killed = kill_restore_at(&w, prefix, Duration::from_millis(ms)).await;
+            let settle = w.restore_with(&failing, &[]).await;
+            assert_eq!(settle.code, 1, "{prefix}+{ms}ms: {}", settle.stderr);
+            let db_previous = w.database_is_previous().await;
+            let files_previous = w.files_are_previous();
+            outcomes.push((prefix, ms, killed, db_previous));
+            assert_eq!(
+                db_previous,
+                files_previous,
+                "{prefix}+{ms}ms (killed: {killed}): the database is {} but the files are {}\n{}",
+                if db_previous {
+                    "the previous one"
+                } else {
+                    "the restored one"
+                },
+                if files_previous {
+                    "the previous ones"
+                } else {
+                    "the restored ones"
+                },
+                settle.stderr
+            );
+            let dbs = w.staging.databases().await;
+            assert!(
+                dbs.iter().all(|d| !d.starts_with("pgferry_")),
+                "{prefix}+{ms}ms: leftover databases {dbs:?}"
+            );
+            let names = names_in(&w.staging_fs);
+            assert!(
+                names.iter().all(|n| !n.starts_with(".pgferry-")),
+                "{prefix}+{ms}ms: leftover directories {names:?}"
+            );
+            w.reset_staging().await;
+        }
+        eprintln!("outcomes (prefix, ms, killed, previous): {outcomes:?}");
+    })
+    .await
+    .expect("the test hung");
+}
