@@ -234,6 +234,11 @@ async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
             // Refused: nothing changed.
             assert_eq!(std::fs::read(&d).unwrap(), b"not a directory");
             assert!(w.database_is_previous().await, "{}", first.stderr);
+            assert!(
+                first.stderr.contains("is not a directory; move it away"),
+                "{}",
+                first.stderr
+            );
             std::fs::remove_file(&d).unwrap();
         }
         let second = w.restore_with(&w.config, &[]).await;
