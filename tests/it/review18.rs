@@ -389,3 +389,162 @@ async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matchin
     .await
     .expect("the test hung");
 }
+
+/// One crafted tar entry: path, type, link name, data.
+type Crafted<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+/// GNU headers, so that the tar reader applies pax and GNU long-name entries to the next
+/// entry (with old v7 headers it hands them over as entries of their own).
+fn crafted_tar(entries: &[Crafted<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, link, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let old = h.as_old_mut();
+        old.name[..path.len()].copy_from_slice(path);
+        old.linkname[..link.len()].copy_from_slice(link);
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+impl World {
+    /// Replaces snapshot `id`'s files object on both buckets with `tar` (zstd), the manifests
+    /// made to agree (size, sha256, file count): a committed archive that lies.
+    async fn plant_archive(&self, id: &str, tar: &[u8], file_count: u64) {
+        use sha2::Digest;
+        let stored = zstd::encode_all(tar, 3).unwrap();
+        for store in &self._stores {
+            let mkey = env::keys(store)
+                .await
+                .into_iter()
+                .find(|k| k.ends_with(&format!("/{id}.manifest.json")))
+                .expect("manifest");
+            let mut m = env::manifest_of(&env::get(store, &mkey).await);
+            let key = m["files"]["object_key"].as_str().unwrap().to_string();
+            let put = |k: &str, body: Vec<u8>| {
+                let store = store.clone();
+                let k = object_store::path::Path::parse(k).unwrap();
+                async move { store.put(&k, body.into()).await.unwrap() }
+            };
+            put(&key, stored.clone()).await;
+            m["files"]["sha256"] = hex::encode(sha2::Sha256::digest(&stored)).into();
+            m["files"]["stored_size"] = (stored.len() as u64).into();
+            m["files"]["raw_size"] = (tar.len() as u64).into();
+            m["files"]["file_count"] = file_count.into();
+            put(&mkey, serde_json::to_vec(&m).unwrap()).await;
+        }
+    }
+}
+
+/// Archives the unit tests of `unpack` meet one by one, here through the real restore with
+/// a committed (checksum-consistent) archive: hard links (outside and inside), a FIFO, a
+/// device, a pax or GNU long name climbing out, a duplicate, a file where a directory must
+/// be. Each restore fails; staging's database and directory are untouched; nothing is
+/// written outside; nothing of the run is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_archives_are_refused_and_leave_staging_untouched() {
+    use tar::EntryType as E;
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let w = World::start().await;
+        let id = w.backup().await;
+        let pax = b"23 path=../pax-escaped\n";
+        let gnu = b"../gnu-escaped\0";
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "hard link outside",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/hard", E::Link, b"/etc/passwd", b""),
+                ]),
+            ),
+            (
+                "hard link inside",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/hard", E::Link, b"ab/ok", b""),
+                ]),
+            ),
+            (
+                "fifo",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/fifo", E::Fifo, b"", b""),
+                ]),
+            ),
+            (
+                "device",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/dev", E::Char, b"", b""),
+                ]),
+            ),
+            (
+                "pax path",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"PaxHeaders/x", E::XHeader, b"", pax),
+                    (b"harmless", E::Regular, b"", b"escaped!"),
+                ]),
+            ),
+            (
+                "gnu long name",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"././@LongLink", E::GNULongName, b"", gnu),
+                    (b"harmless", E::Regular, b"", b"escaped!"),
+                ]),
+            ),
+            (
+                "duplicate",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/ok", E::Regular, b"", b"overwritten"),
+                ]),
+            ),
+            (
+                "file where a directory must be",
+                crafted_tar(&[
+                    (b"ab/ok", E::Regular, b"", b"ok"),
+                    (b"ab/ok/x", E::Regular, b"", b"x"),
+                ]),
+            ),
+        ];
+        for (what, tar) in cases {
+            w.plant_archive(&id, &tar, 2).await;
+            let db_before = w.staging.table_fingerprints("acme").await.unwrap();
+            let fs_before = tree_of(&w.staging_fs);
+            let run = w.restore_with(&w.config, &[]).await;
+            assert_eq!(run.code, 1, "{what}: {}", run.stderr);
+            assert!(
+                run.stderr.contains("refused: ")
+                    || run.stderr.contains("another entry needs as a directory"),
+                "{what}: failed for another reason: {}",
+                run.stderr
+            );
+            assert_eq!(
+                w.staging.table_fingerprints("acme").await.unwrap(),
+                db_before,
+                "{what}: the database changed"
+            );
+            assert!(
+                tree_of(&w.staging_fs) == fs_before,
+                "{what}: the directory changed"
+            );
+            for escaped in ["pax-escaped", "gnu-escaped"] {
+                assert!(!w.staging_fs.join(escaped).exists(), "{what}");
+                assert!(!w.env.dir.path().join(escaped).exists(), "{what}");
+            }
+            let dbs = w.staging.databases().await;
+            assert!(
+                dbs.iter().all(|d| !d.starts_with("pgferry_")),
+                "{what}: {dbs:?}"
+            );
+        }
+    })
+    .await
+    .expect("the test hung");
+}
