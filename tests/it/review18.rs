@@ -548,3 +548,52 @@ async fn hostile_archives_are_refused_and_leave_staging_untouched() {
     .await
     .expect("the test hung");
 }
+
+/// Two backups of the same database at once (`--force` twice, companion files on): each
+/// run that says it committed has a manifest whose dump and files archive are intact on
+/// every target; `check --read-data` and `list` agree; the newest snapshot restores with its
+/// files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
+    use sha2::Digest;
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let w = World::start().await;
+        let args = ["backup", "--source", "prod", "--force"];
+        let (a, b) = tokio::join!(w.pgferry(&w.config, &args), w.pgferry(&w.config, &args));
+        assert!(
+            a.code == 0 || b.code == 0,
+            "neither backup committed:\n{}\n{}",
+            a.stderr,
+            b.stderr
+        );
+        for store in &w._stores {
+            let manifests = env::assert_every_manifest_names_an_intact_object(store).await;
+            assert!(!manifests.is_empty());
+            for key in &manifests {
+                let m = env::manifest_of(&env::get(store, key).await);
+                let f = &m["files"];
+                let fk = f["object_key"].as_str().unwrap_or_else(|| panic!("{m}"));
+                let bytes = env::get(store, fk).await;
+                assert_eq!(bytes.len() as u64, f["stored_size"].as_u64().unwrap());
+                assert_eq!(
+                    hex::encode(sha2::Sha256::digest(&bytes)),
+                    f["sha256"].as_str().unwrap()
+                );
+            }
+            let all = env::keys(store).await;
+            assert!(
+                all.iter().all(|k| !k.ends_with(".upload.json")),
+                "open upload markers left: {all:?}"
+            );
+        }
+        let check = w.pgferry(&w.config, &["check", "--read-data"]).await;
+        assert_eq!(check.code, 0, "{}", check.stderr);
+        let list = w.pgferry(&w.config, &["list"]).await;
+        assert_eq!(list.code, 0, "{}", list.stderr);
+        let run = w.restore_with(&w.config, &[]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(!w.files_are_previous());
+    })
+    .await
+    .expect("the test hung");
+}
