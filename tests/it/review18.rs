@@ -303,9 +303,13 @@ async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bo
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     let parent = w.staging_fs.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
     let watcher = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while std::time::Instant::now() < deadline {
+        while std::time::Instant::now() < deadline
+            && !finished.load(std::sync::atomic::Ordering::Relaxed)
+        {
             let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
                 rd.filter_map(Result::ok)
                     .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
@@ -322,6 +326,7 @@ async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bo
         .await
         .expect("the restore hung")
         .unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
         .await
         .unwrap();
@@ -593,6 +598,49 @@ async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
         let run = w.restore_with(&w.config, &[]).await;
         assert_eq!(run.code, 0, "{}", run.stderr);
         assert!(!w.files_are_previous());
+    })
+    .await
+    .expect("the test hung");
+}
+
+/// The destination has no directory yet (a first refresh): a restore SIGKILLed while its
+/// files move, then settled, leaves either the previous database and still no directory, or
+/// the restored database and its files; never the restored database without its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_first_restore_without_a_directory_settles_consistently() {
+    tokio::time::timeout(Duration::from_secs(1500), async {
+        let w = World::start().await;
+        w.backup().await;
+        let hook = w.env.dir.path().join("fail.sql");
+        std::fs::write(&hook, FAILING_HOOK).unwrap();
+        let failing = w.config_with_hooks(&[&hook], "failing");
+        let d = w.staging_fs.join("acme");
+        let mut outcomes = Vec::new();
+        for ms in [0u64, 1, 3, 10, 50] {
+            std::fs::remove_dir_all(&d).unwrap();
+            let killed = kill_restore_at(&w, ".pgferry-old-acme-", Duration::from_millis(ms)).await;
+            let settle = w.restore_with(&failing, &[]).await;
+            assert_eq!(settle.code, 1, "+{ms}ms: {}", settle.stderr);
+            let db_previous = w.database_is_previous().await;
+            let present = d.exists();
+            outcomes.push((ms, killed, db_previous, present));
+            if db_previous {
+                assert!(
+                    !present,
+                    "+{ms}ms: previous database, yet a directory: {:?}",
+                    tree_of(&d)
+                );
+            } else {
+                assert!(!w.files_are_previous(), "+{ms}ms");
+            }
+            let names = names_in(&w.staging_fs);
+            assert!(
+                names.iter().all(|n| !n.starts_with(".pgferry-")),
+                "+{ms}ms: leftover directories {names:?}"
+            );
+            w.reset_staging().await;
+        }
+        eprintln!("outcomes (ms, killed, previous db, directory present): {outcomes:?}");
     })
     .await
     .expect("the test hung");
