@@ -291,6 +291,27 @@ async fn a_destination_symlink_is_replaced_never_followed() {
     .expect("the test hung");
 }
 
+/// Runs the failing-hook restore that settles what a killed one left; while the killed
+/// run's server session still holds the destination's lock (its last statement finishing),
+/// tries again (within 60 s). It must then fail in its hook, after settling.
+async fn settle_with(w: &World, failing: &Path, what: &str) -> Run {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = w.restore_with(failing, &[]).await;
+        if run.stderr.contains("advisory lock held") && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert_eq!(run.code, 1, "{what}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("SELECT 1/0") || run.stderr.contains("division by zero"),
+            "{what}: did not fail in its hook: {}",
+            run.stderr
+        );
+        return run;
+    }
+}
+
 /// SIGKILLs a restore as soon as a name starting with `prefix` appears in the staging
 /// filestore parent, `delay` later; returns whether it was killed (else it finished).
 async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bool {
@@ -356,8 +377,7 @@ async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matchin
         let mut outcomes = Vec::new();
         for &(prefix, ms) in cases {
             let killed = kill_restore_at(&w, prefix, Duration::from_millis(ms)).await;
-            let settle = w.restore_with(&failing, &[]).await;
-            assert_eq!(settle.code, 1, "{prefix}+{ms}ms: {}", settle.stderr);
+            let settle = settle_with(&w, &failing, &format!("{prefix}+{ms}ms")).await;
             let db_previous = w.database_is_previous().await;
             let files_previous = w.files_are_previous();
             outcomes.push((prefix, ms, killed, db_previous));
@@ -619,8 +639,7 @@ async fn a_killed_first_restore_without_a_directory_settles_consistently() {
         for ms in [0u64, 1, 3, 10, 50] {
             std::fs::remove_dir_all(&d).unwrap();
             let killed = kill_restore_at(&w, ".pgferry-old-acme-", Duration::from_millis(ms)).await;
-            let settle = w.restore_with(&failing, &[]).await;
-            assert_eq!(settle.code, 1, "+{ms}ms: {}", settle.stderr);
+            settle_with(&w, &failing, &format!("+{ms}ms")).await;
             let db_previous = w.database_is_previous().await;
             let present = d.exists();
             outcomes.push((ms, killed, db_previous, present));
