@@ -76,6 +76,8 @@ pub enum FilesError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("{path}, where the companion files of the destination go, is not a directory; move it away (the restore replaces the directory, and could not settle a file left aside)")]
+    NotADirectory { path: PathBuf },
     #[error("{path} already exists, where --keep-old would keep the previous files; move it away or restore without --keep-old")]
     KeptExists { path: PathBuf },
     #[error("the companion files of snapshot {snapshot_id}: no target gave a good copy: {}", failures.iter().map(|f| format!("{}: {}", f.target, f.error)).collect::<Vec<_>>().join("; "))]
@@ -177,6 +179,12 @@ impl Dirs {
                     source,
                 })
             }
+        }
+        // D (what a symlink names) must be a directory when it exists: set aside as O, a file
+        // could never be settled (O's absent marker is looked up inside it).
+        match tokio::fs::metadata(&dest).await {
+            Ok(m) if !m.is_dir() => return Err(FilesError::NotADirectory { path: dest }),
+            _ => {}
         }
         Ok(Dirs {
             parent,
