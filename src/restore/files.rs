@@ -476,12 +476,17 @@ impl DirSwap {
         if self.replaced {
             rename(&dest, &old).await?;
         } else {
-            tokio::fs::create_dir(&old)
+            // Made whole under a temporary name (a T, which settling removes), then renamed:
+            // an O killed before its marker was written would be taken for a previous
+            // directory and put back as an empty D.
+            let making = self.dirs.tmp(&RunId::random());
+            tokio::fs::create_dir(&making)
                 .await
-                .map_err(FilesError::io("creating", &old))?;
-            tokio::fs::write(old.join(ABSENT_MARKER), b"")
+                .map_err(FilesError::io("creating", &making))?;
+            tokio::fs::write(making.join(ABSENT_MARKER), b"")
                 .await
-                .map_err(FilesError::io("creating", &old))?;
+                .map_err(FilesError::io("creating", &making))?;
+            rename(&making, &old).await?;
         }
         if let Err(e) = rename(&self.staged, &dest).await {
             let back = if self.replaced {
