@@ -291,14 +291,18 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
             String::from_utf8_lossy(&o.stderr)
         )
     };
-    // A repair may fail only because the other was copying the same snapshot.
+    // A repair may fail a copy only because the other was writing the same object: it found
+    // the other's upload open (busy), or, when both started it in the same instant, the
+    // store kept one upload of the key (Garage ends the other at the first completion).
+    // Nothing is damaged either way (below).
     for o in [&one, &two] {
         let out = say(o);
-        assert!(
-            o.status.success() || out.contains("is open, its marker rewritten"),
-            "{out}"
-        );
-        assert!(!out.contains("Could not abort"), "{out}");
+        for line in out.lines().filter(|l| l.starts_with("failed ")) {
+            assert!(
+                line.contains(" to b: "),
+                "a copy to a failed: {line}\n{out}"
+            );
+        }
     }
     env.pgferry(&config, &["repair"]).await.assert_code(0);
     env.pgferry(&config, &["check", "--read-data"])
