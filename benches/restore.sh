@@ -13,6 +13,7 @@
 # (user+sys of the command and its children: pgferry and pg_restore, not the PostgreSQL
 # backend) and peak RSS of each, and the encrypted/plain ratios of wall time, CPU and peak RSS
 # (as benches/backup.sh's). ENCRYPTION_ONLY=1 measures only the two pgferry stream restores.
+# Every restore goes into a second cluster on DEST_PORT (the source's is refused by the guard).
 # Usage: benches/restore.sh [rounds]   (env: SIZE=2, WORK_DIR, ENCRYPTION_ONLY=1,
 #        SKIP_SETUP=1: do not run scripts/setup.sh, everything is installed)
 set -euo pipefail
@@ -22,6 +23,7 @@ ROUNDS="${1:-3}"
 SIZE="${SIZE:-2}"
 WORK_DIR="${WORK_DIR:-/var/tmp/pgferry-bench-restore}"
 PG_PORT="${PG_PORT:-54349}"
+DEST_PORT="${DEST_PORT:-54350}"
 S3_PORT="${S3_PORT:-39200}"
 export PGFERRY_TOOLS="${PGFERRY_TOOLS:-/opt/pgferry-tools}"
 
@@ -34,6 +36,9 @@ PGFERRY="$ROOT/target/release/pgferry"
 source scripts/lib.sh
 trap stop_servers EXIT
 start_servers bench-restore bench-restore-age
+# Every restore goes to a second cluster, as in production (restoring into the server a
+# snapshot was taken from is what the identity guard refuses).
+start_pg pg-dest "$DEST_PORT"
 export PGFERRY_S3_KEY_ID="$S3_KEY_ID" PGFERRY_S3_SECRET="$S3_SECRET" BENCH_PG_PASSWORD="$PG_PASSWORD"
 export PGPASSWORD="$PG_PASSWORD"
 
@@ -48,7 +53,7 @@ TOML
     cat <<TOML
 [[restore_target]]
 namespace = "bench"
-url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$PG_PORT/postgres"
+url = "postgres://postgres:\${BENCH_PG_PASSWORD}@127.0.0.1:$DEST_PORT/postgres"
 owner = "postgres"
 [restore]
 spool_dir = "$WORK_DIR/spool"
@@ -83,25 +88,26 @@ timed() { # $1 = label, rest = command; records wall s, max RSS KiB, CPU s (user
     RSS[$label]+="$rss "
     CPU[$label]+="$(echo "$user + $sys" | bc -l) "
 }
-fresh() { psql_ -d postgres -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; }
+dest_psql() { PG_PORT="$DEST_PORT" psql_ -d postgres "$@"; }
+fresh() { dest_psql -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; }
 restore_stream() { # $1 = plain|age: the stream restore of that copy, into a database that does not exist yet
     local label="pgferry restore (stream)" config="$WORK_DIR/pgferry.toml"
     if [ "$1" = age ]; then label="pgferry restore (stream), age"; config="$WORK_DIR/pgferry-age.toml"; fi
-    psql_ -d postgres -c "DROP DATABASE IF EXISTS restored_$1"
+    dest_psql -c "DROP DATABASE IF EXISTS restored_$1"
     timed "$label" "$PGFERRY" --config "$config" --log-format json restore --source bench --database bench_src --to bench --as "restored_$1"
 }
 for r in $(seq 1 "$ROUNDS"); do
     if [ -z "${ENCRYPTION_ONLY:-}" ]; then
         fresh restored_local
-        timed "pg_restore local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local "$WORK_DIR/local.dump"
+        timed "pg_restore local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -h 127.0.0.1 -p "$DEST_PORT" -U postgres -d restored_local "$WORK_DIR/local.dump"
         fresh restored_local_j2
-        timed "pg_restore -j 2 local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -j 2 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d restored_local_j2 "$WORK_DIR/local.dump"
+        timed "pg_restore -j 2 local file" "$PG_BIN/pg_restore" --no-owner --exit-on-error -j 2 -h 127.0.0.1 -p "$DEST_PORT" -U postgres -d restored_local_j2 "$WORK_DIR/local.dump"
     fi
     # Like the baselines, into a database that does not exist yet (replacing one would add
     # its DROP DATABASE, and the checkpoint that forces, to pgferry's time only).
     if (( r % 2 )); then restore_stream plain; restore_stream age; else restore_stream age; restore_stream plain; fi
     if [ -z "${ENCRYPTION_ONLY:-}" ]; then
-        psql_ -d postgres -c "DROP DATABASE IF EXISTS restored_jobs"
+        dest_psql -c "DROP DATABASE IF EXISTS restored_jobs"
         timed "pgferry restore --jobs 2" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_jobs --jobs 2
     fi
 done

@@ -18,9 +18,28 @@ stop_servers() {
         kill "$(cat "$WORK_DIR/garage.pid")" 2>/dev/null || true
         rm -f "$WORK_DIR/garage.pid"
     fi
-    if [ -f "$WORK_DIR/pg/postmaster.pid" ]; then
-        as_postgres "$PG_BIN/pg_ctl" -D "$WORK_DIR/pg" -m fast stop >/dev/null 2>&1 || true
-    fi
+    local pid
+    for pid in "$WORK_DIR"/pg*/postmaster.pid; do
+        [ -f "$pid" ] || continue
+        as_postgres "$PG_BIN/pg_ctl" -D "$(dirname "$pid")" -m fast stop >/dev/null 2>&1 || true
+    done
+}
+
+# Starts a PostgreSQL cluster in $WORK_DIR/$1 on port $2, on loopback, superuser postgres with
+# password PG_PASSWORD (a second one, e.g. a restore destination, shares the password).
+start_pg() {
+    local dir="$WORK_DIR/$1" port=$2
+    mkdir -p "$dir" "$dir-sock"
+    printf '%s\n' "$PG_PASSWORD" > "$dir.pw"
+    # The server (run as postgres when we are root) writes its log into WORK_DIR, owned by root.
+    touch "$dir.log"
+    if [ "$(id -u)" -eq 0 ]; then chown postgres "$dir" "$dir-sock" "$dir.pw" "$dir.log"; fi
+    as_postgres "$PG_BIN/initdb" -D "$dir" -U postgres -A scram-sha-256 \
+        --pwfile="$dir.pw" -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$dir.pw"
+    as_postgres "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w \
+        -o "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir-sock -c shared_buffers=512MB" \
+        start >/dev/null
 }
 
 # Starts PostgreSQL (superuser postgres, password in PG_PASSWORD) and Garage (key in
@@ -28,20 +47,10 @@ stop_servers() {
 start_servers() {
     stop_servers
     rm -rf "$WORK_DIR"
-    mkdir -p "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/garage"
+    mkdir -p "$WORK_DIR/garage"
     chmod 755 "$WORK_DIR"
-
     PG_PASSWORD="$(randhex 16)"
-    printf '%s\n' "$PG_PASSWORD" > "$WORK_DIR/pgpw"
-    # The server (run as postgres when we are root) writes its log into WORK_DIR, owned by root.
-    touch "$WORK_DIR/pg.log"
-    if [ "$(id -u)" -eq 0 ]; then chown postgres "$WORK_DIR/pg" "$WORK_DIR/pgsock" "$WORK_DIR/pgpw" "$WORK_DIR/pg.log"; fi
-    as_postgres "$PG_BIN/initdb" -D "$WORK_DIR/pg" -U postgres -A scram-sha-256 \
-        --pwfile="$WORK_DIR/pgpw" -E UTF8 --locale=C.UTF-8 >/dev/null
-    rm -f "$WORK_DIR/pgpw"
-    as_postgres "$PG_BIN/pg_ctl" -D "$WORK_DIR/pg" -l "$WORK_DIR/pg.log" -w \
-        -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK_DIR/pgsock -c shared_buffers=512MB" \
-        start >/dev/null
+    start_pg pg "$PG_PORT"
 
     S3_KEY_ID="GK$(randhex 12)"
     S3_SECRET="$(randhex 32)"
