@@ -347,47 +347,25 @@ fn decrypt_failed(e: std::io::Error) -> std::io::Error {
 
 /// The plaintext of the age stream `input`: reads the header (so a header that does not
 /// authenticate, or has no stanza for `identities`, fails here), then decrypts chunk by
-/// chunk as it is read. Errors while reading are [`DecryptFailed`] inside `io::Error`, but
-/// for download errors of `input`, which pass through as they are.
+/// chunk as it is read (see [`payload`]). Errors are [`DecryptFailed`] inside `io::Error`,
+/// but for download errors of `input`, which pass through as they are.
 pub async fn open<R>(
     input: R,
     identities: &Identities,
-) -> std::io::Result<impl tokio::io::AsyncRead + Send + Unpin>
+) -> std::io::Result<impl tokio::io::AsyncBufRead + Send + Unpin>
 where
     R: tokio::io::AsyncBufRead + Send + Unpin,
 {
-    use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
-    let to_io = |e: age::DecryptError| match e {
-        age::DecryptError::Io(e) => decrypt_failed(e),
-        e => decrypt_failed(std::io::Error::other(e.to_string())),
-    };
-    let decryptor = age::Decryptor::new_async_buffered(input.compat())
+    payload::open(input, identities.as_dyn())
         .await
-        .map_err(to_io)?;
-    let plain = decryptor
-        .decrypt_async(identities.as_dyn())
-        .map_err(to_io)?;
-    Ok(Unsealed {
-        inner: plain.compat(),
-    })
-}
-
-/// Maps the decryptor's errors (see [`open`]).
-struct Unsealed<R> {
-    inner: R,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Unsealed<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(decrypt_failed(e))),
-            other => other,
-        }
-    }
+        .map_err(|e| match e {
+            payload::OpenError::Input(e) => decrypt_failed(e),
+            payload::OpenError::Header(reason) => {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, DecryptFailed { reason })
+            }
+            payload::OpenError::Age(age::DecryptError::Io(e)) => decrypt_failed(e),
+            payload::OpenError::Age(e) => decrypt_failed(std::io::Error::other(e.to_string())),
+        })
 }
 
 #[cfg(test)]

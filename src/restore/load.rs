@@ -42,9 +42,6 @@ const SPOOL_DIR_MODE: u32 = 0o700;
 /// Mode of the spool file (a decompressed production dump): owner read/write only.
 const SPOOL_FILE_MODE: u32 = 0o600;
 
-/// Plaintext buffered between age and zstd: one age chunk.
-const DECRYPTED_BUFFER_BYTES: usize = 64 * 1024;
-
 /// Free space required on the spool filesystem beyond the archive itself, so a spool never
 /// fills a disk to the last byte.
 const SPOOL_HEADROOM_BYTES: u64 = 256 * 1024 * 1024;
@@ -266,16 +263,12 @@ async fn open(
     Ok(Opened { decoder, raw })
 }
 
-/// The plaintext of an age-encrypted object, buffered for zstd.
+/// The plaintext of an age-encrypted object (buffered: zstd reads from its 64 KiB chunks).
 async fn decrypting(
     reader: ObjectReader,
     ids: &Identities,
 ) -> Result<impl tokio::io::AsyncBufRead + Send + Unpin, LoadError> {
-    let plain = encryption::open(reader, ids).await.map_err(read_error)?;
-    Ok(tokio::io::BufReader::with_capacity(
-        DECRYPTED_BUFFER_BYTES,
-        plain,
-    ))
+    encryption::open(reader, ids).await.map_err(read_error)
 }
 
 /// How a copy loop ended.
