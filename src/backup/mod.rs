@@ -1,8 +1,8 @@
 //! One backup of one database: pg_dump → pipeline → commit.
 //!
 //! [`backup_slot`] is what the daemon and `pgferry backup` call: it takes the database's
-//! advisory lock (`lock`), skips a slot that is already committed, and runs
-//! [`backup_database`]: connect, spawn pg_dump, stream it through the `pipeline` (zstd,
+//! advisory lock (`lock`), skips a slot that is already committed, and runs the backup
+//! (`run`, logged, measured and notified by `observed`): connect, spawn pg_dump, stream it through the `pipeline` (zstd,
 //! sha256, fan-out to every target), and once pg_dump exited 0, archive the database's
 //! companion files the same way when the source has `files` (`files`), then hand the open
 //! uploads to the `commit` (write-once objects, manifests last, copies kept below
@@ -212,19 +212,20 @@ pub async fn backup_slot(
             return Ok(SlotOutcome::AlreadyCommitted(presence));
         }
     }
-    let report = backup_database(app, source, snapshot, &lock, progress, cancel).await;
+    let backup = run(app, source, snapshot, &lock, progress, cancel);
+    let report = observed(app, source, snapshot, backup).await;
     drop(lock);
     report.map(SlotOutcome::Committed)
 }
 
-/// Backs up `snapshot` (of a database of `source`) while `lock` is held.
-pub async fn backup_database(
+/// Runs `backup` (of `snapshot`, a database of `source`) as an operator sees it: in its
+/// tracing span, the start and end pinged and reported, its duration, outcome and committed
+/// manifest in the metrics, its result logged once.
+async fn observed(
     app: &App,
     source: &SourceConfig,
     snapshot: &SnapshotKey,
-    lock: &DumpLock,
-    progress: Arc<Progress>,
-    cancel: CancellationToken,
+    backup: impl std::future::Future<Output = Result<BackupReport, BackupError>>,
 ) -> Result<BackupReport, BackupError> {
     let database = snapshot.database.as_str();
     let span = tracing::info_span!("backup", source = %source.name, database = %database, snapshot_id = %snapshot.id);
@@ -233,9 +234,7 @@ pub async fn backup_database(
         .ping(source.ping.as_ref(), notify::Ping::Start)
         .await;
     let running = crate::metrics::RunningGuard::new(&app.metrics, &source.name, database);
-    let result = run(app, source, snapshot, lock, progress, cancel)
-        .instrument(span.clone())
-        .await;
+    let result = backup.instrument(span.clone()).await;
     let _enter = span.enter();
     let labels = [source.name.as_str(), database];
     let elapsed = started.elapsed();

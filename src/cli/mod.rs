@@ -108,12 +108,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Only this source.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only these databases (repeatable).
-    #[arg(long)]
-    pub database: Vec<String>,
+    #[command(flatten)]
+    pub scope: repair_verbs::Scope,
     /// Push the verify metrics to this Prometheus Pushgateway (e.g. http://pushgateway:9091).
     #[arg(long)]
     pub pushgateway: Option<String>,

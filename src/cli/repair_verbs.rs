@@ -15,6 +15,27 @@ use crate::check::{self, CheckOptions, CheckReport, DEFAULT_READ_JOBS};
 use crate::repair::{Copied, CopyResult, RepairOptions};
 use crate::storage::catalog::Filter;
 
+/// The snapshots a verb covers: `--source`, `--database` (every one without them).
+#[derive(Debug, Args)]
+pub struct Scope {
+    /// Only this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only these databases (repeatable).
+    #[arg(long)]
+    pub database: Vec<String>,
+}
+
+impl From<Scope> for Filter {
+    fn from(scope: Scope) -> Filter {
+        Filter {
+            source: scope.source,
+            databases: scope.database,
+            target: None,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Also read every copy and compare its sha256 with the manifest's (else: listings only).
@@ -23,12 +44,8 @@ pub struct CheckArgs {
     /// Copies read at once with --read-data.
     #[arg(long, default_value_t = DEFAULT_READ_JOBS, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
     pub jobs: usize,
-    /// Only this source.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only these databases (repeatable).
-    #[arg(long)]
-    pub database: Vec<String>,
+    #[command(flatten)]
+    pub scope: Scope,
     /// Print one JSON object (result, counts, problems) as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -39,12 +56,8 @@ pub struct RepairArgs {
     /// Print what would be copied, copy nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Only this source.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only these databases (repeatable).
-    #[arg(long)]
-    pub database: Vec<String>,
+    #[command(flatten)]
+    pub scope: Scope,
     /// Copy only from this target.
     #[arg(long)]
     pub from: Option<String>,
@@ -81,11 +94,7 @@ fn print_unclean(report: &CheckReport) {
 
 pub(super) async fn check_cmd(app: &App, args: CheckArgs) -> Result<(), CliError> {
     let opts = CheckOptions {
-        filter: Filter {
-            source: args.source,
-            databases: args.database,
-            target: None,
-        },
+        filter: args.scope.into(),
         read_data: args.read_data,
         jobs: args.jobs,
     };
@@ -129,11 +138,7 @@ pub(super) async fn repair_cmd(app: &App, args: RepairArgs) -> Result<(), CliErr
     known_target(app, &args.from, "--from")?;
     known_target(app, &args.to, "--to")?;
     let opts = CheckOptions {
-        filter: Filter {
-            source: args.source,
-            databases: args.database,
-            target: None,
-        },
+        filter: args.scope.into(),
         // Reading every copy is what finds a damaged one; the daemon's scheduled repair
         // checks listings only.
         read_data: true,
@@ -200,20 +205,15 @@ fn print_copies(copies: &[Copied]) {
     for c in copies {
         let from = c.from.as_deref().unwrap_or("(none)");
         match &c.result {
-            CopyResult::Planned => println!(
-                "would copy {} to {} from {} ({})",
-                c.snapshot,
-                c.target,
-                from,
-                super::human_bytes(c.bytes)
-            ),
-            CopyResult::Copied => println!(
-                "copied {} to {} from {} ({})",
-                c.snapshot,
-                c.target,
-                from,
-                super::human_bytes(c.bytes)
-            ),
+            CopyResult::Planned | CopyResult::Copied => {
+                let done = if matches!(c.result, CopyResult::Planned) {
+                    "would copy"
+                } else {
+                    "copied"
+                };
+                let size = super::human_bytes(c.bytes);
+                println!("{done} {} to {} from {from} ({size})", c.snapshot, c.target)
+            }
             CopyResult::LeftAlone(why) => {
                 println!("left {} on {} alone: {why}", c.snapshot, c.target)
             }

@@ -156,8 +156,8 @@ async fn notify_restore(
 
 pub(crate) async fn verify_cmd(app: &App, args: VerifyArgs) -> Result<(), CliError> {
     let req = crate::verify::VerifyRequest {
-        source: args.source.clone(),
-        databases: args.database.clone(),
+        source: args.scope.source.clone(),
+        databases: args.scope.database.clone(),
     };
     let cancel = cancel_on_signals();
     let run = crate::verify::verify_all(app, &req, cancel)

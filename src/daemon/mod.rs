@@ -1,7 +1,7 @@
 //! `pgferry daemon`: the scheduler, the HTTP server and graceful shutdown, wired together.
 //!
 //! [`run`] builds a [`scheduler::Scheduler`] over the real [`PgRunner`] (advisory lock →
-//! "already committed?" check → `backup::backup_database` → retention), starts the readiness
+//! "already committed?" check → `backup::backup_slot` → retention), starts the readiness
 //! checker and the HTTP server, and waits for SIGTERM or SIGINT. Then it stops scheduling,
 //! reports not ready, lets running backups finish for `daemon.shutdown_grace`, cancels what is left
 //! (pg_dump killed, uploads aborted, no manifest) and returns once everything has ended.

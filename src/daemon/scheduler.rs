@@ -368,7 +368,13 @@ impl<R: Runner, C: Clock> Scheduler<R, C> {
     pub fn start_manual(&self, source_idx: usize, database: &str) -> Result<String, StartError> {
         let now = self.inner.clock.now();
         let id = schedule::snapshot_id(now);
-        start_run(&self.inner, source_idx, database, &id, Some(now), true)?;
+        let run = DatabaseRun {
+            idx: source_idx,
+            database: database.to_string(),
+            snapshot_id: id.clone(),
+            deadline: Some(now),
+        };
+        start_run(&self.inner, run, true)?;
         Ok(id)
     }
 
@@ -475,84 +481,83 @@ async fn run_slot<R: Runner, C: Clock>(
         inner.state.ensure(&source.name, &database);
         inner.metrics.init_database(&source.name, &database);
         let start = start_in_slot(source, &database, slot, deadline);
+        let run = DatabaseRun {
+            idx,
+            database,
+            snapshot_id: snapshot_id.clone(),
+            deadline,
+        };
         if start <= inner.clock.now() {
-            start_in_slot_or_skip(inner, idx, &database, &snapshot_id, deadline);
+            start_in_slot_or_skip(inner, run);
             continue;
         }
         // Not due yet (spread): not running, not missed; it starts at its offset.
         inner
             .state
-            .set_next_run(&source.name, &database, Some(start));
+            .set_next_run(&source.name, &run.database, Some(start));
         let waiting = inner.clone();
-        let snapshot_id = snapshot_id.clone();
         inner.tracker.spawn(async move {
             tokio::select! {
                 _ = sleep_until(&waiting.clock, start) => {}
                 _ = waiting.shutdown.cancelled() => return,
             }
-            start_in_slot_or_skip(&waiting, idx, &database, &snapshot_id, deadline);
+            start_in_slot_or_skip(&waiting, run);
         });
     }
 }
 
 /// Starts the slot's run of one database, or counts it as skipped when its previous run is
 /// still going.
-fn start_in_slot_or_skip<R: Runner, C: Clock>(
-    inner: &Arc<Inner<R, C>>,
-    idx: usize,
-    database: &str,
-    snapshot_id: &str,
-    deadline: Option<DateTime<Utc>>,
-) {
-    let source = &inner.sources[idx];
-    if let Err(e) = start_run(inner, idx, database, snapshot_id, deadline, false) {
+fn start_in_slot_or_skip<R: Runner, C: Clock>(inner: &Arc<Inner<R, C>>, run: DatabaseRun) {
+    let source = &inner.sources[run.idx];
+    let (database, snapshot_id) = (run.database.clone(), run.snapshot_id.clone());
+    if let Err(e) = start_run(inner, run, false) {
         inner
             .metrics
             .backups_total
-            .with_label_values(&[&source.name, database, Outcome::Skipped.as_str()])
+            .with_label_values(&[&source.name, &database, Outcome::Skipped.as_str()])
             .inc();
         tracing::warn!(message = "Skipping the slot: the previous backup is still running.", source = %source.name, database = %database, snapshot_id = %snapshot_id, error = %e);
     }
 }
 
+/// The run of one database of source `idx` under `snapshot_id`, retried until `deadline`
+/// (the end of its slot; a manual run's is its start: no retry).
+struct DatabaseRun {
+    idx: usize,
+    database: String,
+    snapshot_id: String,
+    deadline: Option<DateTime<Utc>>,
+}
+
 fn start_run<R: Runner, C: Clock>(
     inner: &Arc<Inner<R, C>>,
-    idx: usize,
-    database: &str,
-    snapshot_id: &str,
-    deadline: Option<DateTime<Utc>>,
+    run: DatabaseRun,
     manual: bool,
 ) -> Result<(), StartError> {
-    let source = &inner.sources[idx];
+    let source = &inner.sources[run.idx];
     inner.state.try_start(
         &source.name,
-        database,
+        &run.database,
         Running {
-            snapshot_id: snapshot_id.to_string(),
+            snapshot_id: run.snapshot_id.clone(),
             started_at: inner.clock.now(),
             manual,
         },
     )?;
-    let task = database_run(
-        inner.clone(),
-        idx,
-        database.to_string(),
-        snapshot_id.to_string(),
-        deadline,
-    );
-    inner.tracker.spawn(task);
+    inner.tracker.spawn(database_run(inner.clone(), run));
     Ok(())
 }
 
 /// One database for one slot: attempts until committed, skipped, cancelled, out of retries or
 /// out of time.
-async fn database_run<R: Runner, C: Clock>(
-    inner: Arc<Inner<R, C>>,
-    idx: usize,
-    database: String,
-    snapshot_id: String,
-    deadline: Option<DateTime<Utc>>,
-) {
+async fn database_run<R: Runner, C: Clock>(inner: Arc<Inner<R, C>>, run: DatabaseRun) {
+    let DatabaseRun {
+        idx,
+        database,
+        snapshot_id,
+        deadline,
+    } = run;
     let source = &inner.sources[idx];
     let name = source.name.as_str();
     let mut failures = 0;
@@ -600,7 +605,7 @@ async fn database_run<R: Runner, C: Clock>(
                     None
                 };
                 if !matches!(e, RunError::Backup(_)) {
-                    // backup_database logs its own failures.
+                    // backup_slot logs its own failures.
                     tracing::error!(message = "Backup attempt failed.", source = %name, database = %database, snapshot_id = %snapshot_id, error = %e, retry_at = ?retry);
                 }
                 let Some(at) = retry else { break };

@@ -201,10 +201,12 @@ type ObjectReader = StreamReader<Detachable, bytes::Bytes>;
 /// What the decompressor reads: the object, or its decrypted plaintext.
 type Plain = Box<dyn tokio::io::AsyncBufRead + Send + Unpin>;
 
-/// An opened object: the decoded stream, and its raw bytes for [`drain`].
+/// An opened object: the decoded stream, its raw bytes for [`drain`], and what they hashed
+/// to for [`check_copy`].
 struct Opened {
     decoder: ZstdDecoder<Plain>,
     raw: Detachable,
+    tap: Arc<Mutex<Tap>>,
 }
 
 /// Opens the object and wraps it: stored bytes → tap → (age decryption →) zstd decoder.
@@ -215,7 +217,6 @@ async fn open(
     manifest: &Manifest,
     object: StoredObject<'_>,
     identity_file: Option<&Path>,
-    tap: Arc<Mutex<Tap>>,
     progress: Arc<LoadProgress>,
 ) -> Result<Opened, LoadError> {
     let identities = encryption::identities_for(
@@ -241,11 +242,13 @@ async fn open(
             key: key.to_string(),
             source,
         })?;
+    let tap = Arc::new(Mutex::new(Tap::default()));
+    let hashed = tap.clone();
     let stream = got
         .into_stream()
         .map_err(std::io::Error::other)
         .inspect_ok(move |chunk| {
-            let mut t = tap.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = hashed.lock().unwrap_or_else(|p| p.into_inner());
             t.hasher.update(chunk);
             t.bytes += chunk.len() as u64;
             progress
@@ -260,7 +263,25 @@ async fn open(
     };
     let mut decoder = ZstdDecoder::new(plain);
     decoder.multiple_members(true);
-    Ok(Opened { decoder, raw })
+    Ok(Opened { decoder, raw, tap })
+}
+
+/// [`open`] of the snapshot's dump.
+async fn open_dump(
+    target: &Target,
+    manifest: &Manifest,
+    into: &RestoreInto<'_>,
+    progress: &Arc<LoadProgress>,
+) -> Result<Opened, LoadError> {
+    let object = StoredObject::dump(manifest);
+    open(
+        target,
+        manifest,
+        object,
+        into.identity_file,
+        progress.clone(),
+    )
+    .await
 }
 
 /// The plaintext of an age-encrypted object (buffered: zstd reads from its 64 KiB chunks).
@@ -472,16 +493,11 @@ pub async fn stream(
     progress: Arc<LoadProgress>,
     cancel: &CancellationToken,
 ) -> Result<Loaded, LoadError> {
-    let tap = Arc::new(Mutex::new(Tap::default()));
-    let Opened { mut decoder, raw } = open(
-        target,
-        manifest,
-        StoredObject::dump(manifest),
-        into.identity_file,
-        tap.clone(),
-        progress.clone(),
-    )
-    .await?;
+    let Opened {
+        mut decoder,
+        raw,
+        tap,
+    } = open_dump(target, manifest, into, &progress).await?;
     let mut child = spawn_pg_restore(into, 1, None)?;
     let stderr = take_stderr(&mut child, into.url);
     let Some(mut stdin) = child.stdin.take() else {
@@ -555,17 +571,9 @@ where
     F: FnOnce(Decoded) -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let tap = Arc::new(Mutex::new(Tap::default()));
-    let Opened { decoder, raw } = open(
-        target,
-        manifest,
-        object,
-        identity_file,
-        tap.clone(),
-        progress,
-    )
-    .await
-    .map_err(Consumed::Load)?;
+    let Opened { decoder, raw, tap } = open(target, manifest, object, identity_file, progress)
+        .await
+        .map_err(Consumed::Load)?;
     let consumed = consume(Box::new(decoder)).await;
     let drained = drain(raw, cancel).await;
     if let Err(e) = drained {
@@ -718,16 +726,11 @@ pub async fn spooled(
         inner: file,
         archive: DumpStatsTap::new(),
     };
-    let tap = Arc::new(Mutex::new(Tap::default()));
-    let Opened { mut decoder, raw } = open(
-        target,
-        manifest,
-        StoredObject::dump(manifest),
-        into.identity_file,
-        tap.clone(),
-        progress.clone(),
-    )
-    .await?;
+    let Opened {
+        mut decoder,
+        raw,
+        tap,
+    } = open_dump(target, manifest, into, &progress).await?;
     let pumped = pump(&mut decoder, &mut file, &progress, cancel).await;
     if pumped.cancelled {
         return Err(LoadError::Cancelled);

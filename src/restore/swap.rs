@@ -298,35 +298,23 @@ impl Server {
         stamp: &str,
         keep_old: bool,
         comment: &str,
-        mut files: Option<&mut DirSwap>,
+        files: Option<&mut DirSwap>,
     ) -> Result<Option<String>, SwapError> {
         let (qt, qd) = (quote_ident(tmp), quote_ident(dest));
         self.wait_idle(tmp).await?;
+        let comment = quote_literal(comment);
         if !self.exists(dest).await? {
-            let renamed = async {
-                if let Some(f) = files.as_deref_mut() {
-                    f.swap_in()
-                        .await
-                        .map_err(|source| SwapError::Files { source })?;
-                }
-                self.exec(
-                    "renaming the temporary database into place",
-                    &format!(
-                        "BEGIN; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
-                        quote_literal(comment)
-                    ),
-                )
-                .await
-            }
-            .await;
-            if let Err(e) = renamed {
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                self.settle_files(tmp, files).await;
-                return Err(e);
-            }
-            if let Some(f) = files {
-                f.finish().await;
-            }
+            let sql = format!(
+                "BEGIN; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {comment}; COMMIT"
+            );
+            self.rename_in(
+                tmp,
+                async { Ok(()) },
+                "renaming the temporary database into place",
+                &sql,
+                files,
+            )
+            .await?;
             return Ok(None);
         }
         let aside = if keep_old {
@@ -341,36 +329,29 @@ impl Server {
             &format!("ALTER DATABASE {qd} ALLOW_CONNECTIONS false"),
         )
         .await?;
-        let renamed = async {
+        let closed = async {
             self.terminate(dest).await?;
-            self.wait_idle(dest).await?;
-            if let Some(f) = files.as_deref_mut() {
-                f.swap_in()
-                    .await
-                    .map_err(|source| SwapError::Files { source })?;
-            }
-            // ALTER DATABASE … RENAME is transactional: both renames or neither.
-            self.exec(
+            self.wait_idle(dest).await
+        };
+        // ALTER DATABASE … RENAME is transactional: both renames or neither.
+        let sql = format!(
+            "BEGIN; ALTER DATABASE {qd} RENAME TO {qa}; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {comment}; COMMIT"
+        );
+        let renamed = self
+            .rename_in(
+                tmp,
+                closed,
                 "swapping the restored database in",
-                &format!(
-                    "BEGIN; ALTER DATABASE {qd} RENAME TO {qa}; ALTER DATABASE {qt} RENAME TO {qd}; COMMENT ON DATABASE {qd} IS {}; COMMIT",
-                    quote_literal(comment)
-                ),
+                &sql,
+                files,
             )
-            .await
-        }
-        .await;
+            .await;
         if let Err(e) = renamed {
             // The maintenance connection may be what failed: reopen from a fresh one.
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            self.settle_files(tmp, files).await;
             if let Err(reopen) = reopen_connections(&self.url, dest).await {
                 tracing::error!(message = "Cannot reopen the old destination to connections; the next restore of it will, or run ALTER DATABASE … ALLOW_CONNECTIONS true.", database = %dest, error = %reopen);
             }
             return Err(e);
-        }
-        if let Some(f) = files {
-            f.finish().await;
         }
         if keep_old {
             self.exec(
@@ -390,6 +371,39 @@ impl Server {
 }
 
 impl Server {
+    /// The commit point of a swap: once `ready` (the old destination closed, if any), the
+    /// companion files' directories are swapped in and the renaming transaction `sql` runs
+    /// (`what` names it in errors). On failure the transaction is rolled back and the
+    /// directories settled, so that database and files still match.
+    async fn rename_in(
+        &self,
+        tmp: &str,
+        ready: impl std::future::Future<Output = Result<(), SwapError>>,
+        what: &str,
+        sql: &str,
+        mut files: Option<&mut DirSwap>,
+    ) -> Result<(), SwapError> {
+        let renamed = async {
+            ready.await?;
+            if let Some(f) = files.as_deref_mut() {
+                f.swap_in()
+                    .await
+                    .map_err(|source| SwapError::Files { source })?;
+            }
+            self.exec(what, sql).await
+        }
+        .await;
+        if let Err(e) = renamed {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            self.settle_files(tmp, files).await;
+            return Err(e);
+        }
+        if let Some(f) = files {
+            f.finish().await;
+        }
+        Ok(())
+    }
+
     /// After a failed rename: the companion files go back unless the rename committed after
     /// all (the temporary database is gone, asked over a fresh connection: this one may be
     /// what failed). Unknown: left for the next restore, which settles by the same rule.

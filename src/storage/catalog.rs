@@ -35,9 +35,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use object_store::path::{Path, PathPart};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::storage::catalog_index;
+pub use crate::storage::catalog_index::VerifySummary;
 use crate::storage::key::{self, OwnedName, SnapshotId, SnapshotKey};
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, Target};
@@ -57,15 +58,6 @@ pub struct Filter {
     /// Empty = every database.
     pub databases: Vec<String>,
     pub target: Option<String>,
-}
-
-/// The gist of a restore-verify report, as `list` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VerifySummary {
-    pub result: String,
-    pub finished_at: DateTime<Utc>,
-    #[serde(default)]
-    pub target: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

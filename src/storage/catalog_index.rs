@@ -19,10 +19,19 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::catalog::VerifySummary;
 use crate::storage::key;
 use crate::storage::manifest::Manifest;
 use crate::storage::target::{error_text, Target};
+
+/// The gist of a restore-verify report (`<snapshot_id>.verify.json`, written by `verify`),
+/// as `list` shows it and the index keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifySummary {
+    pub result: String,
+    pub finished_at: DateTime<Utc>,
+    #[serde(default)]
+    pub target: String,
+}
 
 /// The index format this build writes and reads; any other is ignored (and rewritten).
 const INDEX_VERSION: u32 = 1;
