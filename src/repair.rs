@@ -656,7 +656,7 @@ mod tests {
     use crate::config::Config;
     use crate::storage::key::{object_path, RunId};
     use crate::storage::manifest::tests::sample;
-    use futures::TryStreamExt;
+    use crate::test_support::keys;
     use object_store::ObjectStore;
 
     /// Two directory targets `a` and `b` and a source `prod` (never connected to).
@@ -692,18 +692,6 @@ mod tests {
             .await
             .unwrap();
         m
-    }
-
-    async fn keys(t: &Target) -> Vec<String> {
-        let mut v: Vec<String> = t
-            .store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
     }
 
     async fn run(app: &App, dry_run: bool) -> RepairReport {

@@ -333,7 +333,7 @@ mod tests {
     use crate::backup::pipeline::OpenUpload;
     use crate::storage::key::{RunId, SnapshotId};
     use crate::storage::manifest::tests::sample;
-    use futures::TryStreamExt;
+    use crate::test_support::keys;
     use object_store::memory::InMemory;
     use object_store::ObjectStore;
     use std::sync::Arc;
@@ -350,18 +350,6 @@ mod tests {
             upload,
             bytes: body.len() as u64,
         }
-    }
-
-    async fn keys(t: &Target) -> Vec<String> {
-        let mut v: Vec<String> = t
-            .store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
     }
 
     fn setup() -> (Target, Target, SnapshotKey, Manifest, Path) {

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::storage::key::RunId;
 use crate::storage::manifest::tests::sample;
 use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+use crate::test_support::keys;
 use object_store::memory::InMemory;
 use object_store::PutPayload;
 use std::sync::Arc;
@@ -47,19 +48,6 @@ async fn put_snapshot(t: &Target, id: &str) {
             .await
             .unwrap();
     }
-}
-
-async fn keys(t: &Target) -> Vec<String> {
-    use futures::TryStreamExt;
-    let mut v: Vec<String> = t
-        .store
-        .list(None)
-        .map_ok(|o| o.location.to_string())
-        .try_collect()
-        .await
-        .unwrap();
-    v.sort();
-    v
 }
 
 const IDS: [&str; 4] = [
