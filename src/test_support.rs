@@ -2,6 +2,8 @@
 //! holds. Test code only (`#[cfg(test)]` in `lib.rs`); nothing here runs in pgferry itself.
 
 use crate::storage::target::Target;
+use object_store::path::Path;
+use object_store::PutPayload;
 use std::path::PathBuf;
 
 /// Every file of the fuzz corpus of `target` (`fuzz/corpus/<target>/`: seeds and the
@@ -42,4 +44,9 @@ pub(crate) async fn keys(t: &Target) -> Vec<String> {
         .unwrap();
     v.sort();
     v
+}
+
+/// Writes `body` at `key` under `t`'s prefix.
+pub(crate) async fn put_at(t: &Target, key: &Path, body: impl Into<PutPayload>) {
+    t.store.put(&t.at(key), body.into()).await.unwrap();
 }

@@ -507,6 +507,19 @@ mod tests {
         serde_json::from_slice(&bytes).unwrap()
     }
 
+    /// Starts an upload of `key` on `t`, writes one part and drops it as a killed process
+    /// would; returns the upload id its marker (at `marker`) holds.
+    async fn abandon(t: &Target, store: &InMemory, key: &Path, marker: &str) -> String {
+        let mut upload = start(t, key).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(b"a"))
+            .await
+            .unwrap();
+        let id = marker_of(store, marker).await.upload_id;
+        drop(upload); // the process died: nothing aborts it
+        id
+    }
+
     const DUMP: &str = "pg/prod/acme/20261127T140000Z.dump.zst";
     const MARKER: &str = "pg/prod/acme/20261127T140000Z.upload.json";
     /// An attempt's keys (what pgferry writes since write-once; encrypted dumps always have a run).
@@ -655,13 +668,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_upload_is_found_by_its_marker_and_aborted() {
         let (t, store) = marked_target();
-        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
-        upload
-            .put_part(PutPayload::from_static(b"a"))
-            .await
-            .unwrap();
-        let id = marker_of(&store, MARKER).await.upload_id;
-        drop(upload); // the process died: nothing aborts it
+        let id = abandon(&t, &store, &Path::from(DUMP), MARKER).await;
         assert_eq!(keys(&t).await, [MARKER]);
 
         let cleaned = clean(&t, &Path::from(MARKER), false).await.unwrap();
@@ -681,13 +688,7 @@ mod tests {
     async fn an_abandoned_encrypted_upload_is_aborted_under_its_own_key() {
         let (t, store) = marked_target();
         let sealed = Path::from(format!("{RUN_DUMP}.age"));
-        let mut upload = start(&t, &sealed).await.unwrap();
-        upload
-            .put_part(PutPayload::from_static(b"a"))
-            .await
-            .unwrap();
-        let id = marker_of(&store, RUN_MARKER).await.upload_id;
-        drop(upload);
+        let id = abandon(&t, &store, &sealed, RUN_MARKER).await;
         let cleaned = clean(&t, &Path::from(RUN_MARKER), false).await.unwrap();
         assert_eq!(
             cleaned,
