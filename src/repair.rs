@@ -656,7 +656,7 @@ mod tests {
     use crate::config::Config;
     use crate::storage::key::{object_path, RunId};
     use crate::storage::manifest::tests::sample;
-    use crate::test_support::{keys, put_at};
+    use crate::test_support::{keys, put_at, read};
     use object_store::ObjectStore;
 
     /// Two directory targets `a` and `b` and a source `prod` (never connected to).
@@ -734,14 +734,7 @@ mod tests {
         let done = run(&app, false).await;
         assert_copies(&done, &[CopyResult::Copied]);
         let object = object_path(&m.object_key).unwrap();
-        let copied = b
-            .store
-            .get(&b.at(&object))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let copied = read(&*b.store, &b.at(&object)).await;
         assert_eq!(copied.as_ref(), body.as_slice());
         for t in ["a", "b"] {
             let t = app.target(t).unwrap();
@@ -827,14 +820,7 @@ mod tests {
     async fn mirror(app: &App) {
         let (a, b) = (app.target("a").unwrap(), app.target("b").unwrap());
         for k in keys(a).await {
-            let bytes = a
-                .store
-                .get(&Path::from(k.as_str()))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let bytes = read(&*a.store, &Path::from(k.as_str())).await;
             let rel = k
                 .strip_prefix(&format!("{}/", a.folder(None, None)))
                 .unwrap_or(&k)
@@ -845,14 +831,7 @@ mod tests {
 
     async fn bytes_of(t: &Target, key: &str) -> Vec<u8> {
         let key = t.at(&object_path(key).unwrap());
-        t.store
-            .get(&key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec()
+        read(&*t.store, &key).await.to_vec()
     }
 
     /// The identity of the file a directory target holds for `key`: (inode, mtime). A rewrite

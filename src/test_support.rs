@@ -2,8 +2,9 @@
 //! holds. Test code only (`#[cfg(test)]` in `lib.rs`); nothing here runs in pgferry itself.
 
 use crate::storage::target::Target;
+use bytes::Bytes;
 use object_store::path::Path;
-use object_store::PutPayload;
+use object_store::{ObjectStore, PutPayload};
 use std::path::PathBuf;
 
 /// Every file of the fuzz corpus of `target` (`fuzz/corpus/<target>/`: seeds and the
@@ -49,4 +50,9 @@ pub(crate) async fn keys(t: &Target) -> Vec<String> {
 /// Writes `body` at `key` under `t`'s prefix.
 pub(crate) async fn put_at(t: &Target, key: &Path, body: impl Into<PutPayload>) {
     t.store.put(&t.at(key), body.into()).await.unwrap();
+}
+
+/// The bytes of the object at `key` in `store` (the whole key: no target prefix is added).
+pub(crate) async fn read(store: &dyn ObjectStore, key: &Path) -> Bytes {
+    store.get(key).await.unwrap().bytes().await.unwrap()
 }

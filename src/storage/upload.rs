@@ -486,7 +486,7 @@ async fn delete(target: &Target, key: &Path) -> Result<(), CleanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::keys;
+    use crate::test_support::{keys, read};
     use object_store::memory::InMemory;
     use object_store::ObjectStore;
 
@@ -497,14 +497,7 @@ mod tests {
     }
 
     async fn marker_of(store: &InMemory, key: &str) -> UploadMarker {
-        let bytes = store
-            .get(&Path::from(key))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
+        serde_json::from_slice(&read(store, &Path::from(key)).await).unwrap()
     }
 
     /// Starts an upload of `key` on `t`, writes one part and drops it as a killed process
