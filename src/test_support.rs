@@ -1,11 +1,14 @@
 //! Helpers shared by unit tests of several modules: fixtures and readings of what a store
 //! holds. Test code only (`#[cfg(test)]` in `lib.rs`); nothing here runs in pgferry itself.
 
+use crate::app::App;
+use crate::config::Config;
 use crate::storage::target::Target;
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Every file of the fuzz corpus of `target` (`fuzz/corpus/<target>/`: seeds and the
 /// inputs that once crashed a parser), as (path, bytes). Panics when the corpus is missing
@@ -55,4 +58,29 @@ pub(crate) async fn put_at(t: &Target, key: &Path, body: impl Into<PutPayload>) 
 /// The bytes of the object at `key` in `store` (the whole key: no target prefix is added).
 pub(crate) async fn read(store: &dyn ObjectStore, key: &Path) -> Bytes {
     store.get(key).await.unwrap().bytes().await.unwrap()
+}
+
+/// An [`App`] over `targets` whose config has one source `prod` (never connected to; its
+/// table gets `source_keys`, TOML lines) and one directory target `a` that `targets` stands
+/// in for.
+pub(crate) fn app_over(source_keys: &str, targets: Vec<Target>) -> App {
+    let text = format!(
+        r#"
+[[source]]
+name = "prod"
+url = "postgres://pgferry@127.0.0.1:1/postgres"
+{source_keys}
+
+[[target]]
+name = "a"
+url = "file:///nonexistent/a"
+"#
+    );
+    let config = Config::from_str_at(&text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
+    App {
+        config: Arc::new(config),
+        targets: Arc::new(targets),
+        metrics: crate::metrics::Metrics::new(),
+        notifier: Default::default(),
+    }
 }

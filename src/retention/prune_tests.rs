@@ -1,7 +1,6 @@
 //! Unit tests of the retention executor over in-memory stores.
 
 use super::*;
-use crate::config::Config;
 use crate::storage::key::RunId;
 use crate::storage::manifest::tests::sample;
 use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
@@ -10,24 +9,10 @@ use object_store::memory::InMemory;
 use object_store::PutPayload;
 use std::sync::Arc;
 
+/// Source `prod` keeps the last 2 snapshots and nothing else.
 fn app(targets: Vec<Target>) -> App {
-    let text = r#"
-[[source]]
-name = "prod"
-url = "postgres://pgferry@127.0.0.1:1/postgres"
-retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }
-
-[[target]]
-name = "a"
-url = "file:///nonexistent/a"
-"#;
-    let config = Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
-    App {
-        config: Arc::new(config),
-        targets: Arc::new(targets),
-        metrics: crate::metrics::Metrics::new(),
-        notifier: Default::default(),
-    }
+    let retention = "retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }";
+    crate::test_support::app_over(retention, targets)
 }
 
 async fn put_snapshot(t: &Target, id: &str) {
