@@ -27,32 +27,4 @@ pub mod verify;
 
 /// Helpers shared by unit tests of several modules.
 #[cfg(test)]
-pub(crate) mod test_support {
-    use std::path::PathBuf;
-
-    /// Every file of the fuzz corpus of `target` (`fuzz/corpus/<target>/`: seeds and the
-    /// inputs that once crashed a parser), as (path, bytes). Panics when the corpus is missing
-    /// or empty, so a moved directory cannot turn the regression tests into no-ops.
-    pub(crate) fn fuzz_corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("fuzz/corpus")
-            .join(target);
-        let entries = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("cannot read the fuzz corpus {}: {e}", dir.display()));
-        let mut files: Vec<(PathBuf, Vec<u8>)> = entries
-            .map(|entry| {
-                let path = entry.expect("corpus directory entry").path();
-                let bytes = std::fs::read(&path)
-                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-                (path, bytes)
-            })
-            .collect();
-        files.sort();
-        assert!(
-            !files.is_empty(),
-            "the fuzz corpus {} is empty",
-            dir.display()
-        );
-        files
-    }
-}
+pub(crate) mod test_support;

@@ -656,7 +656,7 @@ mod tests {
     use crate::config::Config;
     use crate::storage::key::{object_path, RunId};
     use crate::storage::manifest::tests::sample;
-    use futures::TryStreamExt;
+    use crate::test_support::{keys, put_at, read};
     use object_store::ObjectStore;
 
     /// Two directory targets `a` and `b` and a source `prod` (never connected to).
@@ -683,27 +683,24 @@ mod tests {
         m.stored_size = claimed.len() as u64;
         m.sha256 = hex::encode(Sha256::digest(claimed));
         m.targets = vec!["a".into()];
-        a.store
-            .put(&a.at(&object), PutPayload::from(body.to_vec()))
-            .await
-            .unwrap();
-        a.store
-            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
-            .await
-            .unwrap();
+        put_at(a, &object, body.to_vec()).await;
+        put_at(a, &key.manifest(), m.to_json()).await;
         m
     }
 
-    async fn keys(t: &Target) -> Vec<String> {
-        let mut v: Vec<String> = t
-            .store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
+    /// Asserts that `report` holds one copy per entry of `want`, in order, each with a result
+    /// of that kind (the details of `LeftAlone` and `Failed` are not compared).
+    fn assert_copies(report: &RepairReport, want: &[CopyResult]) {
+        let kind = std::mem::discriminant::<CopyResult>;
+        assert!(
+            report.copies.len() == want.len()
+                && report
+                    .copies
+                    .iter()
+                    .zip(want)
+                    .all(|(c, w)| kind(&c.result) == kind(w)),
+            "{report:?}"
+        );
     }
 
     async fn run(app: &App, dry_run: bool) -> RepairReport {
@@ -731,35 +728,13 @@ mod tests {
         let b = app.target("b").unwrap();
 
         let planned = run(&app, true).await;
-        assert!(matches!(
-            planned.copies[..],
-            [Copied {
-                result: CopyResult::Planned,
-                ..
-            }]
-        ));
+        assert_copies(&planned, &[CopyResult::Planned]);
         assert!(keys(b).await.is_empty(), "--dry-run wrote");
 
         let done = run(&app, false).await;
-        assert!(
-            matches!(
-                done.copies[..],
-                [Copied {
-                    result: CopyResult::Copied,
-                    ..
-                }]
-            ),
-            "{done:?}"
-        );
+        assert_copies(&done, &[CopyResult::Copied]);
         let object = object_path(&m.object_key).unwrap();
-        let copied = b
-            .store
-            .get(&b.at(&object))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let copied = read(&*b.store, &b.at(&object)).await;
         assert_eq!(copied.as_ref(), body.as_slice());
         for t in ["a", "b"] {
             let t = app.target(t).unwrap();
@@ -836,14 +811,8 @@ mod tests {
             skipped: 0,
         }));
         m.format_version = FILES_FORMAT_VERSION;
-        a.store
-            .put(&a.at(&archive), PutPayload::from(files.to_vec()))
-            .await
-            .unwrap();
-        a.store
-            .put(&a.at(&key.manifest()), PutPayload::from(m.to_json()))
-            .await
-            .unwrap();
+        put_at(a, &archive, files.to_vec()).await;
+        put_at(a, &key.manifest(), m.to_json()).await;
         m
     }
 
@@ -851,35 +820,18 @@ mod tests {
     async fn mirror(app: &App) {
         let (a, b) = (app.target("a").unwrap(), app.target("b").unwrap());
         for k in keys(a).await {
-            let bytes = a
-                .store
-                .get(&Path::from(k.as_str()))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let bytes = read(&*a.store, &Path::from(k.as_str())).await;
             let rel = k
                 .strip_prefix(&format!("{}/", a.folder(None, None)))
                 .unwrap_or(&k)
                 .to_string();
-            b.store
-                .put(&b.at(&Path::from(rel.as_str())), PutPayload::from(bytes))
-                .await
-                .unwrap();
+            put_at(b, &Path::from(rel.as_str()), bytes).await;
         }
     }
 
     async fn bytes_of(t: &Target, key: &str) -> Vec<u8> {
         let key = t.at(&object_path(key).unwrap());
-        t.store
-            .get(&key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec()
+        read(&*t.store, &key).await.to_vec()
     }
 
     /// The identity of the file a directory target holds for `key`: (inode, mtime). A rewrite
@@ -917,16 +869,7 @@ mod tests {
         assert_eq!(p.object_key, files_key(&m));
 
         let done = run(&app, false).await;
-        assert!(
-            matches!(
-                done.copies[..],
-                [Copied {
-                    result: CopyResult::Copied,
-                    ..
-                }]
-            ),
-            "{done:?}"
-        );
+        assert_copies(&done, &[CopyResult::Copied]);
         assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));
         assert_eq!(
             file_id(dir.path(), "b", &m.object_key),
@@ -996,16 +939,7 @@ mod tests {
             CancellationToken::new(),
         )
         .await;
-        assert!(
-            matches!(
-                done.copies[..],
-                [Copied {
-                    result: CopyResult::Copied,
-                    ..
-                }]
-            ),
-            "{done:?}"
-        );
+        assert_copies(&done, &[CopyResult::Copied]);
         assert_eq!(bytes_of(b, &files_key(&m)).await, tar);
         assert_eq!(
             file_id(dir.path(), "b", &m.object_key),
@@ -1021,16 +955,7 @@ mod tests {
         let app = app(dir.path());
         let m = commit_with_files_on_a(&app, &b"dump".repeat(500), &b"tar".repeat(700)).await;
         let done = run(&app, false).await;
-        assert!(
-            matches!(
-                done.copies[..],
-                [Copied {
-                    result: CopyResult::Copied,
-                    ..
-                }]
-            ),
-            "{done:?}"
-        );
+        assert_copies(&done, &[CopyResult::Copied]);
         assert_eq!(done.copies[0].bytes, 2000 + 2100);
         let b = app.target("b").unwrap();
         assert_eq!(bytes_of(b, &files_key(&m)).await, b"tar".repeat(700));

@@ -333,7 +333,7 @@ mod tests {
     use crate::backup::pipeline::OpenUpload;
     use crate::storage::key::{RunId, SnapshotId};
     use crate::storage::manifest::tests::sample;
-    use futures::TryStreamExt;
+    use crate::test_support::keys;
     use object_store::memory::InMemory;
     use object_store::ObjectStore;
     use std::sync::Arc;
@@ -352,18 +352,6 @@ mod tests {
         }
     }
 
-    async fn keys(t: &Target) -> Vec<String> {
-        let mut v: Vec<String> = t
-            .store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
-    }
-
     fn setup() -> (Target, Target, SnapshotKey, Manifest, Path) {
         let a = Target::new("a", Arc::new(InMemory::new()), "", 10_000);
         let b = Target::new("b", Arc::new(InMemory::new()), "", 10_000);
@@ -379,22 +367,28 @@ mod tests {
         (a, b, snap, m, key)
     }
 
+    /// [`commit`] with 5 s of patience (every upload here is in memory) and `stopped` as
+    /// what the run's watchers report.
+    async fn commit_quickly(
+        uploads: Vec<OpenUpload>,
+        files: Vec<OpenUpload>,
+        snap: &SnapshotKey,
+        m: Manifest,
+        min_targets: usize,
+        stopped: Option<Stopped>,
+    ) -> Result<Commit, Stopped> {
+        let patience = Duration::from_secs(5);
+        commit(uploads, files, snap, m, min_targets, patience, || stopped).await
+    }
+
     #[tokio::test]
     async fn below_min_targets_the_completed_copy_stays_committed() {
         let (a, b, snap, m, key) = setup();
         let ua = open(&a, &key, b"dump").await;
         let ub = open(&b, &key, b"du").await; // b accepted fewer bytes than were stored
-        let c = commit(
-            vec![ua, ub],
-            vec![],
-            &snap,
-            m,
-            2,
-            Duration::from_secs(5),
-            || None,
-        )
-        .await
-        .unwrap();
+        let c = commit_quickly(vec![ua, ub], vec![], &snap, m, 2, None)
+            .await
+            .unwrap();
         assert!(c.is_degraded());
         assert_eq!(c.manifest.targets, ["a"]);
         assert_eq!(c.failures.len(), 1);
@@ -432,7 +426,7 @@ mod tests {
     async fn a_target_commits_only_with_both_its_dump_and_its_files() {
         let (a, b, snap, mut m, key) = setup();
         let files = with_files(&snap, &mut m);
-        let c = commit(
+        let c = commit_quickly(
             vec![open(&a, &key, b"dump").await, open(&b, &key, b"dump").await],
             vec![
                 open(&a, &files, b"files").await,
@@ -441,8 +435,7 @@ mod tests {
             &snap,
             m,
             1,
-            Duration::from_secs(5),
-            || None,
+            None,
         )
         .await
         .unwrap();
@@ -468,14 +461,13 @@ mod tests {
     async fn a_target_without_a_files_upload_gets_nothing() {
         let (a, b, snap, mut m, key) = setup();
         let files = with_files(&snap, &mut m);
-        let c = commit(
+        let c = commit_quickly(
             vec![open(&a, &key, b"dump").await, open(&b, &key, b"dump").await],
             vec![open(&a, &files, b"files").await],
             &snap,
             m,
             2,
-            Duration::from_secs(5),
-            || None,
+            None,
         )
         .await
         .unwrap();
@@ -489,14 +481,13 @@ mod tests {
     async fn a_lost_lock_deletes_the_files_too() {
         let (a, _, snap, mut m, key) = setup();
         let files = with_files(&snap, &mut m);
-        let c = commit(
+        let c = commit_quickly(
             vec![open(&a, &key, b"dump").await],
             vec![open(&a, &files, b"files").await],
             &snap,
             m,
             1,
-            Duration::from_secs(5),
-            || Some(Stopped::Cancelled),
+            Some(Stopped::Cancelled),
         )
         .await;
         assert_eq!(c.unwrap_err(), Stopped::Cancelled);
@@ -518,16 +509,7 @@ mod tests {
             .await
             .unwrap();
         let ua = open(&a, &key, b"dump").await;
-        let c = commit(
-            vec![ua],
-            vec![],
-            &snap,
-            m,
-            1,
-            Duration::from_secs(5),
-            || Some(Stopped::LockLost),
-        )
-        .await;
+        let c = commit_quickly(vec![ua], vec![], &snap, m, 1, Some(Stopped::LockLost)).await;
         assert_eq!(c.unwrap_err(), Stopped::LockLost);
         let mut want = vec![other.to_string(), manifest.to_string()];
         want.sort();

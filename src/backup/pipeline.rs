@@ -797,6 +797,26 @@ mod tests {
         v
     }
 
+    /// Completes `out`'s uploads and returns what each of `stores` then holds at `key`, each
+    /// checked to be what the pipeline stored (its size and sha256).
+    async fn completed<T>(
+        out: PipelineOutput<T>,
+        stores: &[Arc<InMemory>],
+        key: &str,
+    ) -> Vec<Bytes> {
+        for mut u in out.uploads {
+            u.upload.complete().await.unwrap();
+        }
+        let mut held = Vec::new();
+        for s in stores {
+            let stored = crate::test_support::read(&**s, &Path::from(key)).await;
+            assert_eq!(stored.len() as u64, out.stored_bytes);
+            assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
+            held.push(stored);
+        }
+        held
+    }
+
     struct CountLines(u64);
     impl RawTap for CountLines {
         fn feed(&mut self, b: &[u8]) {
@@ -900,19 +920,7 @@ mod tests {
         );
         assert_eq!(out.uploads.len(), 3);
         assert!(out.failures.is_empty());
-        for mut u in out.uploads {
-            u.upload.complete().await.unwrap();
-        }
-        for s in &stores {
-            let stored = s
-                .get(&Path::from("p/src/db/id.dump.zst"))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            assert_eq!(stored.len() as u64, out.stored_bytes);
-            assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
+        for stored in completed(out, &stores, "p/src/db/id.dump.zst").await {
             assert_eq!(zstd::decode_all(&stored[..]).unwrap(), input);
         }
     }
@@ -944,19 +952,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(out.parts, 1, "6 MiB of text compresses into one part");
-        for mut u in out.uploads {
-            u.upload.complete().await.unwrap();
-        }
-        for s in &stores {
-            let stored = s
-                .get(&Path::from("p/x.dump.zst.age"))
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            assert_eq!(stored.len() as u64, out.stored_bytes);
-            assert_eq!(hex::encode(Sha256::digest(&stored)), out.sha256);
+        for stored in completed(out, &stores, "p/x.dump.zst.age").await {
             assert!(stored.starts_with(b"age-encryption.org/v1\n"));
             let decryptor = age::Decryptor::new(&stored[..]).unwrap();
             let plain = decryptor

@@ -218,45 +218,27 @@ mod tests {
     fn overlapping_targets_are_refused() {
         let e1 = "http://s3.one:3900";
         let e2 = "https://s3.two";
+        // Targets a and b: both on S3 at e1, or both directories.
+        let s3s = |a: &str, b: &str| (s3("a", a, e1), s3("b", b, e1));
+        let dirs = |a: &str, b: &str| (file("a", a), file("b", b));
         for (a, b) in [
-            (
-                s3("a", "s3://bkt/nest", e1),
-                s3("b", "s3://bkt/nest/eu", e1),
-            ),
-            (
-                s3("a", "s3://bkt/nest/eu/", e1),
-                s3("b", "s3://bkt/nest", e1),
-            ),
-            (s3("a", "s3://bkt/pg", e1), s3("b", "s3://bkt/pg", e1)),
-            (s3("a", "s3://bkt", e1), s3("b", "s3://bkt/pg", e1)),
-            (
-                file("a", "/var/lib/pgferry"),
-                file("b", "/var/lib/pgferry/eu"),
-            ),
-            (
-                file("a", "/var/lib/pgferry"),
-                file("b", "/var/lib/pgferry/"),
-            ),
-            (
-                file("a", "/var/lib/x/../pgferry/a"),
-                file("b", "/var/lib/pgferry"),
-            ),
+            s3s("s3://bkt/nest", "s3://bkt/nest/eu"),
+            s3s("s3://bkt/nest/eu/", "s3://bkt/nest"),
+            s3s("s3://bkt/pg", "s3://bkt/pg"),
+            s3s("s3://bkt", "s3://bkt/pg"),
+            dirs("/var/lib/pgferry", "/var/lib/pgferry/eu"),
+            dirs("/var/lib/pgferry", "/var/lib/pgferry/"),
+            dirs("/var/lib/x/../pgferry/a", "/var/lib/pgferry"),
         ] {
             let err = check(&format!("{a}{b}")).unwrap_err();
             assert!(err.contains("target[1].url"), "{err}");
             assert!(err.contains("overlaps target \"a\""), "{err}");
         }
         for (a, b) in [
-            (
-                s3("a", "s3://bkt/nest", e1),
-                s3("b", "s3://bkt/nesting", e1),
-            ),
-            (s3("a", "s3://bkt/pg", e1), s3("b", "s3://other/pg", e1)),
+            s3s("s3://bkt/nest", "s3://bkt/nesting"),
+            s3s("s3://bkt/pg", "s3://other/pg"),
             (s3("a", "s3://bkt/pg", e1), s3("b", "s3://bkt/pg", e2)),
-            (
-                file("a", "/var/lib/pgferry"),
-                file("b", "/var/lib/pgferry2"),
-            ),
+            dirs("/var/lib/pgferry", "/var/lib/pgferry2"),
             (s3("a", "s3://bkt/pg", e1), file("b", "/bkt/pg")),
         ] {
             check(&format!("{a}{b}")).unwrap();

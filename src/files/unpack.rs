@@ -510,6 +510,26 @@ pub(crate) mod tests {
         b.into_inner().unwrap()
     }
 
+    /// One tar entry: path, type, mode, data, link target.
+    type Entry = (
+        &'static str,
+        EntryType,
+        u32,
+        &'static [u8],
+        Option<&'static [u8]>,
+    );
+
+    /// A case of the refusal tests: an archive of `entries`, refused at the last one's path
+    /// for `reason`.
+    fn refused(entries: &[Entry], reason: Refusal) -> (Vec<u8>, &'static str, Refusal) {
+        let bytes = archive(|b| {
+            for &(path, kind, mode, data, link) in entries {
+                raw_entry(b, path.as_bytes(), kind, mode, data, link);
+            }
+        });
+        (bytes, entries.last().unwrap().0, reason)
+    }
+
     fn good() -> Vec<u8> {
         archive(|b| {
             raw_entry(b, b"./", EntryType::Directory, 0o755, b"", None);
@@ -584,66 +604,38 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn escaping_and_special_entries_are_refused_by_name() {
-        let cases: Vec<(Vec<u8>, &str, Refusal)> = vec![
-            (
-                archive(|b| raw_entry(b, b"../evil", EntryType::Regular, 0o644, b"x", None)),
-                "../evil",
+        use EntryType::{Char, Directory, Fifo, Link, Regular, Symlink};
+        // A file before the refused entry, so that it is not the first.
+        const FILE: Entry = ("ab/x", Regular, 0o644, b"x", None);
+        let cases = [
+            refused(
+                &[("../evil", Regular, 0o644, b"x", None)],
                 Refusal::ParentDir,
             ),
-            (
-                archive(|b| raw_entry(b, b"a/../../evil", EntryType::Regular, 0o644, b"x", None)),
-                "a/../../evil",
+            refused(
+                &[("a/../../evil", Regular, 0o644, b"x", None)],
                 Refusal::ParentDir,
             ),
-            (
-                archive(|b| raw_entry(b, b"/tmp/evil", EntryType::Regular, 0o644, b"x", None)),
-                "/tmp/evil",
+            refused(
+                &[("/tmp/evil", Regular, 0o644, b"x", None)],
                 Refusal::Absolute,
             ),
-            (
-                archive(|b| raw_entry(b, b"../d/", EntryType::Directory, 0o755, b"", None)),
-                "../d/",
+            refused(
+                &[("../d/", Directory, 0o755, b"", None)],
                 Refusal::ParentDir,
             ),
-            (
-                archive(|b| {
-                    raw_entry(b, b"ab/x", EntryType::Regular, 0o644, b"x", None);
-                    raw_entry(b, b"link", EntryType::Symlink, 0o777, b"", Some(b"/etc"));
-                }),
-                "link",
+            refused(
+                &[FILE, ("link", Symlink, 0o777, b"", Some(b"/etc"))],
                 Refusal::Symlink,
             ),
-            (
-                archive(|b| {
-                    raw_entry(b, b"ab/x", EntryType::Regular, 0o644, b"x", None);
-                    raw_entry(
-                        b,
-                        b"hard",
-                        EntryType::Link,
-                        0o644,
-                        b"",
-                        Some(b"/etc/passwd"),
-                    );
-                }),
-                "hard",
+            refused(
+                &[FILE, ("hard", Link, 0o644, b"", Some(b"/etc/passwd"))],
                 Refusal::HardLink,
             ),
-            (
-                archive(|b| raw_entry(b, b"fifo", EntryType::Fifo, 0o644, b"", None)),
-                "fifo",
-                Refusal::Special,
-            ),
-            (
-                archive(|b| raw_entry(b, b"dev", EntryType::Char, 0o644, b"", None)),
-                "dev",
-                Refusal::Special,
-            ),
-            (
-                archive(|b| {
-                    raw_entry(b, b"ab/x", EntryType::Regular, 0o644, b"x", None);
-                    raw_entry(b, b"ab/x", EntryType::Regular, 0o644, b"y", None);
-                }),
-                "ab/x",
+            refused(&[("fifo", Fifo, 0o644, b"", None)], Refusal::Special),
+            refused(&[("dev", Char, 0o644, b"", None)], Refusal::Special),
+            refused(
+                &[FILE, ("ab/x", Regular, 0o644, b"y", None)],
                 Refusal::Duplicate,
             ),
         ];

@@ -495,12 +495,8 @@ mod tests {
     fn empty_periods_do_not_count() {
         // Backups stopped for months: monthly = 2 keeps the two newest months that hold a
         // snapshot, not "the last two calendar months".
-        let snapshots = [
-            snap(at(2026, 1, 10, 0, 0)),
-            snap(at(2026, 4, 10, 0, 0)),
-            snap(at(2026, 4, 20, 0, 0)),
-            snap(at(2026, 7, 5, 0, 0)),
-        ];
+        let snapshots =
+            [(1, 10), (4, 10), (4, 20), (7, 5)].map(|(mo, d)| snap(at(2026, mo, d, 0, 0)));
         let plan = plan(&policy(0, 0, 0, 0, 2), &snapshots);
         assert_eq!(kept_ids(&plan), ["20260705T000000Z", "20260420T000000Z"]);
         assert_eq!(plan.delete.len(), 2);
@@ -538,13 +534,9 @@ mod tests {
 
     #[test]
     fn newest_of_a_bucket_wins_whatever_the_input_order() {
-        let snapshots = [
-            snap(at(2026, 6, 1, 10, 20)),
-            snap(at(2026, 6, 1, 10, 45)),
-            snap(at(2026, 6, 1, 9, 59)),
-            snap(at(2026, 6, 1, 10, 5)),
-            snap(at(2026, 6, 1, 9, 10)),
-        ];
+        // Five snapshots of one morning, out of order.
+        let snapshots = [(10, 20), (10, 45), (9, 59), (10, 5), (9, 10)]
+            .map(|(h, mi)| snap(at(2026, 6, 1, h, mi)));
         let hourly = plan(&policy(0, 2, 0, 0, 0), &snapshots);
         assert_eq!(kept_ids(&hourly), ["20260601T104500Z", "20260601T095900Z"]);
         let delete: Vec<&str> = hourly.delete.iter().map(|s| s.id.as_str()).collect();
@@ -762,61 +754,33 @@ mod tests {
     fn the_last_copies_of_a_snapshot_another_target_lacks_are_held_for_the_grace() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let all = names(&["a", "b", "c"]);
+        // Whether the copies on `holders` are held, with targets a, b and c configured.
+        let held = |holders: &[&str], finished, now, grace| {
+            held_for_repair(&names(holders), &all, finished, now, grace)
+        };
         let day = Duration::from_secs(24 * 3600);
         let finished = at(2026, 11, 27, 9, 0);
         // b lacks it: held on a and c for a day after it finished, then not.
-        assert!(held_for_repair(
-            &names(&["a", "c"]),
-            &all,
-            finished,
-            at(2026, 11, 27, 10, 0),
-            day
-        ));
-        assert!(held_for_repair(
-            &names(&["a"]),
-            &all,
-            finished,
-            at(2026, 11, 28, 8, 59),
-            day
-        ));
-        assert!(!held_for_repair(
-            &names(&["a"]),
-            &all,
-            finished,
-            at(2026, 11, 28, 9, 0),
-            day
-        ));
+        assert!(held(&["a", "c"], finished, at(2026, 11, 27, 10, 0), day));
+        assert!(held(&["a"], finished, at(2026, 11, 28, 8, 59), day));
+        assert!(!held(&["a"], finished, at(2026, 11, 28, 9, 0), day));
         // Every target holds it: nothing to wait for.
-        assert!(!held_for_repair(
-            &all,
-            &all,
+        assert!(!held(
+            &["a", "b", "c"],
             finished,
             at(2026, 11, 27, 10, 0),
             day
         ));
         // A holder no longer configured does not count as a lack.
-        assert!(!held_for_repair(
-            &names(&["a", "b", "c", "old"]),
-            &all,
+        assert!(!held(
+            &["a", "b", "c", "old"],
             finished,
             at(2026, 11, 27, 10, 0),
             day
         ));
         // Clock skew: a snapshot from the future is young.
-        assert!(held_for_repair(
-            &names(&["a"]),
-            &all,
-            at(2026, 11, 29, 0, 0),
-            finished,
-            day
-        ));
+        assert!(held(&["a"], at(2026, 11, 29, 0, 0), finished, day));
         // A grace too large to represent holds.
-        assert!(held_for_repair(
-            &names(&["a"]),
-            &all,
-            finished,
-            at(2030, 1, 1, 0, 0),
-            Duration::MAX
-        ));
+        assert!(held(&["a"], finished, at(2030, 1, 1, 0, 0), Duration::MAX));
     }
 }

@@ -1,32 +1,18 @@
 //! Unit tests of the retention executor over in-memory stores.
 
 use super::*;
-use crate::config::Config;
 use crate::storage::key::RunId;
 use crate::storage::manifest::tests::sample;
 use crate::storage::target::{Target, DUMP_SUFFIX, MANIFEST_SUFFIX, VERIFY_SUFFIX};
+use crate::test_support::{keys, put_at};
 use object_store::memory::InMemory;
 use object_store::PutPayload;
 use std::sync::Arc;
 
+/// Source `prod` keeps the last 2 snapshots and nothing else.
 fn app(targets: Vec<Target>) -> App {
-    let text = r#"
-[[source]]
-name = "prod"
-url = "postgres://pgferry@127.0.0.1:1/postgres"
-retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }
-
-[[target]]
-name = "a"
-url = "file:///nonexistent/a"
-"#;
-    let config = Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
-    App {
-        config: Arc::new(config),
-        targets: Arc::new(targets),
-        metrics: crate::metrics::Metrics::new(),
-        notifier: Default::default(),
-    }
+    let retention = "retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }";
+    crate::test_support::app_over(retention, targets)
 }
 
 async fn put_snapshot(t: &Target, id: &str) {
@@ -49,17 +35,18 @@ async fn put_snapshot(t: &Target, id: &str) {
     }
 }
 
-async fn keys(t: &Target) -> Vec<String> {
-    use futures::TryStreamExt;
-    let mut v: Vec<String> = t
-        .store
-        .list(None)
-        .map_ok(|o| o.location.to_string())
-        .try_collect()
-        .await
-        .unwrap();
-    v.sort();
-    v
+/// Prunes every source and database of `app` as of `now`, no run's outcome known (as
+/// `pgferry prune` by hand).
+async fn prune_all(app: &App, now: DateTime<Utc>, grace: Duration, dry_run: bool) -> PruneReport {
+    prune(
+        app,
+        &Selection::default(),
+        &|_, _| None,
+        now,
+        grace,
+        dry_run,
+    )
+    .await
 }
 
 const IDS: [&str; 4] = [
@@ -89,15 +76,7 @@ async fn deletes_expired_snapshots_on_every_target_and_old_orphans() {
     let now = Utc::now();
 
     // Dry run: plans, deletes nothing; the orphan is younger than the grace.
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        now,
-        retention::DEFAULT_ORPHAN_GRACE,
-        true,
-    )
-    .await;
+    let r = prune_all(&app, now, retention::DEFAULT_ORPHAN_GRACE, true).await;
     assert_eq!(r.plans.len(), 2);
     assert_eq!(r.plans[0].delete, vec![IDS[1], IDS[0]]);
     assert!(r.plans[1].delete.is_empty());
@@ -106,15 +85,7 @@ async fn deletes_expired_snapshots_on_every_target_and_old_orphans() {
     assert!(render(&r, true).contains("would delete 20261127T110000Z"));
 
     // For real, with a grace that makes the orphan old.
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        now,
-        Duration::ZERO,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, now, Duration::ZERO, false).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.deleted_snapshots, 2);
     assert_eq!(r.deleted_orphans, 1);
@@ -132,15 +103,7 @@ async fn deletes_expired_snapshots_on_every_target_and_old_orphans() {
         2
     );
     // Idempotent.
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        now,
-        Duration::ZERO,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, now, Duration::ZERO, false).await;
     assert_eq!(r.deleted_snapshots, 0);
 }
 
@@ -178,8 +141,7 @@ async fn unfinished_uploads_past_the_grace_are_aborted_and_stale_markers_removed
         serde_json::from_slice(&a.store.get(&marker).await.unwrap().bytes().await.unwrap())
             .unwrap();
     let app = app(vec![a.clone()]);
-    let all = Selection::default();
-    let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
+    let run = |grace, dry_run| prune_all(&app, Utc::now(), grace, dry_run);
 
     // Within the grace it may be a live upload: left alone, not even reported.
     let r = run(retention::DEFAULT_ORPHAN_GRACE, false).await;
@@ -263,10 +225,7 @@ async fn a_failed_last_backup_blocks_pruning_and_the_newest_always_stays() {
 }
 
 async fn put_raw(t: &Target, key: &str) {
-    t.store
-        .put(&t.at(&Path::from(key)), PutPayload::from_static(b"x"))
-        .await
-        .unwrap();
+    put_at(t, &Path::from(key), PutPayload::from_static(b"x")).await;
 }
 
 /// A snapshot as a write-once backup commits it: `<id>-<run>.dump.zst`, then the manifest
@@ -279,10 +238,7 @@ async fn put_run(t: &Target, database: &str, id: &str, run: &RunId, read: &str) 
     m.started_at = SnapshotId::parse(read).unwrap().time();
     m.object_key = sk.dump(run).to_string();
     put_raw(t, m.object_key.as_str()).await;
-    t.store
-        .put(&t.at(&sk.manifest()), PutPayload::from(m.to_json()))
-        .await
-        .unwrap();
+    put_at(t, &sk.manifest(), m.to_json()).await;
 }
 
 #[tokio::test]
@@ -342,16 +298,7 @@ async fn a_snapshot_takes_the_object_its_manifest_names_and_nothing_else() {
     let sk = SnapshotKey::new("prod", "acme", SnapshotId::parse(IDS[0]).unwrap());
     put_raw(&a, sk.dump(&other).as_ref()).await;
     let app = app(vec![a.clone()]);
-    let all = Selection::default();
-    let r = prune(
-        &app,
-        &all,
-        &|_, _| None,
-        Utc::now(),
-        retention::DEFAULT_ORPHAN_GRACE,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, Utc::now(), retention::DEFAULT_ORPHAN_GRACE, false).await;
     assert_eq!(r.deleted_snapshots, 2);
     let left = keys(&a).await;
     assert!(left.contains(&sk.dump(&other).to_string()), "{left:?}");
@@ -374,15 +321,7 @@ async fn retention_keeps_the_newest_data_when_manual_ids_interleave() {
         config: Arc::new(cfg),
         ..app
     };
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        Utc::now(),
-        Duration::ZERO,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, Utc::now(), Duration::ZERO, false).await;
     assert_eq!(r.plans[0].keep[0].0, "20261127T070000Z");
     assert_eq!(r.plans[0].keep.len(), 1);
     let left = keys(&a).await;
@@ -405,20 +344,7 @@ async fn a_snapshot_the_policy_expires_everywhere_is_not_held_for_repair() {
     }
     let app = app(vec![a.clone(), b.clone()]);
     let finished = sample().finished_at;
-    let run = |now| {
-        let app = app.clone();
-        async move {
-            prune(
-                &app,
-                &Selection::default(),
-                &|_, _| None,
-                now,
-                Duration::ZERO,
-                false,
-            )
-            .await
-        }
-    };
+    let run = |now| prune_all(&app, now, Duration::ZERO, false);
 
     // b lacks IDS[1], but the policy over every target's snapshots together (keep_last = 2)
     // expires it: repair would never copy it, so it is not held (two targets each lacking
@@ -456,10 +382,7 @@ async fn put_with_files(t: &Target, id: &str, run: &RunId) -> (String, String) {
     m.format_version = FILES_FORMAT_VERSION;
     put_raw(t, &m.object_key).await;
     put_raw(t, &files).await;
-    t.store
-        .put(&t.at(&sk.manifest()), PutPayload::from(m.to_json()))
-        .await
-        .unwrap();
+    put_at(t, &sk.manifest(), m.to_json()).await;
     (m.object_key, files)
 }
 
@@ -475,15 +398,7 @@ async fn a_snapshot_takes_its_files_archive_and_keeps_it_otherwise() {
     let old = SnapshotKey::new("prod", "acme", SnapshotId::parse(IDS[0]).unwrap());
     put_raw(&a, old.files_upload_marker(&run).as_ref()).await;
     let app = app(vec![a.clone()]);
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        Utc::now(),
-        retention::DEFAULT_ORPHAN_GRACE,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, Utc::now(), retention::DEFAULT_ORPHAN_GRACE, false).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.deleted_snapshots, 2);
     let left = keys(&a).await;
@@ -539,8 +454,7 @@ async fn orphan_files_archives_and_files_uploads_are_cleaned_after_the_grace_onl
         .await
         .unwrap();
     let app = app(vec![a.clone()]);
-    let all = Selection::default();
-    let run = |grace, dry_run| prune(&app, &all, &|_, _| None, Utc::now(), grace, dry_run);
+    let run = |grace, dry_run| prune_all(&app, Utc::now(), grace, dry_run);
 
     let before = keys(&a).await;
     assert_eq!(before.len(), 5, "{before:?}");
@@ -586,15 +500,7 @@ async fn staging_files_of_a_killed_files_upload_go_after_the_grace() {
     let staging = folder.join(format!("{}-{run}.files.tar.zst#1", IDS[2]));
     std::fs::write(&staging, b"x").unwrap();
     let app = app(vec![a.clone()]);
-    let r = prune(
-        &app,
-        &Selection::default(),
-        &|_, _| None,
-        Utc::now(),
-        Duration::ZERO,
-        false,
-    )
-    .await;
+    let r = prune_all(&app, Utc::now(), Duration::ZERO, false).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(
         !staging.exists(),

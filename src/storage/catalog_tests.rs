@@ -49,6 +49,21 @@ fn ids(c: &Catalog) -> Vec<(&str, &str, Vec<String>)> {
         .collect()
 }
 
+/// The catalog's open-upload markers as (key, committed), sorted.
+fn uploads(c: &Catalog) -> Vec<(String, bool)> {
+    sorted(
+        c.uploads
+            .iter()
+            .map(|u| (u.key.to_string(), u.committed))
+            .collect(),
+    )
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
 #[tokio::test]
 async fn merges_targets_newest_first_and_skips_bad_manifests() {
     let a = target("a", "pg");
@@ -208,18 +223,11 @@ async fn only_owned_shapes_in_configured_folders_are_seen() {
     assert_eq!(ids(&c).len(), 1);
     let orphans: Vec<String> = c.orphans.iter().map(|o| o.key.to_string()).collect();
     assert_eq!(orphans, vec![s.dump(&other).to_string()]);
-    let mut uploads: Vec<(String, bool)> = c
-        .uploads
-        .iter()
-        .map(|u| (u.key.to_string(), u.committed))
-        .collect();
-    uploads.sort();
-    let mut want = vec![
+    let want = sorted(vec![
         (s.upload_marker(&other).to_string(), false),
         (s.upload_marker(&run).to_string(), true),
-    ];
-    want.sort();
-    assert_eq!(uploads, want);
+    ]);
+    assert_eq!(uploads(&c), want);
 }
 
 #[tokio::test]
@@ -814,19 +822,12 @@ async fn files_archives_no_manifest_names_are_orphans_and_their_markers_uploads(
             Some(OwnedName::Files(_, r)) if r == other || r == run
         ));
     }
-    let mut uploads: Vec<(String, bool)> = c
-        .uploads
-        .iter()
-        .map(|u| (u.key.to_string(), u.committed))
-        .collect();
-    uploads.sort();
-    let mut want = vec![
+    let want = sorted(vec![
         (s.files_upload_marker(&other).to_string(), false),
         (s.files_upload_marker(&run).to_string(), true),
         (lone.files_upload_marker(&run).to_string(), false),
-    ];
-    want.sort();
-    assert_eq!(uploads, want);
+    ]);
+    assert_eq!(uploads(&c), want);
     // `damage_of` explains a missing snapshot by its archive left without a manifest.
     let damage = c.damage_of(&[t], "prod", "acme", "20261127T090000Z");
     assert_eq!(damage.len(), 1, "{damage:?}");

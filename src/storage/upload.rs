@@ -486,7 +486,7 @@ async fn delete(target: &Target, key: &Path) -> Result<(), CleanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::TryStreamExt;
+    use crate::test_support::{keys, read};
     use object_store::memory::InMemory;
     use object_store::ObjectStore;
 
@@ -496,26 +496,21 @@ mod tests {
         (t, store)
     }
 
-    async fn keys(store: &InMemory) -> Vec<String> {
-        let mut v: Vec<String> = store
-            .list(None)
-            .map_ok(|o| o.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        v.sort();
-        v
+    async fn marker_of(store: &InMemory, key: &str) -> UploadMarker {
+        serde_json::from_slice(&read(store, &Path::from(key)).await).unwrap()
     }
 
-    async fn marker_of(store: &InMemory, key: &str) -> UploadMarker {
-        let bytes = store
-            .get(&Path::from(key))
-            .await
-            .unwrap()
-            .bytes()
+    /// Starts an upload of `key` on `t`, writes one part and drops it as a killed process
+    /// would; returns the upload id its marker (at `marker`) holds.
+    async fn abandon(t: &Target, store: &InMemory, key: &Path, marker: &str) -> String {
+        let mut upload = start(t, key).await.unwrap();
+        upload
+            .put_part(PutPayload::from_static(b"a"))
             .await
             .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
+        let id = marker_of(store, marker).await.upload_id;
+        drop(upload); // the process died: nothing aborts it
+        id
     }
 
     const DUMP: &str = "pg/prod/acme/20261127T140000Z.dump.zst";
@@ -626,7 +621,7 @@ mod tests {
             .await
             .unwrap();
         upload.complete().await.unwrap();
-        assert_eq!(keys(&store).await, [files.to_string()]);
+        assert_eq!(keys(&t).await, [files.to_string()]);
     }
 
     #[tokio::test]
@@ -643,14 +638,14 @@ mod tests {
         a.unwrap();
         b.unwrap();
         upload.complete().await.unwrap();
-        assert_eq!(keys(&store).await, [DUMP]);
+        assert_eq!(keys(&t).await, [DUMP]);
         let got = store.get(&Path::from(DUMP)).await.unwrap().bytes().await;
         assert_eq!(&got.unwrap()[..], b"first second");
     }
 
     #[tokio::test]
     async fn a_missing_part_fails_the_completion() {
-        let (t, store) = marked_target();
+        let (t, _) = marked_target();
         let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
         upload
             .put_part(PutPayload::from_static(b"a"))
@@ -660,20 +655,14 @@ mod tests {
         let err = upload.complete().await.unwrap_err();
         assert!(err.to_string().contains("part 1 of"), "{err}");
         upload.abort().await.unwrap();
-        assert!(keys(&store).await.is_empty());
+        assert!(keys(&t).await.is_empty());
     }
 
     #[tokio::test]
     async fn an_abandoned_upload_is_found_by_its_marker_and_aborted() {
         let (t, store) = marked_target();
-        let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
-        upload
-            .put_part(PutPayload::from_static(b"a"))
-            .await
-            .unwrap();
-        let id = marker_of(&store, MARKER).await.upload_id;
-        drop(upload); // the process died: nothing aborts it
-        assert_eq!(keys(&store).await, [MARKER]);
+        let id = abandon(&t, &store, &Path::from(DUMP), MARKER).await;
+        assert_eq!(keys(&t).await, [MARKER]);
 
         let cleaned = clean(&t, &Path::from(MARKER), false).await.unwrap();
         assert_eq!(
@@ -682,7 +671,7 @@ mod tests {
                 upload_id: id.clone()
             }
         );
-        assert!(keys(&store).await.is_empty());
+        assert!(keys(&t).await.is_empty());
         // The store no longer knows the upload: it was aborted, not merely forgotten.
         let again = store.abort_multipart(&Path::from(DUMP), &id).await;
         assert!(again.is_err(), "the upload is still open");
@@ -692,13 +681,7 @@ mod tests {
     async fn an_abandoned_encrypted_upload_is_aborted_under_its_own_key() {
         let (t, store) = marked_target();
         let sealed = Path::from(format!("{RUN_DUMP}.age"));
-        let mut upload = start(&t, &sealed).await.unwrap();
-        upload
-            .put_part(PutPayload::from_static(b"a"))
-            .await
-            .unwrap();
-        let id = marker_of(&store, RUN_MARKER).await.upload_id;
-        drop(upload);
+        let id = abandon(&t, &store, &sealed, RUN_MARKER).await;
         let cleaned = clean(&t, &Path::from(RUN_MARKER), false).await.unwrap();
         assert_eq!(
             cleaned,
@@ -706,7 +689,7 @@ mod tests {
                 upload_id: id.clone()
             }
         );
-        assert!(keys(&store).await.is_empty());
+        assert!(keys(&t).await.is_empty());
         let again = store.abort_multipart(&sealed, &id).await;
         assert!(again.is_err(), "the encrypted upload is still open");
     }
@@ -727,7 +710,7 @@ mod tests {
             .unwrap();
         let cleaned = clean(&t, &Path::from(MARKER), true).await.unwrap();
         assert_eq!(cleaned, Cleaned::StaleMarker);
-        assert_eq!(keys(&store).await, [DUMP]);
+        assert_eq!(keys(&t).await, [DUMP]);
     }
 
     #[tokio::test]
@@ -739,7 +722,7 @@ mod tests {
             .unwrap();
         let err = clean(&t, &Path::from(MARKER), false).await.unwrap_err();
         assert!(matches!(err, CleanError::Unreadable { .. }), "{err}");
-        assert_eq!(keys(&store).await, [MARKER]);
+        assert_eq!(keys(&t).await, [MARKER]);
     }
 
     #[test]
@@ -781,13 +764,13 @@ mod tests {
         let store = Arc::new(InMemory::new());
         let t = Target::new("t", store.clone(), "pg", 10_000);
         let mut upload = start(&t, &Path::from(DUMP)).await.unwrap();
-        assert!(keys(&store).await.is_empty());
+        assert!(keys(&t).await.is_empty());
         upload
             .put_part(PutPayload::from_static(b"x"))
             .await
             .unwrap();
         upload.complete().await.unwrap();
-        assert_eq!(keys(&store).await, [DUMP]);
+        assert_eq!(keys(&t).await, [DUMP]);
     }
 
     #[test]

@@ -193,33 +193,13 @@ async fn write_page(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::storage::key::{RunId, SnapshotId, SnapshotKey};
     use crate::storage::manifest::tests::sample;
     use crate::storage::target::Target;
+    use crate::test_support::app_over;
     use object_store::memory::InMemory;
     use object_store::PutPayload;
     use std::sync::Arc;
-
-    fn app(targets: Vec<Target>) -> App {
-        let text = r#"
-[[source]]
-name = "prod"
-url = "postgres://pgferry@127.0.0.1:1/postgres"
-
-[[target]]
-name = "a"
-url = "file:///nonexistent/a"
-"#;
-        let config =
-            Config::from_str_at(text, std::path::Path::new("/etc/pgferry/x.toml")).unwrap();
-        App {
-            config: Arc::new(config),
-            targets: Arc::new(targets),
-            metrics: crate::metrics::Metrics::new(),
-            notifier: Default::default(),
-        }
-    }
 
     async fn put_snapshot(t: &Target, database: &str, id: &str) {
         let run = RunId::random();
@@ -279,7 +259,7 @@ url = "file:///nonexistent/a"
             .await
             .unwrap();
         want.sort();
-        let app = app(vec![a]);
+        let app = app_over("", vec![a]);
         for limit in [1, 2, 3, 4, 5, 9, 100] {
             let mut got = Vec::new();
             let mut cursor = None;
