@@ -48,8 +48,13 @@ pub enum SwapError {
         url: String,
         source: tokio_postgres::Error,
     },
-    #[error("another restore into {database:?} on {url} is running (advisory lock held); wait for it or stop it")]
-    Locked { database: String, url: String },
+    #[error("another restore into {database:?} on {url} is running (advisory lock held{}); wait for it or stop it (a restore that was just killed keeps it until its server session ends: try again in a moment)", .holder.map(|pid| format!(" by server process {pid}")).unwrap_or_default())]
+    Locked {
+        database: String,
+        url: String,
+        /// The PID of the server session holding the lock, when it could be read.
+        holder: Option<i32>,
+    },
     #[error("cannot read hook {path}: {source}")]
     HookRead {
         path: PathBuf,
@@ -112,9 +117,23 @@ impl Server {
             .map_err(server.sql_err("taking the restore lock"))?
             .get(0);
         if !got {
+            // Who holds it, for the operator (best effort: pg_locks shows the two int4 keys
+            // as oids, the bits unchanged).
+            let holder = server
+                .client
+                .query_opt(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND classid = $1::int4::oid AND objid = $2::int4::oid AND objsubid = 2",
+                    &[&LOCK_CLASS, &lock_key(database)],
+                )
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get::<_, i32>(0));
             return Err(SwapError::Locked {
                 database: database.into(),
                 url: url.redacted(),
+                holder,
             });
         }
         Ok(server)

@@ -318,9 +318,20 @@ async fn failing_hook_leaves_staging_untouched() {
         )
         .await
         .unwrap();
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let busy = w.restore(&[]).await;
     busy.assert_code(1);
     assert!(busy.stderr.contains("another restore"), "{}", busy.stderr);
+    // The message names the session holding the lock.
+    assert!(
+        busy.stderr.contains(&format!("by server process {pid}")),
+        "{}",
+        busy.stderr
+    );
     assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
     w.assert_no_leftovers().await;
 }
