@@ -70,8 +70,10 @@ for k in 1 2; do age-keygen -o "$WORK_DIR/age-$k.txt" 2>/dev/null; done
 seed bench_src "$SIZE"
 "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json backup >/dev/null 2>&1
 "$PGFERRY" --config "$WORK_DIR/pgferry-age.toml" --log-format json backup >/dev/null 2>&1
-raw_mib() { # the raw dump size of the last backup, from pgferry's summary line
-    "$PGFERRY" --config "$WORK_DIR/pgferry.toml" list --database bench_src 2>/dev/null | grep -o 'raw [0-9.]* [KMG]iB' | head -n 1 || true
+raw_mib() { # the raw dump size of the last backup, from its manifest
+    local bytes
+    bytes=$("$PGFERRY" --config "$WORK_DIR/pgferry.toml" list --json --database bench_src 2>/dev/null | grep -o '"raw_size":[0-9]*' | head -n 1 | cut -d: -f2)
+    [ -z "$bytes" ] || echo "raw dump $(( bytes / 1024 / 1024 )) MiB"
 }
 [ -n "${ENCRYPTION_ONLY:-}" ] || "$PG_BIN/pg_dump" -Fc -Z0 -h 127.0.0.1 -p "$PG_PORT" -U postgres -f "$WORK_DIR/local.dump" bench_src
 echo "# pgferry restore benchmark, $(date -u +%FT%TZ), $(nproc) cores, $ROUNDS rounds, $(git rev-parse --short HEAD)${ENCRYPTION_ONLY:+, encryption only}"
