@@ -109,6 +109,8 @@ pub struct Copied {
     pub target: String,
     /// The holder copied from (planned: the first candidate).
     pub from: Option<String>,
+    /// Copied: the bytes of the objects copied (an intact one kept is not counted);
+    /// otherwise those of every object of the snapshot.
     pub bytes: u64,
     /// Serialized as `result` (`copied`, `planned`, `left_alone`, `failed`) and `detail`.
     #[serde(flatten)]
@@ -257,9 +259,10 @@ async fn repair_snapshot(
         )
         .await
         {
-            Ok((from, Fixed::Copied)) => {
+            Ok((from, Fixed::Copied { bytes })) => {
                 holders.push(p.target.clone());
                 done.from = Some(from);
+                done.bytes = bytes;
                 CopyResult::Copied
             }
             Ok((_, Fixed::LeftAlone(why))) => CopyResult::LeftAlone(why),
@@ -279,7 +282,7 @@ async fn repair_snapshot(
         }
         match &done.result {
             CopyResult::Copied => {
-                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes)
+                tracing::info!(message = "Repair copied a snapshot.", snapshot = %name, target = %p.target, from = ?done.from, bytes = done.bytes)
             }
             CopyResult::LeftAlone(why) => {
                 tracing::info!(message = "Repair left a copy alone.", snapshot = %name, target = %p.target, reason = %why)
@@ -295,7 +298,10 @@ async fn repair_snapshot(
 }
 
 enum Fixed {
-    Copied,
+    /// The objects that were missing or damaged (`bytes` of them) and the manifest written.
+    Copied {
+        bytes: u64,
+    },
     LeftAlone(String),
 }
 
@@ -346,6 +352,7 @@ async fn repair_copy(
         }
         tracing::info!(message = "Repair copying a snapshot.", snapshot_id = %m.snapshot_id, source = %m.source, database = %m.database, target = %target.name, from = %from.name, bytes = m.stored_size);
         let mut failed = None;
+        let mut bytes = 0;
         for object in &objects {
             let known_bad = damaged.contains(&object.key.as_ref());
             if !known_bad && intact_there(target, object).await {
@@ -354,7 +361,7 @@ async fn repair_copy(
             }
             let grace = app.config.pipeline.orphan_grace;
             match copy_object(from, target, object, grace, copied, cancel).await {
-                Ok(()) => {}
+                Ok(()) => bytes += object.size,
                 Err(RepairError::Cancelled) => return Err(RepairError::Cancelled),
                 // About the destination: another holder would find the same upload open.
                 Err(e @ RepairError::Busy { .. }) => return Err(e),
@@ -399,7 +406,7 @@ async fn repair_copy(
             )
             .await;
         }
-        return Ok((from.name.clone(), Fixed::Copied));
+        return Ok((from.name.clone(), Fixed::Copied { bytes }));
     }
     Err(RepairError::NoGoodCopy {
         snapshot: format!("{}/{}/{}", m.source, m.database, m.snapshot_id),
@@ -940,6 +947,8 @@ mod tests {
         )
         .await;
         assert_copies(&done, &[CopyResult::Copied]);
+        // Only the archive was copied, and counted.
+        assert_eq!(done.copies[0].bytes, tar.len() as u64);
         assert_eq!(bytes_of(b, &files_key(&m)).await, tar);
         assert_eq!(
             file_id(dir.path(), "b", &m.object_key),
