@@ -44,6 +44,9 @@ pub struct RunReport {
     pub result: &'static str,
     pub raw_bytes: Option<u64>,
     pub stored_bytes: Option<u64>,
+    /// Backups with companion files: the files archived and their bytes.
+    pub file_count: Option<u64>,
+    pub file_bytes: Option<u64>,
     pub duration_seconds: f64,
     pub error: Option<String>,
     pub finished_at: chrono::DateTime<chrono::Utc>,
@@ -60,6 +63,8 @@ impl RunReport {
             result,
             raw_bytes: None,
             stored_bytes: None,
+            file_count: None,
+            file_bytes: None,
             duration_seconds: 0.0,
             error: None,
             finished_at: chrono::Utc::now(),

@@ -317,6 +317,9 @@ async fn notify_finished(
         Ok(r) => {
             report.raw_bytes = Some(r.manifest.raw_size);
             report.stored_bytes = Some(r.manifest.stored_size);
+            let files = r.manifest.files_archive();
+            report.file_count = files.map(|a| a.file_count);
+            report.file_bytes = files.map(|a| a.file_bytes);
         }
         Err(e) => report.error = Some(e.to_string()),
     }

@@ -196,6 +196,19 @@ fn print_backup_line(
                 report.duration.as_secs_f64(),
                 m.targets.join(",")
             );
+            if let Some(a) = m.files_archive() {
+                line.push_str(&format!(
+                    "; files {} ({}, stored {}{})",
+                    a.file_count,
+                    human_bytes(a.file_bytes),
+                    human_bytes(a.stored_size),
+                    if a.skipped > 0 {
+                        format!(", {} skipped: links or special files", a.skipped)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
             if !report.failed_targets.is_empty() {
                 line.push_str(&format!(
                     " (not on: {})",

@@ -99,6 +99,7 @@ pub(crate) fn backup_entry(
             "stored_bytes": report.manifest.stored_size,
             "duration_seconds": report.duration.as_secs_f64(),
             "targets": report.manifest.targets,
+            "files": report.manifest.files_archive().map(|a| serde_json::json!({"file_count": a.file_count, "file_bytes": a.file_bytes, "stored_bytes": a.stored_size, "skipped": a.skipped})),
             "failed_targets": report.failed_targets.iter().map(|f| serde_json::json!({"target": f.target, "error": f.error.to_string()})).collect::<Vec<_>>(),
         }),
         Ok(SlotOutcome::AlreadyCommitted(p)) => serde_json::json!({
@@ -176,5 +177,42 @@ mod tests {
             assert!(man.contains(verb), "man page lacks {verb}");
             assert!(bash.contains(verb), "bash completion lacks {verb}");
         }
+    }
+
+    #[test]
+    fn a_backup_entry_shows_its_companion_files() {
+        use crate::backup::{BackupReport, SlotOutcome};
+        use crate::storage::key::{SnapshotId, SnapshotKey};
+        use crate::storage::manifest::{Files, FilesArchive, Manifest};
+        let key = SnapshotKey::new(
+            "prod",
+            "acme",
+            SnapshotId::parse("20261206T160000Z").unwrap(),
+        );
+        let entry = |manifest: Manifest| {
+            let report = BackupReport {
+                manifest,
+                failed_targets: Vec::new(),
+                duration: std::time::Duration::from_secs(1),
+            };
+            backup_entry(&key, &Ok(SlotOutcome::Committed(report)), 1)
+        };
+        let mut m = crate::storage::manifest::tests::sample();
+        m.files = Some(Files::Archive(FilesArchive {
+            object_key: "x.files.tar.zst".into(),
+            stored_size: 300,
+            raw_size: 4096,
+            sha256: "0".repeat(64),
+            file_count: 3,
+            file_bytes: 1000,
+            skipped: 1,
+        }));
+        let v = entry(m);
+        assert_eq!(v["files"]["file_count"], 3, "{v}");
+        assert_eq!(v["files"]["file_bytes"], 1000, "{v}");
+        assert_eq!(v["files"]["stored_bytes"], 300, "{v}");
+        assert_eq!(v["files"]["skipped"], 1, "{v}");
+        // No `files` configured, or `"none"`: null.
+        assert!(entry(crate::storage::manifest::tests::sample())["files"].is_null());
     }
 }
