@@ -21,7 +21,9 @@
 //! buffer: `memcpy` (the buffer alone), `plain` and `age` ([`Sealer`] without and with two
 //! recipients), `age_crate` (the `age` crate's own stream writer, which `Sealer` used before), `aead` / `aead_ring` (ChaCha20-Poly1305 in place on 64 KiB chunks, by
 //! the RustCrypto crate age uses and by ring: the crypto's own cost). Its MB/s are of the bytes sealed, not of raw dump bytes; run
-//! it alone with `cargo bench --bench pipeline -- sealer`.
+//! it alone with `cargo bench --bench pipeline -- sealer`. `opener` is the restore's side:
+//! those bytes sealed once, opened by `encryption::open` (`age`) and by the `age` crate's
+//! reader (`age_crate`); `cargo bench --bench pipeline -- opener`.
 //!
 //! For instruction counts under valgrind, `PGFERRY_BENCH_ONCE=<stage>` runs one stage once
 //! without criterion (`none` only builds the input, to subtract), and `PGFERRY_BENCH_MIB`
@@ -437,6 +439,54 @@ fn sealer_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// The restore side of `sealer`: the same 64 MiB sealed once, then opened (read to the end
+/// into a reused buffer) by `pgferry::encryption::open` (ring, in place) and by the `age`
+/// crate's own stream reader, what restore used before.
+fn opener_benches(c: &mut Criterion) {
+    use age::secrecy::ExposeSecret;
+    let input = Rng(17).bytes(SEALER_MIB << 20);
+    let key = age::x25519::Identity::generate();
+    let recipient = Recipient::parse(&key.to_public().to_string()).unwrap();
+    let mut cipher = Vec::new();
+    seal(&input, &[recipient], &mut cipher);
+    let identities = pgferry::encryption::Identities::parse(
+        std::path::Path::new("bench-key.txt"),
+        key.to_string().expose_secret(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut out = Vec::with_capacity(input.len());
+    let mut g = configure(c, input.len() as u64, "opener");
+    g.bench_function("age", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                use tokio::io::AsyncReadExt;
+                out.clear();
+                let mut r = pgferry::encryption::open(&cipher[..], &identities)
+                    .await
+                    .unwrap();
+                r.read_to_end(&mut out).await.unwrap();
+            });
+            assert_eq!(out.len(), input.len());
+        })
+    });
+    g.bench_function("age_crate", |b| {
+        b.iter(|| {
+            use std::io::Read;
+            out.clear();
+            let d = age::Decryptor::new_buffered(&cipher[..]).unwrap();
+            let mut r = d
+                .decrypt(std::iter::once(&key as &dyn age::Identity))
+                .unwrap();
+            r.read_to_end(&mut out).unwrap();
+            assert_eq!(out.len(), input.len());
+        })
+    });
+    g.finish();
+}
+
 /// Runs one stage once, for valgrind; see the module doc.
 fn run_once(stage: &str, input: &Bytes) {
     let rt = runtime();
@@ -490,5 +540,6 @@ fn main() {
     describe(&input);
     benches(&mut c, &input);
     sealer_benches(&mut c);
+    opener_benches(&mut c);
     c.final_summary();
 }

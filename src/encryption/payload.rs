@@ -387,6 +387,15 @@ impl<R: tokio::io::AsyncBufRead + Unpin> PayloadReader<R> {
     }
 }
 
+/// The chunk buffer holds plaintext: wiped when the reader goes, as age's own reader does
+/// (the writer's holds ciphertext once sealed; the dump's plaintext is in the pipeline's raw
+/// buffers anyway).
+impl<R> Drop for PayloadReader<R> {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
 impl<R: tokio::io::AsyncBufRead + Unpin> tokio::io::AsyncBufRead for PayloadReader<R> {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<&[u8]>> {
         let this = self.get_mut();
