@@ -14,11 +14,8 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
-use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv};
-use crate::support::postgres::PgCluster;
-use crate::support::{restore_argv, tree_of};
-
-const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
+use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::{names_in, restore_argv, tree_of, Staging};
 
 /// Odoo's attachment table (the columns that matter) and rows naming files in the
 /// filestore, one stored in the database (no file) and one URL (no file).
@@ -62,21 +59,11 @@ fn attachment_files() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// The names in a directory, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Production (with a filestore), staging (with a previous database and filestore), two
 /// buckets, and configs tying them.
 struct World {
     env: TestEnv,
-    staging: PgCluster,
+    staging: Staging,
     stores: Vec<Arc<dyn ObjectStore>>,
     /// The `[[target]]` sections of `stores`.
     targets: String,
@@ -104,14 +91,9 @@ const FULL: Shape<'static> = Shape {
 impl World {
     async fn start() -> World {
         let env = TestEnv::start().await;
-        let staging = PgCluster::start()
-            .await
-            .expect("start the staging PostgreSQL");
+        let staging = Staging::start(&env, PREVIOUS_SQL).await;
         env.pg.create_database("acme").await.unwrap();
         env.pg.execute("acme", ODOO_SQL).await.unwrap();
-        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-        staging.create_database("acme").await.unwrap();
-        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
         let prod_fs = env.dir.path().join("prod-fs");
         for (name, body) in attachment_files() {
             let p = prod_fs.join("acme").join(name);
@@ -148,38 +130,20 @@ impl World {
         } else {
             String::new()
         };
-        let hooks = shape
-            .hooks
-            .iter()
-            .map(|h| format!("{:?}", h.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
         let body = format!(
-            "{}databases = [\"acme\"]\n{source_files}{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\n{target_files}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nchecks = []\n",
+            "{}databases = [\"acme\"]\n{source_files}{}\n{}{target_files}\n[verify]\nurl = \"{}\"\nchecks = []\n",
             self.env.source_toml("prod"),
             self.targets,
-            port = self.staging.port(),
+            self.staging.restore_target_toml(shape.hooks),
+            self.staging.url(),
         );
         let path = self.env.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, body).unwrap();
         path
     }
 
-    fn env_vars(&self) -> Vec<(String, String)> {
-        let mut vars = self.env.env_vars();
-        vars.push((
-            STAGING_PW_VAR.into(),
-            self.staging.superuser_password().to_string(),
-        ));
-        vars
-    }
-
     async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
-        let run = env::pgferry_with_env(config, args, &self.env_vars()).await;
-        let mut secrets = self.env.secrets();
-        secrets.push(self.staging.superuser_password().to_string());
-        env::assert_no_secret(&run.output(), &secrets);
-        run
+        self.env.pgferry(config, args).await
     }
 
     async fn backup(&self) -> String {

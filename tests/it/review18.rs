@@ -3,7 +3,6 @@
 //! the moments its directories move, then settled by the next run: the staging database
 //! and its directory must always match (both old or both new).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -12,9 +11,8 @@ use std::time::Duration;
 use object_store::ObjectStore;
 
 use crate::support::env::{self, Run, TestEnv};
-use crate::support::postgres::PgCluster;
+use crate::support::{names_in, restore_argv, tree_of, Staging};
 
-const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 /// Everything one test may take; a hang is a failure.
 const TEST_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -30,40 +28,9 @@ const PREVIOUS_SQL: &str =
     "CREATE TABLE previous_contents AS SELECT g AS id FROM generate_series(1, 10) g;";
 const FAILING_HOOK: &str = "SELECT 1/0;";
 
-fn tree_of(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
-            let entry = entry.unwrap();
-            let rel = rel.join(entry.file_name());
-            let kind = entry.file_type().unwrap();
-            let key = rel.to_string_lossy().into_owned();
-            if kind.is_dir() {
-                out.insert(key, None);
-                pending.push(rel);
-            } else if kind.is_file() {
-                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
-            } else {
-                out.insert(key, Some(b"<other>".to_vec()));
-            }
-        }
-    }
-    out
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 struct World {
     env: TestEnv,
-    staging: PgCluster,
+    staging: Staging,
     _stores: Vec<Arc<dyn ObjectStore>>,
     targets: String,
     prod_fs: PathBuf,
@@ -74,12 +41,9 @@ struct World {
 impl World {
     async fn start() -> World {
         let env = TestEnv::start().await;
-        let staging = PgCluster::start().await.expect("start staging");
+        let staging = Staging::start(&env, PREVIOUS_SQL).await;
         env.pg.create_database("acme").await.unwrap();
         env.pg.execute("acme", ODOO_SQL).await.unwrap();
-        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-        staging.create_database("acme").await.unwrap();
-        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
         let prod_fs = env.dir.path().join("prod-fs");
         for (name, body) in [
             ("ab/ab0123456789abcdef0123456789abcdef0123", vec![7u8; 1000]),
@@ -129,35 +93,21 @@ impl World {
     }
 
     fn config_with_hooks(&self, hooks: &[&Path], name: &str) -> PathBuf {
-        let hooks = hooks
-            .iter()
-            .map(|h| format!("{:?}", h.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
         let body = format!(
-            "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\nfiles = \"{}/{{database}}\"\n",
+            "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{}\n{}files = \"{}/{{database}}\"\n",
             self.env.source_toml("prod"),
             self.prod_fs.display(),
             self.targets,
+            self.staging.restore_target_toml(hooks),
             self.staging_fs.display(),
-            port = self.staging.port(),
         );
         let path = self.env.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, body).unwrap();
         path
     }
 
-    fn env_vars(&self) -> Vec<(String, String)> {
-        let mut vars = self.env.env_vars();
-        vars.push((
-            STAGING_PW_VAR.into(),
-            self.staging.superuser_password().to_string(),
-        ));
-        vars
-    }
-
     async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
-        env::pgferry_with_env(config, args, &self.env_vars()).await
+        self.env.pgferry(config, args).await
     }
 
     async fn backup(&self) -> String {
@@ -168,27 +118,9 @@ impl World {
         run.snapshot_id()
     }
 
-    fn restore_args(extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    }
-
     async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
-        let args = Self::restore_args(extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.pgferry(config, &args).await
+        self.pgferry(config, &restore_argv("acme", "staging-acme", extra))
+            .await
     }
 
     /// Whether staging's `acme` is the previous database (else the restored one).
@@ -315,12 +247,10 @@ async fn settle_with(w: &World, failing: &Path, what: &str) -> Run {
 /// SIGKILLs a restore as soon as a name starting with `prefix` appears in the staging
 /// filestore parent, `delay` later; returns whether it was killed (else it finished).
 async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bool {
-    let args = World::restore_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = w.env.command(&w.config, &args);
-    cmd.envs(w.env_vars())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = w
+        .env
+        .command(&w.config, &restore_argv("acme", "staging-acme", &[]));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     let parent = w.staging_fs.clone();
