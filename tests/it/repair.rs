@@ -5,6 +5,7 @@
 //! and the next one finishes.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,42 +43,89 @@ fn manifests_and_dumps(c: &BTreeMap<String, (String, Option<String>)>) -> BTreeM
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_alone() {
-    let env = TestEnv::start().await;
+/// Database `acme` backed up to target a (the environment's Garage) and b (a Garage of its
+/// own): once while both are up, then `missed` times while b's server is down.
+pub(crate) struct BMissed {
+    /// The config of both targets: `source`, a, b, then the caller's `more`.
+    pub(crate) config: PathBuf,
+    /// The `[[source]]` with its databases and retention.
+    pub(crate) source: String,
+    /// b's `[[target]]`.
+    pub(crate) b: String,
+    pub(crate) a_store: Arc<dyn ObjectStore>,
+    pub(crate) b_store: Arc<dyn ObjectStore>,
+    /// b's server, up again (it stops when dropped).
+    pub(crate) b_server: Garage,
+    /// The snapshot both targets took.
+    pub(crate) first: String,
+    /// The snapshots b missed, oldest first.
+    pub(crate) missed: Vec<String>,
+}
+
+pub(crate) async fn b_down_for(
+    env: &TestEnv,
+    retention: &str,
+    more: &str,
+    missed: usize,
+) -> BMissed {
     env.small_database("acme").await;
-    let staging = PgCluster::start().await.expect("staging PostgreSQL");
-    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-    env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
     let (a, a_store) = env.s3_target("a").await;
     let mut b_server = Garage::start().await.expect("second Garage");
     let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let restore_target = format!(
-        "[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{PGFERRY_TEST_STAGING_PW}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\n[restore]\nspool_dir = {:?}\n",
-        staging.port(),
-        env.dir.path().join("spool").display().to_string()
-    );
     let source = format!(
-        "{}databases = [\"acme\"]\n{KEEP_ALL}",
+        "{}databases = [\"acme\"]\n{retention}",
         env.source_toml("prod")
     );
-    let config = env.write_config(&format!("{source}{a}{b}{restore_target}"));
-    env.pgferry(&config, &["backup", "--force"])
+    let config = env.write_config(&format!("{source}{a}{b}{more}"));
+    let first = env
+        .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
-
     b_server.stop().await.unwrap();
-    let mut missed = Vec::new();
-    for _ in 0..3 {
+    let mut ids = Vec::new();
+    for _ in 0..missed {
         // `--force` names a snapshot by the current second: one per second at most.
         crate::support::next_second().await;
-        missed.push(
+        ids.push(
             env.pgferry(&config, &["backup", "--force"])
                 .await
                 .snapshot_id(),
         );
     }
     b_server.start_again().await.unwrap();
+    BMissed {
+        config,
+        source,
+        b,
+        a_store,
+        b_store,
+        b_server,
+        first,
+        missed: ids,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_alone() {
+    let env = TestEnv::start().await;
+    let staging = PgCluster::start().await.expect("staging PostgreSQL");
+    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
+    env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
+    let restore_target = format!(
+        "[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{PGFERRY_TEST_STAGING_PW}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\n[restore]\nspool_dir = {:?}\n",
+        staging.port(),
+        env.dir.path().join("spool").display().to_string()
+    );
+    let BMissed {
+        config,
+        source,
+        b,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        missed,
+        ..
+    } = b_down_for(&env, KEEP_ALL, &restore_target, 3).await;
 
     let check = env.pgferry(&config, &["check"]).await;
     check.assert_code(1);

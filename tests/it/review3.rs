@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use object_store::{path::Path as OPath, ObjectStore, PutPayload};
 
+use crate::repair::{b_down_for, BMissed};
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, corrupt_dump, dump_key, get, keys, manifest_of,
     TestEnv,
 };
-use crate::support::garage::Garage;
 use crate::support::proxy::Proxy;
 
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
@@ -260,25 +260,13 @@ async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_repairs_at_once_leave_every_manifest_intact() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (a, a_store) = env.s3_target("a").await;
-    let mut b_server = Garage::start().await.expect("second Garage");
-    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
-        env.source_toml("prod")
-    ));
-    env.pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    b_server.stop().await.unwrap();
-    for _ in 0..3 {
-        crate::support::next_second().await;
-        env.pgferry(&config, &["backup", "--force"])
-            .await
-            .snapshot_id();
-    }
-    b_server.start_again().await.unwrap();
+    let BMissed {
+        config,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        ..
+    } = b_down_for(&env, KEEP_ALL, "", 3).await;
     let one = env.command(&config, &["repair"]).output();
     let two = env.command(&config, &["repair"]).output();
     let (one, two) = tokio::join!(one, two);
@@ -325,29 +313,21 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (a, a_store) = env.s3_target("a").await;
-    let mut b_server = Garage::start().await.expect("second Garage");
-    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
-        env.source_toml("prod")
-    ));
-    let first = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    b_server.stop().await.unwrap();
-    let mut missed = Vec::new();
-    for _ in 0..2 {
-        crate::support::next_second().await;
-        missed.push(
-            env.pgferry(&config, &["backup", "--force"])
-                .await
-                .snapshot_id(),
-        );
-    }
-    b_server.start_again().await.unwrap();
+    let BMissed {
+        config,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        first,
+        missed,
+        ..
+    } = b_down_for(
+        &env,
+        "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+        "",
+        2,
+    )
+    .await;
     let run = env.pgferry(&config, &["prune"]).await;
     let a_keys = keys(&a_store).await;
     // The snapshot the policy keeps (keep_last = 1 over every target's snapshots: the newest)
