@@ -315,15 +315,7 @@ async fn killed_restore_leaves_staging_untouched_and_the_next_run_cleans_up() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
         .arg("--config")
         .arg(&w.config)
-        .args([
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ])
+        .args(restore_argv("acme", "staging-acme", &[]))
         .envs(w.env_vars())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

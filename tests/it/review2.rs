@@ -17,6 +17,7 @@ use object_store::{ObjectStore, PutPayload};
 use crate::restore::World;
 use crate::support::env::{get, keys, manifest_of, Run, TestEnv, PG_PASSWORD_VAR};
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 
@@ -104,20 +105,7 @@ async fn restore_and_verify_onto_production_more_spellings_are_refused() {
     for (ns, _) in more_spellings(&w.env.pg) {
         for name in ["acme_copy", "acme"] {
             let run = w
-                .pgferry_with(
-                    &config,
-                    &[
-                        "restore",
-                        "--source",
-                        "prod",
-                        "--database",
-                        "acme",
-                        "--to",
-                        ns,
-                        "--as",
-                        name,
-                    ],
-                )
+                .pgferry_with(&config, &restore_argv("acme", ns, &["--as", name]))
                 .await;
             if run.code != 2 {
                 failures.push(format!(
@@ -378,17 +366,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
 
     // restore latest and --at: acme's data, never globex's object.
     for extra in [vec![], vec!["--at", newer_at.as_str()]] {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-x",
-            "--as",
-            "acme_r",
-        ];
+        let mut args = restore_argv("acme", "staging-x", &["--as", "acme_r"]);
         args.extend(extra.iter().copied());
         let run = env.pgferry(&config, &args).await;
         if run.code != 0 {
@@ -507,17 +485,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let run = env
         .pgferry(
             &config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "globex",
-                "--to",
-                "staging-x",
-                "--as",
-                "globex_r",
-            ],
+            &restore_argv("globex", "staging-x", &["--as", "globex_r"]),
         )
         .await;
     if run.code != 0 {
@@ -526,17 +494,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let run = env
         .pgferry(
             &config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "staging-x",
-                "--as",
-                "acme_r2",
-            ],
+            &restore_argv("acme", "staging-x", &["--as", "acme_r2"]),
         )
         .await;
     if run.code != 0 {
