@@ -718,11 +718,12 @@ async fn a_copy_without_its_files_archive_counts_nowhere_until_repair_copies_the
     assert!(keys(&b_store).await.iter().all(|k| !k.contains(&old)));
 }
 
-/// The other way round: a copy missing its archive is never a repair source. With a's dump
-/// damaged (same size, found by reading) and b's archive gone, no whole copy is left: repair
-/// writes nothing anywhere (b's intact dump does not heal a; a's intact archive does not
-/// complete b: its dump has no good holder to be checked against), reports that there is no
-/// good copy, and fails.
+/// The other way round: a copy missing its archive is never a repair source, and repair
+/// copies only from a target holding a good copy (`src/repair.rs`). With a's dump damaged
+/// (same size, found by reading) and b's archive gone, neither copy is whole: repair writes
+/// nothing anywhere (b's dump does not heal a, a's archive does not complete b), reports for
+/// both targets that there is no good copy, and fails. (Healing each half from the other,
+/// both hash-checked, would be safe too; this pins the current promise.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_without_its_files_archive_is_never_a_repair_source() {
     let env = TestEnv::start().await;
