@@ -18,7 +18,7 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::support::env::{
-    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
+    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, Run, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::restore_argv;
@@ -164,40 +164,75 @@ fn after_bytes_up(proxy: Arc<Proxy>, bytes: u64, then: impl FnOnce(&Proxy) + Sen
     });
 }
 
+/// Size of database `big`'s one large object in the dying-targets tests.
+const MIB: usize = 64;
+
+/// Database `big` ([`MIB`] MiB of random bytes) and two targets that die once 12 MiB went up
+/// through their proxies: "failing" answers every part with 500, "stalling" stalls.
+struct Dying {
+    fail_proxy: Arc<Proxy>,
+    stall_proxy: Arc<Proxy>,
+    failing_store: Arc<dyn ObjectStore>,
+    stalling_store: Arc<dyn ObjectStore>,
+    /// At the smallest memory budget: `healthy` (targets that stay up) first, then the two.
+    config: std::path::PathBuf,
+}
+
+impl Dying {
+    async fn start(env: &TestEnv, healthy: &str) -> Dying {
+        env.pg.create_database("big").await.unwrap();
+        env.random_large_object("big", MIB).await;
+        let (failing, failing_store) = env.s3_target("failing").await;
+        let (stalling, stalling_store) = env.s3_target("stalling").await;
+        let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+        let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+        // Slow enough that the parts pile up behind them (and hold the budget) before they die.
+        fail_proxy.throttle_up(8 << 20);
+        stall_proxy.throttle_up(8 << 20);
+        let config = env.write_config(&format!(
+            "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{healthy}{}{}",
+            env.source_toml("prod"),
+            fail_proxy.reroute(&failing),
+            stall_proxy.reroute(&stalling),
+        ));
+        after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
+            p.fail_requests(500, RequestClass::UploadPart, None)
+        });
+        after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
+        Dying {
+            fail_proxy,
+            stall_proxy,
+            failing_store,
+            stalling_store,
+            config,
+        }
+    }
+
+    /// Runs the backup (hung for 120 s with `what`: a failure), then heals the proxies;
+    /// returns the run and how long it took.
+    async fn backup(&self, env: &TestEnv, what: &str) -> (Run, Duration) {
+        let started = Instant::now();
+        let run = tokio::time::timeout(
+            Duration::from_secs(120),
+            env.pgferry(&self.config, &["backup"]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the backup hung for 120 s with {what} at the smallest budget"));
+        let took = started.elapsed();
+        self.fail_proxy.stop_failing();
+        self.stall_proxy.stall(false);
+        (run, took)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
-    const MIB: usize = 64;
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.random_large_object("big", MIB).await;
     let (good, good_store) = env.s3_target("good").await;
-    let (failing, _) = env.s3_target("failing").await;
-    let (stalling, _) = env.s3_target("stalling").await;
-    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    // Slow enough that the parts pile up behind them (and hold the budget) before they die.
-    fail_proxy.throttle_up(8 << 20);
-    stall_proxy.throttle_up(8 << 20);
-    let config = env.write_config(&format!(
-        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{good}{}{}",
-        env.source_toml("prod"),
-        fail_proxy.reroute(&failing),
-        stall_proxy.reroute(&stalling),
-    ));
-    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
-        p.fail_requests(500, RequestClass::UploadPart, None)
-    });
-    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
-
-    let started = Instant::now();
-    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
-        .await
-        .expect("the backup hung for 120 s with two dying targets at the smallest budget");
-    let took = started.elapsed();
-    fail_proxy.stop_failing();
-    stall_proxy.stall(false);
+    let dying = Dying::start(&env, &good).await;
+    let (run, took) = dying.backup(&env, "two dying targets").await;
     assert!(
-        fail_proxy.served(500) > 0,
+        dying.fail_proxy.served(500) > 0,
         "the failure never triggered\n{}",
         run.output()
     );
@@ -758,36 +793,12 @@ async fn a_manifest_lying_about_encryption_never_touches_staging() {
 /// the permits of parts queued for dead targets) and commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_dying_midway_at_the_smallest_budget_fails_promptly() {
-    const MIB: usize = 64;
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.random_large_object("big", MIB).await;
-    let (failing, failing_store) = env.s3_target("failing").await;
-    let (stalling, stalling_store) = env.s3_target("stalling").await;
-    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    fail_proxy.throttle_up(8 << 20);
-    stall_proxy.throttle_up(8 << 20);
-    let config = env.write_config(&format!(
-        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{}{}",
-        env.source_toml("prod"),
-        fail_proxy.reroute(&failing),
-        stall_proxy.reroute(&stalling),
-    ));
-    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
-        p.fail_requests(500, RequestClass::UploadPart, None)
-    });
-    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
-    let started = Instant::now();
-    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
-        .await
-        .expect("the backup hung for 120 s with every target dead at the smallest budget");
-    let took = started.elapsed();
-    fail_proxy.stop_failing();
-    stall_proxy.stall(false);
-    assert!(fail_proxy.served(500) > 0, "{}", run.output());
+    let dying = Dying::start(&env, "").await;
+    let (run, took) = dying.backup(&env, "every target dead").await;
+    assert!(dying.fail_proxy.served(500) > 0, "{}", run.output());
     assert_ne!(run.code, 0, "{}", run.output());
-    for store in [&failing_store, &stalling_store] {
+    for store in [&dying.failing_store, &dying.stalling_store] {
         let all = keys(store).await;
         assert!(
             !all.iter().any(|k| k.ends_with(".manifest.json")),
