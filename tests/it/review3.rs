@@ -68,15 +68,29 @@ async fn two_targets(
     (config, a_store, b_store)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
-    let env = TestEnv::start().await;
+/// Database `acme` backed up once to targets a and b (see [`two_targets`]): the config, the
+/// two stores and the snapshot id.
+async fn acme_backed_up_on_two_targets(
+    env: &TestEnv,
+) -> (
+    std::path::PathBuf,
+    Arc<dyn ObjectStore>,
+    Arc<dyn ObjectStore>,
+    String,
+) {
     env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let (config, a_store, b_store) = two_targets(env, "\"acme\"").await;
     let id = env
         .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
+    (config, a_store, b_store, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
+    let env = TestEnv::start().await;
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     remove_snapshot(&b_store, &id).await;
     corrupt_dump(&a_store, &id).await;
     let before_a = contents(&a_store).await;
@@ -109,12 +123,7 @@ async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_copies_corrupt_repair_writes_nothing_and_fails() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     corrupt_dump(&a_store, &id).await;
     corrupt_dump(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
@@ -218,12 +227,7 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     remove_snapshot(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
     for args in [
@@ -370,12 +374,7 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     env.pgferry(&config, &["check"]).await.assert_code(0);
     env.pgferry(&config, &["check", "--read-data"])
         .await
@@ -489,12 +488,7 @@ async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_missing_object_and_repair_heals_it() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     let obj_b = dump_key(&b_store, &id).await;
     b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
     let c = env.pgferry(&config, &["check", "--json"]).await;
@@ -537,12 +531,7 @@ async fn check_reports_a_missing_object_and_repair_heals_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_different_attempt_on_the_destination_is_left_alone() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     env.pg
         .execute(
             "acme",
@@ -600,12 +589,7 @@ async fn a_different_attempt_on_the_destination_is_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     // b: the manifest is gone and the object at the same key is a partial one (same attempt,
     // a copy cut short), then a same-size flipped one.
     let m_key = manifest_key(&keys(&b_store).await, &id);
