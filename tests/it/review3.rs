@@ -4,16 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::{path::Path as OPath, ObjectStore, PutPayload};
 
-use crate::repair::{b_down_for, BMissed};
+use crate::repair::{b_down_for, kill_once_a_mib_went_up, slow_b, BMissed, SlowB};
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, corrupt_dump, dump_key, get, keys, manifest_of,
     TestEnv,
 };
-use crate::support::proxy::Proxy;
 
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
 
@@ -432,33 +430,16 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     let env = TestEnv::start().await;
-    env.random_rows_database("big", 200_000).await;
-    let (a, a_store) = env.s3_target("a").await;
-    let (b, b_store) = env.s3_target("b").await;
-    let proxy = Proxy::start(&env.s3.endpoint()).await;
-    proxy.throttle_up(256 * 1024);
-    let source = format!(
-        "{}databases = [\"big\"]\n{KEEP_ALL}",
-        env.source_toml("prod")
-    );
-    let only_a = env.write_config(&format!("{source}{a}"));
-    let id = env
-        .pgferry(&only_a, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+    let SlowB {
+        a_store,
+        b_store,
+        proxy,
+        slow_b,
+        id,
+        ..
+    } = slow_b(&env, 256 * 1024).await;
     let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while proxy.bytes_up() < 1024 * 1024 {
-        assert!(Instant::now() < deadline, "the copy never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "repair ended before the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    kill_once_a_mib_went_up(&proxy, &mut child).await;
     proxy.throttle_up(0);
     crate::support::next_second().await;
     let id2 = env
