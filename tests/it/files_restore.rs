@@ -14,7 +14,7 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::env::{get, keys, manifest_of, plant_files_archive, Run, TestEnv};
 use crate::support::{names_in, restore_argv, tree_of, Staging};
 
 /// Odoo's attachment table (the columns that matter) and rows naming files in the
@@ -379,22 +379,6 @@ fn crafted_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// Replaces snapshot `id`'s files object on both buckets with `tar` (zstd), the manifests
-/// saying its true size, sha256 and file count: a committed archive that lies.
-async fn plant_archive(w: &World, id: &str, tar: &[u8], file_count: u64) {
-    let stored = zstd::encode_all(tar, 3).unwrap();
-    for i in 0..2 {
-        let (key, _) = files_object(w, i, id).await;
-        w.put(i, &key, stored.clone()).await;
-        let (mkey, mut m) = w.manifest(i, id).await;
-        m["files"]["sha256"] = hex::encode(Sha256::digest(&stored)).into();
-        m["files"]["stored_size"] = (stored.len() as u64).into();
-        m["files"]["raw_size"] = (tar.len() as u64).into();
-        m["files"]["file_count"] = file_count.into();
-        w.put(i, &mkey, serde_json::to_vec(&m).unwrap()).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_whose_entries_would_escape_are_refused() {
     let w = World::start().await;
@@ -432,7 +416,9 @@ async fn archives_whose_entries_would_escape_are_refused() {
         ),
     ];
     for (entry, tar) in cases {
-        plant_archive(&w, &id, &tar, 2).await;
+        for store in &w.stores {
+            plant_files_archive(store, &id, &tar, 2).await;
+        }
         let before = w.staging_state().await;
         let run = w.restore(&[]).await;
         run.assert_code(1);

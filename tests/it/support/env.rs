@@ -467,3 +467,39 @@ pub async fn corrupt_dump(store: &Arc<dyn ObjectStore>, snapshot_id: &str) {
         .expect("overwrite the object");
     assert_eq!(get(store, &key).await.len(), len);
 }
+
+/// Replaces snapshot `id`'s companion-files archive in `store` with `tar` (zstd), and its
+/// manifest says the archive's true size, sha256 and `file_count`: a committed archive that
+/// lies.
+pub async fn plant_files_archive(
+    store: &Arc<dyn ObjectStore>,
+    id: &str,
+    tar: &[u8],
+    file_count: u64,
+) {
+    use sha2::Digest;
+    let put = |key: String, bytes: Vec<u8>| async move {
+        let path = object_store::path::Path::parse(&key).unwrap();
+        store
+            .put(&path, object_store::PutPayload::from(bytes))
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let stored = zstd::encode_all(tar, 3).unwrap();
+    let manifest = keys(store)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(&format!("/{id}.manifest.json")))
+        .unwrap_or_else(|| panic!("no manifest of {id}"));
+    let mut m = manifest_of(&get(store, &manifest).await);
+    let archive = m["files"]["object_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{id} has no files archive: {m}"))
+        .to_string();
+    put(archive, stored.clone()).await;
+    m["files"]["sha256"] = hex::encode(sha2::Sha256::digest(&stored)).into();
+    m["files"]["stored_size"] = (stored.len() as u64).into();
+    m["files"]["raw_size"] = (tar.len() as u64).into();
+    m["files"]["file_count"] = file_count.into();
+    put(manifest, serde_json::to_vec(&m).unwrap()).await;
+}
