@@ -10,7 +10,7 @@ use std::time::Duration;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv};
 
 /// How long a test waits for the clock to pass a second boundary (ids are whole seconds).
 const CLOCK_DEADLINE: Duration = Duration::from_secs(10);
@@ -84,26 +84,10 @@ fn committed_ids(run: &Run) -> Vec<String> {
 
 /// The (snapshot, database, targets) rows `pgferry list --json` printed, newest data first.
 fn listed(run: &Run) -> Vec<(String, String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    v["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            let targets: Vec<&str> = s["targets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_str().unwrap())
-                .collect();
-            (
-                m["snapshot_id"].as_str().unwrap().to_string(),
-                m["database"].as_str().unwrap().to_string(),
-                targets.join(","),
-            )
-        })
+    env::list_json(run)
+        .1
+        .into_iter()
+        .map(|l| (l.snapshot_id, l.database, l.targets.join(",")))
         .collect()
 }
 

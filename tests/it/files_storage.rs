@@ -19,7 +19,7 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use sha2::Digest;
 
-use crate::support::env::{bucket_of, get, keys, manifest_of, TestEnv, S3_PREFIX};
+use crate::support::env::{bucket_of, get, keys, list_json, manifest_of, TestEnv, S3_PREFIX};
 
 async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
     store
@@ -583,24 +583,10 @@ async fn objects(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, (bytes::Bytes
 
 /// The (snapshot, targets) rows of a `list --json` run, and its warnings.
 fn listed(run: &crate::support::env::Run) -> (Vec<(String, String)>, String) {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    let rows = v["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let targets: Vec<&str> = s["targets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_str().unwrap())
-                .collect();
-            (
-                s["manifest"]["snapshot_id"].as_str().unwrap().to_string(),
-                targets.join(","),
-            )
-        })
+    let (v, rows) = list_json(run);
+    let rows = rows
+        .into_iter()
+        .map(|l| (l.snapshot_id, l.targets.join(",")))
         .collect();
     (rows, v["warnings"].to_string())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::env::{get, keys, list_json, listed_rows, manifest_of, Listed, Run, TestEnv};
 use crate::support::free_port;
 
 const INDEX: &str = "pgferry-index.json";
@@ -78,24 +78,11 @@ async fn manifests(store: &Arc<dyn ObjectStore>) -> BTreeSet<(String, String)> {
 
 /// (database, snapshot id) of what `pgferry list --json` printed; no row twice.
 fn listed(run: &Run) -> BTreeSet<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    rows(&v["snapshots"])
+    rows(&list_json(run).0["snapshots"])
 }
 
 fn rows(snapshots: &serde_json::Value) -> BTreeSet<(String, String)> {
-    let all: Vec<(String, String)> = snapshots
-        .as_array()
-        .expect("an array of snapshots")
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let all: Vec<(String, String)> = listed_rows(snapshots).iter().map(Listed::key).collect();
     let set: BTreeSet<_> = all.iter().cloned().collect();
     assert_eq!(set.len(), all.len(), "a snapshot listed twice: {all:?}");
     set

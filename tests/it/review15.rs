@@ -18,7 +18,8 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::support::env::{
-    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, Run, TestEnv,
+    assert_every_manifest_names_an_intact_object, file_store, get, keys, list_json, listed_rows,
+    manifest_of, Listed, Run, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::restore_argv;
@@ -259,22 +260,8 @@ async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
 //    through the indexes list wrote) once each, and the index of one is never another's.
 
 /// (database, snapshot id) of what `pgferry list --json` printed; no row twice.
-fn listed(run: &crate::support::env::Run) -> Vec<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout)
-        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", run.output()));
-    let mut rows: Vec<(String, String)> = v["snapshots"]
-        .as_array()
-        .expect("an array of snapshots")
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+fn listed(run: &Run) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = list_json(run).1.iter().map(Listed::key).collect();
     rows.sort();
     rows
 }
@@ -545,16 +532,9 @@ impl Daemon {
             .await;
         assert_eq!(code, 200, "{query}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("a page is JSON");
-        let rows = v["snapshots"]
-            .as_array()
-            .unwrap()
+        let rows = listed_rows(&v["snapshots"])
             .iter()
-            .map(|s| {
-                (
-                    s["manifest"]["database"].as_str().unwrap().to_string(),
-                    s["manifest"]["snapshot_id"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(Listed::key)
             .collect();
         (rows, v["next_cursor"].as_str().map(str::to_string))
     }

@@ -15,7 +15,9 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::restore::World;
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv, PG_PASSWORD_VAR};
+use crate::support::env::{
+    get, keys, list_json, manifest_of, Listed, Run, TestEnv, PG_PASSWORD_VAR,
+};
 use crate::support::postgres::PgCluster;
 use crate::support::restore_argv;
 
@@ -220,20 +222,7 @@ async fn odd_destination_names_and_namespaces_are_refused() {
 }
 
 fn listed_ids(run: &Run) -> Vec<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    v["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    list_json(run).1.iter().map(Listed::key).collect()
 }
 
 fn shift(id: &str, seconds: i64) -> String {

@@ -503,3 +503,50 @@ pub async fn plant_files_archive(
     m["files"]["file_count"] = file_count.into();
     put(manifest, serde_json::to_vec(&m).unwrap()).await;
 }
+
+/// One snapshot as `pgferry list --json` and the API's listing print it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    pub database: String,
+    pub snapshot_id: String,
+    /// The targets holding it, in the listing's order.
+    pub targets: Vec<String>,
+}
+
+impl Listed {
+    /// (database, snapshot id).
+    pub fn key(&self) -> (String, String) {
+        (self.database.clone(), self.snapshot_id.clone())
+    }
+}
+
+/// The snapshots of a listing's `snapshots` array, in its order.
+#[track_caller]
+pub fn listed_rows(snapshots: &serde_json::Value) -> Vec<Listed> {
+    snapshots
+        .as_array()
+        .expect("an array of snapshots")
+        .iter()
+        .map(|s| {
+            let m = &s["manifest"];
+            Listed {
+                database: m["database"].as_str().unwrap().to_string(),
+                snapshot_id: m["snapshot_id"].as_str().unwrap().to_string(),
+                targets: s["targets"]
+                    .as_array()
+                    .map(|t| t.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// What a successful `pgferry list --json` printed: the whole document and its snapshots.
+#[track_caller]
+pub fn list_json(run: &Run) -> (serde_json::Value, Vec<Listed>) {
+    run.assert_code(0);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", run.output()));
+    let rows = listed_rows(&v["snapshots"]);
+    (v, rows)
+}
