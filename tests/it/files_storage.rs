@@ -492,13 +492,8 @@ async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
         .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
-    let manifest_key = format!("prod/acme/{first}.manifest.json");
+    let (manifest_key, dump, files) = snapshot_keys(&b_store, &first).await;
     let m = manifest_of(&get(&b_store, &manifest_key).await);
-    let files = m["files"]["object_key"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no files archive: {m}"))
-        .to_string();
-    let dump = m["object_key"].as_str().unwrap().to_string();
     env.pgferry(&config, &["check", "--read-data"])
         .await
         .assert_code(0);
