@@ -7,11 +7,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
+use crate::support::api_daemon::ApiDaemon;
 use crate::support::env::{get, keys, list_json, listed_rows, manifest_of, Listed, Run, TestEnv};
 use crate::support::free_port;
 
@@ -107,44 +107,6 @@ fn indexed_names(index: &serde_json::Value) -> BTreeSet<String> {
         .collect()
 }
 
-/// A daemon on a free port, killed when dropped.
-struct Daemon {
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl Daemon {
-    async fn start(env: &TestEnv, config: &Path, port: u16) -> Daemon {
-        let child = env
-            .command(config, &["daemon"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start pgferry daemon");
-        let d = Daemon {
-            _child: child,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.get("/healthz", None).await.0 != 200 {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        d
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{}{path}", self.port));
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        match req.send().await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
-}
-
 fn daemon_toml(port: u16, env: &TestEnv, read_token: bool) -> String {
     let dir = env.dir.path();
     let mut toml = format!(
@@ -193,7 +155,7 @@ async fn pagination_walks_every_snapshot_exactly_once() {
     let want = manifests(&store).await;
     assert_eq!(want.len(), 14);
 
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
     let mut seen: Vec<(String, String)> = Vec::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
@@ -422,7 +384,7 @@ async fn the_read_token_guards_the_read_endpoints_and_not_the_probes() {
     ));
     std::fs::write(env.dir.path().join("read-token"), "r3ad\n").unwrap();
     std::fs::write(env.dir.path().join("api-token"), "wr1te\n").unwrap();
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
     for path in ["/api/v1/status", "/api/v1/snapshots", "/"] {
         assert_eq!(d.get(path, None).await.0, 401, "{path} without a token");
         assert_eq!(d.get(path, Some("nope")).await.0, 401, "{path} wrong token");

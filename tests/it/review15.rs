@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
+use crate::support::api_daemon::ApiDaemon;
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, file_store, get, keys, list_json, listed_rows,
     manifest_of, Listed, Run, TestEnv,
@@ -483,48 +484,7 @@ async fn manifest_rows(store: &Arc<dyn ObjectStore>) -> Vec<(String, String)> {
 //    after, and others) and added between pages, a cursor of another filter or past the end,
 //    and the read token offered to the mutating endpoint.
 
-/// A daemon on a free port, killed when dropped.
-struct Daemon {
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl Daemon {
-    async fn start(env: &TestEnv, config: &std::path::Path, port: u16) -> Daemon {
-        let child = env
-            .command(config, &["daemon"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start pgferry daemon");
-        let d = Daemon {
-            _child: child,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.request("GET", "/healthz", None).await.0 != 200 {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        d
-    }
-
-    async fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let client = reqwest::Client::new();
-        let mut req = match method {
-            "POST" => client.post(url).json(&serde_json::json!({})),
-            _ => client.get(url),
-        };
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        match req.send().await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
-
+impl ApiDaemon {
     /// One page: its (database, id) rows in order, and its next cursor.
     async fn page(&self, query: &str, token: &str) -> (Vec<(String, String)>, Option<String>) {
         let (code, body) = self
@@ -604,7 +564,7 @@ async fn the_api_walk_survives_prunes_and_tampered_cursors() {
         dir.join("read-token").display(),
         env.source_toml("prod"),
     ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
 
     // The read token never starts a backup.
     let (code, body) = d.request("POST", "/api/v1/backups", Some("r3ad")).await;

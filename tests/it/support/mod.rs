@@ -11,6 +11,7 @@
 
 #![allow(dead_code)] // Each test module uses a different subset of the helpers.
 
+pub mod api_daemon;
 pub mod env;
 pub mod garage;
 pub mod postgres;
