@@ -1,17 +1,17 @@
 //! Hostile review of companion files (issue 18), against real PostgreSQL and Garage: a
 //! destination directory that is a regular file or a symlink, and a restore SIGKILLed at
 //! the moments its directories move, then settled by the next run: the staging database
-//! and its directory must always match (both old or both new).
+//! and its directory must always match (both old or both new). The world (production with
+//! a filestore, staging, two buckets) is `files_restore`'s.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::ObjectStore;
-
-use crate::support::env::{self, Run, TestEnv};
-use crate::support::{names_in, restore_argv, tree_of, Staging};
+use crate::files_restore::{World, PREVIOUS_SQL};
+use crate::support::env::{self, Run};
+use crate::support::{names_in, restore_argv, tree_of};
 
 /// Everything one test may take; a hang is a failure.
 const TEST_DEADLINE: Duration = Duration::from_secs(600);
@@ -24,64 +24,26 @@ INSERT INTO ir_attachment (name, type, store_fname) VALUES
     ('big.bin', 'binary', 'f0/f0aabbccddeeff00112233445566778899aabb');
 CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g;
 "#;
-const PREVIOUS_SQL: &str =
-    "CREATE TABLE previous_contents AS SELECT g AS id FROM generate_series(1, 10) g;";
-const FAILING_HOOK: &str = "SELECT 1/0;";
 
-struct World {
-    env: TestEnv,
-    staging: Staging,
-    _stores: Vec<Arc<dyn ObjectStore>>,
-    targets: String,
-    prod_fs: PathBuf,
-    staging_fs: PathBuf,
-    config: PathBuf,
+/// The world of these tests: `files_restore`'s, with a bigger database and filestore.
+async fn start() -> World {
+    World::start_with(
+        ODOO_SQL,
+        vec![
+            (
+                "ab/ab0123456789abcdef0123456789abcdef0123".to_string(),
+                vec![7u8; 1000],
+            ),
+            (
+                "f0/f0aabbccddeeff00112233445566778899aabb".to_string(),
+                vec![9u8; 3 << 20],
+            ),
+        ],
+    )
+    .await
 }
 
 impl World {
-    async fn start() -> World {
-        let env = TestEnv::start().await;
-        let staging = Staging::start(&env, PREVIOUS_SQL).await;
-        env.pg.create_database("acme").await.unwrap();
-        env.pg.execute("acme", ODOO_SQL).await.unwrap();
-        let prod_fs = env.dir.path().join("prod-fs");
-        for (name, body) in [
-            ("ab/ab0123456789abcdef0123456789abcdef0123", vec![7u8; 1000]),
-            (
-                "f0/f0aabbccddeeff00112233445566778899aabb",
-                vec![9u8; 3 << 20],
-            ),
-        ] {
-            let p = prod_fs.join("acme").join(name);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, body).unwrap();
-        }
-        let staging_fs = env.dir.path().join("staging-fs");
-        std::fs::create_dir_all(&staging_fs).unwrap();
-        let (a, store_a) = env.s3_target("a").await;
-        let (b, store_b) = env.s3_target("b").await;
-        let mut w = World {
-            env,
-            staging,
-            _stores: vec![store_a, store_b],
-            targets: format!("{a}{b}"),
-            prod_fs,
-            staging_fs,
-            config: PathBuf::new(),
-        };
-        w.reset_staging_files();
-        w.config = w.config_with_hooks(&[], "main");
-        w
-    }
-
-    /// Staging's `acme` directory as before any restore.
-    fn reset_staging_files(&self) {
-        let d = self.staging_fs.join("acme");
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(d.join("old")).unwrap();
-        std::fs::write(d.join("old/previous.txt"), "previous files").unwrap();
-    }
-
     async fn reset_staging(&self) {
         self.staging
             .execute("postgres", "DROP DATABASE IF EXISTS acme WITH (FORCE)")
@@ -90,37 +52,6 @@ impl World {
         self.staging.create_database("acme").await.unwrap();
         self.staging.execute("acme", PREVIOUS_SQL).await.unwrap();
         self.reset_staging_files();
-    }
-
-    fn config_with_hooks(&self, hooks: &[&Path], name: &str) -> PathBuf {
-        let body = format!(
-            "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{}\n{}files = \"{}/{{database}}\"\n",
-            self.env.source_toml("prod"),
-            self.prod_fs.display(),
-            self.targets,
-            self.staging.restore_target_toml(hooks),
-            self.staging_fs.display(),
-        );
-        let path = self.env.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-
-    async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
-        self.env.pgferry(config, args).await
-    }
-
-    async fn backup(&self) -> String {
-        let run = self
-            .pgferry(&self.config, &["backup", "--source", "prod", "--force"])
-            .await;
-        run.assert_code(0);
-        run.snapshot_id()
-    }
-
-    async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
-        self.pgferry(config, &restore_argv("acme", "staging-acme", extra))
-            .await
     }
 
     /// Whether staging's `acme` is the previous database (else the restored one).
@@ -156,7 +87,7 @@ impl World {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
         let d = w.staging_fs.join("acme");
         std::fs::remove_dir_all(&d).unwrap();
@@ -197,7 +128,7 @@ async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_symlink_is_replaced_never_followed() {
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
         let d = w.staging_fs.join("acme");
         let real = w.env.dir.path().join("elsewhere/acme");
@@ -291,11 +222,9 @@ async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matching() {
     tokio::time::timeout(Duration::from_secs(1500), async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
-        let hook = w.env.dir.path().join("fail.sql");
-        std::fs::write(&hook, FAILING_HOOK).unwrap();
-        let failing = w.config_with_hooks(&[&hook], "failing");
+        let failing = w.failing_config().await;
         let cases: &[(&'static str, u64)] = &[
             (".pgferry-tmp-acme-", 0),
             (".pgferry-tmp-acme-", 30),
@@ -377,7 +306,7 @@ fn crafted_tar(entries: &[Crafted<'_>]) -> Vec<u8> {
 async fn hostile_archives_are_refused_and_leave_staging_untouched() {
     use tar::EntryType as E;
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         let id = w.backup().await;
         let pax = b"23 path=../pax-escaped\n";
         let gnu = b"../gnu-escaped\0";
@@ -416,7 +345,7 @@ async fn hostile_archives_are_refused_and_leave_staging_untouched() {
             ),
         ];
         for (what, tar) in cases {
-            for store in &w._stores {
+            for store in &w.stores {
                 env::plant_files_archive(store, &id, &tar, 2).await;
             }
             let db_before = w.staging.table_fingerprints("acme").await.unwrap();
@@ -461,7 +390,7 @@ async fn hostile_archives_are_refused_and_leave_staging_untouched() {
 async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
     use sha2::Digest;
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         let args = ["backup", "--source", "prod", "--force"];
         let (a, b) = tokio::join!(w.pgferry(&w.config, &args), w.pgferry(&w.config, &args));
         assert!(
@@ -470,7 +399,7 @@ async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
             a.stderr,
             b.stderr
         );
-        for store in &w._stores {
+        for store in &w.stores {
             let manifests = env::assert_every_manifest_names_an_intact_object(store).await;
             assert!(!manifests.is_empty());
             for key in &manifests {
@@ -508,11 +437,9 @@ async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_first_restore_without_a_directory_settles_consistently() {
     tokio::time::timeout(Duration::from_secs(1500), async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
-        let hook = w.env.dir.path().join("fail.sql");
-        std::fs::write(&hook, FAILING_HOOK).unwrap();
-        let failing = w.config_with_hooks(&[&hook], "failing");
+        let failing = w.failing_config().await;
         let d = w.staging_fs.join("acme");
         let mut outcomes = Vec::new();
         for ms in [0u64, 1, 3, 10, 50] {
