@@ -224,16 +224,20 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What the pushgateway holds.
+    let pushed = || async {
+        client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     let run = w.pgferry(&["verify", "--pushgateway", &url]).await;
     run.assert_code(0);
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pushed().await;
     assert!(
         metrics
             .lines()
@@ -271,14 +275,7 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
     }
     let run = w.pgferry(&["verify", "--pushgateway", &url]).await;
     run.assert_code(1);
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pushed().await;
     assert!(
         metrics
             .lines()
