@@ -322,12 +322,13 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(
+            &["acme"],
+            "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+            "",
+        )
+        .await;
     let manual = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);
     wait_past(&manual, Duration::ZERO).await;
     let late = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);

@@ -123,12 +123,13 @@ async fn prune_after_the_grace(env: &TestEnv, config: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_deletes_the_files_archive_with_its_snapshot_and_keeps_it_otherwise() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(
+            &["acme"],
+            "retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+            "",
+        )
+        .await;
     env.pgferry(&config, &["backup"]).await.assert_code(0);
     let old = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z"];
     let c = craft(&[&store], &old).await;
@@ -255,12 +256,13 @@ async fn an_orphan_archive_and_a_stale_files_upload_are_cleaned_after_the_grace_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_naming_another_snapshots_archive_does_not_count() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(
+            &["acme"],
+            "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+            "",
+        )
+        .await;
     env.pgferry(&config, &["backup"]).await.assert_code(0);
     let old = "20260101T000000Z";
     let c = craft(&[&store], &[old]).await;

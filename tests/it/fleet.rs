@@ -199,13 +199,7 @@ async fn pagination_walks_every_snapshot_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_index_follows_manifests_changed_behind_pgferrys_back_and_is_never_trusted_over_them() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    env.small_database("globex").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\", \"globex\"]\n{s3}",
-        env.source_toml("prod"),
-    ));
+    let (config, store) = env.small_databases_on_s3(&["acme", "globex"], "", "").await;
     fleet(&env, &store, &config, 3).await;
     assert_eq!(
         listed(&env.pgferry(&config, &["list", "--json"]).await),

@@ -134,6 +134,31 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Creates each of `databases` ([`small_database`](Self::small_database)) and a config
+    /// backing them up as source `prod`, with `source_keys` (retention, …), to a fresh S3
+    /// target `s3`, then `more`; returns the config and the target's store.
+    pub async fn small_databases_on_s3(
+        &self,
+        databases: &[&str],
+        source_keys: &str,
+        more: &str,
+    ) -> (PathBuf, Arc<dyn ObjectStore>) {
+        for db in databases {
+            self.small_database(db).await;
+        }
+        let (s3, store) = self.s3_target("s3").await;
+        let list = databases
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = self.write_config(&format!(
+            "{}databases = [{list}]\n{source_keys}{s3}{more}",
+            self.source_toml("prod")
+        ));
+        (config, store)
+    }
+
     /// Every secret of this environment: none may appear in any output.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = vec![
