@@ -10,7 +10,7 @@ use std::time::Duration;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv};
+use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv, KEEP_NEWEST_ONLY};
 
 /// How long a test waits for the clock to pass a second boundary (ids are whole seconds).
 const CLOCK_DEADLINE: Duration = Duration::from_secs(10);
@@ -323,11 +323,7 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
 async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
     let env = TestEnv::start().await;
     let (config, store) = env
-        .small_databases_on_s3(
-            &["acme"],
-            "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
-            "",
-        )
+        .small_databases_on_s3(&["acme"], KEEP_NEWEST_ONLY, "")
         .await;
     let manual = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);
     wait_past(&manual, Duration::ZERO).await;

@@ -19,7 +19,9 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use sha2::Digest;
 
-use crate::support::env::{bucket_of, get, keys, list_json, manifest_of, TestEnv, S3_PREFIX};
+use crate::support::env::{
+    bucket_of, get, keys, list_json, manifest_of, TestEnv, KEEP_NEWEST_ONLY, S3_PREFIX,
+};
 
 async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
     store
@@ -257,11 +259,7 @@ async fn an_orphan_archive_and_a_stale_files_upload_are_cleaned_after_the_grace_
 async fn a_manifest_naming_another_snapshots_archive_does_not_count() {
     let env = TestEnv::start().await;
     let (config, store) = env
-        .small_databases_on_s3(
-            &["acme"],
-            "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
-            "",
-        )
+        .small_databases_on_s3(&["acme"], KEEP_NEWEST_ONLY, "")
         .await;
     env.pgferry(&config, &["backup"]).await.assert_code(0);
     let old = "20260101T000000Z";
@@ -485,11 +483,7 @@ async fn files_on_a_and_b(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
     let env = TestEnv::start().await;
-    let (config, _, a_store, b_store) = files_on_a_and_b(
-        &env,
-        "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }",
-    )
-    .await;
+    let (config, _, a_store, b_store) = files_on_a_and_b(&env, KEEP_NEWEST_ONLY).await;
     let first = env
         .pgferry(&config, &["backup", "--force"])
         .await
@@ -598,11 +592,7 @@ fn listed(run: &crate::support::env::Run) -> (Vec<(String, String)>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_without_its_files_archive_counts_nowhere_until_repair_copies_the_archive() {
     let env = TestEnv::start().await;
-    let (config, only_b, a_store, b_store) = files_on_a_and_b(
-        &env,
-        "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }",
-    )
-    .await;
+    let (config, only_b, a_store, b_store) = files_on_a_and_b(&env, KEEP_NEWEST_ONLY).await;
     let old = env
         .pgferry(&config, &["backup", "--force"])
         .await

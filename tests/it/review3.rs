@@ -10,7 +10,7 @@ use object_store::{path::Path as OPath, ObjectStore, PutPayload};
 use crate::repair::{b_down_for, kill_once_a_mib_went_up, slow_b, BMissed, SlowB};
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, corrupt_dump, dump_key, get, keys, manifest_of,
-    TestEnv,
+    TestEnv, KEEP_NEWEST_ONLY,
 };
 
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
@@ -323,13 +323,7 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
         first,
         missed,
         ..
-    } = b_down_for(
-        &env,
-        "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
-        "",
-        2,
-    )
-    .await;
+    } = b_down_for(&env, KEEP_NEWEST_ONLY, "", 2).await;
     let run = env.pgferry(&config, &["prune"]).await;
     let a_keys = keys(&a_store).await;
     // The snapshot the policy keeps (keep_last = 1 over every target's snapshots: the newest)

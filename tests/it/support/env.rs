@@ -312,6 +312,10 @@ pub fn source_toml(pg: &PgCluster, name: &str) -> String {
     )
 }
 
+/// A source's retention that keeps only the newest snapshot.
+pub const KEEP_NEWEST_ONLY: &str =
+    "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n";
+
 /// Key prefix of every S3 target the tests configure.
 pub const S3_PREFIX: &str = "backups";
 
