@@ -204,6 +204,22 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// Creates each of `databases` with a table `t` of `rows` rows.
+async fn tables_of_rows(env: &TestEnv, databases: &[&str], rows: u32) {
+    for db in databases {
+        env.pg.create_database(db).await.unwrap();
+        env.pg
+            .execute(
+                db,
+                &format!(
+                    "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, {rows}) g"
+                ),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 fn token_path(env: &TestEnv) -> PathBuf {
     env.dir.path().join("api-token")
 }
@@ -211,16 +227,7 @@ fn token_path(env: &TestEnv) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
     let env = TestEnv::start().await;
-    for db in ["alpha", "beta"] {
-        env.pg.create_database(db).await.unwrap();
-        env.pg
-            .execute(
-                db,
-                "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
-            )
-            .await
-            .unwrap();
-    }
+    tables_of_rows(&env, &["alpha", "beta"], 5000).await;
     let (s3, store) = env.s3_target("s3").await;
     let d = Daemon::start_with(
         &env,
@@ -342,16 +349,7 @@ async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_the_work_one_snapshot_per_database_per_slot() {
     let env = TestEnv::start().await;
-    for db in ["alpha", "beta", "gamma"] {
-        env.pg.create_database(db).await.unwrap();
-        env.pg
-            .execute(
-                db,
-                "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
-            )
-            .await
-            .unwrap();
-    }
+    tables_of_rows(&env, &["alpha", "beta", "gamma"], 20000).await;
     let (s3, store) = env.s3_target("s3").await;
     let body = |port: u16| {
         format!(
