@@ -318,6 +318,16 @@ async fn etags(store: &Arc<dyn ObjectStore>, c: &Crafted) -> Vec<Option<String>>
     out
 }
 
+/// One problem as [`problems`] lists it.
+fn problem(target: &str, id: &str, object: &str, kind: &str) -> (String, String, String, String) {
+    (
+        target.to_string(),
+        id.to_string(),
+        object.to_string(),
+        kind.to_string(),
+    )
+}
+
 /// The problems of a `check --json` run: (target, snapshot, object, kind).
 fn problems(json: &str) -> Vec<(String, String, String, String)> {
     let report: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -386,18 +396,8 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
     assert_eq!(
         listed,
         vec![
-            (
-                "b".to_string(),
-                missing.to_string(),
-                files(missing),
-                "object_missing".to_string()
-            ),
-            (
-                "b".to_string(),
-                truncated.to_string(),
-                files(truncated),
-                "wrong_size".to_string()
-            ),
+            problem("b", missing, &files(missing), "object_missing"),
+            problem("b", truncated, &files(truncated), "wrong_size"),
         ],
         "{}",
         check.stdout
@@ -417,12 +417,7 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
     read.assert_code(1);
     let read = problems(&read.stdout);
     assert_eq!(read.len(), 3, "{read:?}");
-    assert!(read.contains(&(
-        "b".to_string(),
-        flipped.to_string(),
-        files(flipped),
-        "wrong_hash".to_string()
-    )));
+    assert!(read.contains(&problem("b", flipped, &files(flipped), "wrong_hash")));
 
     let run = env.pgferry(&config, &["repair"]).await;
     run.assert_code(0);
@@ -499,12 +494,7 @@ async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
     check.assert_code(1);
     assert_eq!(
         problems(&check.stdout),
-        vec![(
-            "b".to_string(),
-            first.clone(),
-            files.clone(),
-            "object_missing".to_string()
-        )],
+        vec![problem("b", &first, &files, "object_missing")],
         "{}",
         check.stdout
     );
@@ -651,12 +641,7 @@ async fn a_copy_without_its_files_archive_counts_nowhere_until_repair_copies_the
     check.assert_code(1);
     assert_eq!(
         problems(&check.stdout),
-        vec![(
-            "b".to_string(),
-            id.clone(),
-            files.clone(),
-            "object_missing".to_string()
-        )],
+        vec![problem("b", &id, &files, "object_missing")],
         "{}",
         check.stdout
     );
@@ -718,18 +703,8 @@ async fn a_copy_without_its_files_archive_is_never_a_repair_source() {
     assert_eq!(
         problems(&check.stdout),
         vec![
-            (
-                "a".to_string(),
-                id.clone(),
-                dump.clone(),
-                "wrong_hash".to_string()
-            ),
-            (
-                "b".to_string(),
-                id.clone(),
-                files.clone(),
-                "object_missing".to_string()
-            ),
+            problem("a", &id, &dump, "wrong_hash"),
+            problem("b", &id, &files, "object_missing"),
         ],
         "{}",
         check.stdout
