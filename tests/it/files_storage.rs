@@ -53,15 +53,7 @@ struct Crafted {
 
 async fn craft(stores: &[&Arc<dyn ObjectStore>], ids: &[&str]) -> Crafted {
     let first = stores[0];
-    let now_id = keys(first)
-        .await
-        .iter()
-        .find_map(|k| {
-            k.strip_prefix("prod/acme/")?
-                .strip_suffix(".manifest.json")
-                .map(str::to_string)
-        })
-        .expect("a committed snapshot");
+    let now_id = crate::support::env::first_snapshot_in(first, "prod/acme").await;
     let manifest = get(first, &format!("prod/acme/{now_id}.manifest.json")).await;
     let object_key = manifest_of(&manifest)["object_key"]
         .as_str()

@@ -261,15 +261,7 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
 
     // A failing night: every copy is damaged, verify fails, and what it pushes still holds
     // shop's last success (read from the first night's report in the buckets).
-    let id = keys(&w.stores[0])
-        .await
-        .into_iter()
-        .find_map(|k| {
-            k.strip_prefix("prod/shop/")
-                .and_then(|k| k.strip_suffix(".manifest.json"))
-                .map(str::to_string)
-        })
-        .unwrap();
+    let id = env::first_snapshot_in(&w.stores[0], "prod/shop").await;
     for store in &w.stores {
         env::corrupt_dump(store, &id).await;
     }

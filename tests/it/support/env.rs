@@ -396,6 +396,20 @@ pub async fn get(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
         .expect("read object")
 }
 
+/// The id of the first snapshot with a manifest in `folder` (`<source>/<database>`) of
+/// `store`.
+pub async fn first_snapshot_in(store: &Arc<dyn ObjectStore>, folder: &str) -> String {
+    keys(store)
+        .await
+        .iter()
+        .find_map(|k| {
+            k.strip_prefix(&format!("{folder}/"))?
+                .strip_suffix(".manifest.json")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no committed snapshot in {folder}"))
+}
+
 /// A manifest's JSON.
 pub fn manifest_of(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("manifest is JSON")
