@@ -10,7 +10,7 @@ use std::time::Duration;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv, KEEP_NEWEST_ONLY};
+use crate::support::env::{self, get, keys, manifest_of, shift, Run, TestEnv, KEEP_NEWEST_ONLY};
 
 /// How long a test waits for the clock to pass a second boundary (ids are whole seconds).
 const CLOCK_DEADLINE: Duration = Duration::from_secs(10);
@@ -38,15 +38,6 @@ async fn wait_past(id: &str, after: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
 }
 
 /// Re-labels snapshot `from` of `folder` (under `store`'s root) as slot `to`, keeping its

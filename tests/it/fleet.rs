@@ -12,7 +12,9 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::support::api_daemon::ApiDaemon;
-use crate::support::env::{get, keys, list_json, listed_rows, manifest_of, Listed, Run, TestEnv};
+use crate::support::env::{
+    copy_snapshot, get, keys, list_json, listed_rows, manifest_of, shift, Listed, Run, TestEnv,
+};
 use crate::support::free_port;
 
 const INDEX: &str = "pgferry-index.json";
@@ -24,40 +26,14 @@ async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
         .unwrap_or_else(|e| panic!("put {key}: {e}"));
 }
 
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
-}
-
 /// Copies snapshot `id` of `db` (dump and manifest) to `count` older slots, an hour apart,
 /// with their data read an hour earlier each: what a fleet's history looks like, without
 /// waiting for it. Returns the new ids.
 async fn older_copies(store: &Arc<dyn ObjectStore>, db: &str, id: &str, count: i64) -> Vec<String> {
-    let manifest = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
-    let body = get(store, manifest["object_key"].as_str().unwrap()).await;
     let mut ids = Vec::new();
     for i in 1..=count {
         let new = shift(id, -3600 * i);
-        let mut m = manifest.clone();
-        let object = m["object_key"].as_str().unwrap().replace(id, &new);
-        put(store, &object, body.to_vec()).await;
-        let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap())
-            .unwrap()
-            - chrono::TimeDelta::hours(i);
-        m["snapshot_id"] = new.clone().into();
-        m["object_key"] = object.into();
-        m["started_at"] = started.to_rfc3339().into();
-        m["finished_at"] = started.to_rfc3339().into();
-        put(
-            store,
-            &format!("prod/{db}/{new}.manifest.json"),
-            serde_json::to_vec(&m).unwrap(),
-        )
-        .await;
+        copy_snapshot(store, db, id, &new, i).await;
         ids.push(new);
     }
     ids

@@ -19,8 +19,8 @@ use object_store::{ObjectStore, PutPayload};
 
 use crate::support::api_daemon::ApiDaemon;
 use crate::support::env::{
-    assert_every_manifest_names_an_intact_object, file_store, get, keys, list_json, listed_rows,
-    manifest_of, Listed, Run, TestEnv,
+    assert_every_manifest_names_an_intact_object, copy_snapshot, file_store, get, keys, list_json,
+    listed_rows, manifest_of, shift, Listed, Run, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::restore_argv;
@@ -498,35 +498,6 @@ impl ApiDaemon {
             .collect();
         (rows, v["next_cursor"].as_str().map(str::to_string))
     }
-}
-
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
-}
-
-/// A copy of snapshot `id` of `db` as snapshot `new`, its data read `hours` earlier.
-async fn copy_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str, new: &str, hours: i64) {
-    let mut m = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
-    let body = get(store, m["object_key"].as_str().unwrap()).await;
-    let object = m["object_key"].as_str().unwrap().replace(id, new);
-    put(store, &object, body.to_vec()).await;
-    let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap()).unwrap()
-        - chrono::TimeDelta::hours(hours);
-    m["snapshot_id"] = new.into();
-    m["object_key"] = object.into();
-    m["started_at"] = started.to_rfc3339().into();
-    m["finished_at"] = started.to_rfc3339().into();
-    put(
-        store,
-        &format!("prod/{db}/{new}.manifest.json"),
-        serde_json::to_vec(&m).unwrap(),
-    )
-    .await;
 }
 
 async fn delete_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str) {

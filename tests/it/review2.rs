@@ -16,7 +16,7 @@ use object_store::{ObjectStore, PutPayload};
 
 use crate::restore::World;
 use crate::support::env::{
-    get, keys, list_json, manifest_of, Listed, Run, TestEnv, PG_PASSWORD_VAR,
+    get, keys, list_json, manifest_of, shift, Listed, Run, TestEnv, PG_PASSWORD_VAR,
 };
 use crate::support::postgres::PgCluster;
 use crate::support::restore_argv;
@@ -223,14 +223,6 @@ async fn odd_destination_names_and_namespaces_are_refused() {
 
 fn listed_ids(run: &Run) -> Vec<(String, String)> {
     list_json(run).1.iter().map(Listed::key).collect()
-}
-
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

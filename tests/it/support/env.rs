@@ -410,6 +410,50 @@ pub async fn first_snapshot_in(store: &Arc<dyn ObjectStore>, folder: &str) -> St
         .unwrap_or_else(|| panic!("no committed snapshot in {folder}"))
 }
 
+/// Snapshot id `id` moved by `seconds`.
+pub fn shift(id: &str, seconds: i64) -> String {
+    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+        .unwrap()
+        .and_utc()
+        + chrono::TimeDelta::seconds(seconds);
+    t.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+/// A copy of snapshot `id` of `prod/<db>` in `store` (its dump and manifest) as snapshot
+/// `new`, its data read `hours` earlier.
+pub async fn copy_snapshot(
+    store: &Arc<dyn ObjectStore>,
+    db: &str,
+    id: &str,
+    new: &str,
+    hours: i64,
+) {
+    let put = |key: String, body: Vec<u8>| async move {
+        store
+            .put(
+                &object_store::path::Path::from(key.as_str()),
+                object_store::PutPayload::from(body),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let mut m = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
+    let body = get(store, m["object_key"].as_str().unwrap()).await;
+    let object = m["object_key"].as_str().unwrap().replace(id, new);
+    put(object.clone(), body.to_vec()).await;
+    let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap()).unwrap()
+        - chrono::TimeDelta::hours(hours);
+    m["snapshot_id"] = new.into();
+    m["object_key"] = object.into();
+    m["started_at"] = started.to_rfc3339().into();
+    m["finished_at"] = started.to_rfc3339().into();
+    put(
+        format!("prod/{db}/{new}.manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .await;
+}
+
 /// A manifest's JSON.
 pub fn manifest_of(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("manifest is JSON")
