@@ -28,12 +28,9 @@ async fn run_to_end(env: &TestEnv, child: tokio::process::Child) -> (Option<i32>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_table_lock_fails_the_backup_naming_the_blocking_pid() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, _store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{s3}\n[pipeline]\nlock_wait_timeout = \"2s\"\n",
-        env.source_toml("prod")
-    ));
+    let (config, _store) = env
+        .small_databases_on_s3(&["acme"], "", "\n[pipeline]\nlock_wait_timeout = \"2s\"\n")
+        .await;
     let holder = env.pg.client("acme").await.unwrap();
     holder
         .batch_execute(

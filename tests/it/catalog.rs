@@ -10,7 +10,7 @@ use std::time::Duration;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::env::{self, get, keys, manifest_of, shift, Run, TestEnv, KEEP_NEWEST_ONLY};
 
 /// How long a test waits for the clock to pass a second boundary (ids are whole seconds).
 const CLOCK_DEADLINE: Duration = Duration::from_secs(10);
@@ -38,15 +38,6 @@ async fn wait_past(id: &str, after: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
 }
 
 /// Re-labels snapshot `from` of `folder` (under `store`'s root) as slot `to`, keeping its
@@ -84,26 +75,10 @@ fn committed_ids(run: &Run) -> Vec<String> {
 
 /// The (snapshot, database, targets) rows `pgferry list --json` printed, newest data first.
 fn listed(run: &Run) -> Vec<(String, String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    v["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            let targets: Vec<&str> = s["targets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_str().unwrap())
-                .collect();
-            (
-                m["snapshot_id"].as_str().unwrap().to_string(),
-                m["database"].as_str().unwrap().to_string(),
-                targets.join(","),
-            )
-        })
+    env::list_json(run)
+        .1
+        .into_iter()
+        .map(|l| (l.snapshot_id, l.database, l.targets.join(",")))
         .collect()
 }
 
@@ -338,12 +313,9 @@ async fn at_between_a_slot_start_and_its_late_dump_picks_the_previous_snapshot()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_with_interleaved_manual_snapshots_keeps_the_newest_data() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(&["acme"], KEEP_NEWEST_ONLY, "")
+        .await;
     let manual = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);
     wait_past(&manual, Duration::ZERO).await;
     let late = committed_ids(&env.pgferry(&config, &["backup", "--force"]).await).remove(0);

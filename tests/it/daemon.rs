@@ -57,6 +57,25 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon on a free port, shutdown grace `grace`, with a config of `before`, the
+    /// `[daemon]` section, source `prod` with `source_keys` (schedule, databases, …), then
+    /// `targets`.
+    async fn start_with(
+        env: &TestEnv,
+        before: &str,
+        grace: &str,
+        source_keys: &str,
+        targets: &str,
+    ) -> Daemon {
+        let port = free_port();
+        let config = env.write_config(&format!(
+            "{before}{}{}{source_keys}{targets}",
+            daemon_toml(port, &token_path(env), grace),
+            env.source_toml("prod"),
+        ));
+        Daemon::start(env, &config, port).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -185,6 +204,22 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// Creates each of `databases` with a table `t` of `rows` rows.
+async fn tables_of_rows(env: &TestEnv, databases: &[&str], rows: u32) {
+    for db in databases {
+        env.pg.create_database(db).await.unwrap();
+        env.pg
+            .execute(
+                db,
+                &format!(
+                    "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, {rows}) g"
+                ),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 fn token_path(env: &TestEnv) -> PathBuf {
     env.dir.path().join("api-token")
 }
@@ -192,24 +227,16 @@ fn token_path(env: &TestEnv) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
     let env = TestEnv::start().await;
-    for db in ["alpha", "beta"] {
-        env.pg.create_database(db).await.unwrap();
-        env.pg
-            .execute(
-                db,
-                "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 5000) g",
-            )
-            .await
-            .unwrap();
-    }
+    tables_of_rows(&env, &["alpha", "beta"], 5000).await;
     let (s3, store) = env.s3_target("s3").await;
-    let port = free_port();
-    let config = env.write_config(&format!(
-        "{}{}schedule = \"*/3 * * * * *\"\nretention = {{ keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        daemon_toml(port, &token_path(&env), "30s"),
-        env.source_toml("prod"),
-    ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = Daemon::start_with(
+        &env,
+        "",
+        "30s",
+        "schedule = \"*/3 * * * * *\"\nretention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+        &s3,
+    )
+    .await;
 
     // Every database commits, and keeps committing slot after slot.
     d.wait_until(
@@ -261,7 +288,7 @@ async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
     promtool_check(&metrics);
 
     // A real Prometheus scrapes the running daemon and its query API answers for both.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", d.port).parse().unwrap();
     let series = tokio::task::spawn_blocking(move || {
         let prom = crate::support::prometheus::Prometheus::start("pgferry", &[addr]);
         prom.wait_for(
@@ -322,16 +349,7 @@ async fn scheduled_daemon_commits_every_database_exports_metrics_and_prunes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_the_work_one_snapshot_per_database_per_slot() {
     let env = TestEnv::start().await;
-    for db in ["alpha", "beta", "gamma"] {
-        env.pg.create_database(db).await.unwrap();
-        env.pg
-            .execute(
-                db,
-                "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
-            )
-            .await
-            .unwrap();
-    }
+    tables_of_rows(&env, &["alpha", "beta", "gamma"], 20000).await;
     let (s3, store) = env.s3_target("s3").await;
     let body = |port: u16| {
         format!(
@@ -405,14 +423,8 @@ async fn manual_backup_needs_the_bearer_token() {
         env::S3_PREFIX.len() * 7919 + std::process::id() as usize
     );
     std::fs::write(token_path(&env), format!("{token}\n")).unwrap();
-    let port = free_port();
     // A yearly schedule: the daemon catches up the current slot once at start, then idles.
-    let config = env.write_config(&format!(
-        "{}{}schedule = \"0 0 1 1 *\"\n{s3}",
-        daemon_toml(port, &token_path(&env), "30s"),
-        env.source_toml("prod"),
-    ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = Daemon::start_with(&env, "", "30s", "schedule = \"0 0 1 1 *\"\n", &s3).await;
     d.wait_until(
         "the start-up catch-up backup finished",
         Duration::from_secs(60),
@@ -483,13 +495,7 @@ async fn readyz_stays_200_while_the_s3_server_is_down_and_target_up_goes_0() {
     let mut env = TestEnv::start().await;
     env.pg.create_database("alpha").await.unwrap();
     let (s3, _store) = env.s3_target("s3").await;
-    let port = free_port();
-    let config = env.write_config(&format!(
-        "{}{}schedule = \"0 0 1 1 *\"\n{s3}",
-        daemon_toml(port, &token_path(&env), "30s"),
-        env.source_toml("prod"),
-    ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = Daemon::start_with(&env, "", "30s", "schedule = \"0 0 1 1 *\"\n", &s3).await;
     let up = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
         let d = &d;
         async move { sample(&d.get("/metrics").await.1, name, labels) }
@@ -558,14 +564,15 @@ async fn sigterm_during_a_long_dump_exits_within_grace_and_commits_nothing() {
         .await
         .unwrap();
     let (s3, store) = env.s3_target("s3").await;
-    let port = free_port();
     let grace = Duration::from_secs(3);
-    let config = env.write_config(&format!(
-        "{}[pipeline]\nzstd_level = 19\nzstd_workers = 1\n{}schedule = \"0 0 1 1 *\"\n{s3}",
-        daemon_toml(port, &token_path(&env), "3s"),
-        env.source_toml("prod"),
-    ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = Daemon::start_with(
+        &env,
+        "[pipeline]\nzstd_level = 19\nzstd_workers = 1\n",
+        "3s",
+        "schedule = \"0 0 1 1 *\"\n",
+        &s3,
+    )
+    .await;
     d.wait_until("the dump is running", Duration::from_secs(30), || async {
         d.status().await["databases"][0]["running"].is_object()
     })
@@ -622,13 +629,14 @@ async fn an_s3_server_killed_and_back_shows_in_the_metrics() {
     let mut env = TestEnv::start().await;
     env.pg.create_database("alpha").await.unwrap();
     let (s3, store) = env.s3_target("s3").await;
-    let port = free_port();
-    let config = env.write_config(&format!(
-        "{}{}databases = [\"alpha\"]\nschedule = \"*/2 * * * * *\"\n{s3}",
-        daemon_toml(port, &token_path(&env), "30s"),
-        env.source_toml("prod"),
-    ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = Daemon::start_with(
+        &env,
+        "",
+        "30s",
+        "databases = [\"alpha\"]\nschedule = \"*/2 * * * * *\"\n",
+        &s3,
+    )
+    .await;
     const DB: &[(&str, &str)] = &[("source", "prod"), ("database", "alpha")];
     const SUCCESS: &[(&str, &str)] = &[
         ("source", "prod"),

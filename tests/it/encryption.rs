@@ -9,7 +9,7 @@ use object_store::{ObjectStore, PutPayload};
 use sha2::Digest;
 
 use crate::backup::TRICKY_SQL;
-use crate::restore::{hook_path, json, without_hooked, World, STAGING_PW_VAR};
+use crate::restore::{hook_path, json, without_hooked, World};
 use crate::support::env::{self, get, keys, manifest_of, Run};
 use crate::support::postgres::PgCluster;
 use crate::support::restore_argv;
@@ -183,9 +183,9 @@ async fn two_recipients_each_identity_alone_restores_and_the_age_tool_opens_the_
 
     // Verify decrypts with [verify] identity_file.
     let verifying = w.config_plus(&format!(
-        "{}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nidentity_file = {:?}\n",
+        "{}\n[verify]\nurl = \"{}\"\nidentity_file = {:?}\n",
         encryption_toml(&[&k1, &k2], None),
-        w.staging.port(),
+        w.staging.url(),
         k2.file.display().to_string()
     ));
     let run = w

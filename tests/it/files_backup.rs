@@ -4,12 +4,14 @@
 //! Garage, real directories.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use age::secrecy::ExposeSecret;
+use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
 use crate::support::env::{
-    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
+    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, Run, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::rusage::pgferry_measured;
@@ -18,6 +20,24 @@ use crate::support::tree_of;
 /// `files = "<root>/{database}"`, the source key under test.
 fn files_key(root: &Path) -> String {
     format!("files = \"{}/{{database}}\"\n", root.display())
+}
+
+/// Backs up `databases` (a TOML array's items) of source `prod`, with companion files under
+/// `root`, to a fresh S3 target followed by `more` (other targets, sections); returns the
+/// run and the S3 target's store.
+async fn backup_with_files(
+    env: &TestEnv,
+    databases: &str,
+    root: &Path,
+    more: &str,
+) -> (Run, Arc<dyn ObjectStore>) {
+    let (s3, s3_store) = env.s3_target("s3").await;
+    let config = env.write_config(&format!(
+        "{}databases = [{databases}]\n{}{s3}{more}",
+        env.source_toml("prod"),
+        files_key(root)
+    ));
+    (env.pgferry(&config, &["backup"]).await, s3_store)
 }
 
 /// A small filestore: a binary file, an empty one, one in a nested directory, an empty
@@ -95,15 +115,8 @@ async fn files_are_archived_beside_the_dump_on_every_target_and_untar_identical(
     env.small_database("acme").await;
     let root = env.dir.path().join("filestore");
     write_tree(&root.join("acme"));
-    let (s3, s3_store) = env.s3_target("s3").await;
     let (file, file_dir) = env.file_target_toml("local");
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{}{s3}{file}",
-        env.source_toml("prod"),
-        files_key(&root)
-    ));
-
-    let run = env.pgferry(&config, &["backup"]).await;
+    let (run, s3_store) = backup_with_files(&env, "\"acme\"", &root, &file).await;
     run.assert_code(0);
     let committed = log_line(&run.stderr, "Backup committed.");
     assert!(
@@ -161,14 +174,7 @@ async fn a_missing_directory_commits_the_dump_with_files_none() {
     env.small_database("odd/name").await;
     let root = env.dir.path().join("filestore");
     std::fs::create_dir_all(&root).unwrap();
-    let (s3, s3_store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\", \"odd/name\"]\n{}{s3}",
-        env.source_toml("prod"),
-        files_key(&root)
-    ));
-
-    let run = env.pgferry(&config, &["backup"]).await;
+    let (run, s3_store) = backup_with_files(&env, "\"acme\", \"odd/name\"", &root, "").await;
     run.assert_code(0);
     assert!(
         run.stderr
@@ -214,14 +220,7 @@ async fn symlinks_and_special_files_are_skipped_and_counted() {
     std::os::unix::fs::symlink("../cd/sub/deep.txt", dir.join("ab/points-inside")).unwrap();
     std::os::unix::fs::symlink(env.dir.path(), dir.join("cd/dir-outside")).unwrap();
     sh(&format!("mkfifo '{}'", dir.join("cd/fifo").display())).await;
-    let (s3, s3_store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{}{s3}",
-        env.source_toml("prod"),
-        files_key(&root)
-    ));
-
-    let run = env.pgferry(&config, &["backup"]).await;
+    let (run, s3_store) = backup_with_files(&env, "\"acme\"", &root, "").await;
     run.assert_code(0);
     let warned = log_line(
         &run.stderr,
@@ -254,15 +253,12 @@ async fn encrypted_files_open_with_the_age_tool() {
     env.add_secret_var("PGFERRY_TEST_UNUSED_AGE_KEY", &secret);
     let key_file = env.dir.path().join("key.txt");
     std::fs::write(&key_file, format!("{secret}\n")).unwrap();
-    let (s3, s3_store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{}{s3}[encryption]\nrecipients = [\"{}\"]\n",
-        env.source_toml("prod"),
-        files_key(&root),
+    let encryption = format!(
+        "[encryption]\nrecipients = [\"{}\"]\n",
         identity.to_public()
-    ));
-
-    env.pgferry(&config, &["backup"]).await.assert_code(0);
+    );
+    let (run, s3_store) = backup_with_files(&env, "\"acme\"", &root, &encryption).await;
+    run.assert_code(0);
     let m = only_manifest(&s3_store, "acme").await;
     let key = m["files"]["object_key"].as_str().unwrap();
     assert!(key.ends_with(".files.tar.zst.age"), "{m}");
@@ -483,14 +479,7 @@ async fn a_files_path_that_is_not_a_directory_fails_the_run_and_leaves_nothing()
     let root = env.dir.path().join("filestore");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("acme"), b"a file, not the filestore").unwrap();
-    let (s3, s3_store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{}{s3}",
-        env.source_toml("prod"),
-        files_key(&root)
-    ));
-
-    let run = env.pgferry(&config, &["backup"]).await;
+    let (run, s3_store) = backup_with_files(&env, "\"acme\"", &root, "").await;
     run.assert_code(1);
     let out = run.output();
     assert!(

@@ -14,11 +14,8 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
-use crate::support::env::{self, get, keys, manifest_of, Run, TestEnv};
-use crate::support::postgres::PgCluster;
-use crate::support::{restore_argv, tree_of};
-
-const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
+use crate::support::env::{get, keys, manifest_of, plant_files_archive, Run, TestEnv};
+use crate::support::{names_in, restore_argv, tree_of, Staging};
 
 /// Odoo's attachment table (the columns that matter) and rows naming files in the
 /// filestore, one stored in the database (no file) and one URL (no file).
@@ -36,7 +33,7 @@ INSERT INTO ir_attachment (name, type) VALUES ('odoo.com', 'url');
 "#;
 
 /// What staging's `acme` holds before any restore.
-const PREVIOUS_SQL: &str =
+pub(crate) const PREVIOUS_SQL: &str =
     "CREATE TABLE previous_contents AS SELECT g AS id FROM generate_series(1, 10) g;";
 
 /// A hook that always fails.
@@ -62,34 +59,24 @@ fn attachment_files() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// The names in a directory, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Production (with a filestore), staging (with a previous database and filestore), two
-/// buckets, and configs tying them.
-struct World {
-    env: TestEnv,
-    staging: PgCluster,
-    stores: Vec<Arc<dyn ObjectStore>>,
+/// buckets, and configs tying them. `review18` uses it too.
+pub(crate) struct World {
+    pub(crate) env: TestEnv,
+    pub(crate) staging: Staging,
+    pub(crate) stores: Vec<Arc<dyn ObjectStore>>,
     /// The `[[target]]` sections of `stores`.
     targets: String,
     /// `<prod_fs>/acme` is production's filestore directory.
-    prod_fs: PathBuf,
+    pub(crate) prod_fs: PathBuf,
     /// `<staging_fs>/<database>` are staging's.
-    staging_fs: PathBuf,
-    config: PathBuf,
+    pub(crate) staging_fs: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 /// How a config of the world is written.
 #[derive(Clone, Copy)]
-struct Shape<'a> {
+pub(crate) struct Shape<'a> {
     source_files: bool,
     target_files: bool,
     hooks: &'a [&'a Path],
@@ -103,24 +90,22 @@ const FULL: Shape<'static> = Shape {
 
 impl World {
     async fn start() -> World {
+        World::start_with(ODOO_SQL, attachment_files()).await
+    }
+
+    /// Production's `acme` is made by `odoo_sql`, its filestore holds `files` (path, bytes).
+    pub(crate) async fn start_with(odoo_sql: &str, files: Vec<(String, Vec<u8>)>) -> World {
         let env = TestEnv::start().await;
-        let staging = PgCluster::start()
-            .await
-            .expect("start the staging PostgreSQL");
+        let staging = Staging::start(&env, PREVIOUS_SQL).await;
         env.pg.create_database("acme").await.unwrap();
-        env.pg.execute("acme", ODOO_SQL).await.unwrap();
-        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-        staging.create_database("acme").await.unwrap();
-        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
+        env.pg.execute("acme", odoo_sql).await.unwrap();
         let prod_fs = env.dir.path().join("prod-fs");
-        for (name, body) in attachment_files() {
+        for (name, body) in files {
             let p = prod_fs.join("acme").join(name);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
         }
         let staging_fs = env.dir.path().join("staging-fs");
-        std::fs::create_dir_all(staging_fs.join("acme/old")).unwrap();
-        std::fs::write(staging_fs.join("acme/old/previous.txt"), "previous files").unwrap();
         let (a, store_a) = env.s3_target("a").await;
         let (b, store_b) = env.s3_target("b").await;
         let mut w = World {
@@ -132,12 +117,36 @@ impl World {
             staging_fs,
             config: PathBuf::new(),
         };
+        w.reset_staging_files();
         w.config = w.config_for(FULL, "main").await;
         w
     }
 
+    /// Staging's `acme` directory as before any restore.
+    pub(crate) fn reset_staging_files(&self) {
+        let d = self.staging_fs.join("acme");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("old")).unwrap();
+        std::fs::write(d.join("old/previous.txt"), "previous files").unwrap();
+    }
+
+    /// A config whose restore target runs a hook that always fails (after the restore
+    /// settled what an earlier one left).
+    pub(crate) async fn failing_config(&self) -> PathBuf {
+        let hook = self.env.dir.path().join("fail.sql");
+        std::fs::write(&hook, FAILING_HOOK).unwrap();
+        self.config_for(
+            Shape {
+                hooks: &[&hook],
+                ..FULL
+            },
+            "failing",
+        )
+        .await
+    }
+
     /// A config of this world, written to `<dir>/<name>.toml`.
-    async fn config_for(&self, shape: Shape<'_>, name: &str) -> PathBuf {
+    pub(crate) async fn config_for(&self, shape: Shape<'_>, name: &str) -> PathBuf {
         let source_files = if shape.source_files {
             format!("files = \"{}/{{database}}\"\n", self.prod_fs.display())
         } else {
@@ -148,47 +157,29 @@ impl World {
         } else {
             String::new()
         };
-        let hooks = shape
-            .hooks
-            .iter()
-            .map(|h| format!("{:?}", h.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
         let body = format!(
-            "{}databases = [\"acme\"]\n{source_files}{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\n{target_files}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nchecks = []\n",
+            "{}databases = [\"acme\"]\n{source_files}{}\n{}{target_files}\n[verify]\nurl = \"{}\"\nchecks = []\n",
             self.env.source_toml("prod"),
             self.targets,
-            port = self.staging.port(),
+            self.staging.restore_target_toml(shape.hooks),
+            self.staging.url(),
         );
         let path = self.env.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, body).unwrap();
         path
     }
 
-    fn env_vars(&self) -> Vec<(String, String)> {
-        let mut vars = self.env.env_vars();
-        vars.push((
-            STAGING_PW_VAR.into(),
-            self.staging.superuser_password().to_string(),
-        ));
-        vars
+    pub(crate) async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
+        self.env.pgferry(config, args).await
     }
 
-    async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
-        let run = env::pgferry_with_env(config, args, &self.env_vars()).await;
-        let mut secrets = self.env.secrets();
-        secrets.push(self.staging.superuser_password().to_string());
-        env::assert_no_secret(&run.output(), &secrets);
-        run
-    }
-
-    async fn backup(&self) -> String {
+    pub(crate) async fn backup(&self) -> String {
         self.pgferry(&self.config, &["backup", "--source", "prod", "--force"])
             .await
             .snapshot_id()
     }
 
-    async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
+    pub(crate) async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
         self.pgferry(config, &restore_argv("acme", "staging-acme", extra))
             .await
     }
@@ -348,17 +339,7 @@ async fn a_failed_restore_leaves_the_database_and_its_files_untouched() {
     let want = tree_of(&w.prod_fs.join("acme"));
 
     // A hook that fails: nothing swapped, the extracted files removed.
-    let hook = w.env.dir.path().join("fail.sql");
-    std::fs::write(&hook, FAILING_HOOK).unwrap();
-    let failing = w
-        .config_for(
-            Shape {
-                hooks: &[&hook],
-                ..FULL
-            },
-            "failing",
-        )
-        .await;
+    let failing = w.failing_config().await;
     let before = w.staging_state().await;
     w.restore_with(&failing, &[]).await.assert_code(1);
     assert!(w.staging_state().await == before, "staging changed");
@@ -415,22 +396,6 @@ fn crafted_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// Replaces snapshot `id`'s files object on both buckets with `tar` (zstd), the manifests
-/// saying its true size, sha256 and file count: a committed archive that lies.
-async fn plant_archive(w: &World, id: &str, tar: &[u8], file_count: u64) {
-    let stored = zstd::encode_all(tar, 3).unwrap();
-    for i in 0..2 {
-        let (key, _) = files_object(w, i, id).await;
-        w.put(i, &key, stored.clone()).await;
-        let (mkey, mut m) = w.manifest(i, id).await;
-        m["files"]["sha256"] = hex::encode(Sha256::digest(&stored)).into();
-        m["files"]["stored_size"] = (stored.len() as u64).into();
-        m["files"]["raw_size"] = (tar.len() as u64).into();
-        m["files"]["file_count"] = file_count.into();
-        w.put(i, &mkey, serde_json::to_vec(&m).unwrap()).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_whose_entries_would_escape_are_refused() {
     let w = World::start().await;
@@ -468,7 +433,9 @@ async fn archives_whose_entries_would_escape_are_refused() {
         ),
     ];
     for (entry, tar) in cases {
-        plant_archive(&w, &id, &tar, 2).await;
+        for store in &w.stores {
+            plant_files_archive(store, &id, &tar, 2).await;
+        }
         let before = w.staging_state().await;
         let run = w.restore(&[]).await;
         run.assert_code(1);
@@ -606,17 +573,7 @@ async fn a_killed_restore_is_settled_by_the_next_one() {
     let w = World::start().await;
     let id = w.backup().await;
     // The next restores fail in their hook, after settling: what they settled stays to see.
-    let hook = w.env.dir.path().join("fail.sql");
-    std::fs::write(&hook, FAILING_HOOK).unwrap();
-    let failing = w
-        .config_for(
-            Shape {
-                hooks: &[&hook],
-                ..FULL
-            },
-            "failing",
-        )
-        .await;
+    let failing = w.failing_config().await;
     let dest = w.staging_fs.join("acme");
     let old = w.staging_fs.join(".pgferry-old-acme-20261127T140000Z");
     let previous = tree_of(&dest);

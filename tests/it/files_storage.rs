@@ -11,7 +11,7 @@
 //! backup side of companion files is not needed for any of this.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,9 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use sha2::Digest;
 
-use crate::support::env::{bucket_of, get, keys, manifest_of, TestEnv, S3_PREFIX};
+use crate::support::env::{
+    bucket_of, get, keys, list_json, manifest_of, TestEnv, KEEP_NEWEST_ONLY, S3_PREFIX,
+};
 
 async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
     store
@@ -51,15 +53,7 @@ struct Crafted {
 
 async fn craft(stores: &[&Arc<dyn ObjectStore>], ids: &[&str]) -> Crafted {
     let first = stores[0];
-    let now_id = keys(first)
-        .await
-        .iter()
-        .find_map(|k| {
-            k.strip_prefix("prod/acme/")?
-                .strip_suffix(".manifest.json")
-                .map(str::to_string)
-        })
-        .expect("a committed snapshot");
+    let now_id = crate::support::env::first_snapshot_in(first, "prod/acme").await;
     let manifest = get(first, &format!("prod/acme/{now_id}.manifest.json")).await;
     let object_key = manifest_of(&manifest)["object_key"]
         .as_str()
@@ -123,12 +117,13 @@ async fn prune_after_the_grace(env: &TestEnv, config: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_deletes_the_files_archive_with_its_snapshot_and_keeps_it_otherwise() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(
+            &["acme"],
+            "retention = { keep_last = 2, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+            "",
+        )
+        .await;
     env.pgferry(&config, &["backup"]).await.assert_code(0);
     let old = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z"];
     let c = craft(&[&store], &old).await;
@@ -255,12 +250,9 @@ async fn an_orphan_archive_and_a_stale_files_upload_are_cleaned_after_the_grace_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_naming_another_snapshots_archive_does_not_count() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{s3}",
-        env.source_toml("prod")
-    ));
+    let (config, store) = env
+        .small_databases_on_s3(&["acme"], KEEP_NEWEST_ONLY, "")
+        .await;
     env.pgferry(&config, &["backup"]).await.assert_code(0);
     let old = "20260101T000000Z";
     let c = craft(&[&store], &[old]).await;
@@ -316,6 +308,16 @@ async fn etags(store: &Arc<dyn ObjectStore>, c: &Crafted) -> Vec<Option<String>>
         out.push(store.head(&Key::parse(dump).unwrap()).await.unwrap().e_tag);
     }
     out
+}
+
+/// One problem as [`problems`] lists it.
+fn problem(target: &str, id: &str, object: &str, kind: &str) -> (String, String, String, String) {
+    (
+        target.to_string(),
+        id.to_string(),
+        object.to_string(),
+        kind.to_string(),
+    )
 }
 
 /// The problems of a `check --json` run: (target, snapshot, object, kind).
@@ -386,18 +388,8 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
     assert_eq!(
         listed,
         vec![
-            (
-                "b".to_string(),
-                missing.to_string(),
-                files(missing),
-                "object_missing".to_string()
-            ),
-            (
-                "b".to_string(),
-                truncated.to_string(),
-                files(truncated),
-                "wrong_size".to_string()
-            ),
+            problem("b", missing, &files(missing), "object_missing"),
+            problem("b", truncated, &files(truncated), "wrong_size"),
         ],
         "{}",
         check.stdout
@@ -417,12 +409,7 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
     read.assert_code(1);
     let read = problems(&read.stdout);
     assert_eq!(read.len(), 3, "{read:?}");
-    assert!(read.contains(&(
-        "b".to_string(),
-        flipped.to_string(),
-        files(flipped),
-        "wrong_hash".to_string()
-    )));
+    assert!(read.contains(&problem("b", flipped, &files(flipped), "wrong_hash")));
 
     let run = env.pgferry(&config, &["repair"]).await;
     run.assert_code(0);
@@ -447,12 +434,13 @@ async fn check_finds_missing_truncated_and_flipped_archives_and_repair_restores_
     }
 }
 
-/// End to end with the backup side (branch `files-backup`): a real backup with companion
-/// files on two targets, one target's archive deleted, `check` finds it, `repair` heals it,
-/// and prune at the end of retention deletes the expired snapshot's every object.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
-    let env = TestEnv::start().await;
+/// Database `acme` with companion files (20 files in `<dir>/filestore/acme`), backed up with
+/// `retention` to buckets a and b of the environment's Garage: the config, a config of b
+/// alone, and the two stores.
+async fn files_on_a_and_b(
+    env: &TestEnv,
+    retention: &str,
+) -> (PathBuf, PathBuf, Arc<dyn ObjectStore>, Arc<dyn ObjectStore>) {
     env.small_database("acme").await;
     let root = env.dir.path().join("filestore");
     let dir = root.join("acme");
@@ -466,22 +454,29 @@ async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
     }
     let (a, a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
+    let source = format!(
+        "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{retention}\n",
         env.source_toml("prod"),
         root.display()
-    ));
+    );
+    let config = env.write_config(&format!("{source}{a}{b}"));
+    let only_b = env.write_config(&format!("{source}{b}"));
+    (config, only_b, a_store, b_store)
+}
+
+/// End to end with the backup side (branch `files-backup`): a real backup with companion
+/// files on two targets, one target's archive deleted, `check` finds it, `repair` heals it,
+/// and prune at the end of retention deletes the expired snapshot's every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
+    let env = TestEnv::start().await;
+    let (config, _, a_store, b_store) = files_on_a_and_b(&env, KEEP_NEWEST_ONLY).await;
     let first = env
         .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
-    let manifest_key = format!("prod/acme/{first}.manifest.json");
+    let (manifest_key, dump, files) = snapshot_keys(&b_store, &first).await;
     let m = manifest_of(&get(&b_store, &manifest_key).await);
-    let files = m["files"]["object_key"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no files archive: {m}"))
-        .to_string();
-    let dump = m["object_key"].as_str().unwrap().to_string();
     env.pgferry(&config, &["check", "--read-data"])
         .await
         .assert_code(0);
@@ -491,12 +486,7 @@ async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
     check.assert_code(1);
     assert_eq!(
         problems(&check.stdout),
-        vec![(
-            "b".to_string(),
-            first.clone(),
-            files.clone(),
-            "object_missing".to_string()
-        )],
+        vec![problem("b", &first, &files, "object_missing")],
         "{}",
         check.stdout
     );
@@ -540,4 +530,200 @@ async fn a_real_backup_with_files_is_checked_repaired_and_pruned_whole() {
             "{left:?}"
         );
     }
+}
+
+/// The keys of snapshot `id`'s manifest, dump and files archive in `store`.
+async fn snapshot_keys(store: &Arc<dyn ObjectStore>, id: &str) -> (String, String, String) {
+    let manifest = format!("prod/acme/{id}.manifest.json");
+    let m = manifest_of(&get(store, &manifest).await);
+    let dump = m["object_key"].as_str().unwrap().to_string();
+    let files = m["files"]["object_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no files archive: {m}"))
+        .to_string();
+    (manifest, dump, files)
+}
+
+/// Every object of a store with its bytes and e_tag (an overwrite changes the e_tag).
+async fn objects(store: &Arc<dyn ObjectStore>) -> BTreeMap<String, (bytes::Bytes, Option<String>)> {
+    let mut out = BTreeMap::new();
+    for k in keys(store).await {
+        let e_tag = store.head(&Key::parse(&k).unwrap()).await.unwrap().e_tag;
+        out.insert(k.clone(), (get(store, &k).await, e_tag));
+    }
+    out
+}
+
+/// The (snapshot, targets) rows of a `list --json` run, and its warnings.
+fn listed(run: &crate::support::env::Run) -> (Vec<(String, String)>, String) {
+    let (v, rows) = list_json(run);
+    let rows = rows
+        .into_iter()
+        .map(|l| (l.snapshot_id, l.targets.join(",")))
+        .collect();
+    (rows, v["warnings"].to_string())
+}
+
+/// A copy whose companion-files archive is gone is no copy (the catalog's rule: a manifest
+/// counts only with its own archive, intact). b loses the newest snapshot's archive: `list`
+/// names a alone for it, and a config of b alone lists only the older one and warns; prune
+/// (keep_last = 1) keeps a's copy, the only whole one, and on b the older snapshot, b's last
+/// whole one, and writes nothing over the broken copy; `check` names the archive, not the
+/// dump. Repair copies the archive alone from a (b's intact dump is kept, not written
+/// again), then the manifest; everything checks clean, and the next prune goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_without_its_files_archive_counts_nowhere_until_repair_copies_the_archive() {
+    let env = TestEnv::start().await;
+    let (config, only_b, a_store, b_store) = files_on_a_and_b(&env, KEEP_NEWEST_ONLY).await;
+    let old = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    crate::support::next_second().await;
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let (manifest, dump, files) = snapshot_keys(&a_store, &id).await;
+    assert_eq!(
+        snapshot_keys(&b_store, &id).await,
+        (manifest.clone(), dump.clone(), files.clone())
+    );
+    b_store.delete(&Key::parse(&files).unwrap()).await.unwrap();
+    let b_broken = objects(&b_store).await;
+    let a_whole = objects(&a_store).await;
+
+    let (rows, _) = listed(&env.pgferry(&config, &["list", "--json"]).await);
+    assert_eq!(
+        rows,
+        vec![
+            (id.clone(), "a".to_string()),
+            (old.clone(), "a,b".to_string())
+        ],
+        "b's copy counted"
+    );
+    let (rows, warnings) = listed(&env.pgferry(&only_b, &["list", "--json"]).await);
+    assert_eq!(
+        rows,
+        vec![(old.clone(), "b".to_string())],
+        "b's copy counted alone"
+    );
+    assert!(
+        warnings.contains(&format!("{manifest}: the object it names, "))
+            && warnings.contains(&files)
+            && warnings.contains("does not exist"),
+        "{warnings}"
+    );
+
+    // Prune: a keeps the newest (its copy is the only whole one) and loses the older; b
+    // keeps the older, its newest whole snapshot, and its broken copy is left as it is.
+    env.pgferry(&config, &["prune"]).await.assert_code(0);
+    let a_left = objects(&a_store).await;
+    assert!(
+        a_left.keys().all(|k| !k.contains(&old)),
+        "{:?}",
+        a_left.keys()
+    );
+    for k in [&manifest, &dump, &files] {
+        assert_eq!(a_left.get(k), a_whole.get(k), "{k} changed on a");
+    }
+    assert_eq!(objects(&b_store).await, b_broken, "prune changed b");
+
+    let check = env.pgferry(&config, &["check", "--json"]).await;
+    check.assert_code(1);
+    assert_eq!(
+        problems(&check.stdout),
+        vec![problem("b", &id, &files, "object_missing")],
+        "{}",
+        check.stdout
+    );
+
+    let run = env.pgferry(&config, &["repair", "--json"]).await;
+    run.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let copies = report["copies"].as_array().unwrap();
+    assert_eq!(copies.len(), 1, "{report}");
+    assert_eq!(copies[0]["target"], "b", "{report}");
+    assert_eq!(copies[0]["from"], "a", "{report}");
+    assert_eq!(copies[0]["result"], "copied", "{report}");
+    assert_eq!(get(&b_store, &files).await, get(&a_store, &files).await);
+    assert_eq!(
+        objects(&b_store).await[&dump],
+        b_broken[&dump],
+        "the intact dump on b was written again"
+    );
+    let m = manifest_of(&get(&b_store, &manifest).await);
+    assert_eq!(m["targets"], serde_json::json!(["a", "b"]), "{m}");
+    assert_eq!(m["files"]["object_key"], files.as_str(), "{m}");
+    env.pgferry(&config, &["check", "--read-data"])
+        .await
+        .assert_code(0);
+
+    // b holds the newest whole now: the next prune removes its older one.
+    env.pgferry(&config, &["prune"]).await.assert_code(0);
+    let (rows, _) = listed(&env.pgferry(&config, &["list", "--json"]).await);
+    assert_eq!(rows, vec![(id.clone(), "a,b".to_string())]);
+    let (rows, warnings) = listed(&env.pgferry(&only_b, &["list", "--json"]).await);
+    assert_eq!(rows, vec![(id, "b".to_string())], "{warnings}");
+    assert!(keys(&b_store).await.iter().all(|k| !k.contains(&old)));
+}
+
+/// The other way round: a copy missing its archive is never a repair source, and repair
+/// copies only from a target holding a good copy (`src/repair.rs`). With a's dump damaged
+/// (same size, found by reading) and b's archive gone, neither copy is whole: repair writes
+/// nothing anywhere (b's dump does not heal a, a's archive does not complete b), reports for
+/// both targets that there is no good copy, and fails. (Healing each half from the other,
+/// both hash-checked, would be safe too; this pins the current promise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_without_its_files_archive_is_never_a_repair_source() {
+    let env = TestEnv::start().await;
+    let (config, _, a_store, b_store) =
+        files_on_a_and_b(&env, "retention = { keep_last = 100 }").await;
+    let id = env
+        .pgferry(&config, &["backup", "--force"])
+        .await
+        .snapshot_id();
+    let (_, dump, files) = snapshot_keys(&a_store, &id).await;
+    crate::support::env::corrupt_dump(&a_store, &id).await;
+    b_store.delete(&Key::parse(&files).unwrap()).await.unwrap();
+    let before = (objects(&a_store).await, objects(&b_store).await);
+
+    let check = env
+        .pgferry(&config, &["check", "--read-data", "--json"])
+        .await;
+    check.assert_code(1);
+    assert_eq!(
+        problems(&check.stdout),
+        vec![
+            problem("a", &id, &dump, "wrong_hash"),
+            problem("b", &id, &files, "object_missing"),
+        ],
+        "{}",
+        check.stdout
+    );
+
+    let run = env.pgferry(&config, &["repair", "--json"]).await;
+    run.assert_code(1);
+    let report: serde_json::Value =
+        serde_json::from_str(run.stdout.lines().last().unwrap_or_default()).unwrap();
+    let copies = report["copies"].as_array().unwrap();
+    assert_eq!(report["failed"], 2, "{report}");
+    for target in ["a", "b"] {
+        let copy = copies
+            .iter()
+            .find(|c| c["target"] == target)
+            .unwrap_or_else(|| panic!("no copy to {target}: {report}"));
+        assert_eq!(copy["result"], "failed", "{report}");
+        assert!(
+            copy["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("has no good copy to repair target {target} from")),
+            "{report}"
+        );
+    }
+    assert!(
+        (objects(&a_store).await, objects(&b_store).await) == before,
+        "repair wrote from a copy that is not whole"
+    );
 }

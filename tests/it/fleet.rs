@@ -7,12 +7,14 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv};
+use crate::support::api_daemon::ApiDaemon;
+use crate::support::env::{
+    copy_snapshot, get, keys, list_json, listed_rows, manifest_of, shift, Listed, Run, TestEnv,
+};
 use crate::support::free_port;
 
 const INDEX: &str = "pgferry-index.json";
@@ -24,40 +26,14 @@ async fn put(store: &Arc<dyn ObjectStore>, key: &str, body: Vec<u8>) {
         .unwrap_or_else(|e| panic!("put {key}: {e}"));
 }
 
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
-}
-
 /// Copies snapshot `id` of `db` (dump and manifest) to `count` older slots, an hour apart,
 /// with their data read an hour earlier each: what a fleet's history looks like, without
 /// waiting for it. Returns the new ids.
 async fn older_copies(store: &Arc<dyn ObjectStore>, db: &str, id: &str, count: i64) -> Vec<String> {
-    let manifest = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
-    let body = get(store, manifest["object_key"].as_str().unwrap()).await;
     let mut ids = Vec::new();
     for i in 1..=count {
         let new = shift(id, -3600 * i);
-        let mut m = manifest.clone();
-        let object = m["object_key"].as_str().unwrap().replace(id, &new);
-        put(store, &object, body.to_vec()).await;
-        let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap())
-            .unwrap()
-            - chrono::TimeDelta::hours(i);
-        m["snapshot_id"] = new.clone().into();
-        m["object_key"] = object.into();
-        m["started_at"] = started.to_rfc3339().into();
-        m["finished_at"] = started.to_rfc3339().into();
-        put(
-            store,
-            &format!("prod/{db}/{new}.manifest.json"),
-            serde_json::to_vec(&m).unwrap(),
-        )
-        .await;
+        copy_snapshot(store, db, id, &new, i).await;
         ids.push(new);
     }
     ids
@@ -78,24 +54,11 @@ async fn manifests(store: &Arc<dyn ObjectStore>) -> BTreeSet<(String, String)> {
 
 /// (database, snapshot id) of what `pgferry list --json` printed; no row twice.
 fn listed(run: &Run) -> BTreeSet<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    rows(&v["snapshots"])
+    rows(&list_json(run).0["snapshots"])
 }
 
 fn rows(snapshots: &serde_json::Value) -> BTreeSet<(String, String)> {
-    let all: Vec<(String, String)> = snapshots
-        .as_array()
-        .expect("an array of snapshots")
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let all: Vec<(String, String)> = listed_rows(snapshots).iter().map(Listed::key).collect();
     let set: BTreeSet<_> = all.iter().cloned().collect();
     assert_eq!(set.len(), all.len(), "a snapshot listed twice: {all:?}");
     set
@@ -118,44 +81,6 @@ fn indexed_names(index: &serde_json::Value) -> BTreeSet<String> {
         .iter()
         .map(|e| e["stamp"]["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-/// A daemon on a free port, killed when dropped.
-struct Daemon {
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl Daemon {
-    async fn start(env: &TestEnv, config: &Path, port: u16) -> Daemon {
-        let child = env
-            .command(config, &["daemon"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start pgferry daemon");
-        let d = Daemon {
-            _child: child,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.get("/healthz", None).await.0 != 200 {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        d
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{}{path}", self.port));
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        match req.send().await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
 }
 
 fn daemon_toml(port: u16, env: &TestEnv, read_token: bool) -> String {
@@ -206,7 +131,7 @@ async fn pagination_walks_every_snapshot_exactly_once() {
     let want = manifests(&store).await;
     assert_eq!(want.len(), 14);
 
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
     let mut seen: Vec<(String, String)> = Vec::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
@@ -250,13 +175,7 @@ async fn pagination_walks_every_snapshot_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_index_follows_manifests_changed_behind_pgferrys_back_and_is_never_trusted_over_them() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    env.small_database("globex").await;
-    let (s3, store) = env.s3_target("s3").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\", \"globex\"]\n{s3}",
-        env.source_toml("prod"),
-    ));
+    let (config, store) = env.small_databases_on_s3(&["acme", "globex"], "", "").await;
     fleet(&env, &store, &config, 3).await;
     assert_eq!(
         listed(&env.pgferry(&config, &["list", "--json"]).await),
@@ -435,7 +354,7 @@ async fn the_read_token_guards_the_read_endpoints_and_not_the_probes() {
     ));
     std::fs::write(env.dir.path().join("read-token"), "r3ad\n").unwrap();
     std::fs::write(env.dir.path().join("api-token"), "wr1te\n").unwrap();
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
     for path in ["/api/v1/status", "/api/v1/snapshots", "/"] {
         assert_eq!(d.get(path, None).await.0, 401, "{path} without a token");
         assert_eq!(d.get(path, Some("nope")).await.0, 401, "{path} wrong token");

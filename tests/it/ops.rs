@@ -4,6 +4,7 @@
 
 use crate::restore::World;
 use crate::support::env::{self, TestEnv};
+use crate::support::restore_argv;
 
 /// The last line of stdout, parsed: every verb's `--json` contract.
 #[track_caller]
@@ -123,16 +124,7 @@ async fn every_verbs_json_last_line_parses_and_logs_carry_no_escape_codes() {
         (&["repair", "--dry-run", "--json"][..], "copies"),
         (&["repair", "--json"][..], "copies"),
         (
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "staging-acme",
-                "--json",
-            ][..],
+            &restore_argv("acme", "staging-acme", &["--json"])[..],
             "restore",
         ),
     ] {
@@ -153,19 +145,7 @@ async fn every_verbs_json_last_line_parses_and_logs_carry_no_escape_codes() {
     assert_eq!(v["result"], "error", "{v}");
     assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
     let run = w
-        .pgferry_with(
-            config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "production",
-                "--json",
-            ],
-        )
+        .pgferry_with(config, &restore_argv("acme", "production", &["--json"]))
         .await;
     assert_ne!(run.code, 0);
     assert_ne!(last_json(&run)["result"], "success");

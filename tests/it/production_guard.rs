@@ -10,6 +10,7 @@ use std::io::Write;
 use crate::restore::World;
 use crate::support::env::PG_PASSWORD_VAR;
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 /// Lets production also listen on 127.0.0.2 and ::1, as a server with several addresses does.
 async fn listen_on_more_addresses(pg: &mut PgCluster) {
@@ -77,20 +78,7 @@ async fn restore_onto_a_source_server_is_refused_under_every_spelling_and_name()
         // A name the source does not back up passes the address rule; the identity refuses.
         for name in ["acme_copy", "acme"] {
             let run = w
-                .pgferry_with(
-                    &config,
-                    &[
-                        "restore",
-                        "--source",
-                        "prod",
-                        "--database",
-                        "acme",
-                        "--to",
-                        ns,
-                        "--as",
-                        name,
-                    ],
-                )
+                .pgferry_with(&config, &restore_argv("acme", ns, &["--as", name]))
                 .await;
             run.assert_code(2);
             let out = run.output();
@@ -101,20 +89,7 @@ async fn restore_onto_a_source_server_is_refused_under_every_spelling_and_name()
             );
         }
         let run = w
-            .pgferry_with(
-                &config,
-                &[
-                    "restore",
-                    "--source",
-                    "prod",
-                    "--database",
-                    "acme",
-                    "--to",
-                    ns,
-                    "--as",
-                    "acme_copy",
-                ],
-            )
+            .pgferry_with(&config, &restore_argv("acme", ns, &["--as", "acme_copy"]))
             .await;
         assert!(
             run.output().contains("source \"prod\"") || run.output().contains("was taken from"),
@@ -162,17 +137,7 @@ async fn a_template_database_and_a_bad_namespace_are_refused() {
         "Staging-A",
         "staging-a:1",
     ] {
-        let run = w
-            .pgferry(&[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                ns,
-            ])
-            .await;
+        let run = w.pgferry(&restore_argv("acme", ns, &[])).await;
         run.assert_code(2);
         assert!(
             run.output().contains("not a namespace name"),

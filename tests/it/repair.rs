@@ -5,6 +5,7 @@
 //! and the next one finishes.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,42 +43,89 @@ fn manifests_and_dumps(c: &BTreeMap<String, (String, Option<String>)>) -> BTreeM
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_alone() {
-    let env = TestEnv::start().await;
+/// Database `acme` backed up to target a (the environment's Garage) and b (a Garage of its
+/// own): once while both are up, then `missed` times while b's server is down.
+pub(crate) struct BMissed {
+    /// The config of both targets: `source`, a, b, then the caller's `more`.
+    pub(crate) config: PathBuf,
+    /// The `[[source]]` with its databases and retention.
+    pub(crate) source: String,
+    /// b's `[[target]]`.
+    pub(crate) b: String,
+    pub(crate) a_store: Arc<dyn ObjectStore>,
+    pub(crate) b_store: Arc<dyn ObjectStore>,
+    /// b's server, up again (it stops when dropped).
+    pub(crate) b_server: Garage,
+    /// The snapshot both targets took.
+    pub(crate) first: String,
+    /// The snapshots b missed, oldest first.
+    pub(crate) missed: Vec<String>,
+}
+
+pub(crate) async fn b_down_for(
+    env: &TestEnv,
+    retention: &str,
+    more: &str,
+    missed: usize,
+) -> BMissed {
     env.small_database("acme").await;
-    let staging = PgCluster::start().await.expect("staging PostgreSQL");
-    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-    env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
     let (a, a_store) = env.s3_target("a").await;
     let mut b_server = Garage::start().await.expect("second Garage");
     let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let restore_target = format!(
-        "[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{PGFERRY_TEST_STAGING_PW}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\n[restore]\nspool_dir = {:?}\n",
-        staging.port(),
-        env.dir.path().join("spool").display().to_string()
-    );
     let source = format!(
-        "{}databases = [\"acme\"]\n{KEEP_ALL}",
+        "{}databases = [\"acme\"]\n{retention}",
         env.source_toml("prod")
     );
-    let config = env.write_config(&format!("{source}{a}{b}{restore_target}"));
-    env.pgferry(&config, &["backup", "--force"])
+    let config = env.write_config(&format!("{source}{a}{b}{more}"));
+    let first = env
+        .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
-
     b_server.stop().await.unwrap();
-    let mut missed = Vec::new();
-    for _ in 0..3 {
+    let mut ids = Vec::new();
+    for _ in 0..missed {
         // `--force` names a snapshot by the current second: one per second at most.
         crate::support::next_second().await;
-        missed.push(
+        ids.push(
             env.pgferry(&config, &["backup", "--force"])
                 .await
                 .snapshot_id(),
         );
     }
     b_server.start_again().await.unwrap();
+    BMissed {
+        config,
+        source,
+        b,
+        a_store,
+        b_store,
+        b_server,
+        first,
+        missed: ids,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_three_slots_is_repaired_byte_identical_and_restores_alone() {
+    let env = TestEnv::start().await;
+    let staging = PgCluster::start().await.expect("staging PostgreSQL");
+    staging.create_role("odoo", "odoo-pw", "").await.unwrap();
+    env.add_secret_var("PGFERRY_TEST_STAGING_PW", staging.superuser_password());
+    let restore_target = format!(
+        "[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{PGFERRY_TEST_STAGING_PW}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\n[restore]\nspool_dir = {:?}\n",
+        staging.port(),
+        env.dir.path().join("spool").display().to_string()
+    );
+    let BMissed {
+        config,
+        source,
+        b,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        missed,
+        ..
+    } = b_down_for(&env, KEEP_ALL, &restore_target, 3).await;
 
     let check = env.pgferry(&config, &["check"]).await;
     check.assert_code(1);
@@ -212,14 +260,26 @@ async fn a_flipped_byte_is_found_by_read_data_and_healed_without_touching_the_go
     assert_eq!(contents(&a_store).await, good);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes() {
-    let env = TestEnv::start().await;
+/// Database `big` (200 000 random rows) backed up to target a alone; b is reached directly
+/// or through a proxy throttled to `rate` bytes/s up.
+pub(crate) struct SlowB {
+    pub(crate) a_store: Arc<dyn ObjectStore>,
+    pub(crate) b_store: Arc<dyn ObjectStore>,
+    pub(crate) proxy: Proxy,
+    /// The config of a and b through the proxy.
+    pub(crate) slow_b: PathBuf,
+    /// The config of a and b.
+    pub(crate) fast_b: PathBuf,
+    /// The snapshot on a.
+    pub(crate) id: String,
+}
+
+pub(crate) async fn slow_b(env: &TestEnv, rate: u64) -> SlowB {
     env.random_rows_database("big", 200_000).await;
-    let (a, _a_store) = env.s3_target("a").await;
+    let (a, a_store) = env.s3_target("a").await;
     let (b, b_store) = env.s3_target("b").await;
     let proxy = Proxy::start(&env.s3.endpoint()).await;
-    proxy.throttle_up(256 * 1024);
+    proxy.throttle_up(rate);
     let source = format!(
         "{}databases = [\"big\"]\n{KEEP_ALL}",
         env.source_toml("prod")
@@ -229,7 +289,42 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
         .pgferry(&only_a, &["backup", "--force"])
         .await
         .snapshot_id();
-    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+    SlowB {
+        slow_b: env.write_config(&format!("{source}{a}{}", proxy.reroute(&b))),
+        fast_b: env.write_config(&format!("{source}{a}{b}")),
+        a_store,
+        b_store,
+        proxy,
+        id,
+    }
+}
+
+/// Kills `repair` once a good part of its copy went up through `proxy` (1 MiB, within 120
+/// s), well before the end.
+pub(crate) async fn kill_once_a_mib_went_up(proxy: &Proxy, repair: &mut tokio::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while proxy.bytes_up() < 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the copy never started");
+        assert!(
+            repair.try_wait().unwrap().is_none(),
+            "repair ended before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    repair.start_kill().unwrap();
+    repair.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes() {
+    let env = TestEnv::start().await;
+    let SlowB {
+        b_store,
+        proxy,
+        slow_b,
+        id,
+        ..
+    } = slow_b(&env, 256 * 1024).await;
 
     let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -242,18 +337,7 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
         }
         seen
     });
-    // Kill it once a good part of the object went up, well before the end.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while proxy.bytes_up() < 1024 * 1024 {
-        assert!(Instant::now() < deadline, "the copy never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "repair ended before the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    kill_once_a_mib_went_up(&proxy, &mut child).await;
     let log = log.await.unwrap();
     assert!(log.contains("Repair copying a snapshot."), "{log}");
     let left = keys(&b_store).await;
@@ -295,21 +379,13 @@ async fn a_repair_killed_mid_copy_leaves_no_manifest_and_the_next_one_finishes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_repair_leaves_a_live_repairs_upload_alone() {
     let env = TestEnv::start().await;
-    env.random_rows_database("big", 200_000).await;
-    let (a, _a_store) = env.s3_target("a").await;
-    let (b, b_store) = env.s3_target("b").await;
-    let proxy = Proxy::start(&env.s3.endpoint()).await;
-    proxy.throttle_up(512 * 1024);
-    let source = format!(
-        "{}databases = [\"big\"]\n{KEEP_ALL}",
-        env.source_toml("prod")
-    );
-    let only_a = env.write_config(&format!("{source}{a}"));
-    env.pgferry(&only_a, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
-    let fast_b = env.write_config(&format!("{source}{a}{b}"));
+    let SlowB {
+        b_store,
+        proxy,
+        slow_b,
+        fast_b,
+        ..
+    } = slow_b(&env, 512 * 1024).await;
 
     let first = env.command(&slow_b, &["repair"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -11,10 +11,7 @@ use object_store::ObjectStore;
 use crate::backup::TRICKY_SQL;
 use crate::support::env::{self, Run, TestEnv};
 use crate::support::postgres::PgCluster;
-use crate::support::restore_argv;
-
-/// Environment variable carrying the staging cluster's superuser password into the config.
-pub(crate) const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
+use crate::support::{restore_argv, Staging};
 
 /// Tables the shipped Odoo hook changes: compared by their expected effect, not by hash.
 const HOOKED: [&str; 4] = [
@@ -46,7 +43,7 @@ INSERT INTO previous_contents SELECT g, 'kept ' || g FROM generate_series(1, 100
 /// A production cluster + Garage (two buckets), a staging cluster, and a config tying them.
 pub(crate) struct World {
     pub(crate) env: TestEnv,
-    pub(crate) staging: PgCluster,
+    pub(crate) staging: Staging,
     pub(crate) stores: Vec<Arc<dyn ObjectStore>>,
     /// The Garage buckets of `stores`.
     pub(crate) buckets: Vec<String>,
@@ -66,29 +63,19 @@ impl World {
     /// target's hook files; `more_toml` is appended to the config.
     pub(crate) async fn start(extra_sql: &str, hooks: &[String], more_toml: &str) -> World {
         let env = TestEnv::start().await;
-        let staging = PgCluster::start()
-            .await
-            .expect("start the staging PostgreSQL");
+        let staging = Staging::start(&env, PREVIOUS_SQL).await;
         env.pg.create_database("acme").await.unwrap();
         env.pg
             .execute("acme", &format!("{ODOO_SQL}{extra_sql}"))
             .await
             .unwrap();
-        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-        staging.create_database("acme").await.unwrap();
-        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
         let (a, store_a) = env.s3_target("a").await;
         let (b, store_b) = env.s3_target("b").await;
         let spool = env.dir.path().join("spool");
-        let hooks = hooks
-            .iter()
-            .map(|h| format!("{h:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         let config = env.write_config(&format!(
-            "{}databases = [\"acme\"]\n{a}{b}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\n{more_toml}\n[restore]\nspool_dir = {:?}\n",
+            "{}databases = [\"acme\"]\n{a}{b}\n{}{more_toml}\n[restore]\nspool_dir = {:?}\n",
             env.source_toml("prod"),
-            staging.port(),
+            staging.restore_target_toml(hooks),
             spool.display().to_string(),
         ));
         World {
@@ -101,26 +88,19 @@ impl World {
         }
     }
 
+    /// The variables `${VAR}` in this world's configs expand from (staging's password too).
     pub(crate) fn env_vars(&self) -> Vec<(String, String)> {
-        let mut vars = self.env.env_vars();
-        vars.push((
-            STAGING_PW_VAR.into(),
-            self.staging.superuser_password().to_string(),
-        ));
-        vars
+        self.env.env_vars()
     }
 
     pub(crate) async fn pgferry(&self, args: &[&str]) -> Run {
         self.pgferry_with(&self.config, args).await
     }
 
-    /// Runs pgferry with another config of this world (same servers and variables).
+    /// Runs pgferry with another config of this world (same servers and variables); fails
+    /// the test if any secret, staging's password included, shows in the output.
     pub(crate) async fn pgferry_with(&self, config: &std::path::Path, args: &[&str]) -> Run {
-        let run = env::pgferry_with_env(config, args, &self.env_vars()).await;
-        let mut secrets = self.env.secrets();
-        secrets.push(self.staging.superuser_password().to_string());
-        env::assert_no_secret(&run.output(), &secrets);
-        run
+        self.env.pgferry(config, args).await
     }
 
     /// Backs up `acme` and returns the new snapshot id.
@@ -346,15 +326,7 @@ async fn killed_restore_leaves_staging_untouched_and_the_next_run_cleans_up() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
         .arg("--config")
         .arg(&w.config)
-        .args([
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ])
+        .args(restore_argv("acme", "staging-acme", &[]))
         .envs(w.env_vars())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::restore::World;
+use crate::support::restore_argv;
 
 /// How soon after the signal the restore must have ended.
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
@@ -41,18 +42,9 @@ async fn a_signal_during_a_slow_hook_ends_the_restore_within_seconds_leaving_not
         .assert_code(0);
     let before = w.staging.table_fingerprints("acme").await.unwrap();
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        let mut cmd = w.env.command(
-            &w.config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "staging-acme",
-            ],
-        );
+        let mut cmd = w
+            .env
+            .command(&w.config, &restore_argv("acme", "staging-acme", &[]));
         cmd.envs(w.env_vars());
         let child = cmd.spawn().unwrap();
         // Wait until the hook's query runs on staging.
@@ -133,17 +125,7 @@ async fn file_target_objects_and_the_spool_are_private() {
     assert!(!spool.exists());
     w.pgferry_with(
         &config,
-        &[
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-            "--jobs",
-            "2",
-        ],
+        &restore_argv("acme", "staging-acme", &["--jobs", "2"]),
     )
     .await
     .assert_code(0);

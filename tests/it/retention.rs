@@ -27,15 +27,7 @@ async fn prune_applies_the_policy_on_s3() {
         env.source_toml("prod")
     ));
     env.pgferry(&config, &["backup"]).await.assert_code(0);
-    let now_id = keys(&store)
-        .await
-        .iter()
-        .find_map(|k| {
-            k.strip_prefix("prod/acme/")?
-                .strip_suffix(".manifest.json")
-                .map(str::to_string)
-        })
-        .expect("a committed snapshot");
+    let now_id = crate::support::env::first_snapshot_in(&store, "prod/acme").await;
     // Older snapshots: copies of the real one under older ids.
     let manifest = get(&store, &format!("prod/acme/{now_id}.manifest.json")).await;
     let object_key = crate::support::env::manifest_of(&manifest)["object_key"]

@@ -64,7 +64,7 @@ fn pipeline(extra: &str) -> String {
 }
 
 fn retention_keep_one() -> &'static str {
-    "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n"
+    crate::support::env::KEEP_NEWEST_ONLY
 }
 
 async fn big_database(env: &TestEnv, name: &str, rows: u32) {

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
+use crate::support::api_daemon::ApiDaemon;
 use crate::support::env::{
-    assert_every_manifest_names_an_intact_object, file_store, get, keys, manifest_of, TestEnv,
+    assert_every_manifest_names_an_intact_object, copy_snapshot, file_store, get, keys, list_json,
+    listed_rows, manifest_of, shift, Listed, Run, TestEnv,
 };
 use crate::support::proxy::{Proxy, RequestClass};
 use crate::support::restore_argv;
@@ -164,40 +166,75 @@ fn after_bytes_up(proxy: Arc<Proxy>, bytes: u64, then: impl FnOnce(&Proxy) + Sen
     });
 }
 
+/// Size of database `big`'s one large object in the dying-targets tests.
+const MIB: usize = 64;
+
+/// Database `big` ([`MIB`] MiB of random bytes) and two targets that die once 12 MiB went up
+/// through their proxies: "failing" answers every part with 500, "stalling" stalls.
+struct Dying {
+    fail_proxy: Arc<Proxy>,
+    stall_proxy: Arc<Proxy>,
+    failing_store: Arc<dyn ObjectStore>,
+    stalling_store: Arc<dyn ObjectStore>,
+    /// At the smallest memory budget: `healthy` (targets that stay up) first, then the two.
+    config: std::path::PathBuf,
+}
+
+impl Dying {
+    async fn start(env: &TestEnv, healthy: &str) -> Dying {
+        env.pg.create_database("big").await.unwrap();
+        env.random_large_object("big", MIB).await;
+        let (failing, failing_store) = env.s3_target("failing").await;
+        let (stalling, stalling_store) = env.s3_target("stalling").await;
+        let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+        let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
+        // Slow enough that the parts pile up behind them (and hold the budget) before they die.
+        fail_proxy.throttle_up(8 << 20);
+        stall_proxy.throttle_up(8 << 20);
+        let config = env.write_config(&format!(
+            "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{healthy}{}{}",
+            env.source_toml("prod"),
+            fail_proxy.reroute(&failing),
+            stall_proxy.reroute(&stalling),
+        ));
+        after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
+            p.fail_requests(500, RequestClass::UploadPart, None)
+        });
+        after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
+        Dying {
+            fail_proxy,
+            stall_proxy,
+            failing_store,
+            stalling_store,
+            config,
+        }
+    }
+
+    /// Runs the backup (hung for 120 s with `what`: a failure), then heals the proxies;
+    /// returns the run and how long it took.
+    async fn backup(&self, env: &TestEnv, what: &str) -> (Run, Duration) {
+        let started = Instant::now();
+        let run = tokio::time::timeout(
+            Duration::from_secs(120),
+            env.pgferry(&self.config, &["backup"]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the backup hung for 120 s with {what} at the smallest budget"));
+        let took = started.elapsed();
+        self.fail_proxy.stop_failing();
+        self.stall_proxy.stall(false);
+        (run, took)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
-    const MIB: usize = 64;
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.random_large_object("big", MIB).await;
     let (good, good_store) = env.s3_target("good").await;
-    let (failing, _) = env.s3_target("failing").await;
-    let (stalling, _) = env.s3_target("stalling").await;
-    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    // Slow enough that the parts pile up behind them (and hold the budget) before they die.
-    fail_proxy.throttle_up(8 << 20);
-    stall_proxy.throttle_up(8 << 20);
-    let config = env.write_config(&format!(
-        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{good}{}{}",
-        env.source_toml("prod"),
-        fail_proxy.reroute(&failing),
-        stall_proxy.reroute(&stalling),
-    ));
-    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
-        p.fail_requests(500, RequestClass::UploadPart, None)
-    });
-    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
-
-    let started = Instant::now();
-    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
-        .await
-        .expect("the backup hung for 120 s with two dying targets at the smallest budget");
-    let took = started.elapsed();
-    fail_proxy.stop_failing();
-    stall_proxy.stall(false);
+    let dying = Dying::start(&env, &good).await;
+    let (run, took) = dying.backup(&env, "two dying targets").await;
     assert!(
-        fail_proxy.served(500) > 0,
+        dying.fail_proxy.served(500) > 0,
         "the failure never triggered\n{}",
         run.output()
     );
@@ -224,22 +261,8 @@ async fn targets_dying_midway_at_the_smallest_budget_never_hang_the_backup() {
 //    through the indexes list wrote) once each, and the index of one is never another's.
 
 /// (database, snapshot id) of what `pgferry list --json` printed; no row twice.
-fn listed(run: &crate::support::env::Run) -> Vec<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout)
-        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", run.output()));
-    let mut rows: Vec<(String, String)> = v["snapshots"]
-        .as_array()
-        .expect("an array of snapshots")
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+fn listed(run: &Run) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = list_json(run).1.iter().map(Listed::key).collect();
     rows.sort();
     rows
 }
@@ -461,48 +484,7 @@ async fn manifest_rows(store: &Arc<dyn ObjectStore>) -> Vec<(String, String)> {
 //    after, and others) and added between pages, a cursor of another filter or past the end,
 //    and the read token offered to the mutating endpoint.
 
-/// A daemon on a free port, killed when dropped.
-struct Daemon {
-    _child: tokio::process::Child,
-    port: u16,
-}
-
-impl Daemon {
-    async fn start(env: &TestEnv, config: &std::path::Path, port: u16) -> Daemon {
-        let child = env
-            .command(config, &["daemon"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start pgferry daemon");
-        let d = Daemon {
-            _child: child,
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while d.request("GET", "/healthz", None).await.0 != 200 {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        d
-    }
-
-    async fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let client = reqwest::Client::new();
-        let mut req = match method {
-            "POST" => client.post(url).json(&serde_json::json!({})),
-            _ => client.get(url),
-        };
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        match req.send().await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
-
+impl ApiDaemon {
     /// One page: its (database, id) rows in order, and its next cursor.
     async fn page(&self, query: &str, token: &str) -> (Vec<(String, String)>, Option<String>) {
         let (code, body) = self
@@ -510,48 +492,12 @@ impl Daemon {
             .await;
         assert_eq!(code, 200, "{query}: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).expect("a page is JSON");
-        let rows = v["snapshots"]
-            .as_array()
-            .unwrap()
+        let rows = listed_rows(&v["snapshots"])
             .iter()
-            .map(|s| {
-                (
-                    s["manifest"]["database"].as_str().unwrap().to_string(),
-                    s["manifest"]["snapshot_id"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(Listed::key)
             .collect();
         (rows, v["next_cursor"].as_str().map(str::to_string))
     }
-}
-
-/// `id` moved by `seconds`.
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
-}
-
-/// A copy of snapshot `id` of `db` as snapshot `new`, its data read `hours` earlier.
-async fn copy_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str, new: &str, hours: i64) {
-    let mut m = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
-    let body = get(store, m["object_key"].as_str().unwrap()).await;
-    let object = m["object_key"].as_str().unwrap().replace(id, new);
-    put(store, &object, body.to_vec()).await;
-    let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap()).unwrap()
-        - chrono::TimeDelta::hours(hours);
-    m["snapshot_id"] = new.into();
-    m["object_key"] = object.into();
-    m["started_at"] = started.to_rfc3339().into();
-    m["finished_at"] = started.to_rfc3339().into();
-    put(
-        store,
-        &format!("prod/{db}/{new}.manifest.json"),
-        serde_json::to_vec(&m).unwrap(),
-    )
-    .await;
 }
 
 async fn delete_snapshot(store: &Arc<dyn ObjectStore>, db: &str, id: &str) {
@@ -589,7 +535,7 @@ async fn the_api_walk_survives_prunes_and_tampered_cursors() {
         dir.join("read-token").display(),
         env.source_toml("prod"),
     ));
-    let d = Daemon::start(&env, &config, port).await;
+    let d = ApiDaemon::start(&env, &config, port).await;
 
     // The read token never starts a backup.
     let (code, body) = d.request("POST", "/api/v1/backups", Some("r3ad")).await;
@@ -758,36 +704,12 @@ async fn a_manifest_lying_about_encryption_never_touches_staging() {
 /// the permits of parts queued for dead targets) and commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_dying_midway_at_the_smallest_budget_fails_promptly() {
-    const MIB: usize = 64;
     let env = TestEnv::start().await;
-    env.pg.create_database("big").await.unwrap();
-    env.random_large_object("big", MIB).await;
-    let (failing, failing_store) = env.s3_target("failing").await;
-    let (stalling, stalling_store) = env.s3_target("stalling").await;
-    let fail_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    let stall_proxy = Arc::new(Proxy::start(&env.s3.endpoint()).await);
-    fail_proxy.throttle_up(8 << 20);
-    stall_proxy.throttle_up(8 << 20);
-    let config = env.write_config(&format!(
-        "[pipeline]\nmemory_budget = \"48MiB\"\nstall_timeout = \"5s\"\n{}databases = [\"big\"]\n{}{}",
-        env.source_toml("prod"),
-        fail_proxy.reroute(&failing),
-        stall_proxy.reroute(&stalling),
-    ));
-    after_bytes_up(fail_proxy.clone(), 12 << 20, |p| {
-        p.fail_requests(500, RequestClass::UploadPart, None)
-    });
-    after_bytes_up(stall_proxy.clone(), 12 << 20, |p| p.stall(true));
-    let started = Instant::now();
-    let run = tokio::time::timeout(Duration::from_secs(120), env.pgferry(&config, &["backup"]))
-        .await
-        .expect("the backup hung for 120 s with every target dead at the smallest budget");
-    let took = started.elapsed();
-    fail_proxy.stop_failing();
-    stall_proxy.stall(false);
-    assert!(fail_proxy.served(500) > 0, "{}", run.output());
+    let dying = Dying::start(&env, "").await;
+    let (run, took) = dying.backup(&env, "every target dead").await;
+    assert!(dying.fail_proxy.served(500) > 0, "{}", run.output());
     assert_ne!(run.code, 0, "{}", run.output());
-    for store in [&failing_store, &stalling_store] {
+    for store in [&dying.failing_store, &dying.stalling_store] {
         let all = keys(store).await;
         assert!(
             !all.iter().any(|k| k.ends_with(".manifest.json")),

@@ -1,20 +1,18 @@
 //! Hostile review of companion files (issue 18), against real PostgreSQL and Garage: a
 //! destination directory that is a regular file or a symlink, and a restore SIGKILLed at
 //! the moments its directories move, then settled by the next run: the staging database
-//! and its directory must always match (both old or both new).
+//! and its directory must always match (both old or both new). The world (production with
+//! a filestore, staging, two buckets) is `files_restore`'s.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::ObjectStore;
+use crate::files_restore::{World, PREVIOUS_SQL};
+use crate::support::env::{self, Run};
+use crate::support::{names_in, restore_argv, tree_of};
 
-use crate::support::env::{self, Run, TestEnv};
-use crate::support::postgres::PgCluster;
-
-const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 /// Everything one test may take; a hang is a failure.
 const TEST_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -26,98 +24,26 @@ INSERT INTO ir_attachment (name, type, store_fname) VALUES
     ('big.bin', 'binary', 'f0/f0aabbccddeeff00112233445566778899aabb');
 CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g;
 "#;
-const PREVIOUS_SQL: &str =
-    "CREATE TABLE previous_contents AS SELECT g AS id FROM generate_series(1, 10) g;";
-const FAILING_HOOK: &str = "SELECT 1/0;";
 
-fn tree_of(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    let mut out = BTreeMap::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&rel)).unwrap() {
-            let entry = entry.unwrap();
-            let rel = rel.join(entry.file_name());
-            let kind = entry.file_type().unwrap();
-            let key = rel.to_string_lossy().into_owned();
-            if kind.is_dir() {
-                out.insert(key, None);
-                pending.push(rel);
-            } else if kind.is_file() {
-                out.insert(key, Some(std::fs::read(entry.path()).unwrap()));
-            } else {
-                out.insert(key, Some(b"<other>".to_vec()));
-            }
-        }
-    }
-    out
-}
-
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-struct World {
-    env: TestEnv,
-    staging: PgCluster,
-    _stores: Vec<Arc<dyn ObjectStore>>,
-    targets: String,
-    prod_fs: PathBuf,
-    staging_fs: PathBuf,
-    config: PathBuf,
+/// The world of these tests: `files_restore`'s, with a bigger database and filestore.
+async fn start() -> World {
+    World::start_with(
+        ODOO_SQL,
+        vec![
+            (
+                "ab/ab0123456789abcdef0123456789abcdef0123".to_string(),
+                vec![7u8; 1000],
+            ),
+            (
+                "f0/f0aabbccddeeff00112233445566778899aabb".to_string(),
+                vec![9u8; 3 << 20],
+            ),
+        ],
+    )
+    .await
 }
 
 impl World {
-    async fn start() -> World {
-        let env = TestEnv::start().await;
-        let staging = PgCluster::start().await.expect("start staging");
-        env.pg.create_database("acme").await.unwrap();
-        env.pg.execute("acme", ODOO_SQL).await.unwrap();
-        staging.create_role("odoo", "odoo-pw", "").await.unwrap();
-        staging.create_database("acme").await.unwrap();
-        staging.execute("acme", PREVIOUS_SQL).await.unwrap();
-        let prod_fs = env.dir.path().join("prod-fs");
-        for (name, body) in [
-            ("ab/ab0123456789abcdef0123456789abcdef0123", vec![7u8; 1000]),
-            (
-                "f0/f0aabbccddeeff00112233445566778899aabb",
-                vec![9u8; 3 << 20],
-            ),
-        ] {
-            let p = prod_fs.join("acme").join(name);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, body).unwrap();
-        }
-        let staging_fs = env.dir.path().join("staging-fs");
-        std::fs::create_dir_all(&staging_fs).unwrap();
-        let (a, store_a) = env.s3_target("a").await;
-        let (b, store_b) = env.s3_target("b").await;
-        let mut w = World {
-            env,
-            staging,
-            _stores: vec![store_a, store_b],
-            targets: format!("{a}{b}"),
-            prod_fs,
-            staging_fs,
-            config: PathBuf::new(),
-        };
-        w.reset_staging_files();
-        w.config = w.config_with_hooks(&[], "main");
-        w
-    }
-
-    /// Staging's `acme` directory as before any restore.
-    fn reset_staging_files(&self) {
-        let d = self.staging_fs.join("acme");
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(d.join("old")).unwrap();
-        std::fs::write(d.join("old/previous.txt"), "previous files").unwrap();
-    }
-
     async fn reset_staging(&self) {
         self.staging
             .execute("postgres", "DROP DATABASE IF EXISTS acme WITH (FORCE)")
@@ -126,69 +52,6 @@ impl World {
         self.staging.create_database("acme").await.unwrap();
         self.staging.execute("acme", PREVIOUS_SQL).await.unwrap();
         self.reset_staging_files();
-    }
-
-    fn config_with_hooks(&self, hooks: &[&Path], name: &str) -> PathBuf {
-        let hooks = hooks
-            .iter()
-            .map(|h| format!("{:?}", h.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let body = format!(
-            "{}databases = [\"acme\"]\nfiles = \"{}/{{database}}\"\n{}\n[[restore_target]]\nnamespace = \"staging-*\"\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{port}/postgres\"\nowner = \"odoo\"\nhooks = [{hooks}]\nfiles = \"{}/{{database}}\"\n",
-            self.env.source_toml("prod"),
-            self.prod_fs.display(),
-            self.targets,
-            self.staging_fs.display(),
-            port = self.staging.port(),
-        );
-        let path = self.env.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-
-    fn env_vars(&self) -> Vec<(String, String)> {
-        let mut vars = self.env.env_vars();
-        vars.push((
-            STAGING_PW_VAR.into(),
-            self.staging.superuser_password().to_string(),
-        ));
-        vars
-    }
-
-    async fn pgferry(&self, config: &Path, args: &[&str]) -> Run {
-        env::pgferry_with_env(config, args, &self.env_vars()).await
-    }
-
-    async fn backup(&self) -> String {
-        let run = self
-            .pgferry(&self.config, &["backup", "--source", "prod", "--force"])
-            .await;
-        run.assert_code(0);
-        run.snapshot_id()
-    }
-
-    fn restore_args(extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
-    }
-
-    async fn restore_with(&self, config: &Path, extra: &[&str]) -> Run {
-        let args = Self::restore_args(extra);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.pgferry(config, &args).await
     }
 
     /// Whether staging's `acme` is the previous database (else the restored one).
@@ -224,7 +87,7 @@ impl World {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
         let d = w.staging_fs.join("acme");
         std::fs::remove_dir_all(&d).unwrap();
@@ -265,7 +128,7 @@ async fn a_destination_that_is_a_regular_file_does_not_wedge_later_restores() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_symlink_is_replaced_never_followed() {
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
         let d = w.staging_fs.join("acme");
         let real = w.env.dir.path().join("elsewhere/acme");
@@ -315,12 +178,10 @@ async fn settle_with(w: &World, failing: &Path, what: &str) -> Run {
 /// SIGKILLs a restore as soon as a name starting with `prefix` appears in the staging
 /// filestore parent, `delay` later; returns whether it was killed (else it finished).
 async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bool {
-    let args = World::restore_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = w.env.command(&w.config, &args);
-    cmd.envs(w.env_vars())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = w
+        .env
+        .command(&w.config, &restore_argv("acme", "staging-acme", &[]));
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     let parent = w.staging_fs.clone();
@@ -361,11 +222,9 @@ async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matching() {
     tokio::time::timeout(Duration::from_secs(1500), async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
-        let hook = w.env.dir.path().join("fail.sql");
-        std::fs::write(&hook, FAILING_HOOK).unwrap();
-        let failing = w.config_with_hooks(&[&hook], "failing");
+        let failing = w.failing_config().await;
         let cases: &[(&'static str, u64)] = &[
             (".pgferry-tmp-acme-", 0),
             (".pgferry-tmp-acme-", 30),
@@ -418,11 +277,13 @@ async fn a_restore_killed_while_its_files_move_leaves_database_and_files_matchin
 /// One crafted tar entry: path, type, link name, data.
 type Crafted<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
 
-/// GNU headers, so that the tar reader applies pax and GNU long-name entries to the next
-/// entry (with old v7 headers it hands them over as entries of their own).
+/// A regular file `ab/ok`, then `entries`. GNU headers, so that the tar reader applies pax
+/// and GNU long-name entries to the next entry (with old v7 headers it hands them over as
+/// entries of their own).
 fn crafted_tar(entries: &[Crafted<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    for (path, kind, link, data) in entries {
+    let ok: Crafted<'_> = (b"ab/ok", tar::EntryType::Regular, b"", b"ok");
+    for (path, kind, link, data) in std::iter::once(&ok).chain(entries) {
         let mut h = tar::Header::new_gnu();
         let old = h.as_old_mut();
         old.name[..path.len()].copy_from_slice(path);
@@ -436,35 +297,6 @@ fn crafted_tar(entries: &[Crafted<'_>]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-impl World {
-    /// Replaces snapshot `id`'s files object on both buckets with `tar` (zstd), the manifests
-    /// made to agree (size, sha256, file count): a committed archive that lies.
-    async fn plant_archive(&self, id: &str, tar: &[u8], file_count: u64) {
-        use sha2::Digest;
-        let stored = zstd::encode_all(tar, 3).unwrap();
-        for store in &self._stores {
-            let mkey = env::keys(store)
-                .await
-                .into_iter()
-                .find(|k| k.ends_with(&format!("/{id}.manifest.json")))
-                .expect("manifest");
-            let mut m = env::manifest_of(&env::get(store, &mkey).await);
-            let key = m["files"]["object_key"].as_str().unwrap().to_string();
-            let put = |k: &str, body: Vec<u8>| {
-                let store = store.clone();
-                let k = object_store::path::Path::parse(k).unwrap();
-                async move { store.put(&k, body.into()).await.unwrap() }
-            };
-            put(&key, stored.clone()).await;
-            m["files"]["sha256"] = hex::encode(sha2::Sha256::digest(&stored)).into();
-            m["files"]["stored_size"] = (stored.len() as u64).into();
-            m["files"]["raw_size"] = (tar.len() as u64).into();
-            m["files"]["file_count"] = file_count.into();
-            put(&mkey, serde_json::to_vec(&m).unwrap()).await;
-        }
-    }
-}
-
 /// Archives the unit tests of `unpack` meet one by one, here through the real restore with
 /// a committed (checksum-consistent) archive: hard links (outside and inside), a FIFO, a
 /// device, a pax or GNU long name climbing out, a duplicate, a file where a directory must
@@ -474,43 +306,24 @@ impl World {
 async fn hostile_archives_are_refused_and_leave_staging_untouched() {
     use tar::EntryType as E;
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         let id = w.backup().await;
         let pax = b"23 path=../pax-escaped\n";
         let gnu = b"../gnu-escaped\0";
         let cases: Vec<(&str, Vec<u8>)> = vec![
             (
                 "hard link outside",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/hard", E::Link, b"/etc/passwd", b""),
-                ]),
+                crafted_tar(&[(b"ab/hard", E::Link, b"/etc/passwd", b"")]),
             ),
             (
                 "hard link inside",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/hard", E::Link, b"ab/ok", b""),
-                ]),
+                crafted_tar(&[(b"ab/hard", E::Link, b"ab/ok", b"")]),
             ),
-            (
-                "fifo",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/fifo", E::Fifo, b"", b""),
-                ]),
-            ),
-            (
-                "device",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/dev", E::Char, b"", b""),
-                ]),
-            ),
+            ("fifo", crafted_tar(&[(b"ab/fifo", E::Fifo, b"", b"")])),
+            ("device", crafted_tar(&[(b"ab/dev", E::Char, b"", b"")])),
             (
                 "pax path",
                 crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
                     (b"PaxHeaders/x", E::XHeader, b"", pax),
                     (b"harmless", E::Regular, b"", b"escaped!"),
                 ]),
@@ -518,28 +331,23 @@ async fn hostile_archives_are_refused_and_leave_staging_untouched() {
             (
                 "gnu long name",
                 crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
                     (b"././@LongLink", E::GNULongName, b"", gnu),
                     (b"harmless", E::Regular, b"", b"escaped!"),
                 ]),
             ),
             (
                 "duplicate",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/ok", E::Regular, b"", b"overwritten"),
-                ]),
+                crafted_tar(&[(b"ab/ok", E::Regular, b"", b"overwritten")]),
             ),
             (
                 "file where a directory must be",
-                crafted_tar(&[
-                    (b"ab/ok", E::Regular, b"", b"ok"),
-                    (b"ab/ok/x", E::Regular, b"", b"x"),
-                ]),
+                crafted_tar(&[(b"ab/ok/x", E::Regular, b"", b"x")]),
             ),
         ];
         for (what, tar) in cases {
-            w.plant_archive(&id, &tar, 2).await;
+            for store in &w.stores {
+                env::plant_files_archive(store, &id, &tar, 2).await;
+            }
             let db_before = w.staging.table_fingerprints("acme").await.unwrap();
             let fs_before = tree_of(&w.staging_fs);
             let run = w.restore_with(&w.config, &[]).await;
@@ -582,7 +390,7 @@ async fn hostile_archives_are_refused_and_leave_staging_untouched() {
 async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
     use sha2::Digest;
     tokio::time::timeout(TEST_DEADLINE, async {
-        let w = World::start().await;
+        let w = start().await;
         let args = ["backup", "--source", "prod", "--force"];
         let (a, b) = tokio::join!(w.pgferry(&w.config, &args), w.pgferry(&w.config, &args));
         assert!(
@@ -591,7 +399,7 @@ async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
             a.stderr,
             b.stderr
         );
-        for store in &w._stores {
+        for store in &w.stores {
             let manifests = env::assert_every_manifest_names_an_intact_object(store).await;
             assert!(!manifests.is_empty());
             for key in &manifests {
@@ -629,11 +437,9 @@ async fn two_backups_at_once_commit_intact_snapshots_with_their_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_first_restore_without_a_directory_settles_consistently() {
     tokio::time::timeout(Duration::from_secs(1500), async {
-        let w = World::start().await;
+        let w = start().await;
         w.backup().await;
-        let hook = w.env.dir.path().join("fail.sql");
-        std::fs::write(&hook, FAILING_HOOK).unwrap();
-        let failing = w.config_with_hooks(&[&hook], "failing");
+        let failing = w.failing_config().await;
         let d = w.staging_fs.join("acme");
         let mut outcomes = Vec::new();
         for ms in [0u64, 1, 3, 10, 50] {

@@ -15,8 +15,11 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::restore::World;
-use crate::support::env::{get, keys, manifest_of, Run, TestEnv, PG_PASSWORD_VAR};
+use crate::support::env::{
+    get, keys, list_json, manifest_of, shift, Listed, Run, TestEnv, PG_PASSWORD_VAR,
+};
 use crate::support::postgres::PgCluster;
+use crate::support::restore_argv;
 
 const STAGING_PW_VAR: &str = "PGFERRY_TEST_STAGING_PASSWORD";
 
@@ -104,20 +107,7 @@ async fn restore_and_verify_onto_production_more_spellings_are_refused() {
     for (ns, _) in more_spellings(&w.env.pg) {
         for name in ["acme_copy", "acme"] {
             let run = w
-                .pgferry_with(
-                    &config,
-                    &[
-                        "restore",
-                        "--source",
-                        "prod",
-                        "--database",
-                        "acme",
-                        "--to",
-                        ns,
-                        "--as",
-                        name,
-                    ],
-                )
+                .pgferry_with(&config, &restore_argv("acme", ns, &["--as", name]))
                 .await;
             if run.code != 2 {
                 failures.push(format!(
@@ -232,28 +222,7 @@ async fn odd_destination_names_and_namespaces_are_refused() {
 }
 
 fn listed_ids(run: &Run) -> Vec<(String, String)> {
-    run.assert_code(0);
-    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("list --json is JSON");
-    v["snapshots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let m = &s["manifest"];
-            (
-                m["database"].as_str().unwrap().to_string(),
-                m["snapshot_id"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn shift(id: &str, seconds: i64) -> String {
-    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
-        .unwrap()
-        .and_utc()
-        + chrono::TimeDelta::seconds(seconds);
-    t.format("%Y%m%dT%H%M%SZ").to_string()
+    list_json(run).1.iter().map(Listed::key).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,17 +347,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
 
     // restore latest and --at: acme's data, never globex's object.
     for extra in [vec![], vec!["--at", newer_at.as_str()]] {
-        let mut args = vec![
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-x",
-            "--as",
-            "acme_r",
-        ];
+        let mut args = restore_argv("acme", "staging-x", &["--as", "acme_r"]);
         args.extend(extra.iter().copied());
         let run = env.pgferry(&config, &args).await;
         if run.code != 0 {
@@ -507,17 +466,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let run = env
         .pgferry(
             &config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "globex",
-                "--to",
-                "staging-x",
-                "--as",
-                "globex_r",
-            ],
+            &restore_argv("globex", "staging-x", &["--as", "globex_r"]),
         )
         .await;
     if run.code != 0 {
@@ -526,17 +475,7 @@ async fn crafted_keys_next_to_real_snapshots_cost_nothing() {
     let run = env
         .pgferry(
             &config,
-            &[
-                "restore",
-                "--source",
-                "prod",
-                "--database",
-                "acme",
-                "--to",
-                "staging-x",
-                "--as",
-                "acme_r2",
-            ],
+            &restore_argv("acme", "staging-x", &["--as", "acme_r2"]),
         )
         .await;
     if run.code != 0 {

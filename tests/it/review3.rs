@@ -4,16 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use object_store::{path::Path as OPath, ObjectStore, PutPayload};
 
+use crate::repair::{b_down_for, kill_once_a_mib_went_up, slow_b, BMissed, SlowB};
 use crate::support::env::{
     assert_every_manifest_names_an_intact_object, corrupt_dump, dump_key, get, keys, manifest_of,
-    TestEnv,
+    TestEnv, KEEP_NEWEST_ONLY,
 };
-use crate::support::garage::Garage;
-use crate::support::proxy::Proxy;
 
 const KEEP_ALL: &str = "retention = { keep_last = 100 }\n";
 
@@ -68,15 +66,29 @@ async fn two_targets(
     (config, a_store, b_store)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
-    let env = TestEnv::start().await;
+/// Database `acme` backed up once to targets a and b (see [`two_targets`]): the config, the
+/// two stores and the snapshot id.
+async fn acme_backed_up_on_two_targets(
+    env: &TestEnv,
+) -> (
+    std::path::PathBuf,
+    Arc<dyn ObjectStore>,
+    Arc<dyn ObjectStore>,
+    String,
+) {
     env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
+    let (config, a_store, b_store) = two_targets(env, "\"acme\"").await;
     let id = env
         .pgferry(&config, &["backup", "--force"])
         .await
         .snapshot_id();
+    (config, a_store, b_store, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
+    let env = TestEnv::start().await;
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     remove_snapshot(&b_store, &id).await;
     corrupt_dump(&a_store, &id).await;
     let before_a = contents(&a_store).await;
@@ -109,12 +121,7 @@ async fn a_corrupt_source_is_never_copied_to_a_target_that_lacks_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_copies_corrupt_repair_writes_nothing_and_fails() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     corrupt_dump(&a_store, &id).await;
     corrupt_dump(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
@@ -218,12 +225,7 @@ async fn a_crafted_manifest_naming_another_databases_object_is_not_spread() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     remove_snapshot(&b_store, &id).await;
     let before = (contents(&a_store).await, contents(&b_store).await);
     for args in [
@@ -260,25 +262,13 @@ async fn unknown_from_or_to_targets_are_refused_and_dry_run_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_repairs_at_once_leave_every_manifest_intact() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (a, a_store) = env.s3_target("a").await;
-    let mut b_server = Garage::start().await.expect("second Garage");
-    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\n{KEEP_ALL}{a}{b}",
-        env.source_toml("prod")
-    ));
-    env.pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    b_server.stop().await.unwrap();
-    for _ in 0..3 {
-        crate::support::next_second().await;
-        env.pgferry(&config, &["backup", "--force"])
-            .await
-            .snapshot_id();
-    }
-    b_server.start_again().await.unwrap();
+    let BMissed {
+        config,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        ..
+    } = b_down_for(&env, KEEP_ALL, "", 3).await;
     let one = env.command(&config, &["repair"]).output();
     let two = env.command(&config, &["repair"]).output();
     let (one, two) = tokio::join!(one, two);
@@ -325,29 +315,15 @@ async fn two_repairs_at_once_leave_every_manifest_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (a, a_store) = env.s3_target("a").await;
-    let mut b_server = Garage::start().await.expect("second Garage");
-    let (b, b_store) = env.s3_target_on(&b_server, "b").await;
-    let config = env.write_config(&format!(
-        "{}databases = [\"acme\"]\nretention = {{ keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }}\n{a}{b}",
-        env.source_toml("prod")
-    ));
-    let first = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    b_server.stop().await.unwrap();
-    let mut missed = Vec::new();
-    for _ in 0..2 {
-        crate::support::next_second().await;
-        missed.push(
-            env.pgferry(&config, &["backup", "--force"])
-                .await
-                .snapshot_id(),
-        );
-    }
-    b_server.start_again().await.unwrap();
+    let BMissed {
+        config,
+        a_store,
+        b_store,
+        b_server: _b_server,
+        first,
+        missed,
+        ..
+    } = b_down_for(&env, KEEP_NEWEST_ONLY, "", 2).await;
     let run = env.pgferry(&config, &["prune"]).await;
     let a_keys = keys(&a_store).await;
     // The snapshot the policy keeps (keep_last = 1 over every target's snapshots: the newest)
@@ -390,12 +366,7 @@ async fn prune_holds_the_last_copies_a_target_lacks_then_goes_on_after_repair() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     env.pgferry(&config, &["check"]).await.assert_code(0);
     env.pgferry(&config, &["check", "--read-data"])
         .await
@@ -453,33 +424,16 @@ async fn a_wrong_size_copy_is_a_problem_and_repair_heals_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
     let env = TestEnv::start().await;
-    env.random_rows_database("big", 200_000).await;
-    let (a, a_store) = env.s3_target("a").await;
-    let (b, b_store) = env.s3_target("b").await;
-    let proxy = Proxy::start(&env.s3.endpoint()).await;
-    proxy.throttle_up(256 * 1024);
-    let source = format!(
-        "{}databases = [\"big\"]\n{KEEP_ALL}",
-        env.source_toml("prod")
-    );
-    let only_a = env.write_config(&format!("{source}{a}"));
-    let id = env
-        .pgferry(&only_a, &["backup", "--force"])
-        .await
-        .snapshot_id();
-    let slow_b = env.write_config(&format!("{source}{a}{}", proxy.reroute(&b)));
+    let SlowB {
+        a_store,
+        b_store,
+        proxy,
+        slow_b,
+        id,
+        ..
+    } = slow_b(&env, 256 * 1024).await;
     let mut child = env.command(&slow_b, &["repair"]).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while proxy.bytes_up() < 1024 * 1024 {
-        assert!(Instant::now() < deadline, "the copy never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "repair ended before the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    kill_once_a_mib_went_up(&proxy, &mut child).await;
     proxy.throttle_up(0);
     crate::support::next_second().await;
     let id2 = env
@@ -509,12 +463,7 @@ async fn a_killed_repair_then_backup_and_prune_then_repair_again_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_missing_object_and_repair_heals_it() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     let obj_b = dump_key(&b_store, &id).await;
     b_store.delete(&OPath::from(obj_b.as_str())).await.unwrap();
     let c = env.pgferry(&config, &["check", "--json"]).await;
@@ -557,12 +506,7 @@ async fn check_reports_a_missing_object_and_repair_heals_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_different_attempt_on_the_destination_is_left_alone() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     env.pg
         .execute(
             "acme",
@@ -620,12 +564,7 @@ async fn a_different_attempt_on_the_destination_is_left_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_object_left_without_a_manifest_is_not_adopted() {
     let env = TestEnv::start().await;
-    env.small_database("acme").await;
-    let (config, a_store, b_store) = two_targets(&env, "\"acme\"").await;
-    let id = env
-        .pgferry(&config, &["backup", "--force"])
-        .await
-        .snapshot_id();
+    let (config, a_store, b_store, id) = acme_backed_up_on_two_targets(&env).await;
     // b: the manifest is gone and the object at the same key is a partial one (same attempt,
     // a copy cut short), then a same-size flipped one.
     let m_key = manifest_key(&keys(&b_store).await, &id);

@@ -224,16 +224,20 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What the pushgateway holds.
+    let pushed = || async {
+        client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     let run = w.pgferry(&["verify", "--pushgateway", &url]).await;
     run.assert_code(0);
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pushed().await;
     assert!(
         metrics
             .lines()
@@ -257,28 +261,13 @@ async fn verify_pushes_its_metrics_to_a_pushgateway() {
 
     // A failing night: every copy is damaged, verify fails, and what it pushes still holds
     // shop's last success (read from the first night's report in the buckets).
-    let id = keys(&w.stores[0])
-        .await
-        .into_iter()
-        .find_map(|k| {
-            k.strip_prefix("prod/shop/")
-                .and_then(|k| k.strip_suffix(".manifest.json"))
-                .map(str::to_string)
-        })
-        .unwrap();
+    let id = env::first_snapshot_in(&w.stores[0], "prod/shop").await;
     for store in &w.stores {
         env::corrupt_dump(store, &id).await;
     }
     let run = w.pgferry(&["verify", "--pushgateway", &url]).await;
     run.assert_code(1);
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pushed().await;
     assert!(
         metrics
             .lines()

@@ -4,6 +4,7 @@
 use super::*;
 use crate::backup::TRICKY_SQL;
 use crate::support::env::keys;
+use crate::support::restore_argv;
 use crate::support::tls::TestCa;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,21 +47,9 @@ async fn verify_full_backup_restore_and_verify_all_run_over_tls() {
     assert_eq!(keys(&store).await.len(), 2);
 
     // The restore destination: guard, temp database, pg_restore, swap, all over TLS.
-    run(
-        &config,
-        &[
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ],
-        &vars,
-    )
-    .await
-    .assert_code(0);
+    run(&config, &restore_argv("acme", "staging-acme", &[]), &vars)
+        .await
+        .assert_code(0);
     staging.assert_same_tables("acme", &prod, "acme").await;
 
     // The verify server, over TLS too.

@@ -3,6 +3,7 @@
 use super::*;
 use crate::backup::TRICKY_SQL;
 use crate::support::env::{keys, TestEnv};
+use crate::support::restore_argv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_with_only_pg_read_all_data_backs_up_and_takes_the_ha_lock() {
@@ -168,20 +169,9 @@ async fn restore_and_verify_run_as_roles_with_only_createdb_and_the_owner_role()
     ));
 
     env.pgferry(&config, &["backup"]).await.snapshot_id();
-    env.pgferry(
-        &config,
-        &[
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ],
-    )
-    .await
-    .assert_code(0);
+    env.pgferry(&config, &restore_argv("acme", "staging-acme", &[]))
+        .await
+        .assert_code(0);
     staging.assert_same_tables("acme", &env.pg, "acme").await;
     let owner: String = staging
         .client("postgres")

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use super::*;
 use crate::backup::TRICKY_SQL;
 use crate::support::env::{keys, TestEnv};
+use crate::support::restore_argv;
 use crate::support::tls::{TestCa, TlsProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,20 +67,9 @@ async fn s3_over_https_needs_the_ca_file_and_works_with_it() {
         listed["snapshots"][0]["targets"],
         serde_json::json!(["https"])
     );
-    env.pgferry(
-        &with_ca,
-        &[
-            "restore",
-            "--source",
-            "prod",
-            "--database",
-            "acme",
-            "--to",
-            "staging-acme",
-        ],
-    )
-    .await
-    .assert_code(0);
+    env.pgferry(&with_ca, &restore_argv("acme", "staging-acme", &[]))
+        .await
+        .assert_code(0);
     staging.assert_same_tables("acme", &env.pg, "acme").await;
 
     // Without ca_file the system roots do not know the CA: the target is dropped with a

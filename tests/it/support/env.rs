@@ -134,6 +134,31 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Creates each of `databases` ([`small_database`](Self::small_database)) and a config
+    /// backing them up as source `prod`, with `source_keys` (retention, …), to a fresh S3
+    /// target `s3`, then `more`; returns the config and the target's store.
+    pub async fn small_databases_on_s3(
+        &self,
+        databases: &[&str],
+        source_keys: &str,
+        more: &str,
+    ) -> (PathBuf, Arc<dyn ObjectStore>) {
+        for db in databases {
+            self.small_database(db).await;
+        }
+        let (s3, store) = self.s3_target("s3").await;
+        let list = databases
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = self.write_config(&format!(
+            "{}databases = [{list}]\n{source_keys}{s3}{more}",
+            self.source_toml("prod")
+        ));
+        (config, store)
+    }
+
     /// Every secret of this environment: none may appear in any output.
     pub fn secrets(&self) -> Vec<String> {
         let mut secrets = vec![
@@ -287,6 +312,10 @@ pub fn source_toml(pg: &PgCluster, name: &str) -> String {
     )
 }
 
+/// A source's retention that keeps only the newest snapshot.
+pub const KEEP_NEWEST_ONLY: &str =
+    "retention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n";
+
 /// Key prefix of every S3 target the tests configure.
 pub const S3_PREFIX: &str = "backups";
 
@@ -365,6 +394,64 @@ pub async fn get(store: &Arc<dyn ObjectStore>, key: &str) -> bytes::Bytes {
         .bytes()
         .await
         .expect("read object")
+}
+
+/// The id of the first snapshot with a manifest in `folder` (`<source>/<database>`) of
+/// `store`.
+pub async fn first_snapshot_in(store: &Arc<dyn ObjectStore>, folder: &str) -> String {
+    keys(store)
+        .await
+        .iter()
+        .find_map(|k| {
+            k.strip_prefix(&format!("{folder}/"))?
+                .strip_suffix(".manifest.json")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no committed snapshot in {folder}"))
+}
+
+/// Snapshot id `id` moved by `seconds`.
+pub fn shift(id: &str, seconds: i64) -> String {
+    let t = chrono::NaiveDateTime::parse_from_str(id, "%Y%m%dT%H%M%SZ")
+        .unwrap()
+        .and_utc()
+        + chrono::TimeDelta::seconds(seconds);
+    t.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+/// A copy of snapshot `id` of `prod/<db>` in `store` (its dump and manifest) as snapshot
+/// `new`, its data read `hours` earlier.
+pub async fn copy_snapshot(
+    store: &Arc<dyn ObjectStore>,
+    db: &str,
+    id: &str,
+    new: &str,
+    hours: i64,
+) {
+    let put = |key: String, body: Vec<u8>| async move {
+        store
+            .put(
+                &object_store::path::Path::from(key.as_str()),
+                object_store::PutPayload::from(body),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let mut m = manifest_of(&get(store, &format!("prod/{db}/{id}.manifest.json")).await);
+    let body = get(store, m["object_key"].as_str().unwrap()).await;
+    let object = m["object_key"].as_str().unwrap().replace(id, new);
+    put(object.clone(), body.to_vec()).await;
+    let started = chrono::DateTime::parse_from_rfc3339(m["started_at"].as_str().unwrap()).unwrap()
+        - chrono::TimeDelta::hours(hours);
+    m["snapshot_id"] = new.into();
+    m["object_key"] = object.into();
+    m["started_at"] = started.to_rfc3339().into();
+    m["finished_at"] = started.to_rfc3339().into();
+    put(
+        format!("prod/{db}/{new}.manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .await;
 }
 
 /// A manifest's JSON.
@@ -466,4 +553,87 @@ pub async fn corrupt_dump(store: &Arc<dyn ObjectStore>, snapshot_id: &str) {
         .await
         .expect("overwrite the object");
     assert_eq!(get(store, &key).await.len(), len);
+}
+
+/// Replaces snapshot `id`'s companion-files archive in `store` with `tar` (zstd), and its
+/// manifest says the archive's true size, sha256 and `file_count`: a committed archive that
+/// lies.
+pub async fn plant_files_archive(
+    store: &Arc<dyn ObjectStore>,
+    id: &str,
+    tar: &[u8],
+    file_count: u64,
+) {
+    use sha2::Digest;
+    let put = |key: String, bytes: Vec<u8>| async move {
+        let path = object_store::path::Path::parse(&key).unwrap();
+        store
+            .put(&path, object_store::PutPayload::from(bytes))
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    };
+    let stored = zstd::encode_all(tar, 3).unwrap();
+    let manifest = keys(store)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(&format!("/{id}.manifest.json")))
+        .unwrap_or_else(|| panic!("no manifest of {id}"));
+    let mut m = manifest_of(&get(store, &manifest).await);
+    let archive = m["files"]["object_key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{id} has no files archive: {m}"))
+        .to_string();
+    put(archive, stored.clone()).await;
+    m["files"]["sha256"] = hex::encode(sha2::Sha256::digest(&stored)).into();
+    m["files"]["stored_size"] = (stored.len() as u64).into();
+    m["files"]["raw_size"] = (tar.len() as u64).into();
+    m["files"]["file_count"] = file_count.into();
+    put(manifest, serde_json::to_vec(&m).unwrap()).await;
+}
+
+/// One snapshot as `pgferry list --json` and the API's listing print it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    pub database: String,
+    pub snapshot_id: String,
+    /// The targets holding it, in the listing's order.
+    pub targets: Vec<String>,
+}
+
+impl Listed {
+    /// (database, snapshot id).
+    pub fn key(&self) -> (String, String) {
+        (self.database.clone(), self.snapshot_id.clone())
+    }
+}
+
+/// The snapshots of a listing's `snapshots` array, in its order.
+#[track_caller]
+pub fn listed_rows(snapshots: &serde_json::Value) -> Vec<Listed> {
+    snapshots
+        .as_array()
+        .expect("an array of snapshots")
+        .iter()
+        .map(|s| {
+            let m = &s["manifest"];
+            Listed {
+                database: m["database"].as_str().unwrap().to_string(),
+                snapshot_id: m["snapshot_id"].as_str().unwrap().to_string(),
+                targets: s["targets"]
+                    .as_array()
+                    .map(|t| t.iter().map(|t| t.as_str().unwrap().to_string()).collect())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// What a successful `pgferry list --json` printed: the whole document and its snapshots.
+#[track_caller]
+pub fn list_json(run: &Run) -> (serde_json::Value, Vec<Listed>) {
+    run.assert_code(0);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("list --json is not JSON ({e}):\n{}", run.output()));
+    let rows = listed_rows(&v["snapshots"]);
+    (v, rows)
 }

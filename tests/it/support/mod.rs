@@ -1,7 +1,8 @@
 //! Helpers that start real services for the integration tests: a PostgreSQL cluster from
 //! `initdb` ([`postgres::PgCluster`]) and a single-node Garage S3 server
 //! ([`garage::Garage`]), each in its own temp dir on free loopback ports, torn down on drop;
-//! [`env::TestEnv`] bundles one of each with a way to run the `pgferry` binary.
+//! [`env::TestEnv`] bundles one of each with a way to run the `pgferry` binary, and
+//! [`Staging`] adds a second cluster as restore destination.
 //!
 //! Every test starts its own servers, so tests stay isolated and may run in parallel. A
 //! helper that cannot start its service returns an error that says how to fix the machine
@@ -10,13 +11,17 @@
 
 #![allow(dead_code)] // Each test module uses a different subset of the helpers.
 
+pub mod api_daemon;
 pub mod env;
 pub mod garage;
 pub mod postgres;
 pub mod prometheus;
 pub mod proxy;
 pub mod rusage;
+pub mod staging;
 pub mod tls;
+
+pub use staging::Staging;
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -62,6 +67,16 @@ pub fn tree_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Opti
         }
     }
     out
+}
+
+/// The names in a directory, sorted.
+pub fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// How long a helper waits for a server to become ready before giving up with its log.
