@@ -291,12 +291,18 @@ async fn crafted_dump_ciphertexts_fall_back_then_fail_restore_and_verify_cleanly
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crafted_files_archives_fall_back_then_fail_cleanly() {
-    let w = World::start(TRICKY_SQL, &[], "").await;
-    let keys_dir = tempfile::tempdir().unwrap();
-    let k = key(keys_dir.path(), "k");
-    // Production's filestore: several age chunks of incompressible bytes, and a small file.
+/// A world whose source has a filestore (several age chunks of incompressible bytes and a
+/// small file) and whose restore target has one (`acme/old/previous.txt`), encrypted to `k`.
+struct FilesWorld {
+    w: World,
+    config: PathBuf,
+    staging_fs: PathBuf,
+    noise: Vec<u8>,
+}
+
+async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
+    let hooks: Vec<String> = hooks.iter().map(|h| h.display().to_string()).collect();
+    let w = World::start(TRICKY_SQL, &hooks, "").await;
     let prod_fs = w.env.dir.path().join("prod-fs");
     let staging_fs = w.env.dir.path().join("staging-fs");
     let mut noise = vec![0u8; 5 * CHUNK];
@@ -332,7 +338,26 @@ async fn crafted_files_archives_fall_back_then_fail_cleanly() {
         );
     let config = w
         .env
-        .write_config(&format!("{base}\n{}\n", encryption_toml(&k)));
+        .write_config(&format!("{base}\n{}\n", encryption_toml(k)));
+    FilesWorld {
+        w,
+        config,
+        staging_fs,
+        noise,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_files_archives_fall_back_then_fail_cleanly() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let FilesWorld {
+        w,
+        config,
+        staging_fs,
+        noise,
+        ..
+    } = files_world(&k, &[]).await;
     let other_id = bounded(&w, &config, &["backup", "--source", "prod", "--force"])
         .await
         .snapshot_id();
@@ -504,4 +529,159 @@ async fn one_buckets_rewrite_is_not_blamed_on_nor_repaired_into_the_intact_targe
         ));
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
+}
+
+/// SIGKILLs `pgferry restore … --as <as_db>` as soon as a name starting with `prefix`
+/// appears in `parent`, `delay` later; whether it was killed (else it finished).
+async fn kill_restore_at(
+    w: &World,
+    config: &Path,
+    args: &[&str],
+    parent: &Path,
+    prefix: String,
+    delay: Duration,
+) -> bool {
+    let mut child = w
+        .env
+        .command(config, args)
+        .envs(w.env_vars())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    let parent = parent.to_path_buf();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && !finished.load(std::sync::atomic::Ordering::Relaxed) {
+            let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            });
+            if seen {
+                std::thread::sleep(delay);
+                // SAFETY: kill(2) of the child this test started (maybe already gone).
+                return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+            }
+        }
+        false
+    });
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait())
+        .await
+        .expect("the restore hung")
+        .unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+        .await
+        .unwrap();
+    killed && status.code().is_none()
+}
+
+/// The swap's other branch (issue 12 merged both into `rename_in`): the destination database
+/// does not exist (`--as acme_fresh`), its directory absent or a stale one. A restore
+/// SIGKILLed while its files move, then settled by the next restore of the same destination
+/// (which fails in its hook after settling): the database exists iff its directory holds the
+/// restored files; a stale directory without a database is either kept or replaced, never
+/// lost half-way; nothing of the runs is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_into_a_new_database_killed_while_its_files_move_settles_consistently() {
+    tokio::time::timeout(Duration::from_secs(1500), async {
+        let keys_dir = tempfile::tempdir().unwrap();
+        let k = key(keys_dir.path(), "k");
+        let fw = files_world(&k, &[]).await;
+        let (w, staging_fs) = (&fw.w, &fw.staging_fs);
+        bounded(w, &fw.config, &["backup", "--source", "prod", "--force"])
+            .await
+            .assert_code(0);
+        let hook = w.env.dir.path().join("fail.sql");
+        std::fs::write(&hook, "SELECT 1/0;").unwrap();
+        let base = std::fs::read_to_string(&fw.config).unwrap();
+        let failing = w.env.write_config(&base.replacen(
+            "hooks = []",
+            &format!("hooks = [{:?}]", hook.display().to_string()),
+            1,
+        ));
+        let args = restore_argv("acme", "staging-acme", &["--as", "acme_fresh"]);
+        let d = staging_fs.join("acme_fresh");
+        let mut outcomes = Vec::new();
+        for stale in [false, true] {
+            for ms in [0u64, 1, 3, 10, 30, 100] {
+                let what = format!("stale dir {stale}, +{ms}ms");
+                if stale {
+                    std::fs::create_dir_all(d.join("stale")).unwrap();
+                    std::fs::write(d.join("stale/s.txt"), "stale").unwrap();
+                }
+                let killed = kill_restore_at(
+                    w,
+                    &fw.config,
+                    &args,
+                    staging_fs,
+                    ".pgferry-old-acme_fresh-".into(),
+                    Duration::from_millis(ms),
+                )
+                .await;
+                // Settle: the next restore of the destination, failing in its hook.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let settle = loop {
+                    let run = w.pgferry_with(&failing, &args).await;
+                    if run.stderr.contains("advisory lock held") && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    break run;
+                };
+                assert_eq!(settle.code, 1, "{what}: {}", settle.stderr);
+                assert!(
+                    settle.stderr.contains("division by zero"),
+                    "{what}: {}",
+                    settle.stderr
+                );
+                let db = w
+                    .staging
+                    .databases()
+                    .await
+                    .contains(&"acme_fresh".to_string());
+                let noise = std::fs::read(d.join("ab/noise.bin")).ok();
+                let stale_left = d.join("stale/s.txt").exists();
+                outcomes.push((stale, ms, killed, db));
+                if db {
+                    assert_eq!(noise.as_deref(), Some(&fw.noise[..]), "{what}");
+                    assert!(!stale_left, "{what}: restored database, stale files");
+                } else {
+                    assert!(noise.is_none(), "{what}: files without their database");
+                    assert_eq!(stale_left, stale, "{what}: the stale directory");
+                }
+                let dbs = w.staging.databases().await;
+                assert!(
+                    dbs.iter().all(|n| !n.starts_with("pgferry_")),
+                    "{what}: leftover databases {dbs:?}"
+                );
+                let names: Vec<String> = std::fs::read_dir(staging_fs)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                assert!(
+                    names.iter().all(|n| !n.starts_with(".pgferry-")),
+                    "{what}: leftover directories {names:?}"
+                );
+                // Reset: no acme_fresh database, no directory.
+                if db {
+                    w.staging
+                        .execute("postgres", "DROP DATABASE acme_fresh")
+                        .await
+                        .unwrap();
+                }
+                std::fs::remove_dir_all(&d).ok();
+            }
+        }
+        eprintln!("outcomes (stale dir, ms, killed, database restored): {outcomes:?}");
+        assert!(
+            outcomes.iter().any(|o| o.2),
+            "no run was killed: the test proves nothing"
+        );
+    })
+    .await
+    .expect("the test hung");
 }
