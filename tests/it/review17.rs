@@ -766,3 +766,77 @@ async fn a_killed_spooled_restore_leaves_no_plaintext_after_the_next_run() {
     .await
     .expect("the test hung");
 }
+
+/// Memory and time stay bounded whatever the object holds: a 64 MiB "header" without a
+/// newline and headers full of stanzas fail in seconds, with no more memory than a restore
+/// of the real snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_crafted_header_costs_no_memory() {
+    let w = World::start(TRICKY_SQL, &[], "").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let config = config_plus(&w, &encryption_toml(&k));
+    w.env
+        .add_secret_var(STAGING_PW_VAR, w.staging.superuser_password());
+    let id = bounded(&w, &config, &["backup", "--source", "prod", "--force"])
+        .await
+        .snapshot_id();
+    let args = restore_argv("acme", "staging-acme", &[]);
+    let baseline = crate::support::rusage::pgferry_measured(&w.env, &config, &args).await;
+    baseline.run.assert_code(0);
+    let original = manifest(&w, 0, &id).await;
+    let object = original["object_key"].as_str().unwrap().to_string();
+    let mut long_line = b"age-encryption.org/v1\n-> X25519 ".to_vec();
+    long_line.extend(std::iter::repeat_n(b'A', 64 * 1024 * 1024));
+    // Stanzas of k's real recipient type but garbage bodies: the age crate parses the header
+    // again after each line (quadratic) and tries each stanza. 1 MiB of them took 557 s per
+    // restore before the header was capped at 64 KiB; 60 KiB must be quick.
+    let stanzas = |size: usize| {
+        let mut many = b"age-encryption.org/v1\n".to_vec();
+        while many.len() < size {
+            many.extend_from_slice(
+                b"-> X25519 TEiF0ypqr+bpvcqXNyCVJpL7OuwPdVwPL7KQEbFDOCc\nEmECAEcKN+n/Vs9SbWiV+Hu0r+E8R77DdWYyd83nw7U\n",
+            );
+        }
+        many.extend_from_slice(b"--- AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n");
+        many.extend_from_slice(&[0u8; 16 + 1000]);
+        many
+    };
+    for (what, bytes) in [
+        ("a 64 MiB line", long_line),
+        ("1 MiB of stanzas", stanzas(1000 * 1024)),
+        ("60 KiB of stanzas", stanzas(60 * 1024)),
+    ] {
+        let mut m = original.clone();
+        m["sha256"] = hex::encode(sha2::Sha256::digest(&bytes)).into();
+        m["stored_size"] = bytes.len().into();
+        for store in &w.stores {
+            put(store, &object, bytes.clone()).await;
+            put(
+                store,
+                &format!("prod/acme/{id}.manifest.json"),
+                serde_json::to_vec_pretty(&m).unwrap(),
+            )
+            .await;
+        }
+        let started = Instant::now();
+        let measured = crate::support::rusage::pgferry_measured(&w.env, &config, &args).await;
+        let took = started.elapsed();
+        measured.run.assert_code(1);
+        let out = measured.run.output();
+        assert!(out.contains("cannot decrypt the object"), "{what}: {out}");
+        assert_clean_output(&out, &k);
+        eprintln!(
+            "{what}: peak RSS {} KiB (baseline restore {} KiB), {took:?}",
+            measured.max_rss_bytes / 1024,
+            baseline.max_rss_bytes / 1024
+        );
+        assert!(
+            measured.max_rss_bytes < baseline.max_rss_bytes + 16 * 1024 * 1024,
+            "{what}: peak RSS {} bytes, a restore of the real snapshot {}",
+            measured.max_rss_bytes,
+            baseline.max_rss_bytes
+        );
+        assert!(took < Duration::from_secs(20), "{what}: took {took:?}");
+    }
+}
