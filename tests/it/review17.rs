@@ -336,9 +336,11 @@ async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
             ),
             1,
         );
-    let config = w
-        .env
-        .write_config(&format!("{base}\n{}\n", encryption_toml(k)));
+    let config = w.env.write_config(&format!(
+        "{base}\n{}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nchecks = []\n",
+        encryption_toml(k),
+        w.staging.port()
+    ));
     FilesWorld {
         w,
         config,
@@ -439,6 +441,12 @@ async fn crafted_files_archives_fall_back_then_fail_cleanly() {
             "{what}"
         );
         assert!(restored_noise().is_none(), "{what}");
+        w.assert_no_leftovers().await;
+        let run = bounded(&w, &config, &["verify", "--database", "acme"]).await;
+        let out = run.output();
+        assert_clean_output(&out, &k);
+        assert_eq!(run.code, 1, "{what}: verify must fail: {out}");
+        assert!(out.contains("cannot decrypt the object"), "{what}: {out}");
         w.assert_no_leftovers().await;
     }
 }
