@@ -44,8 +44,11 @@ const TAG: usize = 16;
 const NONCE: usize = 16;
 /// HKDF's info for the payload key.
 const PAYLOAD_KEY_LABEL: &[u8] = b"payload";
-/// The largest header read: age's is a line a recipient (~100 bytes) and a few more.
-const MAX_HEADER: usize = 1024 * 1024;
+/// The largest header read: age's is a line a recipient (~100 bytes) and a few more, so this
+/// holds ~600 recipients. Kept small because the `age` crate parses the header again from its
+/// start after each line it reads (quadratic): a crafted 1 MiB header of stanzas took over
+/// 4 minutes per copy (debug build; tests/it/review17.rs).
+const MAX_HEADER: usize = 64 * 1024;
 
 /// A recipient standing for all of `recipients` at once: wraps the file key for each (their
 /// stanzas in order, as `age::Encryptor` would list them) and keeps a copy of it.

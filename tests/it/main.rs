@@ -25,6 +25,7 @@ mod restore_signals;
 mod retention;
 mod review13;
 mod review15;
+mod review17;
 mod review18;
 mod review2;
 mod review3;
