@@ -13,7 +13,11 @@
 //!   [`ProblemKind::ObjectMissing`], [`ProblemKind::WrongSize`] (one LIST per database folder
 //!   per target: cheap);
 //! - with `read_data`, each object is read (streamed, `jobs` at once) and its sha256 and size
-//!   compared with the manifest's → [`ProblemKind::WrongHash`], [`ProblemKind::Unreadable`].
+//!   compared with the manifest's → [`ProblemKind::WrongHash`], [`ProblemKind::Unreadable`];
+//!   a copy that does not match the snapshot's manifest (the first holder's) is compared with
+//!   its own target's manifest too: when that one says otherwise about the same object, the
+//!   manifests disagree ([`ProblemKind::ManifestsDisagree`]: a bucket was changed outside
+//!   pgferry, and which copy is right is for an operator to find out; `repair` leaves both).
 //!
 //! A problem names the object it is about (`object_key`): the dump's or the files archive's.
 //!
@@ -53,6 +57,17 @@ pub enum ProblemKind {
     WrongHash { sha256: String, size: u64 },
     /// The object could not be read.
     Unreadable { error: String },
+    /// The object does not hash to the manifest the snapshot is known by (the first holder's),
+    /// and this target's own manifest of the same object says something else (`own_sha256`):
+    /// the targets' manifests disagree, so a bucket was changed outside pgferry. Which copy
+    /// is right cannot be told from here; `repair` leaves both alone.
+    ManifestsDisagree {
+        sha256: String,
+        own_sha256: String,
+        /// The target whose manifest the snapshot is known by, and what it says.
+        other: String,
+        expected_sha256: String,
+    },
 }
 
 /// One copy that is missing or damaged.
@@ -77,6 +92,7 @@ impl Problem {
                 "check that target {} answers, then run `pgferry check --read-data --source {} --database {}` again; if it stays unreadable run `pgferry repair --to {}`",
                 self.target, self.source, self.database, self.target
             ),
+            ProblemKind::ManifestsDisagree { .. } => "find out which bucket was changed (list each target alone: a config naming only it); restore from the other, then delete the wrong manifest and object by hand; `pgferry repair` leaves both copies alone".to_string(),
             _ => format!("run `pgferry repair --to {}`", self.target),
         }
     }
@@ -103,6 +119,25 @@ impl std::fmt::Display for Problem {
             }
             ProblemKind::Unreadable { error } => {
                 format!("cannot read {}: {error}", self.object_key)
+            }
+            ProblemKind::ManifestsDisagree {
+                sha256,
+                own_sha256,
+                other,
+                expected_sha256,
+            } => {
+                // Neither copy is to blame before an operator knows which bucket changed.
+                return write!(
+                    f,
+                    "targets {other} and {}: their manifests of snapshot {}/{}/{} disagree about {}: {other}'s says sha256 {expected_sha256}, {}'s says {own_sha256} (its copy hashes to {sha256}); {}",
+                    self.target,
+                    self.source,
+                    self.database,
+                    self.snapshot_id,
+                    self.object_key,
+                    self.target,
+                    self.fix()
+                );
             }
         };
         write!(
@@ -317,7 +352,24 @@ async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Expected) -> Optio
     let m = &entry.manifest;
     let kind = match hash_object(t, &t.at(&object.key)).await {
         Ok((sha256, size)) if sha256 == object.sha256 && size == object.size => return None,
-        Ok((sha256, size)) => ProblemKind::WrongHash { sha256, size },
+        Ok((sha256, size)) => match own_expectation(t, m, &object).await {
+            // This target's own manifest says otherwise about the same object: not damage
+            // (repairing it from the snapshot's manifest could overwrite the good copy).
+            Some(own) if own.sha256 != object.sha256 || own.size != object.size => {
+                ProblemKind::ManifestsDisagree {
+                    sha256,
+                    own_sha256: own.sha256,
+                    other: entry
+                        .targets
+                        .iter()
+                        .find(|h| **h != t.name)
+                        .cloned()
+                        .unwrap_or_default(),
+                    expected_sha256: object.sha256.clone(),
+                }
+            }
+            _ => ProblemKind::WrongHash { sha256, size },
+        },
         Err(e) => ProblemKind::Unreadable {
             error: error_text(&e),
         },
@@ -330,6 +382,20 @@ async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Expected) -> Optio
         object_key: object.key.to_string(),
         kind,
     })
+}
+
+/// What `t`'s own manifest of `m`'s snapshot says of `object`, when it names the same objects
+/// as `m` (`None`: no such manifest, unreadable, or of another attempt).
+pub async fn own_expectation(t: &Target, m: &Manifest, object: &Expected) -> Option<Expected> {
+    let id = SnapshotId::parse(&m.snapshot_id)?;
+    let key = t.at(&SnapshotKey::new(&m.source, &m.database, id).manifest());
+    let own = catalog::read_manifest(t, &key).await.ok()?;
+    if !catalog::same_objects(&own, m) {
+        return None;
+    }
+    Expected::of(&own)?
+        .into_iter()
+        .find(|o| o.key == object.key)
 }
 
 /// The snapshots every target should hold: per database, those the retention plan over the

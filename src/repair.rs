@@ -458,6 +458,14 @@ async fn good_copy_there(
     damaged: &[&str],
 ) -> Option<String> {
     let there = read_manifest(target, manifest_key).await.ok()?;
+    if same_objects(&there, m) && Expected::of(&there) != Expected::of(m) {
+        // Two manifests of the same objects that disagree about their bytes: one bucket was
+        // changed outside pgferry. Copying over this one could destroy the good copy.
+        return Some(format!(
+            "its own manifest of {} disagrees with the one repair would copy from (sha256 {} here, {} there): the targets' manifests disagree; find out which bucket was changed and fix it by hand",
+            there.object_key, there.sha256, m.sha256
+        ));
+    }
     for object in Expected::of(&there)? {
         let head = target.store.head(&target.at(&object.key)).await.ok()?;
         if head.size != object.size {
@@ -851,6 +859,79 @@ mod tests {
 
     fn files_key(m: &Manifest) -> String {
         m.files_archive().unwrap().object_key.clone()
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_own_manifest_disagrees_is_reported_so_and_never_overwritten() {
+        // b holds the intact snapshot; a's object and manifest were rewritten together (a
+        // bucket changed outside pgferry), and a comes first, so the catalog knows the
+        // snapshot by a's manifest.
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let good = b"zstd bytes".repeat(1000);
+        let m = commit_on_a(&app, &good, &good).await;
+        mirror(&app).await;
+        let mut bad = good.clone();
+        bad[500] ^= 1;
+        let mut forged = commit_on_a(&app, &bad, &bad).await;
+        // Same object key as the real one: rewrite it in place.
+        let a = app.target("a").unwrap();
+        forged.object_key = m.object_key.clone();
+        put_at(a, &object_path(&m.object_key).unwrap(), bad.clone()).await;
+        let id = SnapshotId::parse(&m.snapshot_id).unwrap();
+        let manifest = SnapshotKey::new(&m.source, &m.database, id).manifest();
+        put_at(a, &manifest, forged.to_json().to_vec()).await;
+
+        let read = CheckOptions {
+            read_data: true,
+            jobs: 1,
+            ..CheckOptions::default()
+        };
+        let report = check::check(&app, &read).await;
+        assert!(
+            matches!(
+                report.problems[..],
+                [Problem {
+                    kind: ProblemKind::ManifestsDisagree { .. },
+                    ..
+                }]
+            ),
+            "b is blamed as damaged: {:?}",
+            report.problems
+        );
+        assert!(!report.problems[0].fix().contains("repair --to"));
+        let done = repair(
+            &app,
+            &report,
+            &RepairOptions::default(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        let b = app.target("b").unwrap();
+        assert_eq!(bytes_of(b, &m.object_key).await, good, "{done:?}");
+        // Even given a report that calls b's copy damaged (an older check), repair leaves it.
+        let blamed = CheckReport {
+            problems: vec![Problem {
+                kind: ProblemKind::WrongHash {
+                    sha256: forged.sha256.clone(),
+                    size: good.len() as u64,
+                },
+                ..report.problems[0].clone()
+            }],
+            expected: report.expected.clone(),
+            ..CheckReport::default()
+        };
+        let done = repair(
+            &app,
+            &blamed,
+            &RepairOptions::default(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_copies(&done, &[CopyResult::LeftAlone(String::new())]);
+        assert_eq!(bytes_of(b, &m.object_key).await, good);
     }
 
     #[tokio::test]

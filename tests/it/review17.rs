@@ -16,9 +16,10 @@ use object_store::{ObjectStore, PutPayload};
 use sha2::Digest;
 
 use crate::backup::TRICKY_SQL;
-use crate::restore::{json, without_hooked, World, STAGING_PW_VAR};
+use crate::restore::{json, without_hooked, World};
 use crate::support::env::{get, manifest_of};
 use crate::support::restore_argv;
+use crate::support::staging::STAGING_PW_VAR;
 
 /// age's ciphertext chunk: 64 KiB of plaintext and its 16-byte tag.
 const CHUNK: usize = 64 * 1024 + 16;
@@ -524,7 +525,6 @@ async fn one_buckets_rewritten_manifest_does_not_spoil_the_other_targets_copy() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: with one bucket's object and manifest rewritten, check --read-data blames the intact target (against the first target's manifest) and repair --to b, as it advises, overwrites b's intact copy with the tampered one"]
 async fn one_buckets_rewrite_is_not_blamed_on_nor_repaired_into_the_intact_target() {
     let w = World::start(TRICKY_SQL, &[], "").await;
     let keys_dir = tempfile::tempdir().unwrap();
