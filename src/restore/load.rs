@@ -646,9 +646,91 @@ fn set_data_offsets(file: std::fs::File, archive: DumpStatsTap) -> std::io::Resu
     Ok(())
 }
 
-/// Removes the spool file when dropped: on success, on error, and on cancellation.
+/// Removes the spool file when dropped: on success, on error, and on cancellation. While it
+/// lives it holds an exclusive `flock` on the file, which the kernel releases however the
+/// process ends: a spool file nobody holds locked was left by a killed run, and the next
+/// run's [`remove_left_spools`] removes it.
 struct SpoolFile {
     path: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// The names spool files get: `pgferry-<dest hash>-<snapshot id>-<pid>.dump`.
+fn is_spool_name(name: &str) -> bool {
+    name.starts_with("pgferry-") && name.ends_with(".dump")
+}
+
+/// Takes `file`'s exclusive `flock` without waiting; `false` when another process holds it.
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this `File` owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Creates spool file `path` (mode 0600, never an existing one) and locks it.
+fn create_spool(path: &Path) -> std::io::Result<(std::fs::File, SpoolFile)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(SPOOL_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let guard = SpoolFile {
+        path: path.to_path_buf(),
+        _lock: file.try_clone()?,
+    };
+    if !try_lock(&guard._lock)? {
+        return Err(std::io::Error::other(
+            "the new spool file is locked by another process",
+        ));
+    }
+    Ok((file, guard))
+}
+
+/// Removes the spool files in `dir` that a killed run left: those nobody holds locked (a
+/// live restore or verify holds its own). They hold a decompressed, decrypted dump.
+/// Best effort: what cannot be read or removed is logged and left.
+pub(crate) fn remove_left_spools(dir: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if !regular || !name.to_str().is_some_and(is_spool_name) {
+            continue;
+        }
+        let path = entry.path();
+        let left = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|f| try_lock(&f).map(|free| (f, free)));
+        match left {
+            Ok((_locked, true)) => match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(message = "Removed a spool file a killed restore left.", path = %path.display())
+                }
+                Err(error) => {
+                    tracing::warn!(message = "Cannot remove a spool file a killed restore left.", path = %path.display(), error = %error)
+                }
+            },
+            Ok((_, false)) => {}
+            Err(error) => {
+                tracing::warn!(message = "Cannot check a spool file left in the spool directory.", path = %path.display(), error = %error)
+            }
+        }
+    }
 }
 
 impl Drop for SpoolFile {
@@ -700,6 +782,8 @@ pub async fn spooled(
         .create(spool_dir)
         .await
         .map_err(spool_err(spool_dir))?;
+    // Before measuring the free space: what a killed run left takes it.
+    remove_left_spools(spool_dir);
     let available = free_bytes(spool_dir).map_err(spool_err(spool_dir))?;
     if available < manifest.raw_size.saturating_add(SPOOL_HEADROOM_BYTES) {
         return Err(LoadError::SpoolSpace {
@@ -714,16 +798,9 @@ pub async fn spooled(
         manifest.snapshot_id,
         std::process::id()
     ));
-    let guard = SpoolFile { path: path.clone() };
-    let file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(SPOOL_FILE_MODE)
-        .open(&path)
-        .await
-        .map_err(spool_err(&path))?;
+    let (file, guard) = create_spool(&path).map_err(spool_err(&path))?;
     let mut file = Indexing {
-        inner: file,
+        inner: tokio::fs::File::from_std(file),
         archive: DumpStatsTap::new(),
     };
     let Opened {
@@ -788,6 +865,31 @@ mod tests {
         t.hasher.update(bytes);
         t.bytes = bytes.len() as u64;
         Mutex::new(t)
+    }
+
+    #[test]
+    fn a_spool_file_nobody_holds_is_removed_and_a_held_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = dir.path().join("pgferry-aaaa-20261206T160000Z-1.dump");
+        let (_file, guard) = create_spool(&held).unwrap();
+        // What a killed run left: the same name shape, nobody holding it.
+        let left = dir.path().join("pgferry-bbbb-20261206T160000Z-2.dump");
+        std::fs::write(&left, b"plaintext").unwrap();
+        let other = dir.path().join("notes.dump");
+        std::fs::write(&other, b"x").unwrap();
+        let link = dir.path().join("pgferry-cccc-20261206T160000Z-3.dump");
+        std::os::unix::fs::symlink(&other, &link).unwrap();
+        // A second spool of the same name is refused (create_new), not truncated.
+        assert!(create_spool(&held).is_err());
+        remove_left_spools(dir.path());
+        assert!(held.exists(), "a live run's spool file was removed");
+        assert!(!left.exists(), "a killed run's spool file was left");
+        assert!(
+            other.exists() && link.exists(),
+            "only spool files are touched"
+        );
+        drop(guard);
+        assert!(!held.exists(), "the guard removes its file");
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl Server {
     async fn terminate(&self, database: &str) -> Result<(), SwapError> {
         self.client
             .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type IS DISTINCT FROM 'autovacuum worker'",
                 &[&database],
             )
             .await
@@ -280,14 +280,18 @@ impl Server {
         Ok(())
     }
 
-    /// Waits until no session is left in `database`.
+    /// Waits until no session is left in `database`. Autovacuum workers are not waited for
+    /// (nor terminated: they are not the owner's to signal): a freshly restored database
+    /// gets one as soon as its tables are loaded, analyzing a large table takes minutes, and
+    /// `ALTER DATABASE … RENAME` / `DROP DATABASE` end them themselves (PostgreSQL signals
+    /// the autovacuum workers of the database and waits for them).
     async fn wait_idle(&self, database: &str) -> Result<(), SwapError> {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let n: i64 = self
                 .client
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type IS DISTINCT FROM 'autovacuum worker'",
                     &[&database],
                 )
                 .await

@@ -720,7 +720,6 @@ async fn a_restore_into_a_new_database_killed_while_its_files_move_settles_consi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: a SIGKILLed `restore --jobs N` leaves its spool file (the decrypted, decompressed dump) in spool_dir, and no later run removes it, though restore/mod.rs says the next run does"]
 async fn a_killed_spooled_restore_leaves_no_plaintext_after_the_next_run() {
     tokio::time::timeout(Duration::from_secs(600), async {
         let w = World::start(&extra_sql(), &[], "").await;
