@@ -97,6 +97,21 @@ restore_stream() { # $1 = plain|age: the stream restore of that copy, into a dat
     if [ "$1" = age ]; then label="pgferry restore (stream), age"; config="$WORK_DIR/pgferry-age.toml"; fi
     dest_psql -c "DROP DATABASE IF EXISTS restored_$1"
     timed "$label" "$PGFERRY" --config "$config" --log-format json restore --source bench --database bench_src --to bench --as "restored_$1"
+    # Where the time went: snapshot chosen → loaded (download, decode, pg_restore) → swapped in.
+    python3 - "$WORK_DIR/cmd.err" "$1" >> "$WORK_DIR/phases.txt" <<'PY'
+import json, sys
+from datetime import datetime
+t = {}
+for line in open(sys.argv[1]):
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    t.setdefault(e.get("message"), datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")[:26] + "+00:00"))
+c, l, s = (t.get(m) for m in ("Snapshot chosen.", "Snapshot loaded into the temporary database.", "Restore swapped in."))
+if c and l and s:
+    print(f"{sys.argv[2]} load {(l - c).total_seconds():.2f} after {(s - l).total_seconds():.2f}")
+PY
 }
 for r in $(seq 1 "$ROUNDS"); do
     if [ -z "${ENCRYPTION_ONLY:-}" ]; then
@@ -132,4 +147,6 @@ printf 'restore, age/plain: wall %.3f, CPU %.3f, peak RSS %.3f (rounds: plain wa
     "$(echo "$(stats ${CPU[$enc]} | cut -d' ' -f1) / $(stats ${CPU[$plain]} | cut -d' ' -f1)" | bc -l)" \
     "$(echo "$(stats ${RSS[$enc]} | cut -d' ' -f3) / $(stats ${RSS[$plain]} | cut -d' ' -f3)" | bc -l)" \
     "${TIMES[$plain]}" "${TIMES[$enc]}" "${CPU[$plain]}" "${CPU[$enc]}"
+echo "# phases (s): chosen → loaded, loaded → swapped in, per restore in run order:"
+sed 's/^/#   /' "$WORK_DIR/phases.txt" 2>/dev/null || true
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -414,6 +414,8 @@ async fn run(
         });
     };
 
+    tracing::info!(message = "Snapshot loaded into the temporary database.", target = %target_used, database = %tmp, raw_bytes = loaded.raw_bytes);
+
     // 5. Hooks, the companion files, then the swap; any failure drops the temporary database
     //    and removes the files' temporary directory.
     let mut staged: Option<files::DirSwap> = None;
