@@ -734,6 +734,18 @@ mod tests {
         .await
     }
 
+    /// Repairs what `report` found, with the default options.
+    async fn repair_report(app: &App, report: &CheckReport) -> RepairReport {
+        repair(
+            app,
+            report,
+            &RepairOptions::default(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
     #[tokio::test]
     async fn a_missing_copy_is_written_object_then_manifest_naming_every_holder() {
         let dir = tempfile::tempdir().unwrap();
@@ -900,14 +912,7 @@ mod tests {
             report.problems
         );
         assert!(!report.problems[0].fix().contains("repair --to"));
-        let done = repair(
-            &app,
-            &report,
-            &RepairOptions::default(),
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await;
+        let done = repair_report(&app, &report).await;
         let b = app.target("b").unwrap();
         assert_eq!(bytes_of(b, &m.object_key).await, good, "{done:?}");
         // Even given a report that calls b's copy damaged (an older check), repair leaves it.
@@ -922,14 +927,7 @@ mod tests {
             expected: report.expected.clone(),
             ..CheckReport::default()
         };
-        let done = repair(
-            &app,
-            &blamed,
-            &RepairOptions::default(),
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await;
+        let done = repair_report(&app, &blamed).await;
         assert_copies(&done, &[CopyResult::LeftAlone(String::new())]);
         assert_eq!(bytes_of(b, &m.object_key).await, good);
     }
@@ -1019,14 +1017,7 @@ mod tests {
             ProblemKind::WrongHash { .. }
         ));
 
-        let done = repair(
-            &app,
-            &report,
-            &RepairOptions::default(),
-            Arc::default(),
-            CancellationToken::new(),
-        )
-        .await;
+        let done = repair_report(&app, &report).await;
         assert_copies(&done, &[CopyResult::Copied]);
         // Only the archive was copied, and counted.
         assert_eq!(done.copies[0].bytes, tar.len() as u64);
