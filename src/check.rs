@@ -386,7 +386,7 @@ async fn read_copy(t: &Target, entry: &SnapshotEntry, object: Expected) -> Optio
 
 /// What `t`'s own manifest of `m`'s snapshot says of `object`, when it names the same objects
 /// as `m` (`None`: no such manifest, unreadable, or of another attempt).
-pub async fn own_expectation(t: &Target, m: &Manifest, object: &Expected) -> Option<Expected> {
+async fn own_expectation(t: &Target, m: &Manifest, object: &Expected) -> Option<Expected> {
     let id = SnapshotId::parse(&m.snapshot_id)?;
     let key = t.at(&SnapshotKey::new(&m.source, &m.database, id).manifest());
     let own = catalog::read_manifest(t, &key).await.ok()?;

@@ -18,8 +18,7 @@ use sha2::Digest;
 use crate::backup::TRICKY_SQL;
 use crate::restore::{json, without_hooked, World};
 use crate::support::env::{get, manifest_of};
-use crate::support::restore_argv;
-use crate::support::staging::STAGING_PW_VAR;
+use crate::support::{kill_when_appears, restore_argv};
 
 /// age's ciphertext chunk: 64 KiB of plaintext and its 16-byte tag.
 const CHUNK: usize = 64 * 1024 + 16;
@@ -62,6 +61,15 @@ fn encryption_toml(k: &Key) -> String {
         "[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n",
         k.recipient,
         k.file.display().to_string()
+    )
+}
+
+/// [`encryption_toml`] and a `[verify]` on the staging server, without checks.
+fn encrypted_with_verify(w: &World, k: &Key) -> String {
+    format!(
+        "{}\n[verify]\nurl = \"{}\"\nchecks = []\n",
+        encryption_toml(k),
+        w.staging.url()
     )
 }
 
@@ -189,14 +197,7 @@ async fn crafted_dump_ciphertexts_fall_back_then_fail_restore_and_verify_cleanly
     let w = World::start(&extra_sql(), &[], "").await;
     let keys_dir = tempfile::tempdir().unwrap();
     let k = key(keys_dir.path(), "k");
-    let config = config_plus(
-        &w,
-        &format!(
-            "{}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nchecks = []\n",
-            encryption_toml(&k),
-            w.staging.port()
-        ),
-    );
+    let config = config_plus(&w, &encrypted_with_verify(&w, &k));
     let source = w.env.pg.table_fingerprints("acme").await.unwrap();
 
     // A plain snapshot, another encrypted one, then the one under attack (the latest).
@@ -337,11 +338,9 @@ async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
             ),
             1,
         );
-    let config = w.env.write_config(&format!(
-        "{base}\n{}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nchecks = []\n",
-        encryption_toml(k),
-        w.staging.port()
-    ));
+    let config = w
+        .env
+        .write_config(&format!("{base}\n{}", encrypted_with_verify(&w, k)));
     FilesWorld {
         w,
         config,
@@ -458,14 +457,7 @@ async fn one_buckets_rewritten_manifest_does_not_spoil_the_other_targets_copy() 
     let w = World::start(TRICKY_SQL, &[], "").await;
     let keys_dir = tempfile::tempdir().unwrap();
     let k = key(keys_dir.path(), "k");
-    let config = config_plus(
-        &w,
-        &format!(
-            "{}\n[verify]\nurl = \"postgres://postgres:${{{STAGING_PW_VAR}}}@127.0.0.1:{}/postgres\"\nchecks = []\n",
-            encryption_toml(&k),
-            w.staging.port()
-        ),
-    );
+    let config = config_plus(&w, &encrypted_with_verify(&w, &k));
     let source = w.env.pg.table_fingerprints("acme").await.unwrap();
     let id = bounded(&w, &config, &["backup", "--source", "prod", "--force"])
         .await
@@ -574,7 +566,7 @@ async fn kill_restore_at(
     prefix: String,
     delay: Duration,
 ) -> bool {
-    let mut child = w
+    let child = w
         .env
         .command(config, args)
         .envs(w.env_vars())
@@ -582,34 +574,7 @@ async fn kill_restore_at(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let pid = child.id().unwrap() as i32;
-    let parent = parent.to_path_buf();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let finished = done.clone();
-    let watcher = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline && !finished.load(std::sync::atomic::Ordering::Relaxed) {
-            let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
-                rd.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            });
-            if seen {
-                std::thread::sleep(delay);
-                // SAFETY: kill(2) of the child this test started (maybe already gone).
-                return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
-            }
-        }
-        false
-    });
-    let status = tokio::time::timeout(Duration::from_secs(180), child.wait())
-        .await
-        .expect("the restore hung")
-        .unwrap();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
-        .await
-        .unwrap();
-    killed && status.code().is_none()
+    kill_when_appears(child, parent.to_path_buf(), prefix, delay).await
 }
 
 /// The swap's other branch (issue 12 merged both into `rename_in`): the destination database
@@ -783,8 +748,6 @@ async fn a_huge_crafted_header_costs_no_memory() {
     let keys_dir = tempfile::tempdir().unwrap();
     let k = key(keys_dir.path(), "k");
     let config = config_plus(&w, &encryption_toml(&k));
-    w.env
-        .add_secret_var(STAGING_PW_VAR, w.staging.superuser_password());
     let id = bounded(&w, &config, &["backup", "--source", "prod", "--force"])
         .await
         .snapshot_id();

@@ -6,12 +6,11 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::files_restore::{World, PREVIOUS_SQL};
 use crate::support::env::{self, Run};
-use crate::support::{names_in, restore_argv, tree_of};
+use crate::support::{kill_when_appears, names_in, restore_argv, tree_of};
 
 /// Everything one test may take; a hang is a failure.
 const TEST_DEADLINE: Duration = Duration::from_secs(600);
@@ -182,37 +181,8 @@ async fn kill_restore_at(w: &World, prefix: &'static str, delay: Duration) -> bo
         .env
         .command(&w.config, &restore_argv("acme", "staging-acme", &[]));
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let pid = child.id().unwrap() as i32;
-    let parent = w.staging_fs.clone();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let finished = done.clone();
-    let watcher = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while std::time::Instant::now() < deadline
-            && !finished.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
-                rd.filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            });
-            if seen {
-                std::thread::sleep(delay);
-                // SAFETY: kill(2) of the child this test started (maybe already gone).
-                return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
-            }
-        }
-        false
-    });
-    let status = tokio::time::timeout(Duration::from_secs(180), child.wait())
-        .await
-        .expect("the restore hung")
-        .unwrap();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
-        .await
-        .unwrap();
-    killed && status.code().is_none()
+    let child = cmd.spawn().unwrap();
+    kill_when_appears(child, w.staging_fs.clone(), prefix.to_string(), delay).await
 }
 
 /// A restore SIGKILLed while its companion files are extracted or swapped, then settled by

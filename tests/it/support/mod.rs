@@ -102,6 +102,45 @@ pub async fn next_second() {
     }
 }
 
+/// SIGKILLs `child` (a pgferry run) `delay` after a name starting with `prefix` appears in
+/// `parent` (polled for up to 120 s); waits for it (≤ 180 s) and returns whether it died of
+/// that kill (else it finished first).
+pub async fn kill_when_appears(
+    mut child: tokio::process::Child,
+    parent: std::path::PathBuf,
+    prefix: String,
+    delay: Duration,
+) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pid = child.id().unwrap() as i32;
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while std::time::Instant::now() < deadline && !finished.load(Ordering::Relaxed) {
+            let seen = std::fs::read_dir(&parent).is_ok_and(|rd| {
+                rd.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            });
+            if seen {
+                std::thread::sleep(delay);
+                // SAFETY: kill(2) of the child this test started (maybe already gone).
+                return unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+            }
+        }
+        false
+    });
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait())
+        .await
+        .expect("the restore hung")
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let killed = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+        .await
+        .unwrap();
+    killed && status.code().is_none()
+}
+
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is found by binding port 0 and dropping the listener, so another process may
