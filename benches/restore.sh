@@ -5,21 +5,28 @@
 #   baseline -j 2     pg_restore -j 2 from that file (what parallel restore can gain here)
 #   pgferry stream    pgferry restore (download → sha256 → zstd -d → pg_restore)
 #   pgferry --jobs 2  pgferry restore --jobs 2 (spool, verify, pg_restore -j 2)
+#   pgferry, again    the same plain snapshot, from a second bucket (same bytes): what two
+#                     identical restores differ by here, the machine's noise
 #   pgferry, age      pgferry restore of the same database backed up with [encryption] (age,
-#                     two recipients) to a second bucket (download → sha256 → age -d → zstd -d
-#                     → pg_restore), right before or after the plain stream restore (plain first
-#                     in odd rounds, last in even ones)
+#                     two recipients) to a third bucket (download → sha256 → age -d → zstd -d
+#                     → pg_restore)
+# The three stream restores run in a rotated order (round 1: plain, again, age; round 2:
+# again, age, plain; round 3: age, plain, again; …), each into the database of its position,
+# so every kind takes every position equally often over a multiple of 3 rounds (the position
+# matters here: in one run the third restore of a round took 24% longer than the first,
+# whatever it restored).
 # Reports the median (min–max) wall time and the ratio to the baseline, the CPU seconds
 # (user+sys of the command and its children: pgferry and pg_restore, not the PostgreSQL
 # backend) and peak RSS of each, and the encrypted/plain ratios of wall time, CPU and peak RSS
-# (as benches/backup.sh's). ENCRYPTION_ONLY=1 measures only the two pgferry stream restores.
+# (as benches/backup.sh's), and again/plain (the noise). ENCRYPTION_ONLY=1 measures only the
+# three pgferry stream restores.
 # Every restore goes into a second cluster on DEST_PORT (the source's is refused by the guard).
 # Usage: benches/restore.sh [rounds]   (env: SIZE=2, WORK_DIR, ENCRYPTION_ONLY=1,
 #        SKIP_SETUP=1: do not run scripts/setup.sh, everything is installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-ROUNDS="${1:-3}"
+ROUNDS="${1:-6}"
 SIZE="${SIZE:-2}"
 WORK_DIR="${WORK_DIR:-/var/tmp/pgferry-bench-restore}"
 PG_PORT="${PG_PORT:-54349}"
@@ -35,7 +42,7 @@ PGFERRY="$ROOT/target/release/pgferry"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 trap stop_servers EXIT
-start_servers bench-restore bench-restore-age
+start_servers bench-restore bench-restore-again bench-restore-age
 # Every restore goes to a second cluster, as in production (restoring into the server a
 # snapshot was taken from is what the identity guard refuses).
 start_pg pg-dest "$DEST_PORT"
@@ -60,6 +67,9 @@ spool_dir = "$WORK_DIR/spool"
 TOML
 }
 config bench-restore > "$WORK_DIR/pgferry.toml"
+config bench-restore-again > "$WORK_DIR/pgferry-again.toml"
+# One backup writes the plain snapshot to both plain buckets.
+{ config bench-restore; s3_target_toml again bench-restore-again; } > "$WORK_DIR/pgferry-both.toml"
 # The encrypted copy: two recipients (as backup.sh), restored with the first one's identity.
 for k in 1 2; do age-keygen -o "$WORK_DIR/age-$k.txt" 2>/dev/null; done
 { config bench-restore-age
@@ -68,7 +78,7 @@ for k in 1 2; do age-keygen -o "$WORK_DIR/age-$k.txt" 2>/dev/null; done
 } > "$WORK_DIR/pgferry-age.toml"
 
 seed bench_src "$SIZE"
-"$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json backup >/dev/null 2>&1
+"$PGFERRY" --config "$WORK_DIR/pgferry-both.toml" --log-format json backup >/dev/null 2>&1
 "$PGFERRY" --config "$WORK_DIR/pgferry-age.toml" --log-format json backup >/dev/null 2>&1
 raw_mib() { # the raw dump size of the last backup, from its manifest
     local bytes
@@ -92,25 +102,31 @@ timed() { # $1 = label, rest = command; records wall s, max RSS KiB, CPU s (user
 }
 dest_psql() { PG_PORT="$DEST_PORT" psql_ -d postgres "$@"; }
 fresh() { dest_psql -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; }
-restore_stream() { # $1 = plain|age: the stream restore of that copy, into a database that does not exist yet
+restore_stream() { # $1 = plain|again|age, $2 = position: the stream restore of that copy, into a database that does not exist yet
     local label="pgferry restore (stream)" config="$WORK_DIR/pgferry.toml"
-    if [ "$1" = age ]; then label="pgferry restore (stream), age"; config="$WORK_DIR/pgferry-age.toml"; fi
-    dest_psql -c "DROP DATABASE IF EXISTS restored_$1"
-    timed "$label" "$PGFERRY" --config "$config" --log-format json restore --source bench --database bench_src --to bench --as "restored_$1"
+    case $1 in
+        again) label="pgferry restore (stream), again"; config="$WORK_DIR/pgferry-again.toml" ;;
+        age) label="pgferry restore (stream), age"; config="$WORK_DIR/pgferry-age.toml" ;;
+    esac
+    dest_psql -c "DROP DATABASE IF EXISTS restored_$2"
+    timed "$label" env PGFERRY_LOG=info,pgferry::restore::load=debug "$PGFERRY" --config "$config" --log-format json restore --source bench --database bench_src --to bench --as "restored_$2"
     # Where the time went: snapshot chosen → loaded (download, decode, pg_restore) → swapped in.
     python3 - "$WORK_DIR/cmd.err" "$1" >> "$WORK_DIR/phases.txt" <<'PY'
 import json, sys
 from datetime import datetime
 t = {}
+pump = {}
 for line in open(sys.argv[1]):
     try:
         e = json.loads(line)
     except ValueError:
         continue
+    if e.get("message") == "Decoded stream copied.":
+        pump = e
     t.setdefault(e.get("message"), datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")[:26] + "+00:00"))
 c, l, s = (t.get(m) for m in ("Snapshot chosen.", "Snapshot loaded into the temporary database.", "Restore swapped in."))
 if c and l and s:
-    print(f"{sys.argv[2]} load {(l - c).total_seconds():.2f} after {(s - l).total_seconds():.2f}")
+    print(f"{sys.argv[2]} load {(l - c).total_seconds():.2f} after {(s - l).total_seconds():.2f} waiting for input {float(pump.get('waiting_for_input_seconds', 'nan')):.2f} for pg_restore {float(pump.get('waiting_for_output_seconds', 'nan')):.2f}")
 PY
 }
 for r in $(seq 1 "$ROUNDS"); do
@@ -122,7 +138,9 @@ for r in $(seq 1 "$ROUNDS"); do
     fi
     # Like the baselines, into a database that does not exist yet (replacing one would add
     # its DROP DATABASE, and the checkpoint that forces, to pgferry's time only).
-    if (( r % 2 )); then restore_stream plain; restore_stream age; else restore_stream age; restore_stream plain; fi
+    case $(( r % 3 )) in 1) order="plain again age" ;; 2) order="again age plain" ;; 0) order="age plain again" ;; esac
+    pos=0
+    for kind in $order; do pos=$((pos + 1)); restore_stream "$kind" "p$pos"; done
     if [ -z "${ENCRYPTION_ONLY:-}" ]; then
         dest_psql -c "DROP DATABASE IF EXISTS restored_jobs"
         timed "pgferry restore --jobs 2" "$PGFERRY" --config "$WORK_DIR/pgferry.toml" --log-format json restore --source bench --database bench_src --to bench --as restored_jobs --jobs 2
@@ -133,7 +151,7 @@ base_label="pg_restore local file"; [ -z "${ENCRYPTION_ONLY:-}" ] || base_label=
 base=$(stats ${TIMES[$base_label]} | cut -d' ' -f1)
 printf '| %-30s | %9s | %13s | %10s | %7s | %12s |\n' command "median s" "min–max s" "× baseline" "CPU s" "peak RSS MiB"
 printf '|%s|%s|%s|%s|%s|%s|\n' -------------------------------- ----------- --------------- ------------ --------- --------------
-for label in "pg_restore local file" "pg_restore -j 2 local file" "pgferry restore (stream)" "pgferry restore (stream), age" "pgferry restore --jobs 2"; do
+for label in "pg_restore local file" "pg_restore -j 2 local file" "pgferry restore (stream)" "pgferry restore (stream), again" "pgferry restore (stream), age" "pgferry restore --jobs 2"; do
     [ -n "${TIMES[$label]:-}" ] || continue
     read -r med min max <<<"$(stats ${TIMES[$label]})"
     printf '| %-30s | %9s | %13s | %10.2f | %7s | %12s |\n' "$label" "$med" "$min–$max" "$(echo "$med / $base" | bc -l)" \
@@ -141,7 +159,9 @@ for label in "pg_restore local file" "pg_restore -j 2 local file" "pgferry resto
 done
 echo "(× baseline: to ${base_label}. CPU s: user+sys of the command and its children (pg_restore),"
 echo " medians; not the PostgreSQL backend's. Peak RSS: max over rounds.)"
-plain="pgferry restore (stream)"; enc="pgferry restore (stream), age"
+plain="pgferry restore (stream)"; enc="pgferry restore (stream), age"; again="pgferry restore (stream), again"
+ratio() { echo "$(stats ${TIMES[$1]} | cut -d' ' -f1) / $(stats ${TIMES[$2]} | cut -d' ' -f1)" | bc -l; }
+printf 'restore, again/plain (same bytes: the noise): wall %.3f (rounds: again wall %s)\n' "$(ratio "$again" "$plain")" "${TIMES[$again]}"
 printf 'restore, age/plain: wall %.3f, CPU %.3f, peak RSS %.3f (rounds: plain wall %s; age wall %s; plain CPU %s; age CPU %s)\n' \
     "$(echo "$(stats ${TIMES[$enc]} | cut -d' ' -f1) / $(stats ${TIMES[$plain]} | cut -d' ' -f1)" | bc -l)" \
     "$(echo "$(stats ${CPU[$enc]} | cut -d' ' -f1) / $(stats ${CPU[$plain]} | cut -d' ' -f1)" | bc -l)" \

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_compression::tokio::bufread::ZstdDecoder;
 use futures::TryStreamExt;
@@ -312,6 +313,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    // Where the time went: waiting for decoded bytes (download, decryption, decompression)
+    // or for pg_restore to take them (it and the server are the slower side).
+    let (mut reading, mut writing) = (Duration::ZERO, Duration::ZERO);
     let mut out = Pumped {
         read_error: None,
         write_error: None,
@@ -319,6 +323,7 @@ where
         cancelled: false,
     };
     loop {
+        let read_at = Instant::now();
         let n = tokio::select! {
             _ = cancel.cancelled() => { out.cancelled = true; break; }
             r = reader.read(&mut buf) => match r {
@@ -327,10 +332,13 @@ where
                 Err(e) => { out.read_error = Some(e); break; }
             },
         };
+        let write_at = Instant::now();
+        reading += write_at - read_at;
         let written = tokio::select! {
             _ = cancel.cancelled() => { out.cancelled = true; break; }
             w = sink.write_all(&buf[..n]) => w,
         };
+        writing += write_at.elapsed();
         if let Err(e) = written {
             out.write_error = Some(e);
             break;
@@ -338,6 +346,12 @@ where
         out.raw_bytes += n as u64;
         progress.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
+    tracing::debug!(
+        message = "Decoded stream copied.",
+        bytes = out.raw_bytes,
+        waiting_for_input_seconds = reading.as_secs_f64(),
+        waiting_for_output_seconds = writing.as_secs_f64()
+    );
     if out.write_error.is_none() && !out.cancelled {
         if let Err(e) = sink.flush().await {
             out.write_error = Some(e);
@@ -413,6 +427,23 @@ fn check_copy(tap: &Mutex<Tap>, object: StoredObject<'_>) -> Result<u64, LoadErr
         });
     }
     Ok(t.bytes)
+}
+
+/// pg_restore's stdin pipe is widened to this. With Linux's default (64 KiB), a stream restore
+/// of the 2 GB bench database switched pgferry and pg_restore out ~300 000 times and cost them
+/// 3.1–3.6 CPU s (medians of four runs); at 1 MiB ~150 000 times and 2.75–2.85 s
+/// (benches/RESULTS.md).
+/// Unprivileged processes may go up to `/proc/sys/fs/pipe-max-size` (1 MiB by default).
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// Widens the pipe to pg_restore ([`PIPE_BYTES`]); where the kernel refuses, the default stays
+/// (slower, never wrong).
+fn widen_pipe(stdin: &tokio::process::ChildStdin) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor `stdin` keeps open for the call; no memory is passed.
+    if unsafe { libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) } < 0 {
+        tracing::debug!(message = "Cannot widen the pipe to pg_restore; it keeps the default size.", error = %std::io::Error::last_os_error());
+    }
 }
 
 fn spawn_pg_restore(
@@ -506,6 +537,7 @@ pub async fn stream(
             stderr: "pg_restore has no stdin".into(),
         });
     };
+    widen_pipe(&stdin);
     let pumped = pump(&mut decoder, &mut stdin, &progress, cancel).await;
     drop(stdin); // EOF for pg_restore
     if pumped.cancelled {
@@ -890,6 +922,26 @@ mod tests {
         );
         drop(guard);
         assert!(!held.exists(), "the guard removes its file");
+    }
+
+    #[tokio::test]
+    async fn the_pipe_to_pg_restore_is_widened() {
+        use std::os::fd::AsRawFd;
+        let mut child = tokio::process::Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let size = |s: &tokio::process::ChildStdin| unsafe {
+            // SAFETY: fcntl on an open descriptor; no memory is passed.
+            libc::fcntl(s.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        assert!(size(&stdin) < PIPE_BYTES, "the default is smaller");
+        widen_pipe(&stdin);
+        assert_eq!(size(&stdin), PIPE_BYTES);
+        drop(stdin);
+        child.wait().await.unwrap();
     }
 
     #[test]
