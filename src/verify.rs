@@ -588,9 +588,17 @@ pub async fn verify_one(
             owner: &owner,
             identity_file: app.config.verify_identity_file(),
         };
-        match load::stream(target, m, &into, Arc::new(LoadProgress::default()), &cancel)
-            .instrument(tracing::info_span!("load", target = %target.name))
-            .await
+        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
+        let own = entry.manifest_on(target_name);
+        match load::stream(
+            target,
+            own,
+            &into,
+            Arc::new(LoadProgress::default()),
+            &cancel,
+        )
+        .instrument(tracing::info_span!("load", target = %target.name))
+        .await
         {
             Ok(_) => {
                 restored_from = Some(target.name.clone());
@@ -619,7 +627,7 @@ pub async fn verify_one(
     if restored_from.is_some() {
         // Copies that failed before a good one are reported (in `failed_targets` and the
         // log), but do not fail the verify of the snapshot: the snapshot itself restored.
-        match inspect(app, url, &scratch, entry).await {
+        match inspect(app, url, &scratch, entry, restored_from.as_deref()).await {
             Ok(found) => {
                 tables = found.tables;
                 large_objects = found.large_objects;
@@ -628,8 +636,8 @@ pub async fn verify_one(
             }
             Err(e) => problems.push(format!("cannot inspect the restored database: {e}")),
         }
-        if let Some(archive) = m.files_archive() {
-            let first = restored_from.as_deref().unwrap_or_default();
+        let first = restored_from.as_deref().unwrap_or_default();
+        if let Some(archive) = entry.manifest_on(first).files_archive() {
             match check_files(app, entry, archive, first, url, &scratch, &cancel).await {
                 Ok((check, p)) => {
                     files = Some(check);
@@ -709,16 +717,19 @@ async fn inspect(
     url: &crate::config::PgUrl,
     scratch: &str,
     entry: &SnapshotEntry,
+    restored_from: Option<&str>,
 ) -> Result<Inspection, SourceError> {
     let client = source::connect(url, Some(scratch)).await?;
     let mut problems = Vec::new();
-    // The catalog holds manifest summaries: the table statistics are read here, in full.
-    let full = crate::storage::catalog::full_manifest(&app.targets, entry).await;
+    // The catalog holds manifest summaries: the table statistics are read here, in full, from
+    // the manifest of the copy that restored first.
+    let full =
+        crate::storage::catalog::full_manifest_from(&app.targets, entry, restored_from).await;
     let m = match &full {
         Ok(full) => full,
         Err(e) => {
             problems.push(e.clone());
-            &entry.manifest
+            entry.manifest_on(restored_from.unwrap_or_default())
         }
     };
     let mut tables = Vec::new();
@@ -810,7 +821,6 @@ async fn check_files(
     scratch: &str,
     cancel: &CancellationToken,
 ) -> Result<(FilesCheck, Vec<String>), VerifyError> {
-    let m = &entry.manifest;
     let mut check = FilesCheck {
         expected_files: archive.file_count,
         ..FilesCheck::default()
@@ -828,11 +838,16 @@ async fn check_files(
         let Some(target) = app.target(name) else {
             continue;
         };
+        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
+        let own = entry.manifest_on(name);
+        let Some(own_archive) = own.files_archive() else {
+            continue;
+        };
         let c = cancel.clone();
         let r = load::consume(
             target,
-            m,
-            load::StoredObject::files(archive),
+            own,
+            load::StoredObject::files(own_archive),
             app.config.verify_identity_file(),
             Arc::new(LoadProgress::default()),
             cancel,
@@ -1128,6 +1143,7 @@ mod tests {
                 target: "a".into(),
             }),
             objects: Default::default(),
+            disagreeing: Default::default(),
         }
     }
 

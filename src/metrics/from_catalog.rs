@@ -79,12 +79,14 @@ mod tests {
                     targets: vec!["a".into()],
                     verify: Some(failed),
                     objects: Default::default(),
+                    disagreeing: Default::default(),
                 },
                 SnapshotEntry {
                     manifest: older,
                     targets: vec!["a".into(), "b".into()],
                     verify: Some(passed.clone()),
                     objects: Default::default(),
+                    disagreeing: Default::default(),
                 },
             ],
             ..Catalog::default()

@@ -194,6 +194,7 @@ mod tests {
             targets: vec!["a".into()],
             verify: None,
             objects: Default::default(),
+            disagreeing: Default::default(),
         }
     }
 

@@ -52,8 +52,9 @@ use super::TargetFailure;
 use crate::app::App;
 use crate::files::unpack::{self, Counts, Owner, UnpackError};
 use crate::files::{FilesTemplate, UnsafeName};
+use crate::storage::catalog::SnapshotEntry;
 use crate::storage::key::RunId;
-use crate::storage::manifest::{FilesArchive, Manifest};
+use crate::storage::manifest::Manifest;
 
 const TMP_PREFIX: &str = ".pgferry-tmp-";
 const OLD_PREFIX: &str = ".pgferry-old-";
@@ -569,17 +570,20 @@ pub struct Extracted {
 #[allow(clippy::too_many_arguments)]
 pub async fn extract(
     app: &App,
-    manifest: &Manifest,
-    archive: &FilesArchive,
-    targets: &[String],
+    entry: &SnapshotEntry,
     first: &str,
     identity_file: Option<&Path>,
     swap: &DirSwap,
     owner: Option<Owner>,
     cancel: &CancellationToken,
 ) -> Result<Extracted, FilesError> {
-    let order =
-        std::iter::once(first).chain(targets.iter().map(String::as_str).filter(|t| *t != first));
+    let order = std::iter::once(first).chain(
+        entry
+            .targets
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != first),
+    );
     let mut failures = Vec::new();
     let mut dirty = false;
     for name in order {
@@ -589,6 +593,11 @@ pub async fn extract(
         if cancel.is_cancelled() {
             return Err(FilesError::Cancelled);
         }
+        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
+        let manifest = entry.manifest_on(name);
+        let Some(archive) = manifest.files_archive() else {
+            continue;
+        };
         if dirty {
             empty_dir(swap.staged()).await?;
         }
@@ -655,7 +664,7 @@ pub async fn extract(
         });
     }
     Err(FilesError::AllTargetsFailed {
-        snapshot_id: manifest.snapshot_id.clone(),
+        snapshot_id: entry.manifest.snapshot_id.clone(),
         failures,
     })
 }
@@ -756,15 +765,17 @@ mod tests {
         assert_eq!(mismatch(&m, None), None);
         let w = mismatch(&m, Some(&t)).unwrap();
         assert!(w.contains("no companion files"), "{w}");
-        m.files = Some(crate::storage::manifest::Files::Archive(FilesArchive {
-            object_key: "k".into(),
-            stored_size: 1,
-            raw_size: 1,
-            sha256: String::new(),
-            file_count: 3,
-            file_bytes: 9,
-            skipped: 0,
-        }));
+        m.files = Some(crate::storage::manifest::Files::Archive(
+            crate::storage::manifest::FilesArchive {
+                object_key: "k".into(),
+                stored_size: 1,
+                raw_size: 1,
+                sha256: String::new(),
+                file_count: 3,
+                file_bytes: 9,
+                skipped: 0,
+            },
+        ));
         assert_eq!(mismatch(&m, Some(&t)), None);
         let w = mismatch(&m, None).unwrap();
         assert!(

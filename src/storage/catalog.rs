@@ -73,11 +73,29 @@ pub struct SnapshotEntry {
     /// what prune deletes with the snapshot on that target, and nothing else.
     #[serde(skip)]
     pub objects: BTreeMap<String, CopyKeys>,
+    /// Targets of `targets` whose own manifest names the same objects as `manifest` but says
+    /// something else about them (sha256, size, encryption…): one bucket's manifest rewritten
+    /// or damaged. Each copy is read with its own target's manifest
+    /// ([`SnapshotEntry::manifest_on`]), so one bucket's manifest never makes another bucket's
+    /// copy unreadable. Empty unless manifests disagree.
+    #[serde(skip)]
+    pub disagreeing: BTreeMap<String, Manifest>,
 }
 
 impl SnapshotEntry {
     pub fn id(&self) -> &str {
         &self.manifest.snapshot_id
+    }
+
+    /// The manifest `target` holds for this snapshot: what its copy must be.
+    pub fn manifest_on(&self, target: &str) -> &Manifest {
+        self.disagreeing.get(target).unwrap_or(&self.manifest)
+    }
+
+    /// Every distinct manifest of the copies restore may read: `manifest`, then those of
+    /// targets whose manifest disagrees with it.
+    pub fn manifests(&self) -> impl Iterator<Item = &Manifest> {
+        std::iter::once(&self.manifest).chain(self.disagreeing.values())
     }
 
     /// When the snapshot's data was read (pg_dump's snapshot): its time for "latest", `--at`
@@ -365,6 +383,7 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
                 targets: Vec::new(),
                 verify: None,
                 objects: BTreeMap::new(),
+                disagreeing: BTreeMap::new(),
             });
             // Every target's own objects, for prune (which deletes that target's copy).
             entry.objects.insert(t.name.clone(), found.objects);
@@ -377,7 +396,10 @@ async fn load_merged(targets: &[Target], rel: &Path, read: Read) -> Catalog {
                 }
                 entry.manifest = m;
                 entry.targets.clear();
+                entry.disagreeing.clear();
                 entry.verify = None;
+            } else if m != entry.manifest {
+                entry.disagreeing.insert(t.name.clone(), m);
             }
             entry.targets.push(t.name.clone());
             if let Some(v) = found.verify {
@@ -783,13 +805,27 @@ pub async fn read_summary(
 /// The full manifest (with `tables`) of a catalog entry, read from the first of its targets
 /// whose manifest still names the entry's object: what verify compares row counts with.
 pub async fn full_manifest(targets: &[Target], entry: &SnapshotEntry) -> Result<Manifest, String> {
+    full_manifest_from(targets, entry, None).await
+}
+
+/// [`full_manifest`], read from target `first` before the others (the target whose copy was
+/// read: its own manifest, which may disagree with the others').
+pub async fn full_manifest_from(
+    targets: &[Target],
+    entry: &SnapshotEntry,
+    first: Option<&str>,
+) -> Result<Manifest, String> {
     let m = &entry.manifest;
     let Some(id) = SnapshotId::parse(&m.snapshot_id) else {
         return Err(format!("invalid snapshot id {:?}", m.snapshot_id));
     };
     let key = SnapshotKey::new(&m.source, &m.database, id).manifest();
     let mut errors = Vec::new();
-    for t in targets.iter().filter(|t| entry.targets.contains(&t.name)) {
+    let holding = || targets.iter().filter(|t| entry.targets.contains(&t.name));
+    let ordered = holding()
+        .filter(|t| Some(t.name.as_str()) == first)
+        .chain(holding().filter(|t| Some(t.name.as_str()) != first));
+    for t in ordered {
         match read_manifest(t, &t.at(&key)).await {
             Ok(full) if full.object_key == m.object_key => return Ok(full),
             Ok(_) => errors.push(format!("target {}: its manifest changed", t.name)),

@@ -888,3 +888,32 @@ async fn a_copy_whose_files_archive_is_missing_or_truncated_does_not_count_there
         assert!(c.orphans.is_empty(), "{:?}", c.orphans);
     }
 }
+
+#[tokio::test]
+async fn a_target_whose_manifest_disagrees_keeps_its_own_for_its_copy() {
+    let (a, b, c) = (target("a", ""), target("b", ""), target("c", ""));
+    let run = RunId::random();
+    let m = manifest("acme", "20261127T140000Z", &run);
+    let mut rewritten = m.clone();
+    rewritten.sha256 = "f".repeat(64);
+    assert_ne!(rewritten.sha256, m.sha256);
+    put(&a, &m).await;
+    put(&b, &rewritten).await;
+    put(&c, &m).await;
+    for cat in [
+        all(&[a.clone(), b.clone(), c.clone()]).await,
+        indexed(&[a.clone(), b.clone(), c.clone()]).await,
+    ] {
+        let entry = &cat.snapshots[0];
+        assert_eq!(entry.targets, ["a", "b", "c"]);
+        assert_eq!(entry.manifest.sha256, m.sha256);
+        assert_eq!(entry.manifest_on("a").sha256, m.sha256);
+        assert_eq!(entry.manifest_on("b").sha256, rewritten.sha256);
+        assert_eq!(entry.manifest_on("c").sha256, m.sha256);
+        assert_eq!(entry.disagreeing.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(entry.manifests().count(), 2);
+    }
+    // Agreeing manifests cost nothing extra.
+    let cat = all(&[a.clone(), c.clone()]).await;
+    assert!(cat.snapshots[0].disagreeing.is_empty());
+}

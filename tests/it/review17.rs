@@ -452,7 +452,6 @@ async fn crafted_files_archives_fall_back_then_fail_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: restore and verify read every target's copy with the first target's manifest (sha256, size, encryption), so one bucket's rewritten manifest makes the other target's intact copy unrestorable"]
 async fn one_buckets_rewritten_manifest_does_not_spoil_the_other_targets_copy() {
     let w = World::start(TRICKY_SQL, &[], "").await;
     let keys_dir = tempfile::tempdir().unwrap();
