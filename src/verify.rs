@@ -826,13 +826,7 @@ async fn check_files(
         ..FilesCheck::default()
     };
     let mut problems = Vec::new();
-    let order = std::iter::once(first).chain(
-        entry
-            .targets
-            .iter()
-            .map(String::as_str)
-            .filter(|t| *t != first),
-    );
+    let order = entry.targets_from(first);
     let mut listing = None;
     for name in order {
         let Some(target) = app.target(name) else {

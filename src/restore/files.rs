@@ -577,13 +577,7 @@ pub async fn extract(
     owner: Option<Owner>,
     cancel: &CancellationToken,
 ) -> Result<Extracted, FilesError> {
-    let order = std::iter::once(first).chain(
-        entry
-            .targets
-            .iter()
-            .map(String::as_str)
-            .filter(|t| *t != first),
-    );
+    let order = entry.targets_from(first);
     let mut failures = Vec::new();
     let mut dirty = false;
     for name in order {

@@ -92,6 +92,16 @@ impl SnapshotEntry {
         self.disagreeing.get(target).unwrap_or(&self.manifest)
     }
 
+    /// The targets holding a copy, `first` (the one the dump was read from) first.
+    pub fn targets_from<'a>(&'a self, first: &'a str) -> impl Iterator<Item = &'a str> {
+        std::iter::once(first).chain(
+            self.targets
+                .iter()
+                .map(String::as_str)
+                .filter(move |t| *t != first),
+        )
+    }
+
     /// Every distinct manifest of the copies restore may read: `manifest`, then those of
     /// targets whose manifest disagrees with it.
     pub fn manifests(&self) -> impl Iterator<Item = &Manifest> {
