@@ -588,18 +588,22 @@ pub async fn verify_one(
             owner: &owner,
             identity_file: app.config.verify_identity_file(),
         };
-        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
-        let own = entry.manifest_on(target_name);
-        match load::stream(
-            target,
-            own,
-            &into,
-            Arc::new(LoadProgress::default()),
-            &cancel,
-        )
-        .instrument(tracing::info_span!("load", target = %target.name))
-        .await
-        {
+        // Each copy with its own target's manifest (see `load::manifest_for`).
+        let loaded = match load::manifest_for(entry, target_name) {
+            Ok(own) => {
+                load::stream(
+                    target,
+                    own,
+                    &into,
+                    Arc::new(LoadProgress::default()),
+                    &cancel,
+                )
+                .instrument(tracing::info_span!("load", target = %target.name))
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match loaded {
             Ok(_) => {
                 restored_from = Some(target.name.clone());
                 break;
@@ -832,22 +836,26 @@ async fn check_files(
         let Some(target) = app.target(name) else {
             continue;
         };
-        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
-        let own = entry.manifest_on(name);
-        let Some(own_archive) = own.files_archive() else {
-            continue;
+        // Each copy with its own target's manifest (see `load::manifest_for`).
+        let r = match load::manifest_for(entry, name) {
+            Ok(own) => {
+                let Some(own_archive) = own.files_archive() else {
+                    continue;
+                };
+                let c = cancel.clone();
+                load::consume(
+                    target,
+                    own,
+                    load::StoredObject::files(own_archive),
+                    app.config.verify_identity_file(),
+                    Arc::new(LoadProgress::default()),
+                    cancel,
+                    move |reader| unpack::list(reader, c),
+                )
+                .await
+            }
+            Err(e) => Err(load::Consumed::Load(e)),
         };
-        let c = cancel.clone();
-        let r = load::consume(
-            target,
-            own,
-            load::StoredObject::files(own_archive),
-            app.config.verify_identity_file(),
-            Arc::new(LoadProgress::default()),
-            cancel,
-            move |reader| unpack::list(reader, c),
-        )
-        .await;
         let error = match r {
             Ok((l, _)) => {
                 check.read_from = Some(target.name.clone());

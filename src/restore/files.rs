@@ -587,8 +587,18 @@ pub async fn extract(
         if cancel.is_cancelled() {
             return Err(FilesError::Cancelled);
         }
-        // Each copy with its own target's manifest (see `SnapshotEntry::disagreeing`).
-        let manifest = entry.manifest_on(name);
+        // Each copy with its own target's manifest (see `load::manifest_for`).
+        let manifest = match load::manifest_for(entry, name) {
+            Ok(m) => m,
+            Err(bad) => {
+                tracing::warn!(message = "This target's copy of the companion files failed; trying the next target.", target = %target.name, error = %bad);
+                failures.push(TargetFailure {
+                    target: target.name.clone(),
+                    error: bad,
+                });
+                continue;
+            }
+        };
         let Some(archive) = manifest.files_archive() else {
             continue;
         };

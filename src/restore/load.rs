@@ -30,6 +30,7 @@ use crate::archive::DumpStatsTap;
 use crate::config::PgUrl;
 use crate::encryption::{self, DecryptFailed, Identities, KeyError};
 use crate::source::{self, PgTool};
+use crate::storage::catalog::SnapshotEntry;
 use crate::storage::manifest::{FilesArchive, Manifest};
 use crate::storage::target::Target;
 
@@ -95,6 +96,12 @@ pub enum LoadError {
         "the manifest names {key:?}, which is not an object key; this copy's manifest is damaged"
     )]
     ObjectKey { key: String },
+    #[error("this target's manifest says the snapshot is {own}, target {first}'s says {expected}: the manifests disagree about its encryption (one bucket was changed outside pgferry), so this copy is not read; see the runbook (\"their manifests … disagree\")")]
+    EncryptionDisagrees {
+        first: String,
+        own: String,
+        expected: String,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -109,6 +116,7 @@ impl LoadError {
                 | LoadError::Size { .. }
                 | LoadError::Decompress { .. }
                 | LoadError::Decrypt(_)
+                | LoadError::EncryptionDisagrees { .. }
         )
     }
 
@@ -116,6 +124,27 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, LoadError::Download { .. })
     }
+}
+
+/// The manifest `target`'s copy is read with: that target's own (the manifests of one
+/// snapshot may disagree: one bucket's rewritten or damaged must not make another's intact copy
+/// unreadable), but only when it says what the first target's says about the encryption: a
+/// copy whose manifest says "not encrypted", or encrypted to other keys, is not read (no
+/// downgrade, no copy re-encrypted to a key of the attacker's choosing behind a good one).
+pub fn manifest_for<'a>(entry: &'a SnapshotEntry, target: &str) -> Result<&'a Manifest, LoadError> {
+    let own = entry.manifest_on(target);
+    if own.encryption == entry.manifest.encryption {
+        return Ok(own);
+    }
+    let describe = |e: &Option<encryption::Encryption>| match e {
+        None => "not encrypted".to_string(),
+        Some(e) => format!("encrypted ({}) to {}", e.algorithm, e.recipients.join(", ")),
+    };
+    Err(LoadError::EncryptionDisagrees {
+        first: entry.targets.first().cloned().unwrap_or_default(),
+        own: describe(&own.encryption),
+        expected: describe(&entry.manifest.encryption),
+    })
 }
 
 /// One stored object a manifest names, and what its stored bytes must be: the dump, or the
@@ -922,6 +951,43 @@ mod tests {
         );
         drop(guard);
         assert!(!held.exists(), "the guard removes its file");
+    }
+
+    #[test]
+    fn a_copy_is_read_with_its_own_manifest_unless_it_disagrees_about_the_encryption() {
+        let mut first = sample();
+        first.encryption = Some(encryption::Encryption {
+            algorithm: "age".into(),
+            recipients: vec!["age1first".into()],
+        });
+        let mut rehashed = first.clone();
+        rehashed.sha256 = "f".repeat(64);
+        let mut plain = first.clone();
+        plain.encryption = None;
+        let mut rekeyed = first.clone();
+        rekeyed.encryption.as_mut().unwrap().recipients = vec!["age1other".into()];
+        let entry = SnapshotEntry {
+            manifest: first.clone(),
+            targets: ["a", "b", "c", "d"].map(String::from).to_vec(),
+            verify: None,
+            objects: Default::default(),
+            disagreeing: [("b", rehashed.clone()), ("c", plain), ("d", rekeyed)]
+                .into_iter()
+                .map(|(t, m)| (t.to_string(), m))
+                .collect(),
+        };
+        assert_eq!(manifest_for(&entry, "a").unwrap(), &first);
+        assert_eq!(manifest_for(&entry, "b").unwrap(), &rehashed);
+        for (target, says) in [("c", "not encrypted"), ("d", "to age1other")] {
+            let e = manifest_for(&entry, target).unwrap_err();
+            assert!(e.is_bad_copy(), "the next target is tried");
+            let text = e.to_string();
+            assert!(
+                text.contains(says)
+                    && text.contains("target a's says encrypted (age) to age1first"),
+                "{text}"
+            );
+        }
     }
 
     #[tokio::test]

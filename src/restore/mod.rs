@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::source::{self, SourceError};
-use crate::storage::catalog::{Filter, SnapshotEntry};
+use crate::storage::catalog::Filter;
 use choose::{ChooseError, SnapshotChoice};
 use files::{FilesError, FilesReport};
 use guard::{Destination, GuardError};
@@ -291,7 +291,11 @@ async fn run(
     };
 
     // An encrypted snapshot needs a key that opens it: said before the destination is touched.
-    keys_open_a_copy(entry, config.restore_identity_file(&dest.target))?;
+    crate::encryption::identities_for(
+        &manifest.snapshot_id,
+        manifest.encryption.as_ref(),
+        config.restore_identity_file(&dest.target),
+    )?;
 
     // 3. The destination server: not production (by identity), not a template; then lock,
     //    clean leftovers, the right pg_restore.
@@ -349,26 +353,29 @@ async fn run(
         if cancel.is_cancelled() {
             return Err(RestoreError::Cancelled);
         }
-        // Each copy is read with its own target's manifest (they may disagree: one bucket's
-        // manifest rewritten or damaged must not make another's copy unreadable).
-        let own = entry.manifest_on(target_name);
-        let attempt = attempt(
-            app,
-            &server,
-            &dest,
-            &tmp,
-            &tool,
-            target,
-            own,
-            req,
-            progress.clone(),
-            &cancel,
-            &stamp,
-        )
-        .instrument(tracing::info_span!("load", target = %target.name))
-        .await;
+        // Each copy is read with its own target's manifest (see `load::manifest_for`).
+        let own = load::manifest_for(entry, target_name);
+        let attempt = match own {
+            Ok(own) => attempt(
+                app,
+                &server,
+                &dest,
+                &tmp,
+                &tool,
+                target,
+                own,
+                req,
+                progress.clone(),
+                &cancel,
+                &stamp,
+            )
+            .instrument(tracing::info_span!("load", target = %target.name))
+            .await
+            .map(|loaded| (loaded, own)),
+            Err(e) => Err(AttemptError::Load(e)),
+        };
         match attempt {
-            Ok(loaded) => {
+            Ok((loaded, own)) => {
                 used = Some((target.name.clone(), loaded, own));
                 break;
             }
@@ -378,13 +385,7 @@ async fn run(
                     AttemptError::Load(LoadError::Cancelled) => {
                         return Err(RestoreError::Cancelled)
                     }
-                    // A key that does not open what this target's manifest names, when
-                    // another target's manifest names other recipients: this copy's problem.
-                    AttemptError::Load(e)
-                        if e.is_bad_copy()
-                            || (matches!(e, LoadError::Key(_))
-                                && !entry.disagreeing.is_empty()) =>
-                    {
+                    AttemptError::Load(e) if e.is_bad_copy() => {
                         tracing::warn!(message = "This target's copy failed; trying the next target.", target = %target.name, error = %e);
                         failures.push(TargetFailure {
                             target: target.name.clone(),
@@ -542,29 +543,6 @@ async fn run(
         files: files_report,
         duration: started.elapsed(),
     })
-}
-
-/// Whether the identity file opens the copy of at least one target (their manifests name the
-/// recipients; they may disagree): else the error of the first manifest's, before anything is
-/// touched. An unencrypted snapshot needs no key.
-fn keys_open_a_copy(
-    entry: &SnapshotEntry,
-    identity_file: Option<&std::path::Path>,
-) -> Result<(), crate::encryption::KeyError> {
-    let mut first = None;
-    for m in entry.manifests() {
-        match crate::encryption::identities_for(
-            &m.snapshot_id,
-            m.encryption.as_ref(),
-            identity_file,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                first.get_or_insert(e);
-            }
-        }
-    }
-    first.map_or(Ok(()), Err)
 }
 
 /// Drops the temporary database after a failure; a failure to drop is logged (the next run
