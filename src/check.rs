@@ -68,6 +68,15 @@ pub enum ProblemKind {
         other: String,
         expected_sha256: String,
     },
+    /// This target's manifest names the same objects as the one the snapshot is known by
+    /// (`other`'s) but says otherwise about the encryption (`own` vs `expected`, in words): a
+    /// bucket was changed outside pgferry. Restore and verify do not read this copy; `repair`
+    /// leaves both alone.
+    EncryptionDisagrees {
+        own: String,
+        other: String,
+        expected: String,
+    },
 }
 
 /// One copy that is missing or damaged.
@@ -92,7 +101,7 @@ impl Problem {
                 "check that target {} answers, then run `pgferry check --read-data --source {} --database {}` again; if it stays unreadable run `pgferry repair --to {}`",
                 self.target, self.source, self.database, self.target
             ),
-            ProblemKind::ManifestsDisagree { .. } => "find out which bucket was changed (list each target alone: a config naming only it); restore from the other, then delete the wrong manifest and object by hand; `pgferry repair` leaves both copies alone".to_string(),
+            ProblemKind::ManifestsDisagree { .. } | ProblemKind::EncryptionDisagrees { .. } => "find out which bucket was changed (list each target alone: a config naming only it); restore from the other, then delete the wrong manifest and object by hand; `pgferry repair` leaves both copies alone".to_string(),
             _ => format!("run `pgferry repair --to {}`", self.target),
         }
     }
@@ -135,6 +144,23 @@ impl std::fmt::Display for Problem {
                     self.database,
                     self.snapshot_id,
                     self.object_key,
+                    self.target,
+                    self.fix()
+                );
+            }
+            ProblemKind::EncryptionDisagrees {
+                own,
+                other,
+                expected,
+            } => {
+                return write!(
+                    f,
+                    "targets {other} and {}: their manifests of snapshot {}/{}/{} disagree about its encryption: {other}'s says {expected}, {}'s says {own} (restore and verify do not read {}'s copy); {}",
+                    self.target,
+                    self.source,
+                    self.database,
+                    self.snapshot_id,
+                    self.target,
                     self.target,
                     self.fix()
                 );
@@ -277,6 +303,21 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
                 continue;
             }
             report.copies += 1;
+            // A manifest here that says otherwise about the encryption: restore refuses this
+            // copy (`restore::load::manifest_for`), so it is no copy to count on.
+            if let Some(own) = entry.disagreeing.get(&t.name) {
+                if own.encryption != m.encryption {
+                    report.problems.push(problem(
+                        &t.name,
+                        &objects[0],
+                        ProblemKind::EncryptionDisagrees {
+                            own: crate::encryption::describe(own.encryption.as_ref()),
+                            other: entry.targets.first().cloned().unwrap_or_default(),
+                            expected: crate::encryption::describe(m.encryption.as_ref()),
+                        },
+                    ));
+                }
+            }
             for o in &objects {
                 match o.listed(t, listed) {
                     Some(kind) => report.problems.push(problem(&t.name, o, kind)),

@@ -40,6 +40,15 @@ pub struct Encryption {
     pub recipients: Vec<String>,
 }
 
+/// What a manifest says of a snapshot's encryption, in words ("not encrypted", "encrypted
+/// (age) to age1…, age1…"): for messages about manifests that disagree.
+pub fn describe(e: Option<&Encryption>) -> String {
+    match e {
+        None => "not encrypted".to_string(),
+        Some(e) => format!("encrypted ({}) to {}", e.algorithm, e.recipients.join(", ")),
+    }
+}
+
 /// A public key an object is encrypted to: an age X25519 recipient, `age1…`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Recipient(age::x25519::Recipient);

@@ -136,14 +136,10 @@ pub fn manifest_for<'a>(entry: &'a SnapshotEntry, target: &str) -> Result<&'a Ma
     if own.encryption == entry.manifest.encryption {
         return Ok(own);
     }
-    let describe = |e: &Option<encryption::Encryption>| match e {
-        None => "not encrypted".to_string(),
-        Some(e) => format!("encrypted ({}) to {}", e.algorithm, e.recipients.join(", ")),
-    };
     Err(LoadError::EncryptionDisagrees {
         first: entry.targets.first().cloned().unwrap_or_default(),
-        own: describe(&own.encryption),
-        expected: describe(&entry.manifest.encryption),
+        own: encryption::describe(own.encryption.as_ref()),
+        expected: encryption::describe(entry.manifest.encryption.as_ref()),
     })
 }
 
