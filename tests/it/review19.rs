@@ -263,7 +263,9 @@ async fn a_manifest_rewritten_in_one_bucket_in_any_field_never_wins_over_the_gen
                 let ok = if bad == 1 {
                     target == "a" && failed.is_empty()
                 } else {
-                    target == "b" && failed == ["a"] || target == "a" && failed.is_empty()
+                    // (a copy of another size than its manifest says is not listed)
+                    target == "b" && (failed == ["a"] || failed.is_empty())
+                        || target == "a" && failed.is_empty()
                 };
                 if !ok {
                     wrong.push(format!("{what}: restore used {target}, failed {failed:?}"));
@@ -298,10 +300,11 @@ async fn a_manifest_rewritten_in_one_bucket_in_any_field_never_wins_over_the_gen
 }
 
 /// The attacker's consistent copy in bucket b (manifest unencrypted, naming the plain
-/// snapshot's dump under the genuine keys): `check --read-data` blames b only, and `repair`
-/// copies a's genuine copy over it, never the other way; a is untouched throughout.
+/// snapshot's dump under the genuine keys): `check --read-data` never blames a, and `repair`
+/// never copies b's over a's (it leaves b alone, the manifests disagreeing, or puts a's
+/// genuine copy back); a is untouched throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_and_repair_put_the_genuine_copy_back_over_a_rewritten_one() {
+async fn check_and_repair_never_copy_a_rewritten_copy_over_the_genuine_one() {
     let w = World::start(TRICKY_SQL, &[], "").await;
     let keys_dir = tempfile::tempdir().unwrap();
     let k = key(keys_dir.path(), "k");
@@ -341,4 +344,140 @@ async fn check_and_repair_put_the_genuine_copy_back_over_a_rewritten_one() {
         "repair restored b's genuine copy: {} ({out})",
         b_object == genuine_object
     );
+}
+
+/// A world whose restore target runs `script` as its pg_restore (`--version` answered by the
+/// real one), encrypted to `k`, with one snapshot (a dump of ~2 MB: more than the 1 MiB pipe).
+async fn fake_pg_restore_world(k: &Key) -> (World, std::path::PathBuf, std::path::PathBuf) {
+    let w = World::start(TRICKY_SQL, &[], "").await;
+    let bin = w.env.dir.path().join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let base = std::fs::read_to_string(&w.config).unwrap();
+    let base = base.replacen(
+        "owner = \"odoo\"\n",
+        &format!(
+            "owner = \"odoo\"\npg_bin_dir = {:?}\n",
+            bin.display().to_string()
+        ),
+        1,
+    );
+    let config = w
+        .env
+        .write_config(&format!("{base}\n{}", encryption_toml(k)));
+    bounded(&w, &config, &["backup", "--source", "prod", "--force"])
+        .await
+        .assert_code(0);
+    (w, config, bin.join("pg_restore"))
+}
+
+fn write_script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let real = "/usr/lib/postgresql/15/bin/pg_restore";
+    std::fs::write(
+        path,
+        format!("#!/bin/sh\nif [ \"$1\" = \"--version\" ]; then exec {real} --version; fi\n{body}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The widened pipe (1 MiB): a pg_restore that exits or is killed before, while or after
+/// reading the first MiB makes the restore fail promptly (no hang on a full pipe), staging
+/// untouched, no temporary database left, no plaintext in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_restore_that_dies_early_fails_the_restore_promptly() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let (w, config, script) = fake_pg_restore_world(&k).await;
+    let before = w.staging.table_fingerprints("acme").await.unwrap();
+    for (what, body) in [
+        ("exits at once", "exit 3"),
+        ("reads 64 KiB, exits", "head -c 65536 >/dev/null; exit 3"),
+        ("reads 1.5 MB, exits", "head -c 1500000 >/dev/null; exit 3"),
+        ("reads 200 KB, killed", "head -c 200000 >/dev/null; kill -9 $$"),
+        ("reads everything, exits", "cat >/dev/null; exit 3"),
+    ] {
+        write_script(&script, body);
+        for jobs in ["1", "2"] {
+            let run = bounded(
+                &w,
+                &config,
+                &restore_argv("acme", "staging-acme", &["--jobs", jobs]),
+            )
+            .await;
+            let out = run.output();
+            assert_clean_output(&out, &k);
+            assert_ne!(run.code, 0, "{what}, --jobs {jobs}: {out}");
+            assert!(out.contains("pg_restore"), "{what}, --jobs {jobs}: {out}");
+            assert_eq!(
+                w.staging.table_fingerprints("acme").await.unwrap(),
+                before,
+                "{what}, --jobs {jobs}"
+            );
+            w.assert_no_leftovers().await;
+        }
+    }
+}
+
+/// A pg_restore that stalls without reading (the 1 MiB pipe full behind it): SIGTERM cancels
+/// the restore promptly, pg_restore is gone, staging untouched, nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_stalled_on_a_full_pipe_is_cancelled_by_sigterm() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let (w, config, script) = fake_pg_restore_world(&k).await;
+    let before = w.staging.table_fingerprints("acme").await.unwrap();
+    let marker = w.env.dir.path().join("stalled");
+    write_script(
+        &script,
+        &format!("touch {:?}; exec sleep 300", marker.display().to_string()),
+    );
+    let mut child = w
+        .env
+        .command(&config, &restore_argv("acme", "staging-acme", &[]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(std::time::Instant::now() < deadline, "pg_restore never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the copy fill the pipe and block on it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the restore did not stop within 30 s of SIGTERM")
+        .unwrap();
+    assert!(!exit.success(), "{exit:?}");
+    // The stalled pg_restore (a `sleep 300`) was ended with the restore.
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 300"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&ps.stdout).trim().to_string();
+    assert_eq!(
+        w.staging.table_fingerprints("acme").await.unwrap(),
+        before
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let dbs = w.staging.databases().await;
+        if dbs.iter().all(|d| !d.starts_with("pgferry_")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leftover databases: {dbs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(left.is_empty(), "pg_restore left running: {left}");
 }
