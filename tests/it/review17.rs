@@ -295,14 +295,14 @@ async fn crafted_dump_ciphertexts_fall_back_then_fail_restore_and_verify_cleanly
 
 /// A world whose source has a filestore (several age chunks of incompressible bytes and a
 /// small file) and whose restore target has one (`acme/old/previous.txt`), encrypted to `k`.
-struct FilesWorld {
-    w: World,
-    config: PathBuf,
-    staging_fs: PathBuf,
-    noise: Vec<u8>,
+pub(crate) struct FilesWorld {
+    pub(crate) w: World,
+    pub(crate) config: PathBuf,
+    pub(crate) staging_fs: PathBuf,
+    pub(crate) noise: Vec<u8>,
 }
 
-async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
+pub(crate) async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
     let hooks: Vec<String> = hooks.iter().map(|h| h.display().to_string()).collect();
     let w = World::start(TRICKY_SQL, &hooks, "").await;
     let prod_fs = w.env.dir.path().join("prod-fs");
