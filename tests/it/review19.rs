@@ -16,7 +16,7 @@ use crate::review17::{
     assert_clean_output, bounded, config_plus, encryption_toml, files_world, key, manifest, put,
     FilesWorld, Key,
 };
-use crate::support::env::get;
+use crate::support::env::{get, keys};
 use crate::support::restore_argv;
 
 /// A table created after the plain snapshot: present in the genuine encrypted snapshot only,
@@ -704,4 +704,82 @@ async fn a_later_attempt_forged_in_the_second_bucket_does_not_replace_the_genuin
         wrong.push(format!("verify (exit {}) restored from {from:?}", run.code));
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
+}
+
+/// `list` and `prune` with disagreeing manifests: the plain snapshot's manifest rewritten on b
+/// (sha256), the encrypted one's on a (sha256). `list` shows each snapshot once, on both
+/// targets; `prune` (keep_last = 1) deletes the older snapshot's objects and manifests on
+/// both targets, and of the kept one touches nothing on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_prune_are_not_confused_by_disagreeing_manifests() {
+    let w = World::start(TRICKY_SQL, &[], "").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let (pm, _, id) = plain_then_encrypted(&w, &k).await;
+    let plain_id = pm["snapshot_id"].as_str().unwrap().to_string();
+    let base = std::fs::read_to_string(&w.config).unwrap().replacen(
+        "databases = [\"acme\"]\n",
+        "databases = [\"acme\"]\nretention = { keep_last = 1, hourly = 0, daily = 0, weekly = 0, monthly = 0 }\n",
+        1,
+    );
+    assert!(base.contains("keep_last"), "{base}");
+    let config = w
+        .env
+        .write_config(&format!("{base}\n{}", encryption_toml(&k)));
+    for (i, snap) in [(1usize, &plain_id), (0, &id)] {
+        let mut m = manifest(&w, i, snap).await;
+        m["sha256"] = "0".repeat(64).into();
+        put_json(&w, i, &format!("prod/acme/{snap}.manifest.json"), &m).await;
+    }
+    let list = bounded(&w, &config, &["list", "--json"]).await;
+    list.assert_code(0);
+    let listed: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let snaps = listed["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2, "{listed}");
+    for s in snaps {
+        assert_eq!(s["targets"], serde_json::json!(["a", "b"]), "{listed}");
+    }
+    let kept_before: Vec<Vec<(String, Vec<u8>)>> = {
+        let mut all = Vec::new();
+        for store in &w.stores {
+            let mut v = Vec::new();
+            for key in keys(store).await.into_iter().filter(|k| k.contains(&id)) {
+                let bytes = get(store, &key).await.to_vec();
+                v.push((key, bytes));
+            }
+            all.push(v);
+        }
+        all
+    };
+    for (i, store) in w.stores.iter().enumerate() {
+        assert!(
+            kept_before[i].len() >= 2,
+            "target {i}: {:?}",
+            kept_before[i]
+        );
+        let all = keys(store).await;
+        assert!(
+            all.iter().any(|k| k.contains(&plain_id)),
+            "target {i}: {all:?}"
+        );
+    }
+    let prune = bounded(&w, &config, &["prune"]).await;
+    let out = prune.output();
+    prune.assert_code(0);
+    for (i, store) in w.stores.iter().enumerate() {
+        let left = keys(store).await;
+        assert!(
+            left.iter().all(|k| !k.contains(&plain_id)),
+            "target {i}: the pruned snapshot left {left:?}: {out}"
+        );
+        let mut kept = Vec::new();
+        for key in left.into_iter().filter(|k| k.contains(&id)) {
+            let bytes = get(store, &key).await.to_vec();
+            kept.push((key, bytes));
+        }
+        assert_eq!(
+            kept, kept_before[i],
+            "target {i}: the kept snapshot changed: {out}"
+        );
+    }
 }
