@@ -549,19 +549,13 @@ async fn a_files_archive_rewritten_in_one_buckets_manifest_never_wins() {
             let mut m = genuine.clone();
             rewrite(&mut m);
             put_json(&w, bad, &manifest_key, &m).await;
-            // a's file count rewritten: see the defect below.
-            let jobs_list: &[&str] = if bad == 0 && field == "file_count" {
-                &[]
-            } else {
-                &["1", "2"]
-            };
-            for jobs in jobs_list {
+            for jobs in ["1", "2"] {
                 let what = format!("{bad_name}'s files {field}, --jobs {jobs}");
                 std::fs::remove_dir_all(staging_fs.join("acme")).ok();
                 let run = bounded(
                     &w,
                     &config,
-                    &restore_argv("acme", "staging-acme", &["--json", "--jobs", *jobs]),
+                    &restore_argv("acme", "staging-acme", &["--json", "--jobs", jobs]),
                 )
                 .await;
                 assert_clean_output(&run.output(), &k);
@@ -609,13 +603,12 @@ async fn a_files_archive_rewritten_in_one_buckets_manifest_never_wins() {
 }
 
 /// The first bucket's manifest's files archive rewritten in its file count only (its sha256
-/// and size still those of its intact archive): the archive extracts, the count differs, and
-/// the restore fails ("the archive does not match its manifest") instead of taking b's intact
-/// archive, which its own manifest describes: the count check is fatal, not this copy's
-/// failure (`restore::files::extract`, `FilesError::Count`). Before the per-target manifests
-/// b's copy was read with a's manifest, so it failed too: not a regression, a gap in the fix.
+/// and size still those of its intact archive): the archive extracts, the count differs:
+/// that is this copy's failure, and b's intact archive (which its own manifest describes) is
+/// restored. The count check used to be fatal (`FilesError::Count`): the restore failed ("the
+/// archive does not match its manifest") with b's archive intact. When every copy's count
+/// differs, the restore fails, nothing touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: a files archive whose count disagrees with its own target's manifest fails the restore instead of trying the next target's"]
 async fn a_file_count_rewritten_in_the_first_buckets_manifest_does_not_spoil_the_second_copy() {
     let keys_dir = tempfile::tempdir().unwrap();
     let k = key(keys_dir.path(), "k");
@@ -643,12 +636,39 @@ async fn a_file_count_rewritten_in_the_first_buckets_manifest_does_not_spoil_the
     assert_eq!(run.code, 0, "{}", run.output());
     let r = &json(&run)["restore"];
     assert_eq!(r["files"]["target"], "b", "{r}");
+    assert_eq!(r["files"]["failed_targets"][0]["target"], "a", "{r}");
     assert_eq!(
         std::fs::read(staging_fs.join("acme/ab/noise.bin"))
             .ok()
             .as_deref(),
         Some(&noise[..])
     );
+    // Both manifests' counts rewritten: the restore fails, database and files as they were.
+    put_json(&w, 1, &manifest_key, &m).await;
+    let before = w.staging.table_fingerprints("acme").await.unwrap();
+    std::fs::write(staging_fs.join("acme/ab/noise.bin"), "previous").unwrap();
+    for jobs in ["1", "2"] {
+        let run = bounded(
+            &w,
+            &config,
+            &restore_argv("acme", "staging-acme", &["--jobs", jobs]),
+        )
+        .await;
+        let out = run.output();
+        assert_clean_output(&out, &k);
+        assert_eq!(run.code, 1, "{out}");
+        assert!(
+            out.contains("a: the companion files archive holds")
+                && out.contains("b: the companion files archive holds"),
+            "{out}"
+        );
+        assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
+        assert_eq!(
+            std::fs::read_to_string(staging_fs.join("acme/ab/noise.bin")).unwrap(),
+            "previous"
+        );
+        w.assert_no_leftovers().await;
+    }
 }
 
 /// The attacker in bucket b (second in config order) writes a manifest of the genuine
