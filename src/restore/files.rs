@@ -90,8 +90,6 @@ pub enum FilesError {
     Load { target: String, source: LoadError },
     #[error("the companion files (target {target}): {source}")]
     Unpack { target: String, source: UnpackError },
-    #[error("the companion files archive holds {actual} files, the manifest says {expected}; the archive does not match its manifest")]
-    Count { expected: u64, actual: u64 },
     #[error("cancelled")]
     Cancelled,
 }
@@ -619,13 +617,13 @@ pub async fn extract(
         )
         .await;
         let bad = match r {
+            // A count other than its own manifest's (whose sha256 the archive matched): this
+            // target's manifest was changed; another target's copy may be intact.
+            Ok((counts, _)) if counts.files != archive.file_count => LoadError::FileCount {
+                expected: archive.file_count,
+                actual: counts.files,
+            },
             Ok((counts, stored_bytes)) => {
-                if counts.files != archive.file_count {
-                    return Err(FilesError::Count {
-                        expected: archive.file_count,
-                        actual: counts.files,
-                    });
-                }
                 sync_tree(swap.staged()).await?;
                 return Ok(Extracted {
                     counts,

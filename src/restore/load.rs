@@ -92,6 +92,8 @@ pub enum LoadError {
         needed: u64,
         available: u64,
     },
+    #[error("the companion files archive holds {actual} files, its manifest says {expected}; this copy does not match its manifest")]
+    FileCount { expected: u64, actual: u64 },
     #[error(
         "the manifest names {key:?}, which is not an object key; this copy's manifest is damaged"
     )]
@@ -117,6 +119,7 @@ impl LoadError {
                 | LoadError::Decompress { .. }
                 | LoadError::Decrypt(_)
                 | LoadError::EncryptionDisagrees { .. }
+                | LoadError::FileCount { .. }
         )
     }
 

@@ -291,11 +291,19 @@ async fn run(
     };
 
     // An encrypted snapshot needs a key that opens it: said before the destination is touched.
-    crate::encryption::identities_for(
+    if let Err(e) = crate::encryption::identities_for(
         &manifest.snapshot_id,
         manifest.encryption.as_ref(),
         config.restore_identity_file(&dest.target),
-    )?;
+    ) {
+        if entry
+            .manifests()
+            .any(|m| m.encryption != manifest.encryption)
+        {
+            tracing::warn!(message = "The targets' manifests of this snapshot disagree about its encryption: a bucket was changed outside pgferry; run `pgferry check` and see the runbook.", first_target = %entry.targets.first().map(String::as_str).unwrap_or_default());
+        }
+        return Err(e.into());
+    }
 
     // 3. The destination server: not production (by identity), not a template; then lock,
     //    clean leftovers, the right pg_restore.

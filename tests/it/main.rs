@@ -27,6 +27,7 @@ mod review13;
 mod review15;
 mod review17;
 mod review18;
+mod review19;
 mod review2;
 mod review3;
 mod security;

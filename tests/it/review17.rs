@@ -33,13 +33,13 @@ fn extra_sql() -> String {
     )
 }
 
-struct Key {
-    file: PathBuf,
-    recipient: String,
-    id: age::x25519::Identity,
+pub(crate) struct Key {
+    pub(crate) file: PathBuf,
+    pub(crate) recipient: String,
+    pub(crate) id: age::x25519::Identity,
 }
 
-fn key(dir: &Path, name: &str) -> Key {
+pub(crate) fn key(dir: &Path, name: &str) -> Key {
     let id = age::x25519::Identity::generate();
     let secret = id.to_string().expose_secret().to_string();
     let recipient = id.to_public().to_string();
@@ -56,7 +56,7 @@ fn secret_of(k: &Key) -> String {
     k.id.to_string().expose_secret().to_string()
 }
 
-fn encryption_toml(k: &Key) -> String {
+pub(crate) fn encryption_toml(k: &Key) -> String {
     format!(
         "[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n",
         k.recipient,
@@ -73,12 +73,12 @@ fn encrypted_with_verify(w: &World, k: &Key) -> String {
     )
 }
 
-fn config_plus(w: &World, extra: &str) -> PathBuf {
+pub(crate) fn config_plus(w: &World, extra: &str) -> PathBuf {
     let base = std::fs::read_to_string(&w.config).unwrap();
     w.env.write_config(&format!("{base}\n{extra}\n"))
 }
 
-async fn put(store: &Arc<dyn ObjectStore>, key: &str, bytes: Vec<u8>) {
+pub(crate) async fn put(store: &Arc<dyn ObjectStore>, key: &str, bytes: Vec<u8>) {
     store
         .put(
             &object_store::path::Path::parse(key).unwrap(),
@@ -99,7 +99,7 @@ fn payload_start(c: &[u8]) -> usize {
 }
 
 /// The plaintext of an age file, by the age crate.
-fn decrypt(k: &Key, c: &[u8]) -> Vec<u8> {
+pub(crate) fn decrypt(k: &Key, c: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let d = age::Decryptor::new(c).unwrap();
     let mut r = d
@@ -170,18 +170,18 @@ fn crafted(k: &Key, good: &[u8], other: &[u8], plain_zstd: &[u8]) -> Vec<(&'stat
 }
 
 /// Every output must be free of the identity and of the dump's plaintext.
-fn assert_clean_output(out: &str, k: &Key) {
+pub(crate) fn assert_clean_output(out: &str, k: &Key) {
     let secret = secret_of(k);
     assert!(!out.contains(&secret), "the identity leaked: {out}");
     assert!(!out.contains(MARKER), "plaintext leaked: {out}");
 }
 
-async fn manifest(w: &World, i: usize, id: &str) -> serde_json::Value {
+pub(crate) async fn manifest(w: &World, i: usize, id: &str) -> serde_json::Value {
     manifest_of(&get(&w.stores[i], &format!("prod/acme/{id}.manifest.json")).await)
 }
 
 /// Runs pgferry under a time bound tighter than the harness's 10 minutes.
-async fn bounded(w: &World, config: &Path, args: &[&str]) -> crate::support::env::Run {
+pub(crate) async fn bounded(w: &World, config: &Path, args: &[&str]) -> crate::support::env::Run {
     let started = Instant::now();
     let run = w.pgferry_with(config, args).await;
     assert!(
@@ -295,14 +295,14 @@ async fn crafted_dump_ciphertexts_fall_back_then_fail_restore_and_verify_cleanly
 
 /// A world whose source has a filestore (several age chunks of incompressible bytes and a
 /// small file) and whose restore target has one (`acme/old/previous.txt`), encrypted to `k`.
-struct FilesWorld {
-    w: World,
-    config: PathBuf,
-    staging_fs: PathBuf,
-    noise: Vec<u8>,
+pub(crate) struct FilesWorld {
+    pub(crate) w: World,
+    pub(crate) config: PathBuf,
+    pub(crate) staging_fs: PathBuf,
+    pub(crate) noise: Vec<u8>,
 }
 
-async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
+pub(crate) async fn files_world(k: &Key, hooks: &[&Path]) -> FilesWorld {
     let hooks: Vec<String> = hooks.iter().map(|h| h.display().to_string()).collect();
     let w = World::start(TRICKY_SQL, &hooks, "").await;
     let prod_fs = w.env.dir.path().join("prod-fs");
