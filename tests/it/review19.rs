@@ -528,12 +528,21 @@ async fn a_restore_stalled_on_a_full_pipe_is_cancelled_by_sigterm() {
         .expect("the restore did not stop within 30 s of SIGTERM")
         .unwrap();
     assert!(!exit.success(), "{exit:?}");
-    // The stalled pg_restore (a `sleep 300`) was ended with the restore.
-    let ps = std::process::Command::new("pgrep")
-        .args(["-f", "sleep 300"])
-        .output()
-        .unwrap();
-    let left = String::from_utf8_lossy(&ps.stdout).trim().to_string();
+    // The stalled pg_restore (a `sleep 300`) was ended with the restore: killed (SIGKILL is
+    // delivered asynchronously: under load the process can outlive pgferry by a moment, so
+    // it gets 10 s to be gone, not 300).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let ps = std::process::Command::new("pgrep")
+            .args(["-f", "sleep 300"])
+            .output()
+            .unwrap();
+        let left = String::from_utf8_lossy(&ps.stdout).trim().to_string();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(w.staging.table_fingerprints("acme").await.unwrap(), before);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
