@@ -562,9 +562,11 @@ pub struct Extracted {
 }
 
 /// Downloads the archive and extracts it into T: the target the dump came from first, then
-/// each other target holding the snapshot on a bad copy (download, size, sha256, decoding).
-/// An archive refused entry by entry, or whose file count is not the manifest's, fails at
-/// once (every copy has the same bytes). T is emptied between attempts.
+/// each other target holding the snapshot on a bad copy (download, size, sha256, decoding, a
+/// file count other than its own manifest's, a manifest disagreeing about the encryption).
+/// Each copy is read with its own target's manifest (`load::manifest_for`). An archive refused
+/// entry by entry fails at once (every copy has the same bytes). T is emptied between
+/// attempts.
 #[allow(clippy::too_many_arguments)]
 pub async fn extract(
     app: &App,
