@@ -306,7 +306,7 @@ pub async fn check(app: &App, opts: &CheckOptions) -> CheckReport {
             // A manifest here that says otherwise about the encryption: restore refuses this
             // copy (`restore::load::manifest_for`), so it is no copy to count on.
             if let Some(own) = entry.disagreeing.get(&t.name) {
-                if own.encryption != m.encryption {
+                if entry.encryption_disagrees(&t.name) {
                     report.problems.push(problem(
                         &t.name,
                         &objects[0],

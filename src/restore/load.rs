@@ -136,7 +136,7 @@ impl LoadError {
 /// downgrade, no copy re-encrypted to a key of the attacker's choosing behind a good one).
 pub fn manifest_for<'a>(entry: &'a SnapshotEntry, target: &str) -> Result<&'a Manifest, LoadError> {
     let own = entry.manifest_on(target);
-    if own.encryption == entry.manifest.encryption {
+    if !entry.encryption_disagrees(target) {
         return Ok(own);
     }
     Err(LoadError::EncryptionDisagrees {

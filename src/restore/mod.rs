@@ -296,10 +296,7 @@ async fn run(
         manifest.encryption.as_ref(),
         config.restore_identity_file(&dest.target),
     ) {
-        if entry
-            .manifests()
-            .any(|m| m.encryption != manifest.encryption)
-        {
+        if entry.targets.iter().any(|t| entry.encryption_disagrees(t)) {
             tracing::warn!(message = "The targets' manifests of this snapshot disagree about its encryption: a bucket was changed outside pgferry; run `pgferry check` and see the runbook.", first_target = %entry.targets.first().map(String::as_str).unwrap_or_default());
         }
         return Err(e.into());

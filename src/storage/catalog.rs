@@ -102,10 +102,11 @@ impl SnapshotEntry {
         )
     }
 
-    /// Every distinct manifest of the copies restore may read: `manifest`, then those of
-    /// targets whose manifest disagrees with it.
-    pub fn manifests(&self) -> impl Iterator<Item = &Manifest> {
-        std::iter::once(&self.manifest).chain(self.disagreeing.values())
+    /// Whether `target`'s own manifest says otherwise about the encryption than `manifest`:
+    /// restore and verify do not read that copy (`restore::load::manifest_for`), check
+    /// reports it.
+    pub fn encryption_disagrees(&self, target: &str) -> bool {
+        self.manifest_on(target).encryption != self.manifest.encryption
     }
 
     /// When the snapshot's data was read (pg_dump's snapshot): its time for "latest", `--at`
