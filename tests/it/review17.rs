@@ -78,6 +78,11 @@ pub(crate) fn config_plus(w: &World, extra: &str) -> PathBuf {
     w.env.write_config(&format!("{base}\n{extra}\n"))
 }
 
+/// Writes `m` as a manifest at `key`, pretty JSON as pgferry writes them.
+pub(crate) async fn put_manifest(store: &Arc<dyn ObjectStore>, key: &str, m: &serde_json::Value) {
+    put(store, key, serde_json::to_vec_pretty(m).unwrap()).await;
+}
+
 pub(crate) async fn put(store: &Arc<dyn ObjectStore>, key: &str, bytes: Vec<u8>) {
     store
         .put(
@@ -260,12 +265,7 @@ async fn crafted_dump_ciphertexts_fall_back_then_fail_restore_and_verify_cleanly
         m["stored_size"] = bytes.len().into();
         for store in &w.stores {
             put(store, &object, bytes.clone()).await;
-            put(
-                store,
-                &format!("prod/acme/{id}.manifest.json"),
-                serde_json::to_vec_pretty(&m).unwrap(),
-            )
-            .await;
+            put_manifest(store, &format!("prod/acme/{id}.manifest.json"), &m).await;
         }
         for jobs in ["1", "2"] {
             let run = bounded(&w, &config, &argv(&["--jobs", jobs])).await;
@@ -418,12 +418,7 @@ async fn crafted_files_archives_fall_back_then_fail_cleanly() {
         m["files"]["stored_size"] = bytes.len().into();
         for store in &w.stores {
             put(store, &object, bytes.clone()).await;
-            put(
-                store,
-                &format!("prod/acme/{id}.manifest.json"),
-                serde_json::to_vec_pretty(&m).unwrap(),
-            )
-            .await;
+            put_manifest(store, &format!("prod/acme/{id}.manifest.json"), &m).await;
         }
         let run = bounded(&w, &config, &argv(&[])).await;
         let out = run.output();
@@ -474,12 +469,7 @@ async fn one_buckets_rewritten_manifest_does_not_spoil_the_other_targets_copy() 
     let mut fixed_up = original.clone();
     fixed_up["sha256"] = hex::encode(sha2::Sha256::digest(&flipped)).into();
     put(&w.stores[0], &object, flipped).await;
-    put(
-        &w.stores[0],
-        &manifest_key,
-        serde_json::to_vec_pretty(&fixed_up).unwrap(),
-    )
-    .await;
+    put_manifest(&w.stores[0], &manifest_key, &fixed_up).await;
     let run = bounded(
         &w,
         &config,
@@ -506,12 +496,7 @@ async fn one_buckets_rewritten_manifest_does_not_spoil_the_other_targets_copy() 
     let mut other_recipient = original.clone();
     other_recipient["encryption"]["recipients"] = serde_json::json!([stranger]);
     put(&w.stores[0], &object, good.clone()).await;
-    put(
-        &w.stores[0],
-        &manifest_key,
-        serde_json::to_vec_pretty(&other_recipient).unwrap(),
-    )
-    .await;
+    put_manifest(&w.stores[0], &manifest_key, &other_recipient).await;
     let before = w.staging.table_fingerprints("acme").await.unwrap();
     let run = bounded(&w, &config, &restore_argv("acme", "staging-acme", &[])).await;
     assert_clean_output(&run.output(), &k);
@@ -537,12 +522,7 @@ async fn one_buckets_rewrite_is_not_blamed_on_nor_repaired_into_the_intact_targe
     bad[at] ^= 0x01;
     m["sha256"] = hex::encode(sha2::Sha256::digest(&bad)).into();
     put(&w.stores[0], &object, bad).await;
-    put(
-        &w.stores[0],
-        &format!("prod/acme/{id}.manifest.json"),
-        serde_json::to_vec_pretty(&m).unwrap(),
-    )
-    .await;
+    put_manifest(&w.stores[0], &format!("prod/acme/{id}.manifest.json"), &m).await;
     let mut wrong = Vec::new();
     let check = bounded(&w, &config, &["check", "--read-data"]).await;
     let out = check.output();
@@ -786,12 +766,7 @@ async fn a_huge_crafted_header_costs_no_memory() {
         m["stored_size"] = bytes.len().into();
         for store in &w.stores {
             put(store, &object, bytes.clone()).await;
-            put(
-                store,
-                &format!("prod/acme/{id}.manifest.json"),
-                serde_json::to_vec_pretty(&m).unwrap(),
-            )
-            .await;
+            put_manifest(store, &format!("prod/acme/{id}.manifest.json"), &m).await;
         }
         let started = Instant::now();
         let measured = crate::support::rusage::pgferry_measured(&w.env, &config, &args).await;

@@ -14,7 +14,7 @@ use crate::backup::TRICKY_SQL;
 use crate::restore::{json, without_hooked, World};
 use crate::review17::{
     assert_clean_output, bounded, config_plus, encryption_toml, files_world, key, manifest, put,
-    FilesWorld, Key,
+    put_manifest, FilesWorld, Key,
 };
 use crate::support::env::{get, keys};
 use crate::support::restore_argv;
@@ -66,7 +66,7 @@ fn sha(bytes: &[u8]) -> String {
 }
 
 async fn put_json(w: &World, i: usize, key: &str, m: &serde_json::Value) {
-    put(&w.stores[i], key, serde_json::to_vec_pretty(m).unwrap()).await;
+    put_manifest(&w.stores[i], key, m).await;
 }
 
 /// A world with a plain snapshot (the attacker's material: a real dump of this database,
@@ -444,6 +444,27 @@ fn write_script(path: &std::path::Path, body: &str) {
     )
     .unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The pipe a stream restore feeds pg_restore through is 1 MiB (`restore::load::widen_pipe`;
+/// Linux's default is 64 KiB): what pg_restore's own stdin says (F_GETPIPE_SZ), and the
+/// restore still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_restore_reads_the_stream_through_a_1_mib_pipe() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let k = key(keys_dir.path(), "k");
+    let (w, config, script) = fake_pg_restore_world(&k).await;
+    let seen = w.env.dir.path().join("pipe-size");
+    write_script(
+        &script,
+        &format!(
+            "/usr/bin/python3 -c 'import fcntl; print(fcntl.fcntl(0, 1032))' > {:?}\nexec /usr/lib/postgresql/15/bin/pg_restore \"$@\"",
+            seen.display().to_string()
+        ),
+    );
+    let run = bounded(&w, &config, &restore_argv("acme", "staging-acme", &[])).await;
+    assert_eq!(run.code, 0, "{}", run.output());
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "1048576");
 }
 
 /// The widened pipe (1 MiB): a pg_restore that exits or is killed before, while or after
